@@ -1,0 +1,80 @@
+"""The wire contract of the identity worker (contract v1) as frozen, strict pydantic models.
+
+No I/O lives here: these models are shared by the worker, the service layer, the client
+library and the AsyncAPI generator, so that there is one definition of every message.
+"""
+
+from messages.commands import (
+    COMMANDS,
+    ChangePassword,
+    CommandEnvelope,
+    CommandSpec,
+    CreateAccount,
+    EndAllSessions,
+    EndSession,
+    GetAccount,
+    Metadata,
+    StartSession,
+    UpdateAccount,
+    VerifySession,
+    fingerprint_material,
+)
+from messages.events import (
+    EVENT_TYPES,
+    AccountCreated,
+    AccountPasswordChanged,
+    AccountUpdated,
+    Event,
+    SessionEnded,
+    SessionStarted,
+    parse_event,
+)
+from messages.models import Account, Session
+from messages.replies import (
+    AccountResult,
+    ChangePasswordResult,
+    EndAllSessionsResult,
+    EndSessionResult,
+    ErrorBody,
+    ErrorCode,
+    FieldError,
+    Reply,
+    StartSessionResult,
+    VerifySessionResult,
+)
+
+__all__ = [
+    "COMMANDS",
+    "EVENT_TYPES",
+    "Account",
+    "AccountCreated",
+    "AccountPasswordChanged",
+    "AccountResult",
+    "AccountUpdated",
+    "ChangePassword",
+    "ChangePasswordResult",
+    "CommandEnvelope",
+    "CommandSpec",
+    "CreateAccount",
+    "EndAllSessions",
+    "EndAllSessionsResult",
+    "EndSession",
+    "EndSessionResult",
+    "ErrorBody",
+    "ErrorCode",
+    "Event",
+    "FieldError",
+    "GetAccount",
+    "Metadata",
+    "Reply",
+    "Session",
+    "SessionEnded",
+    "SessionStarted",
+    "StartSession",
+    "StartSessionResult",
+    "UpdateAccount",
+    "VerifySession",
+    "VerifySessionResult",
+    "fingerprint_material",
+    "parse_event",
+]

@@ -1,0 +1,88 @@
+"""Domain events published to `identity.events` (routing key = type)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, TypeAdapter
+
+from messages.models import Account, AccountId, EventId, Model, Session, SessionId, UtcDatetime
+
+SessionEndReason = Literal["sign_out", "sign_out_everywhere", "password_changed"]
+
+
+class AccountCreatedData(Model):
+    account: Account
+
+
+class AccountUpdatedData(Model):
+    account: Account
+    changed: list[str]
+
+
+class AccountPasswordChangedData(Model):
+    account_id: AccountId
+    sessions_ended: int = Field(ge=0)
+
+
+class SessionStartedData(Model):
+    session: Session
+
+
+class SessionEndedData(Model):
+    session_id: SessionId
+    account_id: AccountId
+    reason: SessionEndReason
+
+
+class _EventBase(Model):
+    event_id: EventId
+    occurred_at: UtcDatetime
+    correlation_id: str | None = None
+    causation_id: str | None = None
+
+
+class AccountCreated(_EventBase):
+    type: Literal["account.created"] = "account.created"
+    data: AccountCreatedData
+
+
+class AccountUpdated(_EventBase):
+    type: Literal["account.updated"] = "account.updated"
+    data: AccountUpdatedData
+
+
+class AccountPasswordChanged(_EventBase):
+    type: Literal["account.password_changed"] = "account.password_changed"
+    data: AccountPasswordChangedData
+
+
+class SessionStarted(_EventBase):
+    type: Literal["session.started"] = "session.started"
+    data: SessionStartedData
+
+
+class SessionEnded(_EventBase):
+    type: Literal["session.ended"] = "session.ended"
+    data: SessionEndedData
+
+
+Event = Annotated[
+    AccountCreated | AccountUpdated | AccountPasswordChanged | SessionStarted | SessionEnded,
+    Field(discriminator="type"),
+]
+
+EVENT_TYPES: dict[str, type[_EventBase]] = {
+    "account.created": AccountCreated,
+    "account.updated": AccountUpdated,
+    "account.password_changed": AccountPasswordChanged,
+    "session.started": SessionStarted,
+    "session.ended": SessionEnded,
+}
+
+_EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+def parse_event(body: bytes | str) -> Event:
+    """Parse and validate one event body as published on `identity.events`."""
+    return _EVENT_ADAPTER.validate_json(body)

@@ -1,0 +1,82 @@
+"""Shared building blocks: the base model, field types, and the Account and Session shapes."""
+
+from __future__ import annotations
+
+import unicodedata
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SecretStr,
+    SerializationInfo,
+)
+
+
+class Model(BaseModel):
+    """Frozen, strict, closed: an unknown field is an error, not a surprise."""
+
+    model_config = ConfigDict(frozen=True, strict=True, extra="forbid")
+
+
+def _iso_utc(value: datetime) -> str:
+    # One fixed textual form ("+00:00", microseconds) so that a stored reply replays
+    # byte for byte and every consumer sees the offset spelled out.
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+UtcDatetime = Annotated[AwareDatetime, PlainSerializer(_iso_utc, when_used="json")]
+
+
+def _reveal_if_asked(value: SecretStr, info: SerializationInfo) -> str:
+    """Secrets serialise masked unless the caller explicitly asks (the reply writer does)."""
+    context: Any = info.context
+    if isinstance(context, dict) and context.get("reveal_secrets"):
+        return value.get_secret_value()
+    return "**********"
+
+
+def _no_control_chars(value: str) -> str:
+    # Control, format (bidi overrides, zero-width joiners...) and unassigned code points make
+    # names that render differently from what they are; refuse them at the edge.
+    for char in value:
+        if unicodedata.category(char) in {"Cc", "Cf", "Cs", "Co", "Cn"}:
+            raise ValueError("must not contain control, format or invisible characters")
+    if value.strip() != value:
+        raise ValueError("must not start or end with white space")
+    return value
+
+
+Secret = Annotated[SecretStr, PlainSerializer(_reveal_if_asked, when_used="always")]
+PasswordField = Annotated[Secret, Field(min_length=1, max_length=1024)]
+TokenField = Annotated[Secret, Field(min_length=1, max_length=512)]
+EmailField = Annotated[str, Field(min_length=3, max_length=320)]
+DisplayName = Annotated[str, Field(min_length=1, max_length=100), AfterValidator(_no_control_chars)]
+AccountId = Annotated[str, Field(pattern=r"^acct_[0-9a-z]{26}$")]
+SessionId = Annotated[str, Field(pattern=r"^ses_[0-9a-z]{32}$")]
+EventId = Annotated[str, Field(pattern=r"^evt_[0-9a-z]{26}$")]
+
+
+class Account(Model):
+    """An account as the outside world sees it: never the password hash."""
+
+    id: AccountId
+    email: str
+    display_name: str
+    created_at: UtcDatetime
+    updated_at: UtcDatetime
+    version: int = Field(ge=1)
+
+
+class Session(Model):
+    """A session as the outside world sees it: never the token."""
+
+    id: SessionId
+    account_id: AccountId
+    created_at: UtcDatetime
+    expires_at: UtcDatetime

@@ -1,0 +1,154 @@
+"""The ports: `IdentityStore` and its `UnitOfWork`, as small Protocols.
+
+Two implementations ship and pass one contract suite (tests/contract): `PostgresIdentityStore`
+(asyncpg) and `MemoryIdentityStore` (for fast unit tests).
+
+A unit of work is one database transaction: the state change, the idempotency record of the
+command and the outbox rows of its events commit together or not at all. It commits when the
+`async with` block exits normally and rolls back when it raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from typing import Protocol
+
+from stores.records import (
+    AccountChanges,
+    AccountRecord,
+    IdempotencyRecord,
+    NewEvent,
+    PendingEvent,
+    PurgeCounts,
+    SessionRecord,
+    ThrottleDecision,
+    ThrottleSchedule,
+)
+
+
+class UnitOfWork(Protocol):
+    """Reads and writes inside one transaction."""
+
+    async def get_account(
+        self, account_id: str, *, for_update: bool = False
+    ) -> AccountRecord | None:
+        """The account, locked against concurrent writers when `for_update`."""
+        ...
+
+    async def insert_account(self, account: AccountRecord) -> None:
+        """Raises DuplicateEmailError if the canonical email is taken."""
+        ...
+
+    async def update_account(
+        self, account_id: str, expected_version: int, changes: AccountChanges
+    ) -> AccountRecord | None:
+        """Apply `changes` and bump `version` if the account is at `expected_version`;
+        None (and nothing changed) otherwise. Raises DuplicateEmailError."""
+        ...
+
+    async def insert_session(self, session: SessionRecord) -> None: ...
+
+    async def get_session(self, session_id: str) -> SessionRecord | None: ...
+
+    async def end_session(
+        self, session_id: str, ended_at: datetime, reason: str
+    ) -> SessionRecord | None:
+        """End the session if it has not ended yet; the ended record, or None if it was
+        already ended or does not exist."""
+        ...
+
+    async def end_all_sessions(
+        self, account_id: str, ended_at: datetime, reason: str
+    ) -> list[SessionRecord]:
+        """End every not-yet-ended session of the account; the records ended now."""
+        ...
+
+    async def reset_signin_failures(self, email_canonical: str) -> None:
+        """A successful sign-in forgets earlier failures."""
+        ...
+
+    async def save_idempotency(self, record: IdempotencyRecord) -> None:
+        """Raises DuplicateKeyError if the key was committed by someone else."""
+        ...
+
+    async def add_events(self, events: Sequence[NewEvent]) -> None:
+        """Append outbox rows; they become visible to the relay when this unit commits."""
+        ...
+
+
+class EventBatch(Protocol):
+    """Outbox rows claimed by one relay (others skip them) until the batch ends."""
+
+    @property
+    def events(self) -> Sequence[PendingEvent]: ...
+
+    def mark_published(self, seqs: Sequence[int]) -> None:
+        """Record which rows were confirmed by the broker; applied when the batch ends."""
+        ...
+
+
+class IdentityStore(Protocol):
+    def unit_of_work(self) -> AbstractAsyncContextManager[UnitOfWork]: ...
+
+    async def get_account(self, account_id: str) -> AccountRecord | None: ...
+
+    async def get_account_by_email(self, email_canonical: str) -> AccountRecord | None: ...
+
+    async def get_session_with_account(
+        self, session_id: str
+    ) -> tuple[SessionRecord, AccountRecord] | None:
+        """One round trip for `session.verify`."""
+        ...
+
+    async def touch_session(self, session_id: str, seen_at: datetime) -> None:
+        """Move `last_seen_at` forward (never backward)."""
+        ...
+
+    async def get_idempotency(self, key: str) -> IdempotencyRecord | None: ...
+
+    async def reserve_signin_attempt(
+        self, email_canonical: str, now: datetime, schedule: ThrottleSchedule
+    ) -> ThrottleDecision:
+        """Atomically: refuse if the email is locked at `now`; otherwise count this attempt
+        as a failure up front (a success resets it) and lock per `schedule`, so that parallel
+        workers cannot race past the limit."""
+        ...
+
+    async def refund_signin_attempt(self, email_canonical: str) -> None:
+        """Un-count a reserved attempt that turned out to be a duplicate delivery."""
+        ...
+
+    def claim_events(self, limit: int) -> AbstractAsyncContextManager[EventBatch]:
+        """Claim up to `limit` unpublished outbox rows, oldest first, skipping rows another
+        relay holds. Rows marked published are updated when the block exits normally."""
+        ...
+
+    async def outbox_backlog(self, now: datetime) -> tuple[int, float]:
+        """(number of unpublished rows, age in seconds of the oldest one or 0)."""
+        ...
+
+    async def purge(
+        self,
+        *,
+        idempotency_before: datetime,
+        outbox_before: datetime,
+        throttle_before: datetime,
+        sessions_before: datetime,
+    ) -> PurgeCounts:
+        """Delete idempotency records created before, published outbox rows older than,
+        throttle rows untouched since, and sessions that ended or expired before the
+        given times."""
+        ...
+
+    async def shared_secret(self, name: str, candidate: bytes) -> bytes:
+        """The secret stored under `name`, storing `candidate` first if there is none: lets
+        every worker process agree on a development signing key."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise TransientStoreError unless the database answers."""
+        ...
+
+    async def close(self) -> None: ...

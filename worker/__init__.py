@@ -1,0 +1,1 @@
+"""The AMQP edge of the identity worker."""
