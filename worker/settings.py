@@ -1,0 +1,257 @@
+"""The worker's settings: one frozen object, read once from `IDENTITY_*` environment variables.
+
+`load_settings()` is the only place in the project that looks at the environment. Every field
+`name` is read from `IDENTITY_<NAME>`; an empty value counts as unset, so a deployment template
+can leave a variable blank to keep the default. A bad value raises `SettingsError`, whose message
+names the variable and what is wrong with it, never the value itself (URLs and signing keys are
+secrets).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "IDENTITY_"
+MIN_SIGNING_KEY_BYTES = 32
+# A kid ends up inside every token (`v1.<kid>.ses_...`), so it must not contain the separators.
+_KID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+_BASE64URL = re.compile(r"^[A-Za-z0-9_-]+={0,2}$")
+_URL_SCHEMES = {"amqp_url": ("amqp", "amqps"), "database_url": ("postgresql", "postgres")}
+_LOG_LEVELS = frozenset({"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"})
+
+
+class SettingsError(ValueError):
+    """The environment does not describe a valid configuration; the message names the
+    variables at fault and never their values."""
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets `field`."""
+    return ENV_PREFIX + field.upper()
+
+
+def parse_signing_keys(raw: str) -> list[tuple[str, bytes]]:
+    """Split `kid:base64url,kid:base64url` into (kid, key) pairs; the first one signs.
+
+    Errors say which entry is wrong and why, without repeating any key material.
+    """
+    pairs: list[tuple[str, bytes]] = []
+    for position, entry in enumerate(raw.split(","), start=1):
+        kid, sep, encoded = entry.strip().partition(":")
+        if not sep or not _KID.match(kid):
+            raise ValueError(
+                f"entry {position} must look like kid:base64url (kid: 1-32 of A-Za-z0-9_-)"
+            )
+        if any(kid == known for known, _ in pairs):
+            raise ValueError(f"entry {position} repeats kid {kid!r}")
+        pairs.append((kid, _decode_key(encoded, position)))
+    return pairs
+
+
+def _decode_key(encoded: str, position: int) -> bytes:
+    if not _BASE64URL.match(encoded):
+        raise ValueError(f"entry {position}: key is not base64url")
+    try:
+        key = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+    except (binascii.Error, ValueError):
+        raise ValueError(f"entry {position}: key is not base64url") from None
+    if len(key) < MIN_SIGNING_KEY_BYTES:
+        raise ValueError(
+            f"entry {position}: key must decode to at least {MIN_SIGNING_KEY_BYTES} bytes"
+        )
+    return key
+
+
+def redacted_url(url: str) -> str:
+    """`url` with its password (in the authority or a `password=` query parameter) masked,
+    fit for the start-up log line."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            userinfo, _, hostinfo = netloc.rpartition("@")
+            user = userinfo.partition(":")[0]
+            netloc = f"{user}:***@{hostinfo}"
+        query = urlencode(
+            [(k, "***" if k.lower() == "password" else v) for k, v in parse_qsl(parts.query)],
+            safe="*",
+        )
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        # Unparseable (e.g. a bad port): show nothing of it rather than risk the password.
+        return "<unparseable url>"
+
+
+class Settings(BaseSettings):
+    """Everything the worker can be told from outside. Field `x` comes from `IDENTITY_X`."""
+
+    model_config = SettingsConfigDict(frozen=True, env_prefix=ENV_PREFIX, extra="forbid")
+
+    amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/identity")
+    http_host: str = "0.0.0.0"  # noqa: S104 - the sidecar must be reachable by the orchestrator
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    signing_keys: SecretStr | None = None
+
+    # AMQP prefetch is a 16-bit field.
+    fast_prefetch: int = Field(default=64, ge=1, le=65535)
+    password_prefetch: int | None = Field(default=None, ge=1, le=65535)
+    hash_workers: int | None = Field(default=None, ge=1, le=256)
+    argon2_time_cost: int = Field(default=3, ge=1)
+    argon2_memory_kib: int = Field(default=65536, ge=8)
+    argon2_parallelism: int = Field(default=4, ge=1)
+
+    password_min_length: int = Field(default=15, ge=1)
+    password_max_length: int = Field(default=128, ge=1)
+    password_max_bytes: int = Field(default=512, ge=1)
+
+    session_lifetime_s: int = Field(default=86400, ge=1)
+    session_idle_timeout_s: int = Field(default=1800, ge=1)
+    session_touch_interval_s: int = Field(default=60, ge=0)
+
+    throttle_free_failures: int = Field(default=5, ge=0)
+    throttle_base_delay_s: float = Field(default=1.0, ge=0)
+    throttle_max_delay_s: float = Field(default=900.0, ge=0)
+    throttle_reset_after_s: float = Field(default=43200, gt=0)
+
+    # The contract promises idempotency keys are kept at least 24 hours.
+    idempotency_retention_s: int = Field(default=86400, ge=86400)
+    outbox_retention_s: int = Field(default=604800, ge=1)
+
+    max_message_bytes: int = Field(default=65536, ge=1024)
+    delivery_limit: int = Field(default=5, ge=1)
+    worker_delivery_limit: int = Field(default=4, ge=1)
+    retry_attempts: int = Field(default=5, ge=1)
+    retry_max_delay_s: float = Field(default=5.0, gt=0)
+
+    shutdown_grace_s: float = Field(default=20.0, ge=0)
+    migrate_on_start: bool = True
+    log_level: str = "INFO"
+    db_pool_min: int = Field(default=1, ge=0)
+    db_pool_max: int = Field(default=10, ge=1)
+    outbox_batch: int = Field(default=100, ge=1)
+    outbox_poll_s: float = Field(default=1.0, gt=0)
+    readiness_probe_s: float = Field(default=2.0, gt=0)
+    use_uvloop: bool = True
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # load_settings() hands over the values it read; the class itself never looks at the
+        # process environment, so a test's `env=` mapping is the whole truth.
+        return (init_settings,)
+
+    @field_validator("signing_keys")
+    @classmethod
+    def _signing_keys_format(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_signing_keys(value.get_secret_value())
+        return value
+
+    @field_validator("amqp_url", "database_url")
+    @classmethod
+    def _url_scheme(cls, value: SecretStr, info: ValidationInfo) -> SecretStr:
+        allowed = _URL_SCHEMES[info.field_name or ""]
+        try:
+            scheme = urlsplit(value.get_secret_value()).scheme
+        except ValueError:
+            scheme = ""
+        if scheme not in allowed:
+            raise ValueError(f"must be a URL with scheme {' or '.join(allowed)}")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_log_level(cls, value: str) -> str:
+        if value.upper() not in _LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(sorted(_LOG_LEVELS))}")
+        return value.upper()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        for low, high, why in _ORDERED_PAIRS:
+            if getattr(self, low) > getattr(self, high) or (
+                why == "strict" and getattr(self, low) == getattr(self, high)
+            ):
+                relation = "below" if why == "strict" else "at most"
+                raise ValueError(f"{env_name(low)} must be {relation} {env_name(high)}")
+        return self
+
+    @property
+    def effective_hash_workers(self) -> int:
+        """Threads in the argon2 pool: as configured, else one per CPU."""
+        return self.hash_workers or os.cpu_count() or 1
+
+    @property
+    def effective_password_prefetch(self) -> int:
+        """Unacked password commands per consumer: as configured, else two per hashing thread,
+        so the pool never idles yet messages don't pile up in memory behind argon2."""
+        return self.password_prefetch or 2 * self.effective_hash_workers
+
+    def signing_key_pairs(self) -> list[tuple[str, bytes]]:
+        """The parsed signing keys, the signing one first; empty when none are configured."""
+        if self.signing_keys is None:
+            return []
+        return parse_signing_keys(self.signing_keys.get_secret_value())
+
+
+# (lower, upper, "strict" or "loose"): lower must be below (strict) or at most (loose) upper.
+_ORDERED_PAIRS: tuple[tuple[str, str, str], ...] = (
+    # The worker dead-letters a redacted copy before the broker's backstop would dead-letter
+    # the raw body (passwords included), so its own limit has to fire first.
+    ("worker_delivery_limit", "delivery_limit", "strict"),
+    ("password_min_length", "password_max_length", "loose"),
+    ("session_idle_timeout_s", "session_lifetime_s", "loose"),
+    ("session_touch_interval_s", "session_idle_timeout_s", "strict"),
+    ("throttle_base_delay_s", "throttle_max_delay_s", "loose"),
+    ("db_pool_min", "db_pool_max", "loose"),
+)
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read the settings from `env` (default: the process environment), once, at start-up."""
+    source: Mapping[str, str] = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for field in Settings.model_fields:
+        raw = source.get(env_name(field))
+        if raw is not None and raw.strip() != "":
+            values[field] = raw.strip()
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        problems = _describe(exc)
+    # Raised outside the handler so the ValidationError, whose text quotes the input values,
+    # is not even chained as context.
+    raise SettingsError(problems)
+
+
+def _describe(exc: ValidationError) -> str:
+    # Built from locations and messages only: `input` would echo a secret back into a log.
+    problems = []
+    for error in exc.errors(include_input=False, include_url=False):
+        where = env_name(str(error["loc"][0])) if error["loc"] else "settings"
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(f"{where}: {message}" if error["loc"] else message)
+    return "; ".join(problems)
