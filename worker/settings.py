@@ -29,8 +29,9 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 ENV_PREFIX = "IDENTITY_"
 MIN_SIGNING_KEY_BYTES = 32
-# A kid ends up inside every token (`v1.<kid>.ses_...`), so it must not contain the separators.
-_KID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+# A kid ends up inside every token (`v1.<kid>.ses_...`); same rule as services/tokens.py, which
+# settings may not import.
+_KID = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 _BASE64URL = re.compile(r"^[A-Za-z0-9_-]+={0,2}$")
 _URL_SCHEMES = {"amqp_url": ("amqp", "amqps"), "database_url": ("postgresql", "postgres")}
 _LOG_LEVELS = frozenset({"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"})
@@ -56,11 +57,11 @@ def parse_signing_keys(raw: str) -> list[tuple[str, bytes]]:
         kid, sep, encoded = entry.strip().partition(":")
         if not sep or not _KID.match(kid):
             raise ValueError(
-                f"entry {position} must look like kid:base64url (kid: 1-32 of A-Za-z0-9_-)"
+                f"entry {position} must look like kid:base64url (kid: 1-32 of a-z0-9-)"
             )
         if any(kid == known for known, _ in pairs):
             raise ValueError(f"entry {position} repeats kid {kid!r}")
-        pairs.append((kid, _decode_key(encoded, position)))
+        pairs.append((kid, _decode_key(encoded.strip(), position)))
     return pairs
 
 

@@ -66,6 +66,7 @@ def test_every_bad_variable_is_named_at_once() -> None:
     [
         (f"k1:{_key(16, b's')}", "at least 32 bytes"),
         (f":{_key(32, b's')}", "kid:base64url"),
+        (f"Key.1:{_key(32, b's')}", "kid:base64url"),
         (_key(32, b"s"), "kid:base64url"),
         (f"k1:{_key(32, b's')}+/", "not base64url"),
         (f"k1:{_key(32, b's')},k1:{_key(32, b't')}", "repeats kid"),
