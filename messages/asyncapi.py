@@ -1,0 +1,332 @@
+"""The AsyncAPI 3.0 document of contract v1, generated from the message models.
+
+Every schema comes from `model_json_schema` of the models in this package (their `$defs` are
+lifted into `components/schemas`); this module only arranges them into channels, operations
+and messages. The output is deterministic (sorted keys, stable lists) so that the committed
+`docs/asyncapi.json` can be compared with a fresh rendering in a test.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
+
+from messages.commands import COMMANDS, CommandEnvelope, CommandSpec
+from messages.events import EVENT_TYPES
+from messages.replies import ErrorBody, ErrorCode, Reply
+from messages.topology import (
+    COMMANDS_EXCHANGE,
+    CONTENT_TYPE,
+    DEAD_EXCHANGE,
+    DEAD_QUEUE,
+    DIRECT_REPLY_TO,
+    EVENTS_EXCHANGE,
+)
+
+ASYNCAPI_VERSION = "3.0.0"
+CONTRACT_VERSION = "1.0.0"
+_AMQP = "0.3.0"  # AMQP bindings version
+_SCHEMAS = "#/components/schemas/"
+_PERSISTENT = 2
+
+ERROR_CODE_MEANINGS: dict[ErrorCode, str] = {
+    ErrorCode.MALFORMED_MESSAGE: "Not JSON, not an object, or no usable idempotency key.",
+    ErrorCode.UNKNOWN_COMMAND: "The routing key names no command of this contract.",
+    ErrorCode.VALIDATION_FAILED: "A field is missing or wrong; `fields` says which and why.",
+    ErrorCode.IDEMPOTENCY_KEY_REUSED: "The key was used for a different command or payload.",
+    ErrorCode.EMAIL_TAKEN: "Another account has this email (letter case ignored).",
+    ErrorCode.INVALID_CREDENTIALS: "Unknown email or wrong password (not told apart).",
+    ErrorCode.RATE_LIMITED: "Too many failed attempts; wait `retry_after_s` seconds.",
+    ErrorCode.INVALID_TOKEN: "The session token is not one this service issued.",
+    ErrorCode.SESSION_EXPIRED: "The session has ended or expired; sign in again.",
+    ErrorCode.NOT_FOUND: "No such account.",
+    ErrorCode.VERSION_CONFLICT: "`expected_version` is not the account's current version.",
+    ErrorCode.INTERNAL_ERROR: "The worker could not process the command after its retries.",
+}
+
+EVENT_SUMMARIES: dict[str, str] = {
+    "account.created": "An account was created.",
+    "account.updated": "The email and/or display name changed; `changed` lists which.",
+    "account.password_changed": "The password changed and the account's sessions ended.",
+    "session.started": "Someone signed in (never carries the token).",
+    "session.ended": "A session ended: sign-out, sign-out everywhere or password change.",
+}
+
+_DESCRIPTION = (
+    "Commands in with request/reply, domain events out, over RabbitMQ (AMQP 0-9-1). "
+    "Generated from the message models; the contract explained with examples, error "
+    "handling, idempotency and delivery semantics is in docs/contract.md."
+)
+
+
+_CORRELATION_IDS = {
+    "request": {
+        "description": "AMQP property; the reply echoes the command's `correlation_id`, "
+        "or its `message_id` when it had none.",
+        "location": "$message.header#/correlation_id",
+    },
+    "event": {
+        "description": "The `correlation_id` of the command that caused the event.",
+        "location": "$message.payload#/correlation_id",
+    },
+}
+_REPLY_ADDRESSES = {
+    "replyTo": {
+        "description": "AMQP property `reply_to` of the command.",
+        "location": "$message.header#/reply_to",
+    }
+}
+_SERVERS = {
+    "rabbitmq": {
+        "host": "localhost:5672",
+        "protocol": "amqp",
+        "protocolVersion": "0.9.1",
+        "description": "The RabbitMQ broker the worker is attached to.",
+    }
+}
+
+
+def _camel(name: str) -> str:
+    """`account.change_password` -> `AccountChangePassword`."""
+    return "".join(part.capitalize() for part in name.replace("_", ".").split("."))
+
+
+def _lower_camel(name: str) -> str:
+    camel = _camel(name)
+    return camel[0].lower() + camel[1:]
+
+
+def _model_schemas() -> dict[str, Any]:
+    """All model schemas in one namespace, with refs pointing into `components/schemas`."""
+    # Validation mode describes what a conforming producer must send; it keeps
+    # `format: date-time` that the serialiser's plain-string output would lose.
+    mode: JsonSchemaMode = "validation"
+    models: list[type[BaseModel]] = [CommandEnvelope, Reply, ErrorBody]
+    for spec in COMMANDS.values():
+        models += [spec.payload, spec.result]
+    models += list(EVENT_TYPES.values())
+    _, top = models_json_schema([(m, mode) for m in models], ref_template=_SCHEMAS + "{model}")
+    schemas: dict[str, Any] = top["$defs"]
+    schemas["ErrorCode"]["description"] = "\n".join(
+        f"- `{code.value}`: {meaning}" for code, meaning in ERROR_CODE_MEANINGS.items()
+    )
+    for event_model in EVENT_TYPES.values():
+        # `type` has a default in the model, but it is the union's discriminator: every event
+        # on the wire carries it, and `parse_event` needs it.
+        required = schemas[event_model.__name__]["required"]
+        if "type" not in required:
+            required.insert(0, "type")
+    return schemas
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": _SCHEMAS + name}
+
+
+def _command_envelope(spec: CommandSpec, envelope: dict[str, Any]) -> dict[str, Any]:
+    schema = copy.deepcopy(envelope)
+    schema["title"] = f"{spec.name} command"
+    schema["description"] = spec.summary
+    schema["properties"]["payload"] = _ref(spec.payload.__name__)
+    if spec.changes_state:
+        key = schema["properties"]["idempotency_key"]
+        key_string = next(b for b in key.pop("anyOf") if b.get("type") == "string")
+        key.pop("default", None)
+        key.update(key_string)
+        key["description"] = "Required: the same key with the same payload is one operation."
+        schema["required"] = ["idempotency_key", *schema["required"]]
+    return schema
+
+
+def _reply_envelope(reply: dict[str, Any], ok: bool, command: str | None) -> dict[str, Any]:
+    schema = copy.deepcopy(reply)
+    props = schema["properties"]
+    props["ok"]["const"] = ok
+    if ok:
+        props["result"] = _ref(COMMANDS[str(command)].result.__name__)
+        props["command"]["const"] = command
+        del props["error"]
+        schema["title"] = f"{command} reply (success)"
+    else:
+        props["error"] = _ref(ErrorBody.__name__)
+        del props["result"]
+        schema["title"] = "Reply (failure)"
+    # The reply writer always emits these four keys (`idempotency_key` may be null).
+    schema["required"] = ["ok", "command", "idempotency_key", "result" if ok else "error"]
+    return schema
+
+
+def _all_schemas() -> dict[str, Any]:
+    schemas = _model_schemas()
+    envelope, reply = schemas.pop("CommandEnvelope"), schemas.pop("Reply")
+    extra: dict[str, Any] = {"ErrorReply": _reply_envelope(reply, False, None)}
+    for spec in COMMANDS.values():
+        extra[_camel(spec.name) + "Command"] = _command_envelope(spec, envelope)
+        extra[_camel(spec.name) + "Reply"] = _reply_envelope(reply, True, spec.name)
+    clash = schemas.keys() & extra.keys()
+    if clash:
+        raise RuntimeError(f"schema names clash: {sorted(clash)}")
+    return schemas | extra
+
+
+def _exchange_binding(name: str, kind: str) -> dict[str, Any]:
+    exchange = {"name": name, "type": kind, "durable": True, "autoDelete": False, "vhost": "/"}
+    return {"amqp": {"is": "routingKey", "exchange": exchange, "bindingVersion": _AMQP}}
+
+
+def _channel(address: str | None, message_ids: list[str], **extra: Any) -> dict[str, Any]:
+    messages = {m: {"$ref": f"#/components/messages/{m}"} for m in message_ids}
+    return {"address": address, "messages": messages, **extra}
+
+
+def _message(name: str, title: str, summary: str, payload: Any, where: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "title": title,
+        "summary": summary,
+        "contentType": CONTENT_TYPE,
+        "payload": payload,
+        "correlationId": {"$ref": f"#/components/correlationIds/{where}"},
+    }
+
+
+def _operation(action: str, channel: str, message: str, summary: str) -> dict[str, Any]:
+    return {
+        "action": action,
+        "channel": {"$ref": f"#/channels/{channel}"},
+        "summary": summary,
+        "messages": [{"$ref": f"#/channels/{channel}/messages/{message}"}],
+    }
+
+
+class _Builder:
+    """Accumulates channels, operations and messages; one method per part of the contract."""
+
+    def __init__(self) -> None:
+        self.channels: dict[str, Any] = {}
+        self.operations: dict[str, Any] = {}
+        self.messages: dict[str, Any] = {}
+
+    def commands(self) -> None:
+        for spec in COMMANDS.values():
+            self._command(spec)
+        self.channels["reply"] = _channel(
+            None,
+            [_lower_camel(name) + "Reply" for name in COMMANDS],
+            title="Replies",
+            description=(
+                "The queue named by the command's `reply_to` (a named queue or "
+                f"`{DIRECT_REPLY_TO}`), reached through the default exchange. Exactly one "
+                "reply per delivery that has a `reply_to`."
+            ),
+            bindings=_exchange_binding("", "default"),
+        )
+
+    def _command(self, spec: CommandSpec) -> None:
+        channel, name = _lower_camel(spec.name), _camel(spec.name)
+        command_id, reply_id = channel + "Command", channel + "Reply"
+        self.messages[command_id] = _message(
+            spec.name, f"{spec.name} command", spec.summary, _ref(name + "Command"), "request"
+        )
+        self.messages[reply_id] = _message(
+            f"{spec.name}.reply",
+            f"{spec.name} reply",
+            f"`result` is {spec.result.__name__} on success, `error` an ErrorBody if not.",
+            {"oneOf": [_ref(name + "Reply"), _ref("ErrorReply")]},
+            "request",
+        )
+        self.channels[channel] = _channel(
+            spec.name,
+            [command_id],
+            title=spec.name,
+            description=f"Routing key `{spec.name}` on `{COMMANDS_EXCHANGE}`.",
+            bindings=_exchange_binding(COMMANDS_EXCHANGE, "direct"),
+        )
+        operation = _operation("send", channel, command_id, spec.summary)
+        amqp = {"deliveryMode": _PERSISTENT, "mandatory": True, "bindingVersion": _AMQP}
+        operation["bindings"] = {"amqp": amqp}
+        operation["reply"] = {
+            "address": {"$ref": "#/components/replyAddresses/replyTo"},
+            "channel": {"$ref": "#/channels/reply"},
+            "messages": [{"$ref": f"#/channels/reply/messages/{reply_id}"}],
+        }
+        self.operations["send" + name] = operation
+
+    def events(self) -> None:
+        for event_type, model in EVENT_TYPES.items():
+            channel, message_id = _lower_camel(event_type), _lower_camel(event_type) + "Event"
+            summary = EVENT_SUMMARIES[event_type]
+            self.messages[message_id] = _message(
+                event_type, event_type, summary, _ref(model.__name__), "event"
+            )
+            self.channels[channel] = _channel(
+                event_type,
+                [message_id],
+                title=event_type,
+                description=f"Routing key `{event_type}` on `{EVENTS_EXCHANGE}` (topic).",
+                bindings=_exchange_binding(EVENTS_EXCHANGE, "topic"),
+            )
+            operation = _operation("receive", channel, message_id, summary)
+            operation["bindings"] = {"amqp": {"ack": True, "bindingVersion": _AMQP}}
+            self.operations["receive" + _camel(event_type)] = operation
+
+    def dead_letters(self) -> None:
+        summary = "Redacted copy of a message the worker could not process (for operators)."
+        self.messages["deadLetter"] = {
+            "name": "dead-letter",
+            "title": "Dead letter",
+            "summary": summary,
+            "description": "May be any body, even one that is not JSON; secrets are removed.",
+            "payload": {},
+        }
+        queue = {"name": DEAD_QUEUE, "durable": True, "exclusive": False, "autoDelete": False}
+        self.channels["deadLetters"] = _channel(
+            DEAD_QUEUE,
+            ["deadLetter"],
+            title=DEAD_QUEUE,
+            description=f"Durable queue `{DEAD_QUEUE}`, bound to exchange `{DEAD_EXCHANGE}`.",
+            bindings={
+                "amqp": {"is": "queue", "queue": queue | {"vhost": "/"}, "bindingVersion": _AMQP}
+            },
+        )
+        self.operations["receiveDeadLetter"] = _operation(
+            "receive", "deadLetters", "deadLetter", summary
+        )
+
+
+def build_asyncapi() -> dict[str, Any]:
+    """The AsyncAPI 3.0 document of contract v1 as a JSON-compatible dict."""
+    builder = _Builder()
+    builder.commands()
+    builder.events()
+    builder.dead_letters()
+    # Deep-copied so that a caller editing the result cannot change the module's constants.
+    return copy.deepcopy(
+        {
+            "asyncapi": ASYNCAPI_VERSION,
+            "info": {
+                "title": "Identity worker",
+                "version": CONTRACT_VERSION,
+                "description": _DESCRIPTION,
+            },
+            "defaultContentType": CONTENT_TYPE,
+            "servers": _SERVERS,
+            "channels": builder.channels,
+            "operations": builder.operations,
+            "components": {
+                "schemas": _all_schemas(),
+                "messages": builder.messages,
+                "correlationIds": _CORRELATION_IDS,
+                "replyAddresses": _REPLY_ADDRESSES,
+            },
+        }
+    )
+
+
+def render_asyncapi() -> str:
+    """The document as JSON text: sorted keys, two-space indent, final newline."""
+    return json.dumps(build_asyncapi(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
