@@ -1,0 +1,424 @@
+"""IdentityService: the business rules of accounts and sessions.
+
+One class, its store injected. Methods take the contract's payload models and a
+`CommandContext`, and return the contract's result models or raise an `IdentityError`.
+State-changing methods are idempotent by key (see services.operations); password work
+happens before any transaction opens, in the bounded hashing pool.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from messages import (
+    Account,
+    AccountResult,
+    ChangePassword,
+    ChangePasswordResult,
+    CreateAccount,
+    EndAllSessions,
+    EndAllSessionsResult,
+    EndSession,
+    EndSessionResult,
+    GetAccount,
+    Session,
+    StartSession,
+    StartSessionResult,
+    UpdateAccount,
+    VerifySession,
+    VerifySessionResult,
+)
+from messages.events import (
+    AccountCreated,
+    AccountCreatedData,
+    AccountPasswordChanged,
+    AccountPasswordChangedData,
+    AccountUpdated,
+    AccountUpdatedData,
+    SessionEnded,
+    SessionEndedData,
+    SessionEndReason,
+    SessionStarted,
+    SessionStartedData,
+)
+from services.clock import Clock
+from services.emails import canonical_email
+from services.errors import (
+    EmailTakenError,
+    InvalidCredentialsError,
+    InvalidInputError,
+    NotFoundError,
+    PasswordPolicyError,
+    SessionExpiredError,
+    VersionConflictError,
+)
+from services.ids import new_account_id, new_session_id
+from services.operations import NO_CONTEXT, CommandContext, Operation, OperationRunner
+from services.passwords import HashingPool, PasswordPolicy, normalize_password
+from services.signin import Authenticator
+from services.tokens import TokenSigner
+from stores import (
+    AccountChanges,
+    AccountRecord,
+    DuplicateEmailError,
+    IdentityStore,
+    SessionRecord,
+    ThrottleSchedule,
+    UnitOfWork,
+)
+
+SERVICE_NAME = "identity"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPolicy:
+    """Absolute lifetime, idle timeout, and how often `last_seen` may be written."""
+
+    lifetime: timedelta = timedelta(hours=24)
+    idle_timeout: timedelta = timedelta(minutes=30)
+    touch_interval: timedelta = timedelta(minutes=1)
+
+    @classmethod
+    def from_seconds(
+        cls, lifetime: float, idle_timeout: float, touch_interval: float
+    ) -> SessionPolicy:
+        return cls(
+            timedelta(seconds=lifetime),
+            timedelta(seconds=idle_timeout),
+            timedelta(seconds=touch_interval),
+        )
+
+
+def to_account(record: AccountRecord) -> Account:
+    return Account(
+        id=record.id,
+        email=record.email,
+        display_name=record.display_name,
+        created_at=record.created_at,
+        updated_at=record.updated_at,
+        version=record.version,
+    )
+
+
+def to_session(record: SessionRecord) -> Session:
+    return Session(
+        id=record.id,
+        account_id=record.account_id,
+        created_at=record.created_at,
+        expires_at=record.expires_at,
+    )
+
+
+class IdentityService:
+    def __init__(
+        self,
+        store: IdentityStore,
+        *,
+        passwords: HashingPool,
+        signer: TokenSigner,
+        clock: Clock,
+        policy: PasswordPolicy | None = None,
+        sessions: SessionPolicy | None = None,
+        throttle: ThrottleSchedule | None = None,
+        on_replay: Callable[[str], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._passwords = passwords
+        self._signer = signer
+        self._clock = clock
+        self._policy = policy or PasswordPolicy()
+        self._sessions = sessions or SessionPolicy()
+        self._auth = Authenticator(store, passwords, throttle or ThrottleSchedule())
+        self._ops = OperationRunner(store, signer, clock, on_replay)
+
+    # -- accounts ---------------------------------------------------------------------------
+
+    async def create_account(
+        self, cmd: CreateAccount, ctx: CommandContext = NO_CONTEXT
+    ) -> AccountResult:
+        op = self._ops.begin("account.create", cmd, ctx)
+        return await self._ops.execute(op, AccountResult, lambda op: self._create(op, cmd))
+
+    async def _create(self, op: Operation, cmd: CreateAccount) -> AccountResult:
+        canonical = canonical_email(cmd.email, field="payload.email")
+        password = cmd.password.get_secret_value()
+        self._policy.check_new(
+            password, field="payload.password", context=_context_words(canonical, cmd.display_name)
+        )
+        password_hash = await self._passwords.hash(password)
+        now = self._clock.now()
+        record = AccountRecord(
+            id=new_account_id(now),
+            email=cmd.email.strip(),
+            email_canonical=canonical,
+            display_name=cmd.display_name,
+            password_hash=password_hash,
+            created_at=now,
+            updated_at=now,
+            version=1,
+        )
+        async with self._store.unit_of_work() as uow:
+            try:
+                await uow.insert_account(record)
+            except DuplicateEmailError as exc:
+                raise EmailTakenError() from exc
+            result = AccountResult(account=to_account(record))
+            op.emit(AccountCreated, AccountCreatedData(account=result.account), now)
+            await self._ops.finish(uow, op, result)
+        return result
+
+    async def get_account(self, cmd: GetAccount, ctx: CommandContext = NO_CONTEXT) -> AccountResult:
+        record = await self._store.get_account(cmd.account_id)
+        if record is None:
+            raise NotFoundError()
+        return AccountResult(account=to_account(record))
+
+    async def update_account(
+        self, cmd: UpdateAccount, ctx: CommandContext = NO_CONTEXT
+    ) -> AccountResult:
+        op = self._ops.begin("account.update", cmd, ctx)
+        return await self._ops.execute(op, AccountResult, lambda op: self._update(op, cmd))
+
+    async def _update(self, op: Operation, cmd: UpdateAccount) -> AccountResult:
+        record = await self._existing_account(cmd.account_id)
+        if record.version != cmd.expected_version:
+            raise VersionConflictError()
+        now = self._clock.now()
+        changed: list[str] = []
+        email = canonical = None
+        if cmd.email is not None and cmd.email.strip() != record.email:
+            email, canonical = cmd.email.strip(), canonical_email(cmd.email, field="payload.email")
+            changed.append("email")
+        if cmd.display_name is not None and cmd.display_name != record.display_name:
+            changed.append("display_name")
+        if not changed:
+            # Nothing differs: no new version, no event; the reply is the account as it is.
+            result = AccountResult(account=to_account(record))
+            async with self._store.unit_of_work() as uow:
+                await self._ops.finish(uow, op, result)
+            return result
+        new_hash = None
+        if "email" in changed:
+            new_hash = await self._reauthenticate(op, record, cmd, now)
+        changes = AccountChanges(
+            updated_at=now,
+            email=email,
+            email_canonical=canonical,
+            display_name=cmd.display_name if "display_name" in changed else None,
+            password_hash=new_hash,
+        )
+        async with self._store.unit_of_work() as uow:
+            updated = await self._apply(uow, record.id, cmd.expected_version, changes)
+            if "email" in changed:
+                await uow.reset_signin_failures(record.email_canonical)
+            result = AccountResult(account=to_account(updated))
+            op.emit(
+                AccountUpdated, AccountUpdatedData(account=result.account, changed=changed), now
+            )
+            await self._ops.finish(uow, op, result)
+        return result
+
+    async def _reauthenticate(
+        self, op: Operation, record: AccountRecord, cmd: UpdateAccount, now: datetime
+    ) -> str | None:
+        """An email change needs the current password (the email is the sign-in name)."""
+        if cmd.current_password is None:
+            raise InvalidInputError.for_field(
+                "payload.current_password", "is required when the email changes"
+            )
+        op.compensations.append(lambda: self._auth.refund(record.email_canonical))
+        checked = await self._auth.check(
+            record.email_canonical,
+            cmd.current_password.get_secret_value(),
+            now,
+            account=record,
+            purpose="update_email",
+        )
+        return checked.new_hash
+
+    async def change_password(
+        self, cmd: ChangePassword, ctx: CommandContext = NO_CONTEXT
+    ) -> ChangePasswordResult:
+        op = self._ops.begin("account.change_password", cmd, ctx)
+        return await self._ops.execute(
+            op, ChangePasswordResult, lambda op: self._change_password(op, cmd)
+        )
+
+    async def _change_password(self, op: Operation, cmd: ChangePassword) -> ChangePasswordResult:
+        record = await self._existing_account(cmd.account_id)
+        current = cmd.current_password.get_secret_value()
+        new = cmd.new_password.get_secret_value()
+        now = self._clock.now()
+        op.compensations.append(lambda: self._auth.refund(record.email_canonical))
+        await self._auth.check(
+            record.email_canonical, current, now, account=record, purpose="change_password"
+        )
+        if normalize_password(new) == normalize_password(current):
+            raise PasswordPolicyError("payload.new_password", "must differ from the current one")
+        self._policy.check_new(
+            new,
+            field="payload.new_password",
+            context=_context_words(record.email_canonical, record.display_name),
+        )
+        new_hash = await self._passwords.hash(new)
+        async with self._store.unit_of_work() as uow:
+            locked = await uow.get_account(record.id, for_update=True)
+            if locked is None or locked.password_hash != record.password_hash:
+                # The password changed while we were hashing: what was checked is stale.
+                raise InvalidCredentialsError()
+            changes = AccountChanges(updated_at=now, password_hash=new_hash)
+            updated = await self._apply(uow, record.id, locked.version, changes)
+            ended = await uow.end_all_sessions(record.id, now, "password_changed")
+            await uow.reset_signin_failures(record.email_canonical)
+            self._emit_ended(op, ended, "password_changed", now)
+            data = AccountPasswordChangedData(account_id=record.id, sessions_ended=len(ended))
+            op.emit(AccountPasswordChanged, data, now)
+            result = ChangePasswordResult(account=to_account(updated), sessions_ended=len(ended))
+            await self._ops.finish(uow, op, result)
+        return result
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    async def start_session(
+        self, cmd: StartSession, ctx: CommandContext = NO_CONTEXT
+    ) -> StartSessionResult:
+        op = self._ops.begin("session.start", cmd, ctx)
+        return await self._ops.execute(
+            op, StartSessionResult, lambda op: self._start(op, cmd), restore=self._restore_token
+        )
+
+    async def _start(self, op: Operation, cmd: StartSession) -> StartSessionResult:
+        canonical = canonical_email(cmd.email, field="payload.email")
+        password = cmd.password.get_secret_value()
+        self._policy.check_verifiable(password, field="payload.password")
+        now = self._clock.now()
+        op.compensations.append(lambda: self._auth.refund(canonical))
+        checked = await self._auth.check(canonical, password, now)
+        account = checked.account
+        session = SessionRecord(
+            id=new_session_id(),
+            account_id=account.id,
+            key_id=self._signer.current_kid,
+            created_at=now,
+            expires_at=now + self._sessions.lifetime,
+            last_seen_at=now,
+        )
+        async with self._store.unit_of_work() as uow:
+            await uow.insert_session(session)
+            await uow.reset_signin_failures(canonical)
+            if checked.new_hash is not None:
+                await uow.replace_password_hash(account.id, account.password_hash, checked.new_hash)
+            result = StartSessionResult(
+                session=to_session(session),
+                token=self._signer.sign(session.id, session.key_id),
+                account=to_account(account),
+            )
+            op.emit(SessionStarted, SessionStartedData(session=result.session), now)
+            await self._ops.finish(uow, op, result)
+        return result
+
+    async def _restore_token(self, result: dict[str, Any]) -> dict[str, Any]:
+        """A replayed sign-in returns the same token: re-derived from the stored session id,
+        with the key it was first signed with while that key is still configured."""
+        session_id = result["session"]["id"]
+        found = await self._store.get_session_with_account(session_id)
+        kid = found[0].key_id if found is not None else None
+        return {**result, "token": self._signer.sign(session_id, kid)}
+
+    async def verify_session(
+        self, cmd: VerifySession, ctx: CommandContext = NO_CONTEXT
+    ) -> VerifySessionResult:
+        session_id, _ = self._signer.verify(cmd.token.get_secret_value())
+        found = await self._store.get_session_with_account(session_id)
+        if found is None:
+            raise SessionExpiredError()
+        session, account = found
+        now = self._clock.now()
+        if not self._is_live(session, now):
+            raise SessionExpiredError()
+        if now - session.last_seen_at >= self._sessions.touch_interval:
+            await self._store.touch_session(session.id, now)
+        return VerifySessionResult(session=to_session(session), account=to_account(account))
+
+    def _is_live(self, session: SessionRecord, now: datetime) -> bool:
+        return (
+            session.ended_at is None
+            and now < session.expires_at
+            and now - session.last_seen_at < self._sessions.idle_timeout
+        )
+
+    async def end_session(
+        self, cmd: EndSession, ctx: CommandContext = NO_CONTEXT
+    ) -> EndSessionResult:
+        # A forged token is refused before anything is looked up or remembered.
+        session_id, _ = self._signer.verify(cmd.token.get_secret_value())
+        op = self._ops.begin("session.end", cmd, ctx)
+        return await self._ops.execute(op, EndSessionResult, lambda op: self._end(op, session_id))
+
+    async def _end(self, op: Operation, session_id: str) -> EndSessionResult:
+        now = self._clock.now()
+        async with self._store.unit_of_work() as uow:
+            ended = await uow.end_session(session_id, now, "sign_out")
+            # Ending an ended (or long purged) session is not an error, and announces nothing.
+            self._emit_ended(op, [ended] if ended else [], "sign_out", now)
+            result = EndSessionResult(session_id=session_id)
+            await self._ops.finish(uow, op, result)
+        return result
+
+    async def end_all_sessions(
+        self, cmd: EndAllSessions, ctx: CommandContext = NO_CONTEXT
+    ) -> EndAllSessionsResult:
+        op = self._ops.begin("session.end_all", cmd, ctx)
+        return await self._ops.execute(
+            op, EndAllSessionsResult, lambda op: self._end_all(op, cmd.account_id)
+        )
+
+    async def _end_all(self, op: Operation, account_id: str) -> EndAllSessionsResult:
+        now = self._clock.now()
+        async with self._store.unit_of_work() as uow:
+            if await uow.get_account(account_id) is None:
+                raise NotFoundError()
+            ended = await uow.end_all_sessions(account_id, now, "sign_out_everywhere")
+            self._emit_ended(op, ended, "sign_out_everywhere", now)
+            result = EndAllSessionsResult(account_id=account_id, sessions_ended=len(ended))
+            await self._ops.finish(uow, op, result)
+        return result
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    async def _existing_account(self, account_id: str) -> AccountRecord:
+        record = await self._store.get_account(account_id)
+        if record is None:
+            raise NotFoundError()
+        return record
+
+    @staticmethod
+    async def _apply(
+        uow: UnitOfWork, account_id: str, expected_version: int, changes: AccountChanges
+    ) -> AccountRecord:
+        try:
+            updated = await uow.update_account(account_id, expected_version, changes)
+        except DuplicateEmailError as exc:
+            raise EmailTakenError() from exc
+        if updated is None:
+            raise VersionConflictError()
+        return updated
+
+    @staticmethod
+    def _emit_ended(
+        op: Operation, sessions: list[SessionRecord], reason: SessionEndReason, now: datetime
+    ) -> None:
+        for session in sessions:
+            data = SessionEndedData(
+                session_id=session.id, account_id=session.account_id, reason=reason
+            )
+            op.emit(SessionEnded, data, now)
+
+
+def _context_words(email_canonical: str, display_name: str) -> list[str]:
+    """Words a password must not be built from: who the account is, and what this is."""
+    local, _, domain = email_canonical.partition("@")
+    return [local, domain.split(".")[0], display_name, SERVICE_NAME]

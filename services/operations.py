@@ -1,0 +1,180 @@
+"""Idempotent operations: look a key up, replay its stored reply, or record a new one.
+
+Every state-changing command runs as an `Operation`. Its idempotency record (key, keyed
+fingerprint of command + payload, the reply without secrets) and the outbox rows of its
+events are written in the same unit of work as the state change, so that a command takes
+effect, is remembered and announces itself all at once or not at all.
+
+Business errors are stored as replies too, so a retry of a failed command gets the same
+answer without redoing the work. Two deliveries of one key racing to commit are settled by
+the store's unique constraint: the loser rolls back, reads the winner's record and replays it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
+
+from messages import ErrorBody, Metadata, fingerprint_material
+from messages.events import _EventBase
+from messages.models import Model
+from services.clock import Clock
+from services.errors import IdempotencyKeyReusedError, IdentityError, error_from_body
+from services.ids import new_event_id
+from services.tokens import TokenSigner
+from stores import (
+    DuplicateKeyError,
+    IdempotencyRecord,
+    IdentityStore,
+    NewEvent,
+    TransientStoreError,
+    UnitOfWork,
+)
+
+R = TypeVar("R", bound=Model)
+
+# Result fields that are secrets: never stored, re-derived on replay.
+_SECRET_RESULT_FIELDS = {"token"}
+
+
+@dataclass(frozen=True, slots=True)
+class CommandContext:
+    """Where a command came from: its idempotency key, correlation id and caller metadata."""
+
+    idempotency_key: str | None = None
+    correlation_id: str | None = None
+    metadata: Metadata | None = None
+
+
+NO_CONTEXT = CommandContext()
+
+
+@dataclass(slots=True)
+class Operation:
+    """One state-changing command on its way to a single commit."""
+
+    command: str
+    material: bytes
+    context: CommandContext
+    events: list[NewEvent] = field(default_factory=list)
+    # Undo work done outside the transaction (e.g. a counted sign-in attempt) when the
+    # operation turns out to be a duplicate of one that already committed.
+    compensations: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    @property
+    def key(self) -> str | None:
+        return self.context.idempotency_key
+
+    def emit(self, make: Callable[..., _EventBase], data: Model, now: datetime) -> None:
+        """Queue an event; it is written to the outbox with the change."""
+        event = make(
+            event_id=new_event_id(now),
+            occurred_at=now,
+            correlation_id=self.context.correlation_id,
+            causation_id=self.key,
+            data=data,
+        )
+        body = event.model_dump_json().encode()
+        self.events.append(NewEvent(event.event_id, event.type, body, now))
+
+
+class OperationRunner:
+    """Runs operations against one store; the fingerprint key comes from the token signer."""
+
+    def __init__(
+        self,
+        store: IdentityStore,
+        signer: TokenSigner,
+        clock: Clock,
+        on_replay: Callable[[str], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._signer = signer
+        self._clock = clock
+        self._on_replay = on_replay
+
+    def begin(self, command: str, payload: Model, context: CommandContext) -> Operation:
+        return Operation(command, fingerprint_material(command, payload), context)
+
+    async def finish(self, uow: UnitOfWork, op: Operation, result: Model) -> None:
+        """Write the events and the idempotency record in the caller's unit of work."""
+        await uow.add_events(op.events)
+        stored = result.model_dump(mode="json", exclude=_SECRET_RESULT_FIELDS)
+        await self._remember(uow, op, {"ok": True, "result": stored})
+
+    async def execute(
+        self,
+        op: Operation,
+        result_type: type[R],
+        run: Callable[[Operation], Awaitable[R]],
+        restore: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None,
+    ) -> R:
+        """Replay a known key, or run the operation once and record its outcome.
+
+        `restore` puts back what was not stored (a session token) into a replayed result.
+        """
+        known = await self._lookup(op)
+        if known is not None:
+            return await self._replay(known, result_type, restore)
+        try:
+            try:
+                return await run(op)
+            except IdentityError as error:
+                if op.key is not None:
+                    await self._remember_failure(op, error)
+                raise
+        except DuplicateKeyError:
+            for compensate in op.compensations:
+                await compensate()
+            winner = await self._lookup(op)
+            if winner is None:  # the winner's record vanished: let the worker retry
+                raise TransientStoreError("idempotency record not readable yet") from None
+            return await self._replay(winner, result_type, restore)
+
+    async def _lookup(self, op: Operation) -> IdempotencyRecord | None:
+        if op.key is None:
+            return None
+        record = await self._store.get_idempotency(op.key)
+        if record is None:
+            return None
+        same = record.command == op.command and self._signer.fingerprint_matches(
+            op.material, record.fingerprint
+        )
+        if not same:
+            raise IdempotencyKeyReusedError()
+        return record
+
+    async def _replay(
+        self,
+        record: IdempotencyRecord,
+        result_type: type[R],
+        restore: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None,
+    ) -> R:
+        if self._on_replay is not None:
+            self._on_replay(record.command)
+        reply = record.reply
+        if not reply.get("ok"):
+            raise error_from_body(ErrorBody.model_validate(reply["error"], strict=False))
+        result: dict[str, Any] = dict(reply["result"])
+        if restore is not None:
+            result = await restore(result)
+        return result_type.model_validate(result, strict=False)
+
+    async def _remember_failure(self, op: Operation, error: IdentityError) -> None:
+        body = error.to_error_body().model_dump(mode="json", exclude_none=True)
+        async with self._store.unit_of_work() as uow:
+            await self._remember(uow, op, {"ok": False, "error": body})
+
+    async def _remember(self, uow: UnitOfWork, op: Operation, reply: dict[str, Any]) -> None:
+        if op.key is None:
+            return
+        record = IdempotencyRecord(
+            key=op.key,
+            command=op.command,
+            fingerprint=self._signer.fingerprint(op.material),
+            reply=reply,
+            created_at=self._clock.now(),
+        )
+        await uow.save_idempotency(record)

@@ -1,0 +1,231 @@
+"""IdentityService: sign-in, tokens, expiry, throttling and rehash on the in-memory store."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from messages import EndAllSessions, EndSession, VerifySession
+from services.clock import FakeClock
+from services.errors import (
+    InvalidCredentialsError,
+    InvalidTokenError,
+    RateLimitedError,
+    SessionExpiredError,
+)
+from services.identity import IdentityService
+from services.passwords import HashingPool, make_hasher
+from services.tokens import SigningKey, TokenSigner
+from stores.memory import MemoryIdentityStore
+from tests.unit.helpers import create_cmd, ctx, pending_events, start_cmd
+
+
+def verify_cmd(token: str) -> VerifySession:
+    return VerifySession.model_validate({"token": token})
+
+
+async def test_a_started_session_verifies_and_is_announced_without_its_token(
+    service: IdentityService, store: MemoryIdentityStore
+) -> None:
+    await service.create_account(create_cmd(), ctx())
+    started = await service.start_session(start_cmd(), ctx())
+    token = started.token.get_secret_value()
+    verified = await service.verify_session(verify_cmd(token))
+    assert verified.session == started.session
+    assert verified.account.id == started.account.id
+    events = await pending_events(store)
+    assert events[-1]["type"] == "session.started"
+    assert token not in str(events)
+
+
+async def test_replayed_start_returns_the_same_session_and_token(
+    service: IdentityService, store: MemoryIdentityStore
+) -> None:
+    await service.create_account(create_cmd(), ctx())
+    first = await service.start_session(start_cmd(), ctx("sign-in-1"))
+    again = await service.start_session(start_cmd(), ctx("sign-in-1"))
+    assert again.session == first.session
+    assert again.token.get_secret_value() == first.token.get_secret_value()
+    stored = await store.get_idempotency("sign-in-1")
+    assert stored is not None
+    assert "token" not in stored.reply["result"]
+    types = [e["type"] for e in await pending_events(store)]
+    assert types.count("session.started") == 1
+
+
+async def test_unknown_email_and_wrong_password_get_the_same_error_and_work(
+    service: IdentityService, passwords: HashingPool
+) -> None:
+    await service.create_account(create_cmd(), ctx())
+    timings: list[str] = passwords.timings  # type: ignore[attr-defined]
+    timings.clear()
+    with pytest.raises(InvalidCredentialsError) as wrong:
+        await service.start_session(start_cmd(password="wrong password but long"), ctx())
+    with pytest.raises(InvalidCredentialsError) as unknown:
+        await service.start_session(start_cmd("nobody@example.com"), ctx())
+    assert str(wrong.value) == str(unknown.value)
+    assert timings == ["verify", "verify"]
+
+
+async def test_email_is_matched_in_its_canonical_form_on_sign_in(service: IdentityService) -> None:
+    await service.create_account(create_cmd("Ada@Example.COM"), ctx())
+    started = await service.start_session(start_cmd("  ada@example.com"), ctx())
+    assert started.account.email == "Ada@Example.COM"
+
+
+async def test_repeated_failures_are_throttled_for_known_and_unknown_emails(
+    service: IdentityService, clock: FakeClock
+) -> None:
+    await service.create_account(create_cmd(), ctx())
+    for email in ("ada@example.com", "ghost@example.com"):
+        for _ in range(6):  # five free failures, the sixth sets the first lock
+            with pytest.raises(InvalidCredentialsError):
+                await service.start_session(start_cmd(email, "wrong password but long"), ctx())
+        with pytest.raises(RateLimitedError) as limited:
+            await service.start_session(start_cmd(email, "wrong password but long"), ctx())
+        assert limited.value.retry_after_s == 1
+    clock.advance(seconds=1)
+    with pytest.raises(InvalidCredentialsError):  # allowed again, and the lock doubles
+        await service.start_session(start_cmd(password="wrong password but long"), ctx())
+    with pytest.raises(RateLimitedError) as limited:
+        await service.start_session(start_cmd(), ctx())
+    assert limited.value.retry_after_s == 2
+
+
+async def test_a_successful_sign_in_forgets_earlier_failures(
+    service: IdentityService, clock: FakeClock
+) -> None:
+    await service.create_account(create_cmd(), ctx())
+    for _ in range(5):
+        with pytest.raises(InvalidCredentialsError):
+            await service.start_session(start_cmd(password="wrong password but long"), ctx())
+    await service.start_session(start_cmd(), ctx())
+    for _ in range(5):
+        with pytest.raises(InvalidCredentialsError):
+            await service.start_session(start_cmd(password="wrong password but long"), ctx())
+    await service.start_session(start_cmd(), ctx())
+
+
+async def test_a_replayed_failure_is_not_counted_twice(service: IdentityService) -> None:
+    await service.create_account(create_cmd(), ctx())
+    for _ in range(5):
+        with pytest.raises(InvalidCredentialsError):
+            await service.start_session(start_cmd(password="wrong password but long"), ctx("same"))
+    await service.start_session(start_cmd(), ctx())  # one failure counted, not five
+
+
+async def test_sessions_expire_after_their_lifetime(
+    service: IdentityService, clock: FakeClock
+) -> None:
+    await service.create_account(create_cmd(), ctx())
+    token = (await service.start_session(start_cmd(), ctx())).token.get_secret_value()
+    for _ in range(49):  # active every 29 minutes, so never idle, for 23h41m
+        clock.advance(minutes=29)
+        await service.verify_session(verify_cmd(token))
+    clock.advance(minutes=20)  # 24h01m after sign-in
+    with pytest.raises(SessionExpiredError):
+        await service.verify_session(verify_cmd(token))
+
+
+async def test_idle_sessions_expire_and_last_seen_writes_are_throttled(
+    service: IdentityService, store: MemoryIdentityStore, clock: FakeClock
+) -> None:
+    await service.create_account(create_cmd(), ctx())
+    started = await service.start_session(start_cmd(), ctx())
+    token = started.token.get_secret_value()
+    clock.advance(seconds=30)
+    await service.verify_session(verify_cmd(token))
+    unit = store.unit_of_work()
+    async with unit as uow:
+        seen = (await uow.get_session(started.session.id)).last_seen_at  # type: ignore[union-attr]
+    assert seen == started.session.created_at  # 30 s is inside the touch interval
+    clock.advance(minutes=29)
+    await service.verify_session(verify_cmd(token))
+    clock.advance(minutes=29)
+    await service.verify_session(verify_cmd(token))  # still alive: the touch moved last_seen
+    clock.advance(minutes=31)
+    with pytest.raises(SessionExpiredError):
+        await service.verify_session(verify_cmd(token))
+
+
+async def test_forged_and_tampered_tokens_are_invalid(service: IdentityService) -> None:
+    await service.create_account(create_cmd(), ctx())
+    token = (await service.start_session(start_cmd(), ctx())).token.get_secret_value()
+    forged = TokenSigner([SigningKey("k2", b"x" * 32)]).sign(token.split(".")[2])
+    for bad in (forged, token[:-2] + "AA", "not-a-token", token + "x"):
+        with pytest.raises(InvalidTokenError):
+            await service.verify_session(verify_cmd(bad))
+
+
+async def test_tokens_survive_key_rotation(
+    store: MemoryIdentityStore, passwords: HashingPool, clock: FakeClock, service: IdentityService
+) -> None:
+    await service.create_account(create_cmd(), ctx())
+    token = (await service.start_session(start_cmd(), ctx())).token.get_secret_value()
+    rotated = IdentityService(
+        store,
+        passwords=passwords,
+        signer=TokenSigner([SigningKey("k3", b"r" * 32), SigningKey("k2", b"n" * 32)]),
+        clock=clock,
+    )
+    await rotated.verify_session(verify_cmd(token))
+    fresh = (await rotated.start_session(start_cmd(), ctx())).token.get_secret_value()
+    assert fresh.split(".")[1] == "k3"
+    retired = IdentityService(
+        store, passwords=passwords, signer=TokenSigner([SigningKey("k3", b"r" * 32)]), clock=clock
+    )
+    with pytest.raises(InvalidTokenError):
+        await retired.verify_session(verify_cmd(token))
+
+
+async def test_ending_a_session_twice_is_fine_and_announced_once(
+    service: IdentityService, store: MemoryIdentityStore
+) -> None:
+    await service.create_account(create_cmd(), ctx())
+    started = await service.start_session(start_cmd(), ctx())
+    end = EndSession.model_validate({"token": started.token.get_secret_value()})
+    assert (await service.end_session(end, ctx())).session_id == started.session.id
+    assert (await service.end_session(end, ctx())).session_id == started.session.id
+    ended = [e for e in await pending_events(store) if e["type"] == "session.ended"]
+    assert len(ended) == 1
+    assert ended[0]["data"]["reason"] == "sign_out"
+    with pytest.raises(SessionExpiredError):
+        await service.verify_session(verify_cmd(started.token.get_secret_value()))
+
+
+async def test_ending_all_sessions_announces_each_one(
+    service: IdentityService, store: MemoryIdentityStore
+) -> None:
+    account = (await service.create_account(create_cmd(), ctx())).account
+    for _ in range(3):
+        await service.start_session(start_cmd(), ctx())
+    result = await service.end_all_sessions(EndAllSessions(account_id=account.id), ctx())
+    assert result.sessions_ended == 3
+    reasons = [
+        e["data"]["reason"] for e in await pending_events(store) if e["type"] == "session.ended"
+    ]
+    assert reasons == ["sign_out_everywhere"] * 3
+
+
+async def test_an_outdated_hash_is_upgraded_on_sign_in_without_a_new_version(
+    store: MemoryIdentityStore, signer: TokenSigner, clock: FakeClock
+) -> None:
+    weak = HashingPool(make_hasher(time_cost=1, memory_kib=8192, parallelism=1), workers=1)
+    strong = HashingPool(make_hasher(time_cost=2, memory_kib=9216, parallelism=1), workers=1)
+    await weak.start()
+    await strong.start()
+    try:
+        old = IdentityService(store, passwords=weak, signer=signer, clock=clock)
+        account = (await old.create_account(create_cmd(), ctx())).account
+        new = IdentityService(store, passwords=strong, signer=signer, clock=clock)
+        clock.advance(timedelta(seconds=5).total_seconds())
+        await new.start_session(start_cmd(), ctx())
+        record = await store.get_account(account.id)
+        assert record is not None
+        assert not strong.needs_rehash(record.password_hash)
+        assert record.version == 1
+        await new.start_session(start_cmd(), ctx())
+    finally:
+        weak.close()
+        strong.close()
