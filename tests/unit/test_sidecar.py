@@ -1,0 +1,205 @@
+"""The HTTP sidecar and the readiness probe that feeds it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from worker.health import HealthState, probe_once, run_readiness_probe
+from worker.metrics import Metrics, command_label, create_metrics, outcome_label
+from worker.sidecar import Sidecar
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return create_metrics()
+
+
+@pytest.fixture
+def health() -> HealthState:
+    return HealthState()
+
+
+@pytest.fixture
+def base_url(metrics: Metrics, health: HealthState) -> Iterator[str]:
+    sidecar = Sidecar("127.0.0.1", 0, metrics.registry, health)
+    port = sidecar.start()
+    yield f"http://127.0.0.1:{port}"
+    sidecar.stop()
+
+
+def _get(url: str, method: str = "GET") -> tuple[int, str]:
+    request = urllib.request.Request(url, method=method)  # noqa: S310 - a local test URL
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def _get_json(url: str) -> tuple[int, dict[str, Any]]:
+    status, body = _get(url)
+    return status, json.loads(body)
+
+
+def _healthy(health: HealthState) -> None:
+    health.set_broker(True)
+    health.set_database(True)
+
+
+async def _ok() -> None:
+    return None
+
+
+async def _refused() -> None:
+    raise ConnectionRefusedError("cannot reach amqp://guest:s3cr3t@broker:5672/")
+
+
+async def _hangs() -> None:
+    await asyncio.sleep(60)
+
+
+def test_healthz_answers_while_the_process_lives(base_url: str) -> None:
+    assert _get_json(f"{base_url}/healthz") == (200, {"status": "ok"})
+
+
+def test_not_ready_until_both_sides_have_been_seen(base_url: str) -> None:
+    status, body = _get_json(f"{base_url}/readyz")
+
+    assert status == 503
+    assert body["status"] == "not_ready"
+    assert body["reasons"] == ["broker: not checked yet", "database: not checked yet"]
+
+
+def test_readiness_follows_the_health_state(base_url: str, health: HealthState) -> None:
+    _healthy(health)
+    assert _get_json(f"{base_url}/readyz") == (200, {"status": "ready"})
+
+    health.set_database(False, "no answer within 2s")
+    assert _get_json(f"{base_url}/readyz") == (
+        503,
+        {"status": "not_ready", "reasons": ["database: no answer within 2s"]},
+    )
+
+    health.set_database(True)
+    health.set_draining(True)
+    assert _get_json(f"{base_url}/readyz") == (
+        503,
+        {"status": "not_ready", "reasons": ["draining"]},
+    )
+
+
+def test_metrics_expose_the_worker_registry(base_url: str, metrics: Metrics) -> None:
+    metrics.commands_total.labels("account.get", "ok").inc()
+
+    status, text = _get(f"{base_url}/metrics")
+
+    assert status == 200
+    assert 'identity_commands_total{command="account.get",outcome="ok"} 1.0' in text
+    assert "process_resident_memory_bytes" in text or "python_info" in text
+
+
+def test_other_paths_and_methods_are_refused(base_url: str) -> None:
+    assert _get(f"{base_url}/")[0] == 404
+    assert _get(f"{base_url}/metrics/../admin")[0] == 404
+    assert _get(f"{base_url}/healthz", method="POST")[0] == 405
+
+
+async def test_the_sidecar_answers_while_the_event_loop_is_blocked(
+    base_url: str, health: HealthState
+) -> None:
+    _healthy(health)
+
+    # This coroutine holds the loop for the whole request; the callback proves the loop made
+    # no progress meanwhile, so the answer came from the sidecar's own threads.
+    loop_ran: list[bool] = []
+    asyncio.get_running_loop().call_soon(loop_ran.append, True)
+    status, _ = _get(f"{base_url}/readyz")
+
+    assert status == 200
+    assert loop_ran == []
+    await asyncio.sleep(0)
+    assert loop_ran == [True]
+
+
+def test_stop_releases_the_port(metrics: Metrics, health: HealthState) -> None:
+    sidecar = Sidecar("127.0.0.1", 0, metrics.registry, health)
+    port = sidecar.start()
+    sidecar.stop()
+
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+
+def test_metric_labels_only_take_known_values() -> None:
+    assert command_label("session.verify") == "session.verify"
+    assert command_label("drop table accounts;") == "unknown"
+    assert command_label(None) == "unknown"
+    assert outcome_label(None) == "ok"
+    assert outcome_label("email_taken") == "email_taken"
+    assert outcome_label("anything a caller typed") == "unknown"
+
+
+def test_metrics_are_fresh_per_registry() -> None:
+    first, second = create_metrics(), create_metrics()
+    first.outbox_backlog.set(7)
+
+    assert second.registry.get_sample_value("identity_outbox_backlog") == 0
+    assert first.registry.get_sample_value("identity_outbox_backlog") == 7
+
+
+async def test_probe_marks_a_failing_side_down_without_its_secrets(
+    health: HealthState, metrics: Metrics
+) -> None:
+    ready = await probe_once(
+        health, metrics, check_broker=_refused, check_database=_hangs, timeout_s=0.05
+    )
+
+    assert ready is False
+    _, reasons = health.snapshot()
+    assert reasons == [
+        "broker: check failed (ConnectionRefusedError)",
+        "database: no answer within 0.05s",
+    ]
+    assert "s3cr3t" not in " ".join(reasons)
+    assert metrics.registry.get_sample_value("identity_broker_connected") == 0
+    assert metrics.registry.get_sample_value("identity_database_up") == 0
+    assert metrics.registry.get_sample_value("identity_ready") == 0
+
+
+async def test_probe_loop_brings_the_worker_up_and_stops_when_cancelled(
+    health: HealthState, metrics: Metrics
+) -> None:
+    probe = asyncio.create_task(
+        run_readiness_probe(
+            health, metrics, check_broker=_ok, check_database=_ok, interval_s=0.01, timeout_s=1
+        )
+    )
+    for _ in range(100):
+        if health.snapshot()[0]:
+            break
+        await asyncio.sleep(0.01)
+
+    probe.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await probe
+    assert health.snapshot() == (True, [])
+    assert metrics.registry.get_sample_value("identity_ready") == 1
+    assert metrics.registry.get_sample_value("identity_broker_connected") == 1
+
+
+async def test_a_draining_worker_stays_not_ready_even_when_both_answer(
+    health: HealthState, metrics: Metrics
+) -> None:
+    health.set_draining(True)
+
+    ready = await probe_once(health, metrics, check_broker=_ok, check_database=_ok, timeout_s=1)
+
+    assert ready is False
+    assert metrics.registry.get_sample_value("identity_ready") == 0

@@ -1,0 +1,120 @@
+"""Readiness: what the event loop learns about its dependencies, for the HTTP sidecar to report.
+
+`HealthState` is the only thing the two sides share. The event loop writes it (the probe task
+below, and the lifecycle code when draining starts); the sidecar's threads read it. A lock makes
+each read a consistent snapshot. The worker starts *not ready* until the first probe has seen
+both the broker and the database answer, so an orchestrator never routes to a worker that has
+not yet connected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+
+from worker.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+NOT_CHECKED = "not checked yet"
+
+
+class HealthState:
+    """Thread-safe readiness flags: broker, database, draining."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._broker: str | None = NOT_CHECKED  # None means "answers", else why not
+        self._database: str | None = NOT_CHECKED
+        self._draining = False
+
+    def set_broker(self, ok: bool, reason: str | None = None) -> None:
+        """Record whether the broker answered; `reason` says why not (no secrets)."""
+        with self._lock:
+            self._broker = None if ok else (reason or "down")
+
+    def set_database(self, ok: bool, reason: str | None = None) -> None:
+        """Record whether the database answered; `reason` says why not (no secrets)."""
+        with self._lock:
+            self._database = None if ok else (reason or "down")
+
+    def set_draining(self, draining: bool) -> None:
+        """Draining workers finish in-flight work but must get no new traffic."""
+        with self._lock:
+            self._draining = draining
+
+    def snapshot(self) -> tuple[bool, list[str]]:
+        """(ready, reasons it is not): ready iff both answer and the worker is not draining."""
+        with self._lock:
+            reasons = []
+            if self._broker is not None:
+                reasons.append(f"broker: {self._broker}")
+            if self._database is not None:
+                reasons.append(f"database: {self._database}")
+            if self._draining:
+                reasons.append("draining")
+        return not reasons, reasons
+
+
+async def _failure(check: Callable[[], Awaitable[None]], timeout_s: float) -> str | None:
+    """None if `check` completes in time, else a short reason. Only the exception's type goes
+    into it: messages of connection errors can quote a URL, and a URL can hold a password."""
+    try:
+        await asyncio.wait_for(check(), timeout_s)
+    except TimeoutError:
+        return f"no answer within {timeout_s:g}s"
+    except Exception as exc:
+        return f"check failed ({type(exc).__name__})"
+    return None
+
+
+async def probe_once(
+    health: HealthState,
+    metrics: Metrics,
+    *,
+    check_broker: Callable[[], Awaitable[None]],
+    check_database: Callable[[], Awaitable[None]],
+    timeout_s: float,
+) -> bool:
+    """Check both sides concurrently, record the outcome, and return whether the worker is ready."""
+    was_ready, _ = health.snapshot()
+    broker, database = await asyncio.gather(
+        _failure(check_broker, timeout_s), _failure(check_database, timeout_s)
+    )
+    health.set_broker(broker is None, broker)
+    health.set_database(database is None, database)
+    metrics.broker_connected.set(broker is None)
+    metrics.database_up.set(database is None)
+    ready, reasons = health.snapshot()
+    metrics.ready.set(ready)
+    if ready != was_ready:
+        log.log(
+            logging.INFO if ready else logging.WARNING,
+            "readiness changed",
+            extra={"ready": ready, "reasons": reasons},
+        )
+    return ready
+
+
+async def run_readiness_probe(
+    health: HealthState,
+    metrics: Metrics,
+    *,
+    check_broker: Callable[[], Awaitable[None]],
+    check_database: Callable[[], Awaitable[None]],
+    interval_s: float,
+    timeout_s: float = 2.0,
+) -> None:
+    """Probe every `interval_s` until cancelled. A check that raises or exceeds `timeout_s`
+    marks its side down; it never ends the loop."""
+    while True:
+        await probe_once(
+            health,
+            metrics,
+            check_broker=check_broker,
+            check_database=check_database,
+            timeout_s=timeout_s,
+        )
+        await asyncio.sleep(interval_s)

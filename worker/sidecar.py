@@ -1,0 +1,133 @@
+"""The HTTP sidecar: liveness, readiness and Prometheus metrics.
+
+It runs a stdlib `wsgiref` server with one thread per request, itself in a daemon thread, so
+it never touches the event loop: a probe still gets an answer while the loop is busy or stuck
+(which is when an operator most needs `/metrics`), and a slow scraper cannot stall a command.
+It reads only thread-safe state: `HealthState` snapshots and the prometheus registry.
+
+    GET /healthz  200 {"status": "ok"} while the process is alive
+    GET /readyz   200 {"status": "ready"} or 503 {"status": "not_ready", "reasons": [...]}
+    GET /metrics  Prometheus text exposition of the worker's registry
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+
+from worker.health import HealthState
+
+__all__ = ["HealthState", "Sidecar"]
+
+log = logging.getLogger(__name__)
+
+StartResponse = Callable[..., Any]
+Environ = dict[str, Any]
+WsgiApp = Callable[[Environ, StartResponse], Iterable[bytes]]
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    # Request threads must not keep a stopping worker alive.
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """Access lines go to the JSON logger at debug level instead of wsgiref's stderr prints."""
+
+    # A client that connects and says nothing must not hold a thread for ever.
+    timeout = 10
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug(
+            "sidecar request", extra={"client": self.client_address[0], "line": format % args}
+        )
+
+
+def _json(start_response: StartResponse, status: str, body: dict[str, Any]) -> list[bytes]:
+    payload = json.dumps(body).encode()
+    start_response(
+        status,
+        [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(payload))),
+            ("Cache-Control", "no-store"),
+        ],
+    )
+    return [payload]
+
+
+def _application(registry: CollectorRegistry, health: HealthState) -> WsgiApp:
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path not in ("/healthz", "/readyz", "/metrics"):
+            return _json(start_response, "404 Not Found", {"status": "not_found"})
+        if environ.get("REQUEST_METHOD") != "GET":
+            return _json(start_response, "405 Method Not Allowed", {"status": "method_not_allowed"})
+        if path == "/healthz":
+            return _json(start_response, "200 OK", {"status": "ok"})
+        if path == "/readyz":
+            ready, reasons = health.snapshot()
+            if ready:
+                return _json(start_response, "200 OK", {"status": "ready"})
+            body = {"status": "not_ready", "reasons": reasons}
+            return _json(start_response, "503 Service Unavailable", body)
+        return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+
+    return app
+
+
+class Sidecar:
+    """Serves the three routes from background threads; `start()` binds, `stop()` closes."""
+
+    def __init__(
+        self, host: str, port: int, registry: CollectorRegistry, health: HealthState
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._app = _application(registry, health)
+        self._server: _ThreadingServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> int:
+        """Bind and serve in a daemon thread; returns the bound port (useful with port 0)."""
+        if self._server is not None:
+            raise RuntimeError("sidecar already started")
+        server = make_server(
+            self._host,
+            self._port,
+            self._app,
+            server_class=_ThreadingServer,
+            handler_class=_QuietHandler,
+        )
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.2},
+            name="identity-sidecar",
+            daemon=True,
+        )
+        self._thread.start()
+        port: int = server.server_port
+        log.info("sidecar listening", extra={"host": self._host, "port": port})
+        return port
+
+    def stop(self) -> None:
+        """Stop accepting, close the socket and wait for the serving thread. Blocks briefly
+        (one poll interval), so call it from a thread or at the very end of shutdown."""
+        server, thread = self._server, self._thread
+        self._server = self._thread = None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if thread is not None:
+            thread.join(timeout=5)
