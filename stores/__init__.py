@@ -1,10 +1,14 @@
 """Persistence: the IdentityStore port and its PostgreSQL and in-memory implementations.
 
-This package never imports `services` or `worker`.
+This package never imports `services` or `worker`. Importing it opens no connection: a
+PostgreSQL pool exists only once `PostgresIdentityStore.connect()` is awaited.
 """
 
 from stores.base import EventBatch, IdentityStore, UnitOfWork
 from stores.errors import DuplicateEmailError, DuplicateKeyError, StoreError, TransientStoreError
+from stores.memory import MemoryIdentityStore
+from stores.migrate import migrate
+from stores.postgres import PostgresIdentityStore
 from stores.records import (
     AccountChanges,
     AccountRecord,
@@ -25,8 +29,10 @@ __all__ = [
     "EventBatch",
     "IdempotencyRecord",
     "IdentityStore",
+    "MemoryIdentityStore",
     "NewEvent",
     "PendingEvent",
+    "PostgresIdentityStore",
     "PurgeCounts",
     "SessionRecord",
     "StoreError",
@@ -34,4 +40,5 @@ __all__ = [
     "ThrottleSchedule",
     "TransientStoreError",
     "UnitOfWork",
+    "migrate",
 ]

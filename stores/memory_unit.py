@@ -1,0 +1,195 @@
+"""The in-memory unit of work: reads see the committed tables plus this unit's own writes;
+the writes reach the tables only in `commit()`, so a unit that raises leaves nothing behind.
+
+Constraint checks mirror the PostgreSQL schema: a taken canonical email raises
+DuplicateEmailError, a known idempotency key DuplicateKeyError, and a duplicate primary key,
+duplicate event id or session of an unknown account a plain StoreError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from stores.errors import DuplicateEmailError, DuplicateKeyError, StoreError
+from stores.records import (
+    AccountChanges,
+    AccountRecord,
+    IdempotencyRecord,
+    NewEvent,
+    PendingEvent,
+    SessionRecord,
+)
+
+
+@dataclass
+class OutboxRow:
+    event: PendingEvent
+    published_at: datetime | None = None
+
+
+@dataclass
+class Throttle:
+    failures: int
+    locked_until: datetime | None
+    updated_at: datetime
+
+
+@dataclass
+class Tables:
+    """The committed state of a `MemoryIdentityStore`."""
+
+    accounts: dict[str, AccountRecord] = field(default_factory=dict)
+    emails: dict[str, str] = field(default_factory=dict)  # email_canonical -> account id
+    sessions: dict[str, SessionRecord] = field(default_factory=dict)
+    idempotency: dict[str, IdempotencyRecord] = field(default_factory=dict)
+    outbox: dict[int, OutboxRow] = field(default_factory=dict)
+    event_ids: set[str] = field(default_factory=set)
+    throttle: dict[str, Throttle] = field(default_factory=dict)
+    secrets: dict[str, bytes] = field(default_factory=dict)
+    last_seq: int = 0
+
+
+def as_jsonb(reply: dict[str, Any]) -> dict[str, Any]:
+    """The value a jsonb column gives back: what survives a round trip through JSON."""
+    try:
+        decoded: dict[str, Any] = orjson.loads(orjson.dumps(reply))
+    except orjson.JSONEncodeError as exc:
+        raise StoreError(f"invalid value: {exc}") from exc
+    return decoded
+
+
+class MemoryUnitOfWork:
+    """`UnitOfWork` over `Tables`; `MemoryIdentityStore` serialises units with one lock."""
+
+    def __init__(self, tables: Tables) -> None:
+        self._tables = tables
+        self._accounts: dict[str, AccountRecord] = {}
+        self._new_sessions: dict[str, SessionRecord] = {}
+        self._session_ends: dict[str, tuple[datetime, str]] = {}
+        self._idempotency: dict[str, IdempotencyRecord] = {}
+        self._events: list[NewEvent] = []
+        self._throttle_resets: set[str] = set()
+
+    async def get_account(
+        self, account_id: str, *, for_update: bool = False
+    ) -> AccountRecord | None:
+        return self._accounts.get(account_id) or self._tables.accounts.get(account_id)
+
+    async def insert_account(self, account: AccountRecord) -> None:
+        if await self.get_account(account.id) is not None:
+            raise StoreError("unique constraint accounts_pkey violated")
+        self._check_email_free(account.email_canonical, account.id)
+        self._accounts[account.id] = account
+
+    async def update_account(
+        self, account_id: str, expected_version: int, changes: AccountChanges
+    ) -> AccountRecord | None:
+        current = await self.get_account(account_id)
+        if current is None or current.version != expected_version:
+            return None
+        given = {
+            name: value
+            for name in ("email", "email_canonical", "display_name", "password_hash")
+            if (value := getattr(changes, name)) is not None
+        }
+        updated = replace(
+            current, **given, updated_at=changes.updated_at, version=current.version + 1
+        )
+        self._check_email_free(updated.email_canonical, account_id)
+        self._accounts[account_id] = updated
+        return updated
+
+    def _check_email_free(self, email_canonical: str, account_id: str) -> None:
+        owner = next(
+            (a.id for a in self._accounts.values() if a.email_canonical == email_canonical),
+            None,
+        )
+        if owner is None:
+            committed_owner = self._tables.emails.get(email_canonical)
+            # An owner this unit has changed no longer has that email (it did not match above).
+            if committed_owner not in self._accounts:
+                owner = committed_owner
+        if owner is not None and owner != account_id:
+            raise DuplicateEmailError("the canonical email is taken")
+
+    async def insert_session(self, session: SessionRecord) -> None:
+        if session.id in self._new_sessions or session.id in self._tables.sessions:
+            raise StoreError("unique constraint sessions_pkey violated")
+        if await self.get_account(session.account_id) is None:
+            raise StoreError("foreign key sessions_account_id_fkey violated")
+        self._new_sessions[session.id] = session
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        session = self._new_sessions.get(session_id) or self._tables.sessions.get(session_id)
+        end = self._session_ends.get(session_id)
+        if session is None or end is None:
+            return session
+        return replace(session, ended_at=end[0], end_reason=end[1])
+
+    async def end_session(
+        self, session_id: str, ended_at: datetime, reason: str
+    ) -> SessionRecord | None:
+        session = await self.get_session(session_id)
+        if session is None or session.ended_at is not None:
+            return None
+        self._session_ends[session_id] = (ended_at, reason)
+        return replace(session, ended_at=ended_at, end_reason=reason)
+
+    async def end_all_sessions(
+        self, account_id: str, ended_at: datetime, reason: str
+    ) -> list[SessionRecord]:
+        candidates = {**self._tables.sessions, **self._new_sessions}.values()
+        ended: list[SessionRecord] = []
+        for session in sorted(candidates, key=lambda s: (s.created_at, s.id)):
+            if session.account_id == account_id:
+                record = await self.end_session(session.id, ended_at, reason)
+                if record is not None:
+                    ended.append(record)
+        return ended
+
+    async def reset_signin_failures(self, email_canonical: str) -> None:
+        self._throttle_resets.add(email_canonical)
+
+    async def save_idempotency(self, record: IdempotencyRecord) -> None:
+        if record.key in self._idempotency or record.key in self._tables.idempotency:
+            raise DuplicateKeyError("the idempotency key was committed first")
+        self._idempotency[record.key] = replace(record, reply=as_jsonb(record.reply))
+
+    async def add_events(self, events: Sequence[NewEvent]) -> None:
+        known = self._tables.event_ids.union(e.event_id for e in self._events)
+        for event in events:
+            if event.event_id in known:
+                raise StoreError("unique constraint outbox_event_id_key violated")
+            known.add(event.event_id)
+        self._events.extend(replace(e, body=bytes(e.body)) for e in events)
+
+    def commit(self) -> None:
+        """Apply every write at once (no await: nothing can interleave)."""
+        tables = self._tables
+        for account_id in self._accounts:
+            if (previous := tables.accounts.get(account_id)) is not None:
+                del tables.emails[previous.email_canonical]
+        for account in self._accounts.values():
+            tables.accounts[account.id] = account
+            tables.emails[account.email_canonical] = account.id
+        tables.sessions.update(self._new_sessions)
+        for session_id, (ended_at, reason) in self._session_ends.items():
+            # A purge may have removed the row meanwhile; the end then has nothing to apply to.
+            if (session := tables.sessions.get(session_id)) is not None:
+                ended = replace(session, ended_at=ended_at, end_reason=reason)
+                tables.sessions[session_id] = ended
+        tables.idempotency.update(self._idempotency)
+        for event in self._events:
+            tables.last_seq += 1
+            pending = PendingEvent(
+                tables.last_seq, event.event_id, event.type, event.body, event.created_at
+            )
+            tables.outbox[tables.last_seq] = OutboxRow(pending)
+            tables.event_ids.add(event.event_id)
+        for email_canonical in self._throttle_resets:
+            tables.throttle.pop(email_canonical, None)

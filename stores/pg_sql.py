@@ -1,0 +1,141 @@
+"""Every SQL statement of the PostgreSQL store, as constants.
+
+Column lists are derived from the record dataclasses, so a row maps to a record positionally
+(`AccountRecord(*row)`) and the two can't drift apart. The statements are fixed strings, so
+asyncpg prepares each once per connection and reuses it from its statement cache.
+
+The f-strings only splice in column names taken from the record classes and fixed SQL
+fragments; every value travels as a `$n` parameter.
+"""
+
+# ruff: noqa: S608  (see above: no value is ever formatted into a statement)
+# ruff: noqa: S105  ("secret" here is a column name)
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from stores.records import AccountRecord, IdempotencyRecord, SessionRecord
+
+
+def _columns(record: type, prefix: str = "") -> str:
+    return ", ".join(prefix + field.name for field in fields(record))
+
+
+def _placeholders(record: type) -> str:
+    return ", ".join(f"${n}" for n in range(1, len(fields(record)) + 1))
+
+
+ACCOUNT = _columns(AccountRecord)
+SESSION = _columns(SessionRecord)
+IDEMPOTENCY = _columns(IdempotencyRecord)
+SESSION_FIELD_COUNT = len(fields(SessionRecord))
+
+GET_ACCOUNT = f"SELECT {ACCOUNT} FROM accounts WHERE id = $1"
+GET_ACCOUNT_FOR_UPDATE = GET_ACCOUNT + " FOR UPDATE"
+GET_ACCOUNT_BY_EMAIL = f"SELECT {ACCOUNT} FROM accounts WHERE email_canonical = $1"
+INSERT_ACCOUNT = f"INSERT INTO accounts ({ACCOUNT}) VALUES ({_placeholders(AccountRecord)})"
+UPDATE_ACCOUNT = f"""
+UPDATE accounts SET
+    email = COALESCE($3, email),
+    email_canonical = COALESCE($4, email_canonical),
+    display_name = COALESCE($5, display_name),
+    password_hash = COALESCE($6, password_hash),
+    updated_at = $7,
+    version = version + 1
+WHERE id = $1 AND version = $2
+RETURNING {ACCOUNT}
+"""
+
+INSERT_SESSION = f"INSERT INTO sessions ({SESSION}) VALUES ({_placeholders(SessionRecord)})"
+GET_SESSION = f"SELECT {SESSION} FROM sessions WHERE id = $1"
+GET_SESSION_WITH_ACCOUNT = f"""
+SELECT {_columns(SessionRecord, "s.")}, {_columns(AccountRecord, "a.")}
+FROM sessions s JOIN accounts a ON a.id = s.account_id
+WHERE s.id = $1
+"""
+# Under READ COMMITTED a second writer waits for the first one's row lock, then re-checks
+# `ended_at IS NULL` against the committed row: only one of them ever ends a session.
+END_SESSION = f"""
+UPDATE sessions SET ended_at = $2, end_reason = $3
+WHERE id = $1 AND ended_at IS NULL
+RETURNING {SESSION}
+"""
+END_ALL_SESSIONS = f"""
+WITH ended AS (
+    UPDATE sessions SET ended_at = $2, end_reason = $3
+    WHERE account_id = $1 AND ended_at IS NULL
+    RETURNING {SESSION}
+)
+SELECT {SESSION} FROM ended ORDER BY created_at, id
+"""
+TOUCH_SESSION = "UPDATE sessions SET last_seen_at = $2 WHERE id = $1 AND last_seen_at < $2"
+
+INSERT_IDEMPOTENCY = (
+    f"INSERT INTO idempotency ({IDEMPOTENCY}) VALUES ({_placeholders(IdempotencyRecord)})"
+)
+GET_IDEMPOTENCY = f"SELECT {IDEMPOTENCY} FROM idempotency WHERE key = $1"
+
+INSERT_EVENT = "INSERT INTO outbox (event_id, type, body, created_at) VALUES ($1, $2, $3, $4)"
+# SKIP LOCKED: a row another relay holds is passed over rather than waited for; the row locks
+# last as long as the claiming transaction, i.e. the `async with claim_events(...)` block.
+CLAIM_EVENTS = """
+SELECT seq, event_id, type, body, created_at FROM outbox
+WHERE published_at IS NULL
+ORDER BY seq
+LIMIT $1
+FOR UPDATE SKIP LOCKED
+"""
+MARK_PUBLISHED = """
+UPDATE outbox SET published_at = now()
+WHERE seq = ANY($1::bigint[]) AND published_at IS NULL
+"""
+OUTBOX_BACKLOG = "SELECT count(*), min(created_at) FROM outbox WHERE published_at IS NULL"
+
+
+def _lock_until(failures: str) -> str:
+    """SQL for `ThrottleSchedule.lock_seconds(failures)` applied to `$2` (now), NULL for no
+    lock; $4 = free_failures, $5 = base_delay_s, $6 = max_delay_s."""
+    return (
+        f"CASE WHEN {failures} <= $4::int THEN NULL ELSE $2::timestamptz + make_interval("
+        f"secs => LEAST($5::float8 * power(2::float8, LEAST({failures} - $4::int - 1, 62)),"
+        " $6::float8)) END"
+    )
+
+
+# $3 = now - reset_after_s: a counter untouched since then starts again from one.
+_NEXT_FAILURES = "(CASE WHEN t.updated_at < $3 THEN 1 ELSE t.failures + 1 END)"
+
+# One statement, so the row lock taken by ON CONFLICT makes concurrent reservations count
+# one after the other; the WHERE refuses (returns no row) while a lock is in force.
+RESERVE_SIGNIN = f"""
+INSERT INTO signin_throttle AS t (email_canonical, failures, locked_until, updated_at)
+VALUES ($1, 1, {_lock_until("1")}, $2)
+ON CONFLICT (email_canonical) DO UPDATE SET
+    failures = {_NEXT_FAILURES},
+    locked_until = {_lock_until(_NEXT_FAILURES)},
+    updated_at = $2
+WHERE t.locked_until IS NULL OR t.locked_until <= $2
+RETURNING failures
+"""
+GET_SIGNIN_LOCK = "SELECT failures, locked_until FROM signin_throttle WHERE email_canonical = $1"
+REFUND_SIGNIN = """
+UPDATE signin_throttle SET failures = GREATEST(failures - 1, 0) WHERE email_canonical = $1
+"""
+RESET_SIGNIN = "DELETE FROM signin_throttle WHERE email_canonical = $1"
+
+INSERT_SECRET = """
+INSERT INTO shared_secrets (name, secret) VALUES ($1, $2)
+ON CONFLICT (name) DO NOTHING
+RETURNING secret
+"""
+GET_SECRET = "SELECT secret FROM shared_secrets WHERE name = $1"
+
+PURGE = """
+WITH i AS (DELETE FROM idempotency WHERE created_at < $1 RETURNING 1),
+     o AS (DELETE FROM outbox WHERE published_at IS NOT NULL AND created_at < $2 RETURNING 1),
+     t AS (DELETE FROM signin_throttle WHERE updated_at < $3 RETURNING 1),
+     s AS (DELETE FROM sessions WHERE LEAST(ended_at, expires_at) < $4 RETURNING 1)
+SELECT (SELECT count(*) FROM i), (SELECT count(*) FROM o),
+       (SELECT count(*) FROM t), (SELECT count(*) FROM s)
+"""

@@ -1,0 +1,215 @@
+"""`PostgresIdentityStore`: the IdentityStore port on an asyncpg pool.
+
+A unit of work is one pooled connection and one transaction (see `postgres_unit` for why READ
+COMMITTED suffices). Driver exceptions are translated in `pg_edge`; every operation reports
+its latency to the optional `observe(operation, seconds)` hook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from datetime import datetime, timedelta
+from typing import Any
+
+import asyncpg
+import orjson
+
+from stores import pg_sql as sql
+from stores.errors import StoreError, TransientStoreError
+from stores.pg_edge import Instrument, Observe
+from stores.postgres_unit import (
+    PostgresEventBatch,
+    PostgresUnitOfWork,
+    account_from,
+    idempotency_from,
+)
+from stores.records import (
+    AccountRecord,
+    IdempotencyRecord,
+    PendingEvent,
+    PurgeCounts,
+    SessionRecord,
+    ThrottleDecision,
+    ThrottleSchedule,
+)
+
+# A refused reservation re-reads the lock; if a sign-in reset it in between, reserve again.
+_RESERVE_ATTEMPTS = 3
+
+
+async def configure_connection(conn: Any) -> None:
+    """Per-connection setup (pass as the pool's `init`): jsonb as dicts, through orjson."""
+    await conn.set_type_codec(
+        "jsonb",
+        schema="pg_catalog",
+        encoder=lambda value: orjson.dumps(value).decode(),
+        decoder=orjson.loads,
+    )
+
+
+class PostgresIdentityStore:
+    """The store on `pool`, which must run `configure_connection` on every connection
+    (`connect()` builds such a pool)."""
+
+    def __init__(self, pool: Any, *, observe: Observe | None = None) -> None:
+        self._pool = pool
+        self._timed = Instrument(observe)
+
+    @classmethod
+    async def connect(
+        cls,
+        dsn: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        command_timeout: float = 10,
+        observe: Observe | None = None,
+    ) -> PostgresIdentityStore:
+        with Instrument(observe)("connect"):
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=min_size,
+                max_size=max_size,
+                command_timeout=command_timeout,
+                init=configure_connection,
+            )
+        return cls(pool, observe=observe)
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Any]:
+        """A connection in a transaction: committed when the block exits normally, rolled
+        back when it raises (the block's own exception is what propagates)."""
+        with self._timed("acquire"):
+            conn = await self._pool.acquire()
+        try:
+            transaction = conn.transaction()
+            with self._timed("begin"):
+                await transaction.start()
+            try:
+                yield conn
+            except BaseException:
+                # A failed rollback means a dead connection; the pool discards it on release.
+                with suppress(StoreError), self._timed("rollback"):
+                    await transaction.rollback()
+                raise
+            with self._timed("commit"):
+                await transaction.commit()
+        finally:
+            await self._pool.release(conn)
+
+    @asynccontextmanager
+    async def unit_of_work(self) -> AsyncIterator[PostgresUnitOfWork]:
+        async with self._transaction() as conn:
+            yield PostgresUnitOfWork(conn, self._timed)
+
+    async def get_account(self, account_id: str) -> AccountRecord | None:
+        with self._timed("get_account"):
+            return account_from(await self._pool.fetchrow(sql.GET_ACCOUNT, account_id))
+
+    async def get_account_by_email(self, email_canonical: str) -> AccountRecord | None:
+        with self._timed("get_account_by_email"):
+            row = await self._pool.fetchrow(sql.GET_ACCOUNT_BY_EMAIL, email_canonical)
+        return account_from(row)
+
+    async def get_session_with_account(
+        self, session_id: str
+    ) -> tuple[SessionRecord, AccountRecord] | None:
+        with self._timed("get_session_with_account"):
+            row = await self._pool.fetchrow(sql.GET_SESSION_WITH_ACCOUNT, session_id)
+        if row is None:
+            return None
+        values = tuple(row)
+        split = sql.SESSION_FIELD_COUNT
+        return SessionRecord(*values[:split]), AccountRecord(*values[split:])
+
+    async def touch_session(self, session_id: str, seen_at: datetime) -> None:
+        with self._timed("touch_session"):
+            await self._pool.execute(sql.TOUCH_SESSION, session_id, seen_at)
+
+    async def get_idempotency(self, key: str) -> IdempotencyRecord | None:
+        with self._timed("get_idempotency"):
+            return idempotency_from(await self._pool.fetchrow(sql.GET_IDEMPOTENCY, key))
+
+    async def reserve_signin_attempt(
+        self, email_canonical: str, now: datetime, schedule: ThrottleSchedule
+    ) -> ThrottleDecision:
+        with self._timed("reserve_signin_attempt"):
+            for _ in range(_RESERVE_ATTEMPTS):
+                decision = await self._try_reserve(email_canonical, now, schedule)
+                if decision is not None:
+                    return decision
+        raise TransientStoreError("the sign-in throttle kept changing under the reservation")
+
+    async def _try_reserve(
+        self, email_canonical: str, now: datetime, schedule: ThrottleSchedule
+    ) -> ThrottleDecision | None:
+        failures = await self._pool.fetchval(
+            sql.RESERVE_SIGNIN,
+            email_canonical,
+            now,
+            now - timedelta(seconds=schedule.reset_after_s),
+            schedule.free_failures,
+            schedule.base_delay_s,
+            schedule.max_delay_s,
+        )
+        if failures is not None:
+            return ThrottleDecision(allowed=True, failures=failures)
+        row = await self._pool.fetchrow(sql.GET_SIGNIN_LOCK, email_canonical)
+        if row is None or row["locked_until"] is None or row["locked_until"] <= now:
+            return None
+        retry_after = (row["locked_until"] - now).total_seconds()
+        return ThrottleDecision(allowed=False, failures=row["failures"], retry_after_s=retry_after)
+
+    async def refund_signin_attempt(self, email_canonical: str) -> None:
+        with self._timed("refund_signin_attempt"):
+            await self._pool.execute(sql.REFUND_SIGNIN, email_canonical)
+
+    @asynccontextmanager
+    async def claim_events(self, limit: int) -> AsyncIterator[PostgresEventBatch]:
+        async with self._transaction() as conn:
+            with self._timed("claim_events"):
+                rows = await conn.fetch(sql.CLAIM_EVENTS, limit)
+            batch = PostgresEventBatch([PendingEvent(*row) for row in rows])
+            yield batch
+            if batch.marked:
+                with self._timed("mark_published"):
+                    await conn.execute(sql.MARK_PUBLISHED, batch.marked)
+
+    async def outbox_backlog(self, now: datetime) -> tuple[int, float]:
+        with self._timed("outbox_backlog"):
+            row = await self._pool.fetchrow(sql.OUTBOX_BACKLOG)
+        count, oldest = row[0], row[1]
+        age = 0.0 if oldest is None else max(0.0, (now - oldest).total_seconds())
+        return int(count), age
+
+    async def purge(
+        self,
+        *,
+        idempotency_before: datetime,
+        outbox_before: datetime,
+        throttle_before: datetime,
+        sessions_before: datetime,
+    ) -> PurgeCounts:
+        with self._timed("purge"):
+            row = await self._pool.fetchrow(
+                sql.PURGE, idempotency_before, outbox_before, throttle_before, sessions_before
+            )
+        return PurgeCounts(idempotency=row[0], outbox=row[1], throttle=row[2], sessions=row[3])
+
+    async def shared_secret(self, name: str, candidate: bytes) -> bytes:
+        # Two statements, not one: a statement's snapshot predates a row that a concurrent
+        # INSERT ... ON CONFLICT DO NOTHING waited for, so only a fresh SELECT can see it.
+        with self._timed("shared_secret"):
+            stored = await self._pool.fetchval(sql.INSERT_SECRET, name, bytes(candidate))
+            if stored is None:
+                stored = await self._pool.fetchval(sql.GET_SECRET, name)
+        return bytes(stored)
+
+    async def ping(self) -> None:
+        with self._timed("ping"):
+            await self._pool.fetchval("SELECT 1")
+
+    async def close(self) -> None:
+        with self._timed("close"):
+            await self._pool.close()

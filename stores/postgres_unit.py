@@ -1,0 +1,140 @@
+"""The PostgreSQL unit of work and outbox batch: statements on one connection inside one
+transaction, opened and closed by `PostgresIdentityStore`.
+
+READ COMMITTED is enough for what the port promises, because every guarantee rests on a row
+lock or a unique constraint rather than on a snapshot: `update_account` is a compare-and-set
+on `version` in one UPDATE (a concurrent writer waits for the row lock, then re-checks the
+version against the committed row); `end_session(s)` re-checks `ended_at IS NULL` the same
+way; duplicate emails and idempotency keys are stopped by unique indexes, which wait for the
+other transaction and fail if it commits; callers that read-modify-write take
+`get_account(for_update=True)`. Nothing needs SERIALIZABLE's retries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import astuple
+from datetime import datetime
+from typing import Any
+
+from stores import pg_sql as sql
+from stores.pg_edge import Instrument
+from stores.records import (
+    AccountChanges,
+    AccountRecord,
+    IdempotencyRecord,
+    NewEvent,
+    PendingEvent,
+    SessionRecord,
+)
+
+
+def account_from(row: Any) -> AccountRecord | None:
+    return None if row is None else AccountRecord(*row)
+
+
+def session_from(row: Any) -> SessionRecord | None:
+    return None if row is None else SessionRecord(*row)
+
+
+def idempotency_from(row: Any) -> IdempotencyRecord | None:
+    return None if row is None else IdempotencyRecord(*row)
+
+
+class PostgresUnitOfWork:
+    """`UnitOfWork` on a connection whose transaction the store opened."""
+
+    __slots__ = ("_conn", "_timed")
+
+    def __init__(self, conn: Any, timed: Instrument) -> None:
+        self._conn = conn
+        self._timed = timed
+
+    async def get_account(
+        self, account_id: str, *, for_update: bool = False
+    ) -> AccountRecord | None:
+        statement = sql.GET_ACCOUNT_FOR_UPDATE if for_update else sql.GET_ACCOUNT
+        with self._timed("uow.get_account"):
+            return account_from(await self._conn.fetchrow(statement, account_id))
+
+    async def insert_account(self, account: AccountRecord) -> None:
+        with self._timed("uow.insert_account"):
+            await self._conn.execute(sql.INSERT_ACCOUNT, *astuple(account))
+
+    async def update_account(
+        self, account_id: str, expected_version: int, changes: AccountChanges
+    ) -> AccountRecord | None:
+        with self._timed("uow.update_account"):
+            row = await self._conn.fetchrow(
+                sql.UPDATE_ACCOUNT,
+                account_id,
+                expected_version,
+                changes.email,
+                changes.email_canonical,
+                changes.display_name,
+                changes.password_hash,
+                changes.updated_at,
+            )
+        return account_from(row)
+
+    async def insert_session(self, session: SessionRecord) -> None:
+        with self._timed("uow.insert_session"):
+            await self._conn.execute(sql.INSERT_SESSION, *astuple(session))
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        with self._timed("uow.get_session"):
+            return session_from(await self._conn.fetchrow(sql.GET_SESSION, session_id))
+
+    async def end_session(
+        self, session_id: str, ended_at: datetime, reason: str
+    ) -> SessionRecord | None:
+        with self._timed("uow.end_session"):
+            row = await self._conn.fetchrow(sql.END_SESSION, session_id, ended_at, reason)
+        return session_from(row)
+
+    async def end_all_sessions(
+        self, account_id: str, ended_at: datetime, reason: str
+    ) -> list[SessionRecord]:
+        with self._timed("uow.end_all_sessions"):
+            rows = await self._conn.fetch(sql.END_ALL_SESSIONS, account_id, ended_at, reason)
+        return [SessionRecord(*row) for row in rows]
+
+    async def reset_signin_failures(self, email_canonical: str) -> None:
+        with self._timed("uow.reset_signin_failures"):
+            await self._conn.execute(sql.RESET_SIGNIN, email_canonical)
+
+    async def save_idempotency(self, record: IdempotencyRecord) -> None:
+        with self._timed("uow.save_idempotency"):
+            await self._conn.execute(sql.INSERT_IDEMPOTENCY, *astuple(record))
+
+    async def add_events(self, events: Sequence[NewEvent]) -> None:
+        if not events:
+            return
+        with self._timed("uow.add_events"):
+            await self._conn.executemany(
+                sql.INSERT_EVENT,
+                [(e.event_id, e.type, bytes(e.body), e.created_at) for e in events],
+            )
+
+
+class PostgresEventBatch:
+    """`EventBatch` over rows locked by the store's claiming transaction."""
+
+    __slots__ = ("_events", "_marked")
+
+    def __init__(self, events: Sequence[PendingEvent]) -> None:
+        self._events = tuple(events)
+        self._marked: set[int] = set()
+
+    @property
+    def events(self) -> Sequence[PendingEvent]:
+        return self._events
+
+    def mark_published(self, seqs: Sequence[int]) -> None:
+        self._marked.update(seqs)
+
+    @property
+    def marked(self) -> list[int]:
+        """The claimed seqs marked published (others are ignored: this batch holds no lock
+        on them)."""
+        return sorted(self._marked.intersection(e.seq for e in self._events))

@@ -1,0 +1,568 @@
+"""What every IdentityStore promises, checked on the in-memory store and on PostgreSQL alike.
+
+The outbox is one queue for the whole database, so outbox tests first publish whatever
+earlier tests left unpublished (`drain`); every other test uses its own ids and emails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from datetime import timedelta
+
+import pytest
+
+from stores import (
+    AccountChanges,
+    DuplicateEmailError,
+    DuplicateKeyError,
+    IdentityStore,
+    StoreError,
+    ThrottleSchedule,
+    TransientStoreError,
+)
+from tests.contract.builders import T0, account, event, idempotency, session, unique
+
+SCHEDULE = ThrottleSchedule(free_failures=3, base_delay_s=2.0, max_delay_s=10.0, reset_after_s=3600)
+
+
+class Boom(Exception):
+    """Raised inside a unit of work to make it roll back."""
+
+
+async def drain(store: IdentityStore) -> None:
+    while True:
+        async with store.claim_events(100) as batch:
+            batch.mark_published([e.seq for e in batch.events])
+        if not batch.events:
+            return
+
+
+async def commit_account(store: IdentityStore, **overrides: object) -> str:
+    record = account(**overrides)
+    async with store.unit_of_work() as uow:
+        await uow.insert_account(record)
+    return record.id
+
+
+# Accounts
+
+
+async def test_inserted_account_is_found_by_id_and_by_canonical_email(store: IdentityStore) -> None:
+    record = account()
+    async with store.unit_of_work() as uow:
+        await uow.insert_account(record)
+        assert await uow.get_account(record.id) == record
+
+    assert await store.get_account(record.id) == record
+    assert await store.get_account_by_email(record.email_canonical) == record
+
+
+async def test_unknown_account_is_none(store: IdentityStore) -> None:
+    assert await store.get_account(unique("acct")) is None
+    assert await store.get_account_by_email(unique("nobody") + "@example.com") is None
+
+
+async def test_uncommitted_account_is_invisible_outside_its_unit(store: IdentityStore) -> None:
+    record = account()
+    async with store.unit_of_work() as uow:
+        await uow.insert_account(record)
+        assert await store.get_account(record.id) is None
+    assert await store.get_account(record.id) == record
+
+
+async def test_taken_canonical_email_is_rejected(store: IdentityStore) -> None:
+    first = account()
+    async with store.unit_of_work() as uow:
+        await uow.insert_account(first)
+    with pytest.raises(DuplicateEmailError):
+        async with store.unit_of_work() as uow:
+            await uow.insert_account(account(email_canonical=first.email_canonical))
+    owner = await store.get_account_by_email(first.email_canonical)
+    assert owner is not None
+    assert owner.id == first.id
+
+
+async def test_store_compares_canonical_emails_exactly(store: IdentityStore) -> None:
+    lower = account()
+    upper = account(email_canonical=lower.email_canonical.upper())
+    async with store.unit_of_work() as uow:
+        await uow.insert_account(lower)
+        await uow.insert_account(upper)
+    assert await store.get_account_by_email(upper.email_canonical) == upper
+
+
+async def test_duplicate_account_id_is_rejected(store: IdentityStore) -> None:
+    account_id = await commit_account(store)
+    with pytest.raises(StoreError):
+        async with store.unit_of_work() as uow:
+            await uow.insert_account(account(id=account_id))
+
+
+async def test_update_at_expected_version_applies_changes_and_bumps_version(
+    store: IdentityStore,
+) -> None:
+    record = account()
+    async with store.unit_of_work() as uow:
+        await uow.insert_account(record)
+    later = T0 + timedelta(minutes=5)
+    changes = AccountChanges(updated_at=later, display_name="Grace")
+    async with store.unit_of_work() as uow:
+        locked = await uow.get_account(record.id, for_update=True)
+        assert locked == record
+        updated = await uow.update_account(record.id, 1, changes)
+
+    expected = replace(record, display_name="Grace", updated_at=later, version=2)
+    assert updated == expected
+    assert await store.get_account(record.id) == expected
+
+
+async def test_update_at_stale_version_changes_nothing(store: IdentityStore) -> None:
+    record = account()
+    async with store.unit_of_work() as uow:
+        await uow.insert_account(record)
+    changes = AccountChanges(updated_at=T0 + timedelta(minutes=5), display_name="Grace")
+    async with store.unit_of_work() as uow:
+        assert await uow.update_account(record.id, 2, changes) is None
+        assert await uow.update_account(unique("acct"), 1, changes) is None
+    assert await store.get_account(record.id) == record
+
+
+async def test_update_to_a_taken_email_is_rejected(store: IdentityStore) -> None:
+    taken, mover = account(), account()
+    async with store.unit_of_work() as uow:
+        await uow.insert_account(taken)
+        await uow.insert_account(mover)
+    changes = AccountChanges(updated_at=T0, email_canonical=taken.email_canonical)
+    with pytest.raises(DuplicateEmailError):
+        async with store.unit_of_work() as uow:
+            await uow.update_account(mover.id, 1, changes)
+    assert await store.get_account(mover.id) == mover
+
+
+async def test_email_given_up_by_an_update_can_be_taken(store: IdentityStore) -> None:
+    mover = account()
+    async with store.unit_of_work() as uow:
+        await uow.insert_account(mover)
+    new_email = unique("moved") + "@example.com"
+    changes = AccountChanges(updated_at=T0, email=new_email, email_canonical=new_email)
+    async with store.unit_of_work() as uow:
+        await uow.update_account(mover.id, 1, changes)
+    newcomer = account(email_canonical=mover.email_canonical)
+    async with store.unit_of_work() as uow:
+        await uow.insert_account(newcomer)
+    assert await store.get_account_by_email(mover.email_canonical) == newcomer
+    moved = await store.get_account_by_email(new_email)
+    assert moved is not None
+    assert moved.id == mover.id
+
+
+# Sessions
+
+
+async def test_session_comes_back_with_its_account_in_one_lookup(store: IdentityStore) -> None:
+    owner = account()
+    record = session(owner.id)
+    async with store.unit_of_work() as uow:
+        await uow.insert_account(owner)
+        await uow.insert_session(record)
+        assert await uow.get_session(record.id) == record
+    assert await store.get_session_with_account(record.id) == (record, owner)
+    assert await store.get_session_with_account(unique("ses")) is None
+
+
+async def test_session_of_an_unknown_account_is_rejected(store: IdentityStore) -> None:
+    with pytest.raises(StoreError):
+        async with store.unit_of_work() as uow:
+            await uow.insert_session(session(unique("acct")))
+
+
+async def test_ending_a_session_returns_it_only_the_first_time(store: IdentityStore) -> None:
+    record = session(await commit_account(store))
+    async with store.unit_of_work() as uow:
+        await uow.insert_session(record)
+    ended_at = T0 + timedelta(hours=1)
+    async with store.unit_of_work() as uow:
+        ended = await uow.end_session(record.id, ended_at, "sign_out")
+        assert await uow.end_session(record.id, ended_at, "sign_out") is None
+        assert await uow.end_session(unique("ses"), ended_at, "sign_out") is None
+    async with store.unit_of_work() as uow:
+        assert await uow.end_session(record.id, ended_at, "sign_out") is None
+
+    assert ended == replace(record, ended_at=ended_at, end_reason="sign_out")
+    found = await store.get_session_with_account(record.id)
+    assert found is not None
+    assert found[0] == ended
+
+
+async def test_ending_all_sessions_returns_only_those_ended_now(store: IdentityStore) -> None:
+    account_id, other_id = await commit_account(store), await commit_account(store)
+    earlier, open_a, open_b = (
+        session(account_id, created_at=T0 + timedelta(seconds=n)) for n in range(3)
+    )
+    other = session(other_id)
+    async with store.unit_of_work() as uow:
+        for record in (earlier, open_a, open_b, other):
+            await uow.insert_session(record)
+        await uow.end_session(earlier.id, T0, "sign_out")
+    now = T0 + timedelta(hours=1)
+    async with store.unit_of_work() as uow:
+        ended = await uow.end_all_sessions(account_id, now, "sign_out_everywhere")
+    async with store.unit_of_work() as uow:
+        assert await uow.end_all_sessions(account_id, now, "sign_out_everywhere") == []
+        assert await uow.get_session(other.id) == other
+        still_first = await uow.get_session(earlier.id)
+
+    assert [s.id for s in ended] == [open_a.id, open_b.id]
+    assert all(s.ended_at == now and s.end_reason == "sign_out_everywhere" for s in ended)
+    assert still_first is not None
+    assert still_first.end_reason == "sign_out"
+
+
+async def test_touch_moves_last_seen_forward_never_backward(store: IdentityStore) -> None:
+    record = session(await commit_account(store))
+    async with store.unit_of_work() as uow:
+        await uow.insert_session(record)
+    await store.touch_session(record.id, T0 + timedelta(minutes=10))
+    await store.touch_session(record.id, T0 + timedelta(minutes=5))
+    await store.touch_session(unique("ses"), T0)
+    found = await store.get_session_with_account(record.id)
+    assert found is not None
+    assert found[0].last_seen_at == T0 + timedelta(minutes=10)
+
+
+# Idempotency and rollback
+
+
+async def test_idempotency_record_round_trips_its_reply(store: IdentityStore) -> None:
+    record = idempotency()
+    async with store.unit_of_work() as uow:
+        await uow.save_idempotency(record)
+    assert await store.get_idempotency(record.key) == record
+    assert await store.get_idempotency(unique("key")) is None
+
+
+async def test_reused_idempotency_key_is_rejected(store: IdentityStore) -> None:
+    record = idempotency()
+    async with store.unit_of_work() as uow:
+        await uow.save_idempotency(record)
+    with pytest.raises(DuplicateKeyError):
+        async with store.unit_of_work() as uow:
+            await uow.save_idempotency(replace(record, fingerprint="other"))
+    assert await store.get_idempotency(record.key) == record
+
+
+async def test_racing_units_with_one_key_commit_exactly_once(store: IdentityStore) -> None:
+    key = unique("key")
+
+    async def attempt(n: int) -> str:
+        async with store.unit_of_work() as uow:
+            await uow.save_idempotency(idempotency(key=key, fingerprint=str(n)))
+        return str(n)
+
+    results = await asyncio.gather(*(attempt(n) for n in range(2)), return_exceptions=True)
+    winners = [r for r in results if isinstance(r, str)]
+    assert len(winners) == 1
+    assert [type(r) for r in results if not isinstance(r, str)] == [DuplicateKeyError]
+    stored = await store.get_idempotency(key)
+    assert stored is not None
+    assert stored.fingerprint == winners[0]
+
+
+async def test_unit_that_raises_leaves_nothing_behind(store: IdentityStore) -> None:
+    await drain(store)
+    record, key, new_event = account(), idempotency(), event()
+
+    async def doomed() -> None:
+        async with store.unit_of_work() as uow:
+            await uow.insert_account(record)
+            await uow.save_idempotency(key)
+            await uow.add_events([new_event])
+            raise Boom
+
+    with pytest.raises(Boom):
+        await doomed()
+
+    assert await store.get_account(record.id) is None
+    assert await store.get_account_by_email(record.email_canonical) is None
+    assert await store.get_idempotency(key.key) is None
+    assert await store.outbox_backlog(T0) == (0, 0.0)
+    async with store.unit_of_work() as uow:  # the email and the key are free again
+        await uow.insert_account(replace(record, id=unique("acct")))
+        await uow.save_idempotency(key)
+
+
+async def test_unit_that_raises_ends_no_session(store: IdentityStore) -> None:
+    record = session(await commit_account(store))
+    async with store.unit_of_work() as uow:
+        await uow.insert_session(record)
+
+    async def doomed() -> None:
+        async with store.unit_of_work() as uow:
+            await uow.end_all_sessions(record.account_id, T0, "password_changed")
+            raise Boom
+
+    with pytest.raises(Boom):
+        await doomed()
+    async with store.unit_of_work() as uow:
+        assert await uow.get_session(record.id) == record
+
+
+# Outbox
+
+
+async def add_events(store: IdentityStore, count: int) -> list[str]:
+    events = [event(created_at=T0 + timedelta(seconds=n)) for n in range(count)]
+    async with store.unit_of_work() as uow:
+        await uow.add_events(events)
+    return [e.event_id for e in events]
+
+
+async def test_events_are_claimed_oldest_first_until_published(store: IdentityStore) -> None:
+    await drain(store)
+    new_events = [event(), event(type="session.started")]
+    async with store.unit_of_work() as uow:
+        await uow.add_events(new_events)
+    async with store.claim_events(10) as batch:
+        claimed = list(batch.events)
+        batch.mark_published([e.seq for e in claimed])
+    async with store.claim_events(10) as batch:
+        assert list(batch.events) == []
+
+    assert [(e.event_id, e.type, e.body, e.created_at) for e in claimed] == [
+        (e.event_id, e.type, e.body, e.created_at) for e in new_events
+    ]
+    assert claimed[0].seq < claimed[1].seq
+
+
+async def test_events_left_unmarked_are_claimed_again(store: IdentityStore) -> None:
+    await drain(store)
+    ids = await add_events(store, 3)
+    async with store.claim_events(10) as batch:
+        batch.mark_published([batch.events[1].seq])
+    async with store.claim_events(10) as batch:
+        assert [e.event_id for e in batch.events] == [ids[0], ids[2]]
+
+
+async def test_batch_that_raises_publishes_nothing(store: IdentityStore) -> None:
+    await drain(store)
+    ids = await add_events(store, 2)
+
+    async def doomed() -> None:
+        async with store.claim_events(10) as batch:
+            batch.mark_published([e.seq for e in batch.events])
+            raise Boom
+
+    with pytest.raises(Boom):
+        await doomed()
+    async with store.claim_events(10) as batch:
+        assert [e.event_id for e in batch.events] == ids
+
+
+async def test_concurrent_batches_never_claim_the_same_row(store: IdentityStore) -> None:
+    await drain(store)
+    ids = await add_events(store, 10)
+    async with store.claim_events(4) as first, store.claim_events(10) as second:
+        first_ids = [e.event_id for e in first.events]
+        second_ids = [e.event_id for e in second.events]
+    assert first_ids == ids[:4]
+    assert second_ids == ids[4:]
+
+
+async def test_events_of_an_open_unit_are_not_claimable(store: IdentityStore) -> None:
+    await drain(store)
+    async with store.unit_of_work() as uow:
+        await uow.add_events([event()])
+        async with store.claim_events(10) as batch:
+            assert list(batch.events) == []
+    async with store.claim_events(10) as batch:
+        assert len(batch.events) == 1
+
+
+async def test_duplicate_event_id_is_rejected(store: IdentityStore) -> None:
+    first = event()
+    async with store.unit_of_work() as uow:
+        await uow.add_events([first])
+    with pytest.raises(StoreError):
+        async with store.unit_of_work() as uow:
+            await uow.add_events([event(event_id=first.event_id)])
+
+
+async def test_backlog_counts_unpublished_rows_and_the_oldest_age(store: IdentityStore) -> None:
+    await drain(store)
+    assert await store.outbox_backlog(T0) == (0, 0.0)
+    await add_events(store, 3)
+    async with store.claim_events(1) as batch:
+        batch.mark_published([batch.events[0].seq])
+    assert await store.outbox_backlog(T0 + timedelta(seconds=61)) == (2, 60.0)
+
+
+# Sign-in throttle
+
+
+async def reserve(store: IdentityStore, email: str, seconds: float = 0) -> tuple[bool, int, float]:
+    decision = await store.reserve_signin_attempt(email, T0 + timedelta(seconds=seconds), SCHEDULE)
+    return decision.allowed, decision.failures, decision.retry_after_s
+
+
+async def test_free_failures_pass_then_the_next_attempt_locks(store: IdentityStore) -> None:
+    email = unique("throttled")
+    results = [await reserve(store, email) for _ in range(5)]
+    assert results == [
+        (True, 1, 0.0),
+        (True, 2, 0.0),
+        (True, 3, 0.0),
+        (True, 4, 0.0),  # counted up front: the fourth failure locks the account for 2s
+        (False, 4, 2.0),
+    ]
+
+
+async def test_lock_doubles_up_to_the_maximum_and_expires(store: IdentityStore) -> None:
+    email = unique("throttled")
+    for _ in range(4):
+        await reserve(store, email)
+    now, locks = 0.0, []
+    for _ in range(4):
+        refused = await reserve(store, email, now)
+        now += refused[2]
+        locks.append(refused)
+        assert (await reserve(store, email, now))[0]
+    assert locks == [(False, 4, 2.0), (False, 5, 4.0), (False, 6, 8.0), (False, 7, 10.0)]
+
+
+async def test_refused_attempt_reports_the_remaining_lock(store: IdentityStore) -> None:
+    email = unique("throttled")
+    for _ in range(4):
+        await reserve(store, email)
+    assert await reserve(store, email, 0.5) == (False, 4, 1.5)
+    assert await reserve(store, email, 2.0) == (True, 5, 0.0)
+
+
+async def test_counter_restarts_only_when_older_than_reset_after(store: IdentityStore) -> None:
+    email, other = unique("throttled"), unique("throttled")
+    await reserve(store, email)
+    await reserve(store, other)
+    assert await reserve(store, email, 3600) == (True, 2, 0.0)
+    assert await reserve(store, other, 3600.001) == (True, 1, 0.0)
+
+
+async def test_concurrent_reservations_are_counted_once_each(store: IdentityStore) -> None:
+    email = unique("throttled")
+    lenient = replace(SCHEDULE, free_failures=100)
+    decisions = await asyncio.gather(
+        *(store.reserve_signin_attempt(email, T0, lenient) for _ in range(20))
+    )
+    assert all(d.allowed for d in decisions)
+    assert sorted(d.failures for d in decisions) == list(range(1, 21))
+
+
+async def test_concurrent_reservations_cannot_race_past_the_lock(store: IdentityStore) -> None:
+    email = unique("throttled")
+    decisions = await asyncio.gather(
+        *(store.reserve_signin_attempt(email, T0, SCHEDULE) for _ in range(20))
+    )
+    allowed = sorted(d.failures for d in decisions if d.allowed)
+    refused = [(d.failures, d.retry_after_s) for d in decisions if not d.allowed]
+    assert allowed == [1, 2, 3, 4]
+    assert refused == [(4, 2.0)] * 16
+
+
+async def test_refund_uncounts_one_reserved_attempt(store: IdentityStore) -> None:
+    email = unique("throttled")
+    await reserve(store, email)
+    await reserve(store, email)
+    await store.refund_signin_attempt(email)
+    assert await reserve(store, email) == (True, 2, 0.0)
+    for _ in range(3):
+        await store.refund_signin_attempt(email)
+    await store.refund_signin_attempt(unique("never_seen"))
+    assert await reserve(store, email) == (True, 1, 0.0)
+
+
+async def test_successful_sign_in_forgets_failures_and_lock(store: IdentityStore) -> None:
+    email = unique("throttled")
+    for _ in range(4):
+        await reserve(store, email)
+    async with store.unit_of_work() as uow:
+        await uow.reset_signin_failures(email)
+    assert await reserve(store, email) == (True, 1, 0.0)
+
+
+async def test_reset_in_a_unit_that_raises_forgets_nothing(store: IdentityStore) -> None:
+    email = unique("throttled")
+    await reserve(store, email)
+
+    async def doomed() -> None:
+        async with store.unit_of_work() as uow:
+            await uow.reset_signin_failures(email)
+            raise Boom
+
+    with pytest.raises(Boom):
+        await doomed()
+    assert await reserve(store, email) == (True, 2, 0.0)
+
+
+# Purge, shared secrets, health
+
+
+async def test_purge_deletes_only_what_is_old_enough(store: IdentityStore) -> None:
+    cutoff = T0 - timedelta(days=1)
+    old, young = T0 - timedelta(days=2), T0
+    owner = await commit_account(store)
+    old_key, young_key = idempotency(created_at=old), idempotency(created_at=young)
+    expired = session(owner, created_at=old, last_seen_at=old, expires_at=old)
+    ended = session(owner, expires_at=T0 + timedelta(days=9))
+    live = session(owner, created_at=old, last_seen_at=old)
+    await drain(store)
+    async with store.unit_of_work() as uow:
+        await uow.save_idempotency(old_key)
+        await uow.save_idempotency(young_key)
+        for record in (expired, ended, live):
+            await uow.insert_session(record)
+        await uow.end_session(ended.id, old, "sign_out")
+        await uow.add_events(
+            [event(created_at=old), event(created_at=old), event(created_at=young)]
+        )
+    async with store.claim_events(2) as batch:
+        batch.mark_published([batch.events[0].seq])
+    stale_email, fresh_email = unique("throttled"), unique("throttled")
+    await store.reserve_signin_attempt(stale_email, old, SCHEDULE)
+    await store.reserve_signin_attempt(fresh_email, young, SCHEDULE)
+
+    counts = await store.purge(
+        idempotency_before=cutoff,
+        outbox_before=cutoff,
+        throttle_before=cutoff,
+        sessions_before=cutoff,
+    )
+
+    assert (counts.idempotency, counts.outbox, counts.throttle, counts.sessions) >= (1, 1, 1, 2)
+    assert await store.get_idempotency(old_key.key) is None
+    assert await store.get_idempotency(young_key.key) == young_key
+    assert await store.get_session_with_account(expired.id) is None
+    assert await store.get_session_with_account(ended.id) is None
+    assert await store.get_session_with_account(live.id) is not None
+    assert await store.outbox_backlog(young) == (2, 2 * 86400.0)
+    assert (await store.reserve_signin_attempt(stale_email, young, SCHEDULE)).failures == 1
+    assert (await store.reserve_signin_attempt(fresh_email, young, SCHEDULE)).failures == 2
+
+
+async def test_shared_secret_keeps_the_first_writers_value(store: IdentityStore) -> None:
+    name = unique("signing")
+    assert await store.shared_secret(name, b"first") == b"first"
+    assert await store.shared_secret(name, b"second") == b"first"
+
+
+async def test_racing_writers_of_a_shared_secret_agree(store: IdentityStore) -> None:
+    name = unique("signing")
+    candidates = [bytes([n]) * 32 for n in range(10)]
+    secrets = await asyncio.gather(*(store.shared_secret(name, c) for c in candidates))
+    assert len(set(secrets)) == 1
+    assert secrets[0] in candidates
+
+
+async def test_ping_answers_until_the_store_is_closed(store: IdentityStore) -> None:
+    await store.ping()
+    await store.close()
+    with pytest.raises(TransientStoreError):
+        await store.ping()
