@@ -201,12 +201,18 @@ class HashingPool:
                 self._pending -= 1
 
     async def _run(self, operation: str | None, work: Callable[[], _T]) -> _T:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         with self._lock:
             self._pending += 1
-        started = time.perf_counter()
         try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, self._counted, work)
+            future = loop.run_in_executor(self._executor, self._counted, work)
+        except BaseException:  # e.g. submitted after close(): the work will never run
+            with self._lock:
+                self._pending -= 1
+            raise
+        try:
+            return await future
         finally:
             if operation is not None:
                 self._report(operation, time.perf_counter() - started)
