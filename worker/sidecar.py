@@ -37,6 +37,11 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
     # Request threads must not keep a stopping worker alive.
     daemon_threads = True
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver prints these (mostly clients hanging up early) to stderr, outside the
+        # JSON log stream.
+        log.debug("sidecar connection error", exc_info=True)
+
 
 class _QuietHandler(WSGIRequestHandler):
     """Access lines go to the JSON logger at debug level instead of wsgiref's stderr prints."""
