@@ -1,1 +1,47 @@
-"""Client library for the identity worker."""
+"""Client library for the identity worker: typed commands and event subscription.
+
+It depends on `messages` (the contract models) and aio-pika only, so other services can use
+it without the worker's own code.
+"""
+
+from client.client import IdentityClient
+from client.errors import (
+    EmailTaken,
+    IdempotencyKeyReused,
+    IdentityClientError,
+    InternalError,
+    InvalidCredentials,
+    InvalidToken,
+    MalformedMessage,
+    NotFound,
+    RateLimited,
+    ReplyTimeout,
+    SessionExpired,
+    UnknownCommand,
+    Unroutable,
+    ValidationFailed,
+    VersionConflict,
+    error_for,
+)
+from client.subscriber import subscribe
+
+__all__ = [
+    "EmailTaken",
+    "IdempotencyKeyReused",
+    "IdentityClient",
+    "IdentityClientError",
+    "InternalError",
+    "InvalidCredentials",
+    "InvalidToken",
+    "MalformedMessage",
+    "NotFound",
+    "RateLimited",
+    "ReplyTimeout",
+    "SessionExpired",
+    "UnknownCommand",
+    "Unroutable",
+    "ValidationFailed",
+    "VersionConflict",
+    "error_for",
+    "subscribe",
+]

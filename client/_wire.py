@@ -1,0 +1,61 @@
+"""Request bodies and replies as bytes: built and read with the `messages` models, no I/O."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import orjson
+from pydantic import BaseModel
+
+from client.errors import InternalError, error_for
+from messages import COMMANDS, CommandEnvelope, Metadata, Reply
+
+ResultT = TypeVar("ResultT", bound=BaseModel)
+MetadataArg = Metadata | Mapping[str, Any] | None
+
+
+def build_request(
+    command: str,
+    payload: Mapping[str, Any],
+    idempotency_key: str | None,
+    metadata: MetadataArg,
+) -> tuple[bytes, str | None]:
+    """The JSON body of a command and the idempotency key it carries.
+
+    Raises pydantic's `ValidationError` for a payload the contract rejects, before anything
+    is sent. A state-changing command without a key gets a fresh one: the caller retries
+    under it, which is what makes a retry safe.
+    """
+    spec = COMMANDS.get(command)
+    if spec is None:
+        raise ValueError(f"unknown command {command!r}; known: {', '.join(COMMANDS)}")
+    fields = spec.payload.model_validate(dict(payload))
+    if idempotency_key is None and spec.changes_state:
+        idempotency_key = str(uuid.uuid4())
+    envelope = CommandEnvelope(
+        idempotency_key=idempotency_key,
+        # The worker needs the real password/token; the models mask secrets unless asked.
+        payload=fields.model_dump(mode="json", context={"reveal_secrets": True}, exclude_none=True),
+        metadata=Metadata.model_validate(dict(metadata))
+        if isinstance(metadata, Mapping)
+        else metadata,
+    )
+    return orjson.dumps(envelope.model_dump(mode="json", exclude_none=True)), idempotency_key
+
+
+def read_reply(body: bytes) -> Reply:
+    """The reply of an `ok: true` answer; raises the typed error of an `ok: false` one."""
+    reply = Reply.model_validate_json(body)
+    if reply.ok:
+        return reply
+    if reply.error is None:
+        raise InternalError("the reply has ok: false but no error")
+    raise error_for(reply.error)
+
+
+def read_result(reply: Reply, result_type: type[ResultT]) -> ResultT:
+    """The typed result. Through JSON, because the strict models read times and enums from
+    JSON text but not from the Python values of an already-decoded object."""
+    return result_type.model_validate_json(orjson.dumps(reply.result or {}))

@@ -1,0 +1,258 @@
+"""`IdentityClient`: typed request/reply over RabbitMQ's direct reply-to.
+
+One channel per client. Before the first publish the client consumes the pseudo-queue
+`amq.rabbitmq.reply-to` on that channel in no-ack mode (RabbitMQ refuses a publish with that
+`reply_to` otherwise), and matches each reply to its request by `correlation_id`.
+
+A call that gets no reply within `timeout` is published again, up to `retries` times, with a
+fresh `correlation_id`/`message_id` but the SAME idempotency key, so the worker treats it as
+the same operation. A reply to any attempt of a call completes the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractExchange,
+    AbstractIncomingMessage,
+)
+from aio_pika.exceptions import PublishError
+from pydantic import SecretStr
+
+from client._wire import MetadataArg, ResultT, build_request, read_reply, read_result
+from client.errors import ReplyTimeout, Unroutable
+from messages import (
+    AccountResult,
+    ChangePasswordResult,
+    EndAllSessionsResult,
+    EndSessionResult,
+    Reply,
+    StartSessionResult,
+    VerifySessionResult,
+)
+from messages.topology import COMMANDS_EXCHANGE, CONTENT_TYPE, DIRECT_REPLY_TO
+
+SecretArg = str | SecretStr
+
+
+class IdentityClient:
+    """Send commands to the identity worker and get typed results or typed errors.
+
+    Use `async with IdentityClient.connect(url) as client:`, or `async with
+    IdentityClient(connection) as client:` on a connection the caller owns.
+    """
+
+    def __init__(
+        self, connection: AbstractConnection, *, timeout: float = 10.0, retries: int = 2
+    ) -> None:
+        if timeout <= 0 or retries < 0:
+            raise ValueError("timeout must be > 0 and retries >= 0")
+        self._connection = connection
+        self._timeout = timeout
+        self._retries = retries
+        self._channel: AbstractChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._pending: dict[str, asyncio.Future[bytes]] = {}
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(
+        cls,
+        amqp_url: str,
+        *,
+        # The client's per-reply wait, not a deadline on this call.
+        timeout: float = 10.0,  # noqa: ASYNC109
+        retries: int = 2,
+    ) -> AsyncIterator[IdentityClient]:
+        """Open a robust connection, yield a ready client, close both on exit."""
+        connection = await aio_pika.connect_robust(amqp_url)
+        try:
+            async with cls(connection, timeout=timeout, retries=retries) as client:
+                yield client
+        finally:
+            await connection.close()
+
+    async def __aenter__(self) -> IdentityClient:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        # An unroutable command (no worker queue bound yet) must fail the call now rather
+        # than wait for a reply that cannot come.
+        channel = await self._connection.channel(on_return_raises=True)
+        # Declaring with the worker's own arguments is a no-op when it exists, and lets a
+        # client start before the worker without a channel error.
+        self._exchange = await channel.declare_exchange(
+            COMMANDS_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        reply_queue = await channel.get_queue(DIRECT_REPLY_TO, ensure=False)
+        await reply_queue.consume(self._on_reply, no_ack=True)
+        self._channel = channel
+
+    async def close(self) -> None:
+        channel, self._channel, self._exchange = self._channel, None, None
+        for future in self._pending.values():
+            future.cancel()
+        self._pending.clear()
+        if channel is not None:
+            await channel.close()
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        future = self._pending.get(message.correlation_id or "")
+        # A second reply (to an earlier attempt) or one for a closed client is dropped.
+        if future is not None and not future.done():
+            future.set_result(message.body)
+
+    async def send(
+        self,
+        command: str,
+        payload: Mapping[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> Reply:
+        """Send any command; return its `ok: true` reply or raise its typed error.
+
+        Raises pydantic's `ValidationError` before sending when the payload breaks the
+        contract, `ReplyTimeout` when no attempt got a reply.
+        """
+        body, key = build_request(command, payload, idempotency_key, metadata)
+        return read_reply(await self._request(command, body, key))
+
+    async def _request(self, command: str, body: bytes, key: str | None) -> bytes:
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        correlation_ids: list[str] = []
+        try:
+            for _ in range(self._retries + 1):
+                correlation_id = uuid.uuid4().hex
+                correlation_ids.append(correlation_id)
+                self._pending[correlation_id] = future
+                await self._publish(command, body, correlation_id)
+                try:
+                    # Shielded: a timed-out wait must not cancel the future that a reply
+                    # to this attempt may still complete during the next one.
+                    return await asyncio.wait_for(asyncio.shield(future), self._timeout)
+                except TimeoutError:
+                    continue
+            raise ReplyTimeout(command, key, len(correlation_ids))
+        finally:
+            for correlation_id in correlation_ids:
+                self._pending.pop(correlation_id, None)
+
+    async def _publish(self, command: str, body: bytes, correlation_id: str) -> None:
+        if self._exchange is None:
+            raise RuntimeError("the client is not open: use `async with`")
+        message = aio_pika.Message(
+            body,
+            content_type=CONTENT_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            correlation_id=correlation_id,
+            message_id=uuid.uuid4().hex,
+            reply_to=DIRECT_REPLY_TO,
+        )
+        try:
+            await self._exchange.publish(message, routing_key=command, mandatory=True)
+        except PublishError as exc:
+            raise Unroutable(command) from exc
+
+    async def _call(
+        self,
+        result_type: type[ResultT],
+        command: str,
+        payload: Mapping[str, Any],
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> ResultT:
+        reply = await self.send(
+            command, payload, idempotency_key=idempotency_key, metadata=metadata
+        )
+        return read_result(reply, result_type)
+
+    async def create_account(
+        self,
+        email: str,
+        password: SecretArg,
+        display_name: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> AccountResult:
+        payload = {"email": email, "password": password, "display_name": display_name}
+        return await self._call(AccountResult, "account.create", payload, idempotency_key, metadata)
+
+    async def get_account(self, account_id: str) -> AccountResult:
+        return await self._call(AccountResult, "account.get", {"account_id": account_id})
+
+    async def update_account(
+        self,
+        account_id: str,
+        expected_version: int,
+        *,
+        email: str | None = None,
+        display_name: str | None = None,
+        current_password: SecretArg | None = None,
+        idempotency_key: str | None = None,
+    ) -> AccountResult:
+        payload = {
+            "account_id": account_id,
+            "expected_version": expected_version,
+            "email": email,
+            "display_name": display_name,
+            "current_password": current_password,
+        }
+        return await self._call(AccountResult, "account.update", payload, idempotency_key)
+
+    async def change_password(
+        self,
+        account_id: str,
+        current_password: SecretArg,
+        new_password: SecretArg,
+        *,
+        idempotency_key: str | None = None,
+    ) -> ChangePasswordResult:
+        payload = {
+            "account_id": account_id,
+            "current_password": current_password,
+            "new_password": new_password,
+        }
+        return await self._call(
+            ChangePasswordResult, "account.change_password", payload, idempotency_key
+        )
+
+    async def start_session(
+        self,
+        email: str,
+        password: SecretArg,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> StartSessionResult:
+        payload = {"email": email, "password": password}
+        return await self._call(
+            StartSessionResult, "session.start", payload, idempotency_key, metadata
+        )
+
+    async def verify_session(self, token: SecretArg) -> VerifySessionResult:
+        return await self._call(VerifySessionResult, "session.verify", {"token": token})
+
+    async def end_session(
+        self, token: SecretArg, *, idempotency_key: str | None = None
+    ) -> EndSessionResult:
+        return await self._call(EndSessionResult, "session.end", {"token": token}, idempotency_key)
+
+    async def end_all_sessions(
+        self, account_id: str, *, idempotency_key: str | None = None
+    ) -> EndAllSessionsResult:
+        payload = {"account_id": account_id}
+        return await self._call(EndAllSessionsResult, "session.end_all", payload, idempotency_key)

@@ -1,0 +1,441 @@
+"""The client library without a broker: a fake channel records what would be published and
+answers like a worker would (or stays silent, to exercise timeouts and retries)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aio_pika
+import orjson
+import pytest
+from pydantic import SecretStr, ValidationError
+
+import client
+from client import IdentityClient, ReplyTimeout, error_for
+from client.subscriber import _consume, _SeenIds
+from messages import COMMANDS, ErrorBody, ErrorCode, FieldError
+from messages.topology import COMMANDS_EXCHANGE, CONTENT_TYPE, DIRECT_REPLY_TO
+
+ACCOUNT_ID = "acct_" + "a" * 26
+SESSION_ID = "ses_" + "b" * 32
+NOW = "2026-11-22T09:00:00.000000+00:00"
+ACCOUNT = {
+    "id": ACCOUNT_ID,
+    "email": "ada@example.com",
+    "display_name": "Ada",
+    "created_at": NOW,
+    "updated_at": NOW,
+    "version": 1,
+}
+SESSION = {"id": SESSION_ID, "account_id": ACCOUNT_ID, "created_at": NOW, "expires_at": NOW}
+RESULTS: dict[str, dict[str, Any]] = {
+    "account.create": {"account": ACCOUNT},
+    "account.get": {"account": ACCOUNT},
+    "account.update": {"account": ACCOUNT},
+    "account.change_password": {"account": ACCOUNT, "sessions_ended": 2},
+    "session.start": {"session": SESSION, "token": "tok-123", "account": ACCOUNT},
+    "session.verify": {"session": SESSION, "account": ACCOUNT},
+    "session.end": {"session_id": SESSION_ID},
+    "session.end_all": {"account_id": ACCOUNT_ID, "sessions_ended": 3},
+}
+# One valid call per command, through the typed method.
+CALLS: dict[str, Callable[[IdentityClient], Any]] = {
+    "account.create": lambda c: c.create_account("ada@example.com", "s3cret-pw", "Ada"),
+    "account.get": lambda c: c.get_account(ACCOUNT_ID),
+    "account.update": lambda c: c.update_account(ACCOUNT_ID, 1, display_name="Ada L."),
+    "account.change_password": lambda c: c.change_password(ACCOUNT_ID, "old-pw", "new-pw"),
+    "session.start": lambda c: c.start_session("ada@example.com", "s3cret-pw"),
+    "session.verify": lambda c: c.verify_session("tok-123"),
+    "session.end": lambda c: c.end_session("tok-123"),
+    "session.end_all": lambda c: c.end_all_sessions(ACCOUNT_ID),
+}
+
+Responder = Callable[[str, dict[str, Any], int], "dict[str, Any] | None"]
+
+
+def ok(command: str, body: dict[str, Any], attempt: int) -> dict[str, Any] | None:
+    key = body.get("idempotency_key")
+    return {"ok": True, "command": command, "idempotency_key": key, "result": RESULTS[command]}
+
+
+def silent(command: str, body: dict[str, Any], attempt: int) -> dict[str, Any] | None:
+    return None
+
+
+@dataclass
+class Published:
+    routing_key: str
+    message: aio_pika.Message
+    mandatory: bool
+
+    @property
+    def body(self) -> dict[str, Any]:
+        result: dict[str, Any] = orjson.loads(self.message.body)
+        return result
+
+
+@dataclass
+class Incoming:
+    body: bytes
+    correlation_id: str | None
+
+
+@dataclass
+class FakeChannel:
+    """Stands in for an aio-pika channel: records publishes, answers through the reply
+    consumer like RabbitMQ's direct reply-to would."""
+
+    responder: Responder
+    reply_delay: float = 0.0
+    published: list[Published] = field(default_factory=list)
+    declared: list[tuple[str, Any, bool]] = field(default_factory=list)
+    reply_consumer: Any = None
+    closed: bool = False
+    deliveries: set[asyncio.Task[None]] = field(default_factory=set)
+
+    async def declare_exchange(self, name: str, kind: Any, *, durable: bool) -> FakeChannel:
+        self.declared.append((name, kind, durable))
+        return self
+
+    async def get_queue(self, name: str, *, ensure: bool = True) -> FakeChannel:
+        assert name == DIRECT_REPLY_TO
+        return self
+
+    async def consume(self, callback: Any, *, no_ack: bool) -> str:
+        assert no_ack, "direct reply-to must be consumed in no-ack mode"
+        self.reply_consumer = callback
+        return "ctag"
+
+    async def publish(self, message: aio_pika.Message, routing_key: str, *, mandatory: bool):
+        # RabbitMQ refuses a direct reply-to publish when nobody consumes the pseudo-queue.
+        assert self.reply_consumer is not None, "consume amq.rabbitmq.reply-to first"
+        self.published.append(Published(routing_key, message, mandatory))
+        reply = self.responder(routing_key, orjson.loads(message.body), len(self.published))
+        if reply is not None:
+            asyncio.get_running_loop().call_later(
+                self.reply_delay, self._deliver, orjson.dumps(reply), message.correlation_id
+            )
+
+    def _deliver(self, body: bytes, correlation_id: str | None) -> None:
+        task = asyncio.ensure_future(self.reply_consumer(Incoming(body, correlation_id)))
+        self.deliveries.add(task)
+        task.add_done_callback(self.deliveries.discard)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+@dataclass
+class FakeConnection:
+    channel_: FakeChannel
+    on_return_raises: bool = False
+
+    async def channel(self, *, on_return_raises: bool = False) -> FakeChannel:
+        self.on_return_raises = on_return_raises
+        return self.channel_
+
+
+def make_client(
+    responder: Responder = ok, *, timeout: float = 1.0, retries: int = 2, reply_delay: float = 0
+) -> tuple[IdentityClient, FakeChannel]:
+    channel = FakeChannel(responder, reply_delay=reply_delay)
+    return IdentityClient(FakeConnection(channel), timeout=timeout, retries=retries), channel  # type: ignore[arg-type]
+
+
+def is_uuid4(value: object) -> bool:
+    return isinstance(value, str) and uuid.UUID(value).version == 4
+
+
+async def test_opening_declares_the_command_exchange_and_asks_for_returns() -> None:
+    api, channel = make_client()
+    async with api:
+        assert channel.declared == [(COMMANDS_EXCHANGE, aio_pika.ExchangeType.DIRECT, True)]
+        assert api._connection.on_return_raises is True  # type: ignore[attr-defined]
+    assert channel.closed
+
+
+async def test_a_command_is_published_persistent_json_with_direct_reply_to() -> None:
+    api, channel = make_client()
+    async with api:
+        result = await api.create_account(
+            "ada@example.com", "s3cret-pw", "Ada", metadata={"client_ip": "203.0.113.7"}
+        )
+    assert result.account.id == ACCOUNT_ID
+    (sent,) = channel.published
+    assert sent.routing_key == "account.create"
+    assert sent.mandatory is True
+    assert sent.message.content_type == CONTENT_TYPE
+    assert sent.message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert sent.message.reply_to == DIRECT_REPLY_TO
+    assert sent.message.correlation_id
+    assert sent.message.message_id
+    assert sent.body["payload"] == {
+        "email": "ada@example.com",
+        "password": "s3cret-pw",
+        "display_name": "Ada",
+    }
+    assert sent.body["metadata"] == {"client_ip": "203.0.113.7"}
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c: c.get_account("not-an-account-id"),
+        lambda c: c.create_account("ada@example.com", "", "Ada"),
+        lambda c: c.create_account("ada@example.com", "pw", " padded "),
+        lambda c: c.update_account(ACCOUNT_ID, 1),
+        lambda c: c.update_account(ACCOUNT_ID, 0, display_name="Ada"),
+        lambda c: c.send("account.get", {"account_id": ACCOUNT_ID, "extra": 1}),
+    ],
+)
+async def test_an_invalid_payload_fails_locally_before_anything_is_sent(call: Any) -> None:
+    api, channel = make_client()
+    async with api:
+        with pytest.raises(ValidationError):
+            await call(api)
+    assert channel.published == []
+
+
+async def test_an_unknown_command_is_refused_locally() -> None:
+    api, channel = make_client()
+    async with api:
+        with pytest.raises(ValueError, match="unknown command"):
+            await api.send("account.delete", {"account_id": ACCOUNT_ID})
+    assert channel.published == []
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+async def test_each_typed_method_sends_its_command_and_returns_its_result_model(
+    command: str,
+) -> None:
+    api, channel = make_client()
+    async with api:
+        result = await CALLS[command](api)
+    assert type(result) is COMMANDS[command].result
+    assert [p.routing_key for p in channel.published] == [command]
+
+
+@pytest.mark.parametrize("command", sorted(n for n, s in COMMANDS.items() if s.changes_state))
+async def test_state_changing_commands_get_a_fresh_idempotency_key(command: str) -> None:
+    api, channel = make_client()
+    async with api:
+        await CALLS[command](api)
+        await CALLS[command](api)
+    first, second = (p.body["idempotency_key"] for p in channel.published)
+    assert is_uuid4(first)
+    assert is_uuid4(second)
+    assert first != second
+
+
+@pytest.mark.parametrize("command", sorted(n for n, s in COMMANDS.items() if not s.changes_state))
+async def test_queries_need_no_idempotency_key(command: str) -> None:
+    api, channel = make_client()
+    async with api:
+        await CALLS[command](api)
+    assert "idempotency_key" not in channel.published[0].body
+
+
+async def test_a_given_idempotency_key_is_sent_as_is() -> None:
+    api, channel = make_client()
+    async with api:
+        await api.end_all_sessions(ACCOUNT_ID, idempotency_key="signout-42")
+        await api.send("session.verify", {"token": "tok-123"}, idempotency_key="q-1")
+    assert [p.body["idempotency_key"] for p in channel.published] == ["signout-42", "q-1"]
+
+
+async def test_update_omits_the_fields_it_does_not_change() -> None:
+    api, channel = make_client()
+    async with api:
+        await api.update_account(ACCOUNT_ID, 3, display_name="Ada L.")
+    assert channel.published[0].body["payload"] == {
+        "account_id": ACCOUNT_ID,
+        "expected_version": 3,
+        "display_name": "Ada L.",
+    }
+
+
+async def test_a_retry_after_a_timeout_reuses_the_key_with_fresh_message_ids() -> None:
+    def second_attempt_only(command: str, body: dict[str, Any], attempt: int) -> Any:
+        return ok(command, body, attempt) if attempt == 2 else None
+
+    api, channel = make_client(second_attempt_only, timeout=0.05, retries=2)
+    async with api:
+        await api.change_password(ACCOUNT_ID, "old-pw", "new-pw")
+    first, second = channel.published
+    assert first.message.body == second.message.body
+    assert is_uuid4(first.body["idempotency_key"])
+    assert first.message.correlation_id != second.message.correlation_id
+    assert first.message.message_id != second.message.message_id
+
+
+async def test_no_reply_at_all_raises_reply_timeout_after_every_attempt() -> None:
+    api, channel = make_client(silent, timeout=0.02, retries=2)
+    async with api:
+        with pytest.raises(ReplyTimeout) as raised:
+            await api.end_session("tok-123", idempotency_key="end-1")
+    assert raised.value.attempts == 3
+    assert raised.value.idempotency_key == "end-1"
+    assert len(channel.published) == 3
+    assert {p.body["idempotency_key"] for p in channel.published} == {"end-1"}
+    assert api._pending == {}
+
+
+async def test_a_late_reply_to_an_earlier_attempt_completes_the_call() -> None:
+    def first_attempt_only(command: str, body: dict[str, Any], attempt: int) -> Any:
+        return ok(command, body, attempt) if attempt == 1 else None
+
+    api, channel = make_client(first_attempt_only, timeout=0.05, retries=3, reply_delay=0.07)
+    async with api:
+        result = await api.end_all_sessions(ACCOUNT_ID)
+    assert result.sessions_ended == 3
+    assert len(channel.published) == 2
+
+
+async def test_the_session_token_comes_back_as_a_secret() -> None:
+    api, _ = make_client()
+    async with api:
+        result = await api.start_session("ada@example.com", SecretStr("s3cret-pw"))
+    assert isinstance(result.token, SecretStr)
+    assert result.token.get_secret_value() == "tok-123"
+    assert "tok-123" not in repr(result)
+
+
+async def test_sending_on_a_client_that_is_not_open_is_an_error() -> None:
+    api, channel = make_client()
+    with pytest.raises(RuntimeError, match="not open"):
+        await api.get_account(ACCOUNT_ID)
+    assert channel.published == []
+
+
+EXPECTED_ERRORS = {
+    ErrorCode.MALFORMED_MESSAGE: client.MalformedMessage,
+    ErrorCode.UNKNOWN_COMMAND: client.UnknownCommand,
+    ErrorCode.VALIDATION_FAILED: client.ValidationFailed,
+    ErrorCode.IDEMPOTENCY_KEY_REUSED: client.IdempotencyKeyReused,
+    ErrorCode.EMAIL_TAKEN: client.EmailTaken,
+    ErrorCode.INVALID_CREDENTIALS: client.InvalidCredentials,
+    ErrorCode.RATE_LIMITED: client.RateLimited,
+    ErrorCode.INVALID_TOKEN: client.InvalidToken,
+    ErrorCode.SESSION_EXPIRED: client.SessionExpired,
+    ErrorCode.NOT_FOUND: client.NotFound,
+    ErrorCode.VERSION_CONFLICT: client.VersionConflict,
+    ErrorCode.INTERNAL_ERROR: client.InternalError,
+}
+
+
+def test_every_error_code_has_its_own_error_class() -> None:
+    assert set(EXPECTED_ERRORS) == set(ErrorCode)
+    assert len(set(EXPECTED_ERRORS.values())) == len(ErrorCode)
+
+
+@pytest.mark.parametrize("code", list(ErrorCode))
+async def test_an_error_reply_raises_the_error_of_its_code(code: ErrorCode) -> None:
+    error = {"code": code.value, "message": "Nope."}
+
+    def failing(command: str, body: dict[str, Any], attempt: int) -> dict[str, Any]:
+        return {"ok": False, "command": command, "idempotency_key": None, "error": error}
+
+    api, _ = make_client(failing)
+    async with api:
+        with pytest.raises(client.IdentityClientError) as raised:
+            await api.get_account(ACCOUNT_ID)
+    assert type(raised.value) is EXPECTED_ERRORS[code]
+    assert raised.value.code is code
+    assert raised.value.message == "Nope."
+
+
+def test_error_details_are_kept() -> None:
+    limited = error_for(ErrorBody(code=ErrorCode.RATE_LIMITED, message="Slow.", retry_after_s=30))
+    invalid = error_for(
+        ErrorBody(
+            code=ErrorCode.VALIDATION_FAILED,
+            message="Bad.",
+            fields=[FieldError(field="payload.email", message="not an email")],
+        )
+    )
+    assert isinstance(limited, client.RateLimited)
+    assert limited.retry_after_s == 30
+    assert [(f.field, f.message) for f in invalid.fields] == [("payload.email", "not an email")]
+    assert "payload.email: not an email" in str(invalid)
+
+
+@dataclass
+class FakeDelivery:
+    body: bytes
+    acked: bool = False
+    rejected: bool = False
+
+    async def ack(self) -> None:
+        self.acked = True
+
+    async def reject(self, requeue: bool = False) -> None:
+        assert requeue is False
+        self.rejected = True
+
+
+class FakeEventQueue:
+    def __init__(self, deliveries: list[FakeDelivery]) -> None:
+        self.deliveries = deliveries
+
+    def iterator(self) -> FakeEventQueue:
+        return self
+
+    async def __aenter__(self) -> FakeEventQueue:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def __aiter__(self) -> Any:
+        for delivery in self.deliveries:
+            yield delivery
+
+
+def event_body(n: int) -> bytes:
+    return orjson.dumps(
+        {
+            "event_id": f"evt_{n:026d}",
+            "type": "session.ended",
+            "occurred_at": NOW,
+            "data": {"session_id": SESSION_ID, "account_id": ACCOUNT_ID, "reason": "sign_out"},
+        }
+    )
+
+
+async def test_an_event_is_acked_only_when_the_consumer_asks_for_the_next() -> None:
+    first, second = FakeDelivery(event_body(1)), FakeDelivery(event_body(2))
+    events = _consume(FakeEventQueue([first, second]), _SeenIds(10))  # type: ignore[arg-type]
+    assert (await anext(events)).event_id == f"evt_{1:026d}"
+    assert not first.acked
+    await anext(events)
+    assert first.acked
+    assert not second.acked
+    await events.aclose()
+    assert not second.acked
+
+
+async def test_repeated_events_are_dropped_and_bad_ones_rejected() -> None:
+    deliveries = [
+        FakeDelivery(event_body(1)),
+        FakeDelivery(b"not json"),
+        FakeDelivery(event_body(1)),
+        FakeDelivery(event_body(2)),
+    ]
+    events = _consume(FakeEventQueue(deliveries), _SeenIds(10))  # type: ignore[arg-type]
+    seen = [event.event_id async for event in events]
+    assert seen == [f"evt_{1:026d}", f"evt_{2:026d}"]
+    assert deliveries[1].rejected
+    assert deliveries[2].acked
+
+
+def test_the_dedupe_window_forgets_the_oldest_id() -> None:
+    window = _SeenIds(2)
+    for event_id in ("a", "b", "a", "c"):
+        window.add(event_id)
+    assert "a" in window
+    assert "c" in window
+    assert "b" not in window
