@@ -116,3 +116,12 @@ def test_canonical_form_is_a_fixed_point(local: str, domain: str) -> None:
         return
     assert canonical_email(once) == once
     assert once == once.lower()
+
+
+@given(raw=st.text(max_size=80) | st.from_regex(r"[^@]{1,20}@[^@]{1,20}", fullmatch=True))
+def test_any_input_is_canonical_or_a_validation_error(raw: str) -> None:
+    try:
+        once = canonical_email(raw)
+    except InvalidInputError:
+        return
+    assert canonical_email(once) == once

@@ -7,6 +7,8 @@ import re
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from services.errors import InvalidTokenError
 from services.ids import new_session_id
@@ -231,3 +233,9 @@ def test_bad_key_specs_name_the_problem_but_never_the_secret(spec: str, problem:
     message = str(caught.value)
     assert SECRET_TEXT[:10] not in message
     assert caught.value.__cause__ is None or SECRET_TEXT[:10] not in str(caught.value.__cause__)
+
+
+@given(token=st.text(max_size=200) | st.from_regex(r"v1\.k-new\.ses_[0-9a-z]{32}\.[\w-]{43}"))
+def test_any_garbage_is_an_invalid_token_never_a_crash(token: str) -> None:
+    with pytest.raises(InvalidTokenError):
+        TokenSigner([NEW]).verify(token)
