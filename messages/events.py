@@ -67,10 +67,9 @@ class SessionEnded(_EventBase):
     data: SessionEndedData
 
 
-Event = Annotated[
-    AccountCreated | AccountUpdated | AccountPasswordChanged | SessionStarted | SessionEnded,
-    Field(discriminator="type"),
-]
+AnyEvent = AccountCreated | AccountUpdated | AccountPasswordChanged | SessionStarted | SessionEnded
+
+Event = Annotated[AnyEvent, Field(discriminator="type")]
 
 EVENT_TYPES: dict[str, type[_EventBase]] = {
     "account.created": AccountCreated,

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from pydantic import SecretStr
+
 from messages import (
     Account,
     AccountResult,
@@ -313,7 +315,7 @@ class IdentityService:
                 await uow.replace_password_hash(account.id, account.password_hash, checked.new_hash)
             result = StartSessionResult(
                 session=to_session(session),
-                token=self._signer.sign(session.id, session.key_id),
+                token=SecretStr(self._signer.sign(session.id, session.key_id)),
                 account=to_account(account),
             )
             op.emit(SessionStarted, SessionStartedData(session=result.session), now)

@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from messages import ErrorBody, Metadata, fingerprint_material
-from messages.events import _EventBase
+from messages.events import AnyEvent
 from messages.models import Model
 from services.clock import Clock
 from services.errors import IdempotencyKeyReusedError, IdentityError, error_from_body
@@ -67,7 +67,7 @@ class Operation:
     def key(self) -> str | None:
         return self.context.idempotency_key
 
-    def emit(self, make: Callable[..., _EventBase], data: Model, now: datetime) -> None:
+    def emit(self, make: Callable[..., AnyEvent], data: Model, now: datetime) -> None:
         """Queue an event; it is written to the outbox with the change."""
         event = make(
             event_id=new_event_id(now),

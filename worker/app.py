@@ -1,0 +1,167 @@
+"""The running worker: consumers, outbox relay, housekeeping, sidecar, and an orderly stop.
+
+Stopping (SIGTERM or SIGINT): readiness goes 503, both consumers are cancelled so no new
+deliveries arrive, in-flight deliveries get `shutdown_grace_s` to finish, the outbox is
+flushed once, then channels, connection, pool and hashing threads close in that order.
+Anything not acked by then is returned to its queue by the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import asdict
+from datetime import timedelta
+from functools import partial
+
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
+
+from worker.bootstrap import Components
+from worker.health import HealthState, run_readiness_probe
+from worker.settings import Settings, redacted_url
+from worker.sidecar import Sidecar
+from worker.topology import FAST_QUEUE, PASSWORD_QUEUE
+
+log = logging.getLogger("identity.worker")
+
+HOUSEKEEPING_S = 5.0
+PURGE_EVERY_S = 600.0
+
+
+class Worker:
+    def __init__(self, parts: Components) -> None:
+        self.parts = parts
+        self.health = HealthState()
+        self.sidecar = Sidecar(
+            parts.settings.http_host, parts.settings.http_port, parts.metrics.registry, self.health
+        )
+        self.http_port = 0
+        self._consumers: list[tuple[AbstractQueue, str]] = []
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+
+    async def start(self) -> None:
+        settings = self.parts.settings
+        self.http_port = self.sidecar.start()
+        self._tasks = [
+            asyncio.create_task(self.parts.relay.run(), name="outbox-relay"),
+            asyncio.create_task(self._housekeeping(), name="housekeeping"),
+            asyncio.create_task(self._probe(), name="readiness-probe"),
+        ]
+        await self._consume(self.parts.password_channel, PASSWORD_QUEUE)
+        await self._consume(self.parts.fast_channel, FAST_QUEUE)
+        log.info(
+            "identity worker started",
+            extra={
+                "amqp": redacted_url(settings.amqp_url.get_secret_value()),
+                "database": redacted_url(settings.database_url.get_secret_value()),
+                "http_port": self.http_port,
+                "queues": [PASSWORD_QUEUE, FAST_QUEUE],
+            },
+        )
+
+    async def _consume(self, channel: AbstractRobustChannel, name: str) -> None:
+        queue = await channel.get_queue(name, ensure=True)
+        tag = await queue.consume(partial(self._on_message, name))
+        self._consumers.append((queue, tag))
+
+    async def _on_message(self, queue: str, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._in_flight.add(task)
+        gauge = self.parts.metrics.commands_in_flight.labels(queue)
+        gauge.inc()
+        try:
+            await self.parts.processor.handle(message)
+        except asyncio.CancelledError:
+            raise  # the channel closed under us: the broker requeues the delivery
+        except Exception:
+            log.exception("delivery not acknowledged; it will be redelivered")
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=True)
+        finally:
+            gauge.dec()
+            self._in_flight.discard(task)
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self.start()
+        await self._stopping.wait()
+        await self.stop()
+
+    async def stop(self) -> None:
+        settings: Settings = self.parts.settings
+        log.info("stopping: draining in-flight commands", extra={"in_flight": len(self._in_flight)})
+        self.health.set_draining(True)
+        for queue, tag in self._consumers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(queue.cancel(tag), timeout=5)
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight), timeout=settings.shutdown_grace_s)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            flushed = await asyncio.wait_for(self.parts.relay.drain(), timeout=10)
+            log.info("outbox flushed", extra={"published": flushed})
+        except Exception as exc:  # whatever is left is published by the next relay to run
+            log.warning("outbox not flushed", extra={"error": type(exc).__name__})
+        await self._close()
+        log.info("identity worker stopped")
+
+    async def _close(self) -> None:
+        parts = self.parts
+        for channel in (parts.fast_channel, parts.password_channel, parts.publish_channel):
+            with contextlib.suppress(Exception):
+                await channel.close()
+        with contextlib.suppress(Exception):
+            await parts.connection.close()
+        await parts.store.close()
+        parts.passwords.close()
+        self.sidecar.stop()
+
+    async def _housekeeping(self) -> None:
+        since_purge = PURGE_EVERY_S
+        while True:
+            with contextlib.suppress(Exception):
+                await self.parts.relay.report_backlog()
+            if since_purge >= PURGE_EVERY_S:
+                since_purge = 0.0
+                with contextlib.suppress(Exception):
+                    await self._purge()
+            await asyncio.sleep(HOUSEKEEPING_S)
+            since_purge += HOUSEKEEPING_S
+
+    async def _purge(self) -> None:
+        s = self.parts.settings
+        now = self.parts.clock.now()
+        counts = await self.parts.store.purge(
+            idempotency_before=now - timedelta(seconds=s.idempotency_retention_s),
+            outbox_before=now - timedelta(seconds=s.outbox_retention_s),
+            throttle_before=now - timedelta(seconds=s.throttle_reset_after_s),
+            sessions_before=now - timedelta(seconds=s.session_lifetime_s),
+        )
+        log.info("purged expired rows", extra={"purged": asdict(counts)})
+
+    async def _probe(self) -> None:
+        connection = self.parts.connection
+
+        async def broker() -> None:
+            if connection.is_closed or not connection.connected.is_set():
+                raise ConnectionError("broker connection is down")
+
+        await run_readiness_probe(
+            self.health,
+            self.parts.metrics,
+            check_broker=broker,
+            check_database=self.parts.store.ping,
+            interval_s=self.parts.settings.readiness_probe_s,
+        )

@@ -1,0 +1,162 @@
+"""The composition root: the one place that builds the pool, the broker connection, the hasher,
+the clock and the service, and wires them together. Nothing connects at import time; tests call
+`build` with their own settings (and clock)."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import secrets
+from dataclasses import dataclass
+
+import aio_pika
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+
+from services.clock import Clock, SystemClock
+from services.identity import IdentityService, SessionPolicy
+from services.passwords import HashingPool, PasswordPolicy, load_common_passwords, make_hasher
+from services.tokens import SigningKey, TokenSigner, parse_signing_keys
+from stores import IdentityStore, ThrottleSchedule
+from stores.postgres import PostgresIdentityStore
+from worker.broker import DeadLetters, ReplySender
+from worker.handlers import handler_table
+from worker.metrics import Metrics, create_metrics
+from worker.outbox import OutboxRelay
+from worker.policy import RetryPolicy
+from worker.processor import CommandProcessor
+from worker.settings import Settings
+from worker.topology import Topology, declare_topology
+
+log = logging.getLogger("identity.worker")
+
+DEV_KEY_NAME = "development-signing-key"
+DEV_KEY_ID = "dev"
+
+
+@dataclass
+class Components:
+    """Everything `build` made; the Worker owns their lifecycle."""
+
+    settings: Settings
+    clock: Clock
+    metrics: Metrics
+    store: IdentityStore
+    passwords: HashingPool
+    service: IdentityService
+    connection: AbstractRobustConnection
+    fast_channel: AbstractRobustChannel
+    password_channel: AbstractRobustChannel
+    publish_channel: AbstractRobustChannel
+    topology: Topology
+    processor: CommandProcessor
+    relay: OutboxRelay
+
+
+async def signing_keys(settings: Settings, store: IdentityStore) -> list[SigningKey]:
+    """The configured keys, or else a development key shared through the database, so that
+    several local workers accept each other's tokens without any configuration."""
+    if settings.signing_keys is not None:
+        return parse_signing_keys(settings.signing_keys.get_secret_value())
+    secret = await store.shared_secret(DEV_KEY_NAME, secrets.token_bytes(32))
+    log.warning(
+        "IDENTITY_SIGNING_KEYS is not set: using a development signing key stored in the "
+        "database. Production MUST set its own keys (identity-worker keys new)."
+    )
+    encoded = base64.urlsafe_b64encode(secret).decode().rstrip("=")
+    return parse_signing_keys(f"{DEV_KEY_ID}:{encoded}")
+
+
+def build_service(
+    settings: Settings,
+    store: IdentityStore,
+    keys: list[SigningKey],
+    clock: Clock,
+    metrics: Metrics,
+) -> tuple[IdentityService, HashingPool]:
+    hasher = make_hasher(
+        settings.argon2_time_cost, settings.argon2_memory_kib, settings.argon2_parallelism
+    )
+    passwords = HashingPool(
+        hasher,
+        workers=settings.effective_hash_workers,
+        on_timing=lambda op, seconds: metrics.hash_seconds.labels(op).observe(seconds),
+    )
+    service = IdentityService(
+        store,
+        passwords=passwords,
+        signer=TokenSigner(keys),
+        clock=clock,
+        policy=PasswordPolicy(
+            min_length=settings.password_min_length,
+            max_length=settings.password_max_length,
+            max_bytes=settings.password_max_bytes,
+            blocklist=load_common_passwords(),
+        ),
+        sessions=SessionPolicy.from_seconds(
+            settings.session_lifetime_s,
+            settings.session_idle_timeout_s,
+            settings.session_touch_interval_s,
+        ),
+        throttle=ThrottleSchedule(
+            free_failures=settings.throttle_free_failures,
+            base_delay_s=settings.throttle_base_delay_s,
+            max_delay_s=settings.throttle_max_delay_s,
+            reset_after_s=settings.throttle_reset_after_s,
+        ),
+        on_replay=lambda command: metrics.idempotent_replays_total.labels(command).inc(),
+    )
+    return service, passwords
+
+
+async def build(settings: Settings, *, clock: Clock | None = None) -> Components:
+    clock = clock or SystemClock()
+    metrics = create_metrics()
+    store = await PostgresIdentityStore.connect(
+        settings.database_url.get_secret_value(),
+        min_size=settings.db_pool_min,
+        max_size=settings.db_pool_max,
+        observe=lambda op, seconds: metrics.db_query_seconds.labels(op).observe(seconds),
+    )
+    keys = await signing_keys(settings, store)
+    service, passwords = build_service(settings, store, keys, clock, metrics)
+    await passwords.start()
+    connection = await aio_pika.connect_robust(settings.amqp_url.get_secret_value())
+    fast_channel = await connection.channel()
+    await fast_channel.set_qos(prefetch_count=settings.fast_prefetch)
+    password_channel = await connection.channel()
+    await password_channel.set_qos(prefetch_count=settings.effective_password_prefetch)
+    publish_channel = await connection.channel(publisher_confirms=True)
+    topology = await declare_topology(publish_channel, delivery_limit=settings.delivery_limit)
+    relay = OutboxRelay(
+        store,
+        topology.events_exchange,
+        metrics,
+        clock.now,
+        batch=settings.outbox_batch,
+        poll_s=settings.outbox_poll_s,
+    )
+    processor = CommandProcessor(
+        handler_table(service),
+        ReplySender(publish_channel, metrics),
+        DeadLetters(topology.dead_exchange, metrics),
+        metrics,
+        RetryPolicy(settings.retry_attempts, settings.retry_max_delay_s),
+        max_message_bytes=settings.max_message_bytes,
+        worker_delivery_limit=settings.worker_delivery_limit,
+        on_committed=relay.wake,
+    )
+    return Components(
+        settings,
+        clock,
+        metrics,
+        store,
+        passwords,
+        service,
+        connection,
+        fast_channel,
+        password_channel,
+        publish_channel,
+        topology,
+        processor,
+        relay,
+    )

@@ -1,0 +1,118 @@
+"""Publishing replies and redacted dead letters, with publisher confirms and bounded retries."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import aiormq
+import orjson
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from messages import Reply
+from messages.topology import CONTENT_TYPE, DIRECT_REPLY_TO
+from worker.logs import redact
+from worker.metrics import Metrics
+
+log = logging.getLogger("identity.worker")
+
+# What a broker hiccup looks like from aio-pika: the robust connection reconnects underneath,
+# so the same publish is tried again after a pause.
+BROKER_FAULTS = (
+    aio_pika.exceptions.AMQPError,
+    aiormq.exceptions.AMQPError,
+    ConnectionError,
+    asyncio.TimeoutError,
+    RuntimeError,  # "Channel closed" while the robust channel is being restored
+)
+
+
+def broker_retrying(metrics: Metrics, operation: str, deadline_s: float) -> AsyncRetrying:
+    def count(state: RetryCallState) -> None:
+        metrics.retries_total.labels(operation).inc()
+
+    return AsyncRetrying(
+        retry=retry_if_exception_type(BROKER_FAULTS),
+        stop=stop_after_delay(deadline_s),
+        wait=wait_exponential_jitter(initial=0.1, max=2.0),
+        before_sleep=count,
+        reraise=True,
+    )
+
+
+class ReplySender:
+    """Sends exactly one reply per delivery to its `reply_to`, via the default exchange."""
+
+    def __init__(self, channel: AbstractChannel, metrics: Metrics, deadline_s: float = 30.0):
+        self._channel = channel
+        self._metrics = metrics
+        self._deadline_s = deadline_s
+
+    async def send(self, request: AbstractIncomingMessage, reply: Reply) -> None:
+        assert request.reply_to is not None
+        # Direct reply-to is transient by nature; a named reply queue gets a persistent reply.
+        mode = (
+            aio_pika.DeliveryMode.NOT_PERSISTENT
+            if request.reply_to.startswith(DIRECT_REPLY_TO)
+            else aio_pika.DeliveryMode.PERSISTENT
+        )
+        message = aio_pika.Message(
+            orjson.dumps(reply.to_wire()),
+            content_type=CONTENT_TYPE,
+            correlation_id=request.correlation_id or request.message_id,
+            delivery_mode=mode,
+        )
+        async for attempt in broker_retrying(self._metrics, "reply", self._deadline_s):
+            with attempt:
+                await self._channel.default_exchange.publish(
+                    message, routing_key=request.reply_to, timeout=10
+                )
+
+
+class DeadLetters:
+    """Copies of what could not be processed, for operators: never a password or token.
+
+    A body that parsed as JSON is kept with every secret field redacted; a body that did not
+    parse cannot be redacted reliably, so only its size is kept.
+    """
+
+    def __init__(self, exchange: AbstractExchange, metrics: Metrics, deadline_s: float = 30.0):
+        self._exchange = exchange
+        self._metrics = metrics
+        self._deadline_s = deadline_s
+
+    async def publish(self, message: AbstractIncomingMessage, reason: str, parsed: Any) -> None:
+        record = {
+            "reason": reason,
+            "command": message.routing_key,
+            "dead_lettered_at": datetime.now(UTC).isoformat(),
+            "message_id": message.message_id,
+            "correlation_id": message.correlation_id,
+            "reply_to": message.reply_to,
+            "content_type": message.content_type,
+            "delivery_count": (message.headers or {}).get("x-delivery-count"),
+            "body_bytes": len(message.body),
+            "body": redact(parsed) if parsed is not None else None,
+        }
+        out = aio_pika.Message(
+            orjson.dumps(record, default=str),
+            content_type=CONTENT_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            headers={"x-identity-reason": reason},
+            message_id=message.message_id,
+        )
+        async for attempt in broker_retrying(self._metrics, "dead_letter", self._deadline_s):
+            with attempt:
+                await self._exchange.publish(out, routing_key=reason, timeout=10)
+        self._metrics.dead_letters_total.labels(reason).inc()
+        log.warning("dead-lettered", extra={"reason": reason, "command": message.routing_key})

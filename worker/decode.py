@@ -1,0 +1,120 @@
+"""Turning a delivery's bytes into a validated command, or into the contract error it earns.
+
+A bad message is an answer, not an exception: every way a body can be wrong ends in a
+`Rejected` carrying the error reply (and, where ops should look at it, a dead-letter reason).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from messages import COMMANDS, CommandEnvelope, ErrorBody, ErrorCode, FieldError
+from messages.models import Model
+from services.operations import CommandContext
+
+MAX_KEY_LENGTH = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    name: str
+    payload: Model
+    context: CommandContext
+
+
+class Rejected(Exception):
+    """The message cannot be processed; `error` is the reply, `dead_letter` a reason to
+    keep a redacted copy for operators (None when the reply says all there is to say)."""
+
+    def __init__(
+        self,
+        error: ErrorBody,
+        *,
+        dead_letter: str | None = None,
+        parsed: Any = None,
+        idempotency_key: str | None = None,
+    ) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.dead_letter = dead_letter
+        self.parsed = parsed
+        self.idempotency_key = idempotency_key
+
+
+def decode_command(name: str, body: bytes, correlation_id: str | None) -> Command:
+    """Validate routing key, JSON, envelope and payload, in that order."""
+    spec = COMMANDS.get(name)
+    if spec is None:
+        raise Rejected(_error(ErrorCode.UNKNOWN_COMMAND, "Unknown command."))
+    data = _parse_object(body)
+    key = _usable_key(data)
+    try:
+        envelope = CommandEnvelope.model_validate(data)
+    except ValidationError as exc:
+        raise _envelope_rejection(exc, data, key) from None
+    if spec.changes_state and envelope.idempotency_key is None:
+        raise Rejected(
+            _error(ErrorCode.MALFORMED_MESSAGE, "idempotency_key is required for this command."),
+            parsed=data,
+        )
+    try:
+        payload = spec.payload.model_validate(envelope.payload)
+    except ValidationError as exc:
+        raise Rejected(_validation_error(exc, "payload"), idempotency_key=key) from None
+    context = CommandContext(envelope.idempotency_key, correlation_id, envelope.metadata)
+    return Command(name, payload, context)
+
+
+def _parse_object(body: bytes) -> dict[str, Any]:
+    try:
+        data = orjson.loads(body)  # also refuses invalid UTF-8 and lone surrogates
+    except orjson.JSONDecodeError:
+        raise Rejected(
+            _error(ErrorCode.MALFORMED_MESSAGE, "The body is not valid UTF-8 JSON."),
+            dead_letter="malformed_json",
+        ) from None
+    if not isinstance(data, dict):
+        raise Rejected(
+            _error(ErrorCode.MALFORMED_MESSAGE, "The body must be a JSON object."),
+            dead_letter="not_an_object",
+            parsed=data,
+        )
+    return data
+
+
+def _usable_key(data: dict[str, Any]) -> str | None:
+    key = data.get("idempotency_key")
+    if isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH:
+        return key
+    return None
+
+
+def _envelope_rejection(exc: ValidationError, data: dict[str, Any], key: str | None) -> Rejected:
+    if any(error["loc"][:1] == ("idempotency_key",) for error in exc.errors()):
+        message = "idempotency_key must be a string of 1 to 200 characters."
+        return Rejected(_error(ErrorCode.MALFORMED_MESSAGE, message), parsed=data)
+    return Rejected(_validation_error(exc, ""), idempotency_key=key)
+
+
+def _validation_error(exc: ValidationError, prefix: str) -> ErrorBody:
+    fields = [
+        FieldError(field=_path(prefix, error["loc"]), message=error["msg"])
+        for error in exc.errors(include_url=False, include_input=False, include_context=False)
+    ]
+    return ErrorBody(
+        code=ErrorCode.VALIDATION_FAILED, message="The command is not valid.", fields=fields
+    )
+
+
+def _path(prefix: str, loc: tuple[int | str, ...]) -> str:
+    parts = [prefix] if prefix else []
+    parts.extend(str(part) for part in loc)
+    return ".".join(parts) or "body"
+
+
+def _error(code: ErrorCode, message: str) -> ErrorBody:
+    return ErrorBody(code=code, message=message)

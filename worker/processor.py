@@ -1,0 +1,169 @@
+"""One delivery, start to finish: guard, decode, run, reply, ack (see worker.policy).
+
+The reply is published with publisher confirms before the delivery is acked: if the worker
+dies in between, the broker redelivers and the idempotency record answers the retry with the
+same reply and no second effect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aio_pika.abc import AbstractIncomingMessage
+from tenacity import RetryCallState
+
+from messages import COMMANDS, ErrorBody, ErrorCode, Reply
+from messages.models import Model
+from messages.topology import CONTENT_TYPE
+from services.errors import IdentityError
+from services.operations import CommandContext
+from stores import TransientStoreError
+from worker.broker import DeadLetters, ReplySender
+from worker.decode import Command, Rejected, decode_command
+from worker.metrics import Metrics
+from worker.policy import RetryPolicy
+
+log = logging.getLogger("identity.worker")
+
+Handler = Callable[[Any, CommandContext], Awaitable[Model]]
+
+_INTERNAL = ErrorBody(
+    code=ErrorCode.INTERNAL_ERROR,
+    message="The command could not be processed; retry later with the same idempotency key.",
+)
+
+
+class CommandProcessor:
+    def __init__(
+        self,
+        handlers: dict[str, Handler],
+        replies: ReplySender,
+        dead_letters: DeadLetters,
+        metrics: Metrics,
+        retry: RetryPolicy,
+        *,
+        max_message_bytes: int,
+        worker_delivery_limit: int,
+        on_committed: Callable[[], None],
+    ) -> None:
+        self._handlers = handlers
+        self._replies = replies
+        self._dead = dead_letters
+        self._metrics = metrics
+        self._retry = retry
+        self._max_bytes = max_message_bytes
+        self._delivery_limit = worker_delivery_limit
+        self._on_committed = on_committed
+
+    async def handle(self, message: AbstractIncomingMessage) -> None:
+        """Process one delivery; raises only when the broker itself failed us (no ack then)."""
+        started = time.perf_counter()
+        name = message.routing_key or ""
+        label = name if name in COMMANDS else "unknown"
+        reply = await self._outcome(message, name)
+        if message.reply_to:
+            await self._replies.send(message, reply)
+        await message.ack()
+        elapsed = time.perf_counter() - started
+        outcome = "ok" if reply.ok else (reply.error.code.value if reply.error else "error")
+        self._metrics.commands_total.labels(label, outcome).inc()
+        self._metrics.command_duration_seconds.labels(label).observe(elapsed)
+        log.info(
+            "command",
+            extra={
+                "command": label,
+                "idempotency_key": reply.idempotency_key,
+                "correlation_id": _correlation_id(message),
+                "outcome": outcome,
+                "duration_ms": round(elapsed * 1000, 3),
+                "redelivered": bool(message.redelivered),
+            },
+        )
+
+    async def _outcome(self, message: AbstractIncomingMessage, name: str) -> Reply:
+        refusal = self._guard(message)
+        if refusal is not None:
+            reason, error = refusal
+            await self._dead.publish(message, reason, parsed=None)
+            return Reply(ok=False, command=name, error=error)
+        try:
+            command = decode_command(name, message.body, _correlation_id(message))
+        except Rejected as rejected:
+            self._metrics.malformed_messages_total.labels(rejected.error.code.value).inc()
+            if rejected.dead_letter is not None:
+                await self._dead.publish(message, rejected.dead_letter, parsed=rejected.parsed)
+            return Reply(
+                ok=False,
+                command=name,
+                idempotency_key=rejected.idempotency_key,
+                error=rejected.error,
+            )
+        return await self._run(message, command)
+
+    def _guard(self, message: AbstractIncomingMessage) -> tuple[str, ErrorBody] | None:
+        """Checks made before a byte of the body is parsed."""
+        if len(message.body) > self._max_bytes:
+            text = f"The message is larger than {self._max_bytes} bytes."
+            return "too_large", ErrorBody(code=ErrorCode.MALFORMED_MESSAGE, message=text)
+        if message.content_type != CONTENT_TYPE:
+            text = f"content_type must be {CONTENT_TYPE}."
+            return "wrong_content_type", ErrorBody(code=ErrorCode.MALFORMED_MESSAGE, message=text)
+        if delivery_count(message) >= self._delivery_limit:
+            return "delivery_limit", _INTERNAL
+        return None
+
+    async def _run(self, message: AbstractIncomingMessage, command: Command) -> Reply:
+        key = command.context.idempotency_key
+        handler = self._handlers[command.name]
+        try:
+            async for attempt in self._retry.retrying(self._count_retry):
+                with attempt:
+                    result = await handler(command.payload, command.context)
+        except IdentityError as error:
+            self._on_committed()  # a stored failure may come with committed state (throttle)
+            return Reply(
+                ok=False, command=command.name, idempotency_key=key, error=error.to_error_body()
+            )
+        except TransientStoreError:
+            log.warning(
+                "retries exhausted", extra={"command": command.name, "idempotency_key": key}
+            )
+            await self._dead.publish(message, "retries_exhausted", parsed=_body_or_none(message))
+            return Reply(ok=False, command=command.name, idempotency_key=key, error=_INTERNAL)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            raise
+        except Exception:
+            log.exception(
+                "unexpected error", extra={"command": command.name, "idempotency_key": key}
+            )
+            await self._dead.publish(message, "unexpected_error", parsed=_body_or_none(message))
+            return Reply(ok=False, command=command.name, idempotency_key=key, error=_INTERNAL)
+        self._on_committed()
+        body = result.model_dump(mode="json", context={"reveal_secrets": True})
+        return Reply(ok=True, command=command.name, idempotency_key=key, result=body)
+
+    def _count_retry(self, state: RetryCallState) -> None:
+        self._metrics.retries_total.labels("command").inc()
+        log.warning("transient fault, retrying", extra={"attempt": state.attempt_number})
+
+
+def delivery_count(message: AbstractIncomingMessage) -> int:
+    """How many times the broker handed this message out before (quorum queues count it)."""
+    value = (message.headers or {}).get("x-delivery-count")
+    return value if isinstance(value, int) else 0
+
+
+def _correlation_id(message: AbstractIncomingMessage) -> str | None:
+    return message.correlation_id or message.message_id
+
+
+def _body_or_none(message: AbstractIncomingMessage) -> Any:
+    try:
+        return orjson.loads(message.body)
+    except orjson.JSONDecodeError:
+        return None
