@@ -1,0 +1,21 @@
+# The identity worker as a container: a non-root user, dependencies in their own layer.
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY messages ./messages
+COPY services ./services
+COPY stores ./stores
+COPY worker ./worker
+COPY client ./client
+RUN pip install --no-cache-dir --prefix=/install .
+
+FROM python:3.11-slim
+RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin identity
+COPY --from=build /install /usr/local
+USER identity
+ENV PYTHONUNBUFFERED=1
+EXPOSE 8080
+HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
+  CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2).status == 200 else 1)"
+ENTRYPOINT ["identity-worker"]
+CMD ["run"]

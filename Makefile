@@ -1,0 +1,42 @@
+# The few commands a newcomer needs. Each one creates the virtualenv first if it is missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test check bench venv services asyncapi clean
+
+$(BIN)/identity-worker: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $@
+
+venv: $(BIN)/identity-worker
+
+services:
+	./scripts/ensure-services.sh
+
+## Run the worker against the local RabbitMQ and PostgreSQL (creates the database).
+run: venv services
+	$(BIN)/identity-worker run
+
+## Every test: unit, store contract (memory + PostgreSQL), integration and faults.
+# pytest exits 5 when it collected nothing: that is a failure, not a pass.
+test: venv services
+	$(BIN)/python -m pytest; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$status
+
+## Lint, format and types.
+check: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: venv services
+	$(BIN)/python bench/run.py
+
+asyncapi: venv
+	$(BIN)/identity-worker asyncapi > docs/asyncapi.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
