@@ -119,6 +119,7 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> Components
     )
     keys = await signing_keys(settings, store)
     service, passwords = build_service(settings, store, keys, clock, metrics)
+    metrics.hash_pool_pending.set_function(lambda: passwords.pending)
     await passwords.start()
     connection = await aio_pika.connect_robust(settings.amqp_url.get_secret_value())
     fast_channel = await connection.channel()
