@@ -1,0 +1,50 @@
+// Send `account.create` to the identity worker with amqplib and print the reply.
+//   node publisher.js amqp://guest:guest@localhost:5672/
+// Direct reply-to: consume `amq.rabbitmq.reply-to` (noAck) on the same channel BEFORE
+// publishing; publish persistent JSON with replyTo, a correlationId and an idempotency key.
+import { randomUUID } from "node:crypto";
+import amqp from "amqplib";
+
+const REPLY_TO = "amq.rabbitmq.reply-to";
+const url = process.argv[2] ?? "amqp://guest:guest@localhost:5672/";
+
+const connection = await amqp.connect(url);
+const channel = await connection.createChannel();
+const correlationId = randomUUID();
+
+let gotReply;
+const reply = new Promise((resolve) => {
+  gotReply = resolve;
+});
+// Awaited, so the consumer exists before the publish: RabbitMQ refuses the publish otherwise.
+await channel.consume(
+  REPLY_TO,
+  (message) => {
+    if (message?.properties.correlationId === correlationId) {
+      gotReply(JSON.parse(message.content.toString("utf8")));
+    }
+  },
+  { noAck: true },
+);
+
+const body = {
+  idempotency_key: randomUUID(), // reuse it if you retry this very command
+  payload: { email: "ada@example.com", password: "correct horse battery", display_name: "Ada" },
+};
+channel.publish("identity.commands", "account.create", Buffer.from(JSON.stringify(body)), {
+  contentType: "application/json",
+  persistent: true,
+  replyTo: REPLY_TO,
+  correlationId,
+  messageId: randomUUID(),
+  mandatory: true,
+});
+
+const timeout = new Promise((_, reject) => {
+  setTimeout(() => reject(new Error("no reply within 10 s")), 10_000).unref();
+});
+try {
+  console.log(JSON.stringify(await Promise.race([reply, timeout]), null, 2));
+} finally {
+  await connection.close();
+}
