@@ -103,7 +103,10 @@ class IdentityClient:
     async def close(self) -> None:
         channel, self._channel, self._exchange = self._channel, None, None
         for future in self._pending.values():
-            future.cancel()
+            # A caller still waiting gets an error of its own, not a CancelledError it
+            # never asked for.
+            if not future.done():
+                future.set_exception(RuntimeError("the client was closed before the reply"))
         self._pending.clear()
         if channel is not None:
             await channel.close()

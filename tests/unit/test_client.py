@@ -311,6 +311,16 @@ async def test_sending_on_a_client_that_is_not_open_is_an_error() -> None:
     assert channel.published == []
 
 
+async def test_closing_the_client_fails_a_call_still_waiting() -> None:
+    api, _ = make_client(silent, timeout=5.0)
+    await api.open()
+    call = asyncio.ensure_future(api.get_account(ACCOUNT_ID))
+    await asyncio.sleep(0.01)
+    await api.close()
+    with pytest.raises(RuntimeError, match="closed before the reply"):
+        await call
+
+
 EXPECTED_ERRORS = {
     ErrorCode.MALFORMED_MESSAGE: client.MalformedMessage,
     ErrorCode.UNKNOWN_COMMAND: client.UnknownCommand,
