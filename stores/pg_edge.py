@@ -3,8 +3,9 @@ operation is timed here, so nothing above the store sees a driver type.
 
     asyncpg.UniqueViolationError on accounts_email_canonical_key  -> DuplicateEmailError
     asyncpg.UniqueViolationError on idempotency_pkey              -> DuplicateKeyError
-    connection lost or refused, server shutting down, too many
-    clients, serialization failure, deadlock, timeout             -> TransientStoreError
+    connection lost or refused or left in a broken state, server
+    shutting down, too many clients, serialization failure,
+    deadlock, timeout                                             -> TransientStoreError
     any other driver error (other constraints, bad input)         -> StoreError
 """
 
@@ -34,6 +35,9 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.SerializationError,
     asyncpg.DeadlockDetectedError,
     asyncpg.InterfaceError,
+    # Raised when the server hangs up mid-statement (MagicStack/asyncpg#1069); the pool
+    # replaces the connection, so a retry runs on a fresh one.
+    asyncpg.InternalClientError,
     asyncio.TimeoutError,
     OSError,
 )

@@ -7,6 +7,7 @@ its latency to the optional `observe(operation, seconds)` hook.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from datetime import datetime, timedelta
@@ -33,6 +34,8 @@ from stores.records import (
     ThrottleDecision,
     ThrottleSchedule,
 )
+
+_log = logging.getLogger(__name__)
 
 # A refused reservation re-reads the lock; if a sign-in reset it in between, reserve again.
 _RESERVE_ATTEMPTS = 3
@@ -89,14 +92,36 @@ class PostgresIdentityStore:
             try:
                 yield conn
             except BaseException:
-                # A failed rollback means a dead connection; the pool discards it on release.
-                with suppress(StoreError), self._timed("rollback"):
-                    await transaction.rollback()
+                await self._roll_back(conn, transaction)
                 raise
             with self._timed("commit"):
                 await transaction.commit()
         finally:
+            await self._release(conn)
+
+    async def _roll_back(self, conn: Any, transaction: Any) -> None:
+        try:
+            with self._timed("rollback"):
+                await transaction.rollback()
+        except StoreError:
+            # The connection is broken (lost, or its protocol state corrupted by a server
+            # that hung up mid-statement): it must never be handed out again. A closed one
+            # has been detached from the pool already, and refuses `terminate()`.
+            with suppress(asyncpg.InterfaceError):
+                conn.terminate()
+
+    async def _release(self, conn: Any) -> None:
+        # The unit's outcome is already decided; a connection that cannot be reset is
+        # terminated by the pool, which is all that is left to do.
+        try:
             await self._pool.release(conn)
+        except (
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            asyncpg.InternalClientError,
+            OSError,
+        ):
+            _log.warning("discarded a database connection that failed to reset", exc_info=True)
 
     @asynccontextmanager
     async def unit_of_work(self) -> AsyncIterator[PostgresUnitOfWork]:

@@ -362,7 +362,12 @@ async def test_batch_that_raises_publishes_nothing(store: IdentityStore) -> None
 async def test_concurrent_batches_never_claim_the_same_row(store: IdentityStore) -> None:
     await drain(store)
     ids = await add_events(store, 10)
-    async with store.claim_events(4) as first, store.claim_events(10) as second:
+    # A store that waited for the first batch's rows instead of skipping them would hang here.
+    async with (
+        asyncio.timeout(10),
+        store.claim_events(4) as first,
+        store.claim_events(10) as second,
+    ):
         first_ids = [e.event_id for e in first.events]
         second_ids = [e.event_id for e in second.events]
     assert first_ids == ids[:4]

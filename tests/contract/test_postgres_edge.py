@@ -1,0 +1,81 @@
+"""What only the PostgreSQL store has: migrations, driver-error translation, latency hook."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from stores import PostgresIdentityStore, TransientStoreError, migrate
+from stores.migrate import migration_files
+from tests.contract.builders import account
+
+
+async def test_concurrent_migrators_create_the_database_and_apply_each_file_once(
+    pg_scratch_dsn: str,
+) -> None:
+    names = [name for name, _ in migration_files()]
+    results = await asyncio.gather(*(migrate(pg_scratch_dsn) for _ in range(4)))
+
+    assert sorted(results, key=len) == [[], [], [], names]
+    assert await migrate(pg_scratch_dsn) == []
+    conn = await asyncpg.connect(pg_scratch_dsn)
+    try:
+        recorded = [r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")]
+    finally:
+        await conn.close()
+    assert recorded == names
+
+
+def test_migrations_ship_as_numbered_files_in_order() -> None:
+    names = [name for name, _ in migration_files()]
+    assert names[0] == "0001_initial.sql"
+    assert names == sorted(names)
+
+
+async def test_every_operation_reports_its_latency(pg_dsn: str) -> None:
+    seen: list[tuple[str, float]] = []
+    store = await PostgresIdentityStore.connect(
+        pg_dsn, observe=lambda op, seconds: seen.append((op, seconds))
+    )
+    try:
+        async with store.unit_of_work() as uow:
+            await uow.insert_account(account())
+        await store.ping()
+    finally:
+        await store.close()
+
+    operations = [op for op, _ in seen]
+    assert operations[0] == "connect"
+    assert {"begin", "uow.insert_account", "commit", "ping", "close"} <= set(operations)
+    assert all(seconds >= 0 for _, seconds in seen)
+
+
+async def test_unreachable_server_is_a_transient_error() -> None:
+    with pytest.raises(TransientStoreError) as caught:
+        await PostgresIdentityStore.connect("postgresql://postgres@127.0.0.1:1/identity")
+    assert isinstance(caught.value.__cause__, OSError)
+
+
+async def test_connection_lost_inside_a_unit_is_transient_and_commits_nothing(
+    pg_dsn: str, pg_store: PostgresIdentityStore
+) -> None:
+    record = account()
+    admin = await asyncpg.connect(pg_dsn)
+
+    async def doomed() -> None:
+        async with pg_store.unit_of_work() as uow:
+            await uow.insert_account(record)
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            await uow.get_account(record.id)
+
+    try:
+        with pytest.raises(TransientStoreError):
+            await doomed()
+    finally:
+        await admin.close()
+    assert await pg_store.get_account(record.id) is None
