@@ -76,3 +76,15 @@ async def pg_store(pg_dsn: str) -> AsyncIterator[PostgresIdentityStore]:
         yield store
     finally:
         await store.close()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """A skipped test is not a pass: unless skips are explicitly allowed, they fail the run."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    if skipped and not os.environ.get("IDENTITY_TESTS_ALLOW_SKIPS"):
+        terminalreporter.write_line(
+            f"{len(skipped)} test(s) skipped: failing the run (set IDENTITY_TESTS_ALLOW_SKIPS=1 "
+            "to allow skips locally)",
+            red=True,
+        )
+        terminalreporter._session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -10,9 +10,13 @@ from __future__ import annotations
 import secrets
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import pytest
+
+from tests.support import workers
+from tests.support.bus import Bus
 
 # The broker the vhosts are created on by the local rabbitmqctl.
 BROKER = "amqp://guest:guest@127.0.0.1:5672"
@@ -50,3 +54,51 @@ def amqp_vhost() -> Iterator[str]:
 def amqp_url(amqp_vhost: str) -> str:
     """The URL of the session's fresh vhost."""
     return f"{BROKER}/{amqp_vhost}"
+
+
+@pytest.fixture(scope="session")
+def worker_env(amqp_url: str, pg_dsn: str) -> dict[str, str]:
+    """Environment for `identity-worker run` against this session's vhost and database."""
+    return workers.worker_env(amqp_url, pg_dsn)
+
+
+@pytest.fixture(scope="session")
+def worker(
+    worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[workers.WorkerProcess]:
+    """One worker shared by the tests that only talk to it through the broker."""
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    process = workers.WorkerProcess(worker_env, log).start()
+    try:
+        yield process
+    finally:
+        process.terminate()
+
+
+@pytest.fixture
+def start_worker(
+    worker_env: dict[str, str], tmp_path: Path
+) -> Iterator[Callable[..., workers.WorkerProcess]]:
+    """Start extra workers (same vhost and database); all are stopped after the test."""
+    started: list[workers.WorkerProcess] = []
+
+    def start(**extra_env: str) -> workers.WorkerProcess:
+        log = tmp_path / f"worker-{len(started)}.log"
+        process = workers.WorkerProcess({**worker_env, **extra_env}, log)
+        started.append(process)
+        return process.start()
+
+    yield start
+    for process in started:
+        if process.alive():
+            process.kill()
+
+
+@pytest.fixture
+async def bus(amqp_url: str, worker: workers.WorkerProcess) -> AsyncIterator[Bus]:
+    """A caller on the session's vhost, with its own reply, event and dead-letter queues."""
+    opened = await Bus.open(amqp_url)
+    try:
+        yield opened
+    finally:
+        await opened.close()

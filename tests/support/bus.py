@@ -1,0 +1,143 @@
+"""The broker side of the tests: publish commands as any caller would, collect replies by
+correlation id, and capture every event and dead letter on queues of the test's own."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aio_pika
+import orjson
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+
+from messages.topology import COMMANDS_EXCHANGE, DEAD_EXCHANGE, DEAD_QUEUE, EVENTS_EXCHANGE
+
+
+@dataclass
+class Sent:
+    """A published command, as the checker needs to know it."""
+
+    command: str
+    key: str | None
+    payload: dict[str, Any]
+    correlation_id: str
+
+
+@dataclass
+class Bus:
+    """One connection to the test vhost: a caller with its reply queue, plus captures."""
+
+    connection: AbstractRobustConnection
+    channel: AbstractChannel
+    reply_queue: str
+    replies: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    dead: list[dict[str, Any]] = field(default_factory=list)
+    sent: list[Sent] = field(default_factory=list)
+    _arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    @classmethod
+    async def open(cls, amqp_url: str, *, capture_dead: bool = True) -> Bus:
+        connection = await aio_pika.connect_robust(amqp_url)
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.set_qos(prefetch_count=1000)
+        replies = await channel.declare_queue(exclusive=True, auto_delete=True)
+        bus = cls(connection, channel, replies.name)
+        await replies.consume(bus._on_reply, no_ack=True)
+        events_x = await channel.declare_exchange(EVENTS_EXCHANGE, "topic", durable=True)
+        captured = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await captured.bind(events_x, "#")
+        await captured.consume(bus._on_event, no_ack=True)
+        if capture_dead:
+            await bus._capture_dead()
+        return bus
+
+    async def _capture_dead(self) -> None:
+        dead_x = await self.channel.declare_exchange(DEAD_EXCHANGE, "fanout", durable=True)
+        copy = await self.channel.declare_queue(exclusive=True, auto_delete=True)
+        await copy.bind(dead_x)
+        await copy.consume(self._on_dead, no_ack=True)
+
+    async def close(self) -> None:
+        await self.connection.close()
+
+    async def _notify(self) -> None:
+        async with self._arrived:
+            self._arrived.notify_all()
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        body = orjson.loads(message.body)
+        self.replies.setdefault(message.correlation_id or "", []).append(body)
+        await self._notify()
+
+    async def _on_event(self, message: AbstractIncomingMessage) -> None:
+        self.events.append(orjson.loads(message.body))
+        await self._notify()
+
+    async def _on_dead(self, message: AbstractIncomingMessage) -> None:
+        self.dead.append(orjson.loads(message.body))
+        await self._notify()
+
+    async def publish(
+        self,
+        command: str,
+        body: bytes | dict[str, Any],
+        *,
+        correlation_id: str | None = None,
+        content_type: str | None = "application/json",
+        reply: bool = True,
+    ) -> str:
+        """Publish to identity.commands exactly as a caller would; returns the correlation id."""
+        correlation_id = correlation_id or uuid.uuid4().hex
+        raw = body if isinstance(body, bytes) else orjson.dumps(body)
+        if isinstance(body, dict):
+            payload = body.get("payload") if isinstance(body.get("payload"), dict) else {}
+            self.sent.append(Sent(command, body.get("idempotency_key"), payload, correlation_id))
+        exchange = await self.channel.get_exchange(COMMANDS_EXCHANGE)
+        message = aio_pika.Message(
+            raw,
+            content_type=content_type,
+            correlation_id=correlation_id,
+            message_id=uuid.uuid4().hex,
+            reply_to=self.reply_queue if reply else None,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        await exchange.publish(message, routing_key=command)
+        return correlation_id
+
+    async def command(
+        self, command: str, payload: dict[str, Any], key: str | None = None, **kw: Any
+    ) -> str:
+        body: dict[str, Any] = {"payload": payload}
+        if key is not None:
+            body["idempotency_key"] = key
+        return await self.publish(command, body, **kw)
+
+    async def wait_for(self, ready: Callable[[], bool], timeout: float = 30.0) -> None:
+        async def until() -> None:
+            async with self._arrived:
+                await self._arrived.wait_for(ready)
+
+        await asyncio.wait_for(until(), timeout)
+
+    async def reply(self, correlation_id: str, timeout: float = 30.0) -> dict[str, Any]:
+        await self.wait_for(lambda: bool(self.replies.get(correlation_id)), timeout)
+        return self.replies[correlation_id][0]
+
+    async def call(
+        self, command: str, payload: dict[str, Any], key: str | None = None, timeout: float = 30.0
+    ) -> dict[str, Any]:
+        """Publish and await the reply (a fresh idempotency key unless one is given)."""
+        key = key if key is not None else uuid.uuid4().hex
+        return await self.reply(await self.command(command, payload, key), timeout)
+
+    def events_of(self, event_type: str) -> list[dict[str, Any]]:
+        return [event for event in self.events if event.get("type") == event_type]
+
+
+async def dead_queue_depth(channel: AbstractChannel) -> int:
+    queue = await channel.declare_queue(DEAD_QUEUE, passive=True)
+    return int(queue.declaration_result.message_count or 0)
