@@ -242,6 +242,24 @@ async def test_idempotency_record_round_trips_its_reply(store: IdentityStore) ->
     assert await store.get_idempotency(unique("key")) is None
 
 
+async def test_reply_comes_back_as_json_gives_it(store: IdentityStore) -> None:
+    record = idempotency(reply={"ok": False, "fields": ("email",), "none": None})
+    async with store.unit_of_work() as uow:
+        await uow.save_idempotency(record)
+    stored = await store.get_idempotency(record.key)
+    assert stored is not None
+    assert stored.reply == {"ok": False, "fields": ["email"], "none": None}
+
+
+async def test_reply_that_is_not_json_is_a_permanent_error(store: IdentityStore) -> None:
+    record = idempotency(reply={"unserialisable": object()})
+    with pytest.raises(StoreError) as caught:
+        async with store.unit_of_work() as uow:
+            await uow.save_idempotency(record)
+    assert not isinstance(caught.value, TransientStoreError)
+    assert await store.get_idempotency(record.key) is None
+
+
 async def test_reused_idempotency_key_is_rejected(store: IdentityStore) -> None:
     record = idempotency()
     async with store.unit_of_work() as uow:

@@ -100,9 +100,8 @@ class WorkerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive():
-                raise AssertionError(
-                    f"worker exited ({self.process and self.process.returncode}):\n{self.log_tail()}"
-                )
+                code = self.process and self.process.returncode
+                raise AssertionError(f"worker exited ({code}):\n{self.log_tail()}")
             if self.readiness() == status:
                 return
             time.sleep(0.1)
