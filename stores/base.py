@@ -48,6 +48,14 @@ class UnitOfWork(Protocol):
         None (and nothing changed) otherwise. Raises DuplicateEmailError."""
         ...
 
+    async def replace_password_hash(
+        self, account_id: str, expected_hash: str, new_hash: str
+    ) -> bool:
+        """Swap in a stronger hash of the same password if the account still has
+        `expected_hash`; whether it did. Not a change the account holder sees: `version` and
+        `updated_at` stay as they are."""
+        ...
+
     async def insert_session(self, session: SessionRecord) -> None: ...
 
     async def get_session(self, session_id: str) -> SessionRecord | None: ...

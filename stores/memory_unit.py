@@ -117,6 +117,15 @@ class MemoryUnitOfWork:
         if owner is not None and owner != account_id:
             raise DuplicateEmailError("the canonical email is taken")
 
+    async def replace_password_hash(
+        self, account_id: str, expected_hash: str, new_hash: str
+    ) -> bool:
+        current = await self.get_account(account_id)
+        if current is None or current.password_hash != expected_hash:
+            return False
+        self._accounts[account_id] = replace(current, password_hash=new_hash)
+        return True
+
     async def insert_session(self, session: SessionRecord) -> None:
         if session.id in self._new_sessions or session.id in self._tables.sessions:
             raise StoreError("unique constraint sessions_pkey violated")

@@ -46,6 +46,9 @@ UPDATE accounts SET
 WHERE id = $1 AND version = $2
 RETURNING {ACCOUNT}
 """
+REPLACE_PASSWORD_HASH = """
+UPDATE accounts SET password_hash = $3 WHERE id = $1 AND password_hash = $2
+"""
 
 INSERT_SESSION = f"INSERT INTO sessions ({SESSION}) VALUES ({_placeholders(SessionRecord)})"
 GET_SESSION = f"SELECT {SESSION} FROM sessions WHERE id = $1"

@@ -77,6 +77,15 @@ class PostgresUnitOfWork:
             )
         return account_from(row)
 
+    async def replace_password_hash(
+        self, account_id: str, expected_hash: str, new_hash: str
+    ) -> bool:
+        with self._timed("uow.replace_password_hash"):
+            status = await self._conn.execute(
+                sql.REPLACE_PASSWORD_HASH, account_id, expected_hash, new_hash
+            )
+        return bool(status == "UPDATE 1")
+
     async def insert_session(self, session: SessionRecord) -> None:
         with self._timed("uow.insert_session"):
             await self._conn.execute(sql.INSERT_SESSION, *astuple(session))

@@ -157,6 +157,24 @@ async def test_email_given_up_by_an_update_can_be_taken(store: IdentityStore) ->
     assert moved.id == mover.id
 
 
+async def test_rehash_replaces_the_hash_without_a_new_version(store: IdentityStore) -> None:
+    record = account()
+    async with store.unit_of_work() as uow:
+        await uow.insert_account(record)
+        assert await uow.replace_password_hash(record.id, record.password_hash, "$argon2id$new")
+    assert await store.get_account(record.id) == replace(record, password_hash="$argon2id$new")
+
+
+async def test_rehash_of_a_hash_changed_meanwhile_changes_nothing(store: IdentityStore) -> None:
+    record = account()
+    async with store.unit_of_work() as uow:
+        await uow.insert_account(record)
+    async with store.unit_of_work() as uow:
+        assert not await uow.replace_password_hash(record.id, "$argon2id$stale", "$argon2id$new")
+        assert not await uow.replace_password_hash(unique("acct"), "x", "y")
+    assert await store.get_account(record.id) == record
+
+
 # Sessions
 
 
