@@ -54,11 +54,19 @@ async def _scratch_database() -> AsyncIterator[str]:
             await admin.close()
 
 
+@asynccontextmanager
+async def migrated_database() -> AsyncIterator[str]:
+    """A fresh, migrated database, dropped afterwards: for a suite that must not share
+    `pg_dsn` (override `pg_dsn` in its conftest with this)."""
+    async with _scratch_database() as dsn:
+        await migrate(dsn)
+        yield dsn
+
+
 @pytest.fixture(scope="session")
 async def pg_dsn() -> AsyncIterator[str]:
     """A fresh, migrated database for this test session."""
-    async with _scratch_database() as dsn:
-        await migrate(dsn)
+    async with migrated_database() as dsn:
         yield dsn
 
 
