@@ -125,7 +125,6 @@ class CommandProcessor:
                 with attempt:
                     result = await handler(command.payload, command.context)
         except IdentityError as error:
-            self._on_committed()  # a stored failure may come with committed state (throttle)
             return Reply(
                 ok=False, command=command.name, idempotency_key=key, error=error.to_error_body()
             )
@@ -143,7 +142,8 @@ class CommandProcessor:
             )
             await self._dead.publish(message, "unexpected_error", parsed=_body_or_none(message))
             return Reply(ok=False, command=command.name, idempotency_key=key, error=_INTERNAL)
-        self._on_committed()
+        if COMMANDS[command.name].changes_state:
+            self._on_committed()  # its events are in the outbox now: publish without waiting
         body = result.model_dump(mode="json", context={"reveal_secrets": True})
         return Reply(ok=True, command=command.name, idempotency_key=key, result=body)
 
