@@ -56,7 +56,7 @@ async def signing_keys(settings: Settings, store: IdentityStore) -> list[Signing
     """The configured keys, or else a development key shared through the database, so that
     several local workers accept each other's tokens without any configuration."""
     if settings.signing_keys is not None:
-        return parse_signing_keys(settings.signing_keys.get_secret_value())
+        return settings.parsed_signing_keys()
     secret = await store.shared_secret(DEV_KEY_NAME, secrets.token_bytes(32))
     log.warning(
         "IDENTITY_SIGNING_KEYS is not set: using a development signing key stored in the "

@@ -9,8 +9,6 @@ secrets).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import os
 import re
 from collections.abc import Mapping
@@ -26,6 +24,9 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+# One parser for signing keys, the one the token signer uses, so a key that loads also signs.
+from services.tokens import SigningKey, parse_signing_keys
 
 ENV_PREFIX = "IDENTITY_"
 MIN_SIGNING_KEY_BYTES = 32
@@ -45,38 +46,6 @@ class SettingsError(ValueError):
 def env_name(field: str) -> str:
     """The environment variable that sets `field`."""
     return ENV_PREFIX + field.upper()
-
-
-def parse_signing_keys(raw: str) -> list[tuple[str, bytes]]:
-    """Split `kid:base64url,kid:base64url` into (kid, key) pairs; the first one signs.
-
-    Errors say which entry is wrong and why, without repeating any key material.
-    """
-    pairs: list[tuple[str, bytes]] = []
-    for position, entry in enumerate(raw.split(","), start=1):
-        kid, sep, encoded = entry.strip().partition(":")
-        if not sep or not _KID.match(kid):
-            raise ValueError(
-                f"entry {position} must look like kid:base64url (kid: 1-32 of a-z0-9-)"
-            )
-        if any(kid == known for known, _ in pairs):
-            raise ValueError(f"entry {position} repeats kid {kid!r}")
-        pairs.append((kid, _decode_key(encoded.strip(), position)))
-    return pairs
-
-
-def _decode_key(encoded: str, position: int) -> bytes:
-    if not _BASE64URL.match(encoded):
-        raise ValueError(f"entry {position}: key is not base64url")
-    try:
-        key = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
-    except (binascii.Error, ValueError):
-        raise ValueError(f"entry {position}: key is not base64url") from None
-    if len(key) < MIN_SIGNING_KEY_BYTES:
-        raise ValueError(
-            f"entry {position}: key must decode to at least {MIN_SIGNING_KEY_BYTES} bytes"
-        )
-    return key
 
 
 def redacted_url(url: str) -> str:
@@ -138,7 +107,7 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(default=65536, ge=1024)
     delivery_limit: int = Field(default=5, ge=1)
     worker_delivery_limit: int = Field(default=4, ge=1)
-    retry_attempts: int = Field(default=5, ge=1)
+    retry_attempts: int = Field(default=12, ge=1)
     retry_max_delay_s: float = Field(default=5.0, gt=0)
 
     shutdown_grace_s: float = Field(default=20.0, ge=0)
@@ -211,7 +180,7 @@ class Settings(BaseSettings):
         so the pool never idles yet messages don't pile up in memory behind argon2."""
         return self.password_prefetch or 2 * self.effective_hash_workers
 
-    def signing_key_pairs(self) -> list[tuple[str, bytes]]:
+    def parsed_signing_keys(self) -> list[SigningKey]:
         """The parsed signing keys, the signing one first; empty when none are configured."""
         if self.signing_keys is None:
             return []
