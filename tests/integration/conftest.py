@@ -11,10 +11,14 @@ import secrets
 import shutil
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import asyncpg
 import pytest
 
+from tests.conftest import migrated_database
 from tests.support import workers
 from tests.support.bus import Bus
 
@@ -102,3 +106,83 @@ async def bus(amqp_url: str, worker: workers.WorkerProcess) -> AsyncIterator[Bus
         yield opened
     finally:
         await opened.close()
+
+
+@contextmanager
+def fresh_vhost() -> Iterator[str]:
+    """A vhost of its own (the guest user may use it), deleted with everything in it."""
+    vhost = f"identity-test-{secrets.token_hex(4)}"
+    rabbitmqctl("add_vhost", vhost)
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        yield vhost
+    finally:
+        rabbitmqctl("delete_vhost", vhost)
+
+
+@pytest.fixture(scope="module")
+def private_amqp_vhost() -> Iterator[str]:
+    """A vhost no worker runs on, for tests that declare and drain the queues themselves."""
+    with fresh_vhost() as vhost:
+        yield vhost
+
+
+@pytest.fixture(scope="module")
+def private_amqp_url(private_amqp_vhost: str) -> str:
+    return f"{BROKER}/{private_amqp_vhost}"
+
+
+@dataclass
+class Isolated:
+    """A vhost and a database of a test's own, and the workers it started on them.
+
+    Workers on another vhost must not share the session database: every relay publishes every
+    unpublished outbox row of its database, so it would carry the shared worker's events to the
+    wrong vhost (and the other way round).
+    """
+
+    vhost: str
+    amqp_url: str
+    database_url: str
+    env: dict[str, str]
+    log_dir: Path
+    workers: list[workers.WorkerProcess] = field(default_factory=list)
+
+    def worker(self, **extra_env: str) -> workers.WorkerProcess:
+        """A worker process on this vhost and database, not started yet."""
+        log = self.log_dir / f"isolated-worker-{len(self.workers)}.log"
+        process = workers.WorkerProcess({**self.env, **extra_env}, log)
+        self.workers.append(process)
+        return process
+
+    def start(self, **extra_env: str) -> workers.WorkerProcess:
+        return self.worker(**extra_env).start()
+
+    async def bus(self) -> Bus:
+        return await Bus.open(self.amqp_url)
+
+
+@pytest.fixture
+async def isolated(tmp_path: Path) -> AsyncIterator[Isolated]:
+    """A fresh vhost and a fresh migrated database; its workers are killed afterwards."""
+    with fresh_vhost() as vhost:
+        async with migrated_database() as dsn:
+            amqp_url = f"{BROKER}/{vhost}"
+            env = workers.worker_env(amqp_url, dsn)
+            place = Isolated(vhost, amqp_url, dsn, env, tmp_path)
+            try:
+                yield place
+            finally:
+                for process in place.workers:
+                    if process.alive():
+                        process.kill()
+
+
+@pytest.fixture
+async def db(pg_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection to the session database, to check what the worker committed."""
+    connection = await asyncpg.connect(pg_dsn)
+    try:
+        yield connection
+    finally:
+        await connection.close()

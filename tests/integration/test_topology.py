@@ -29,8 +29,10 @@ LIMIT = 3
 
 
 @pytest.fixture
-async def channel(amqp_url: str) -> AsyncIterator[AbstractChannel]:
-    connection = await aio_pika.connect(amqp_url)
+async def channel(private_amqp_url: str) -> AsyncIterator[AbstractChannel]:
+    # A vhost of its own: the session's worker consumes from (and declares with its own
+    # delivery limit) the queues of the session vhost.
+    connection = await aio_pika.connect(private_amqp_url)
     async with connection:
         # Raising on a returned message makes every mandatory publish below an assertion that
         # the message was routed somewhere.
@@ -68,9 +70,9 @@ def _queues_listed(vhost: str) -> dict[str, dict[str, Any]]:
 
 
 async def test_worker_queues_are_durable_quorum_queues_with_the_delivery_limit(
-    topology: Topology, amqp_vhost: str
+    topology: Topology, private_amqp_vhost: str
 ) -> None:
-    queues = _queues_listed(amqp_vhost)
+    queues = _queues_listed(private_amqp_vhost)
 
     for name in (PASSWORD_QUEUE, FAST_QUEUE):
         assert queues[name]["type"] == "quorum"
