@@ -147,6 +147,7 @@ class Isolated:
     env: dict[str, str]
     log_dir: Path
     workers: list[workers.WorkerProcess] = field(default_factory=list)
+    buses: list[Bus] = field(default_factory=list)
 
     def worker(self, **extra_env: str) -> workers.WorkerProcess:
         """A worker process on this vhost and database, not started yet."""
@@ -159,7 +160,11 @@ class Isolated:
         return self.worker(**extra_env).start()
 
     async def bus(self) -> Bus:
-        return await Bus.open(self.amqp_url)
+        """A caller with captures on this vhost (closed after the test); it publishes to
+        identity.commands, so a worker must have declared the topology first."""
+        opened = await Bus.open(self.amqp_url)
+        self.buses.append(opened)
+        return opened
 
 
 @pytest.fixture
@@ -173,6 +178,8 @@ async def isolated(tmp_path: Path) -> AsyncIterator[Isolated]:
             try:
                 yield place
             finally:
+                for opened in place.buses:
+                    await opened.close()
                 for process in place.workers:
                     if process.alive():
                         process.kill()

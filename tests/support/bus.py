@@ -4,8 +4,9 @@ correlation id, and capture every event and dead letter on queues of the test's 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,8 @@ class Sent:
     key: str | None
     payload: dict[str, Any]
     correlation_id: str
+    # Set on a second publication of a command (same key, new correlation id).
+    duplicate_of: str | None = None
 
 
 @dataclass
@@ -40,7 +43,14 @@ class Bus:
     _arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     @classmethod
-    async def open(cls, amqp_url: str, *, capture_dead: bool = True) -> Bus:
+    async def open(
+        cls, amqp_url: str, *, capture_dead: bool = True, durable: str | None = None
+    ) -> Bus:
+        """With `durable` (a name prefix), the reply, event and dead-letter captures are
+        durable named queues consumed with acks, so that they survive the broker closing the
+        connection: nothing published while the bus reconnects is lost."""
+        if durable is not None:
+            return await cls._open_durable(amqp_url, durable, capture_dead)
         connection = await aio_pika.connect_robust(amqp_url)
         channel = await connection.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=1000)
@@ -54,6 +64,64 @@ class Bus:
         if capture_dead:
             await bus._capture_dead()
         return bus
+
+    @classmethod
+    async def _open_durable(cls, amqp_url: str, prefix: str, capture_dead: bool) -> Bus:
+        connection = await aio_pika.connect_robust(
+            amqp_url, client_properties={"connection_name": prefix}
+        )
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.set_qos(prefetch_count=1000)
+        replies = await channel.declare_queue(f"{prefix}.replies", durable=True)
+        bus = cls(connection, channel, replies.name)
+        await replies.consume(_acking(bus._on_reply))
+        events_x = await channel.declare_exchange(EVENTS_EXCHANGE, "topic", durable=True)
+        captured = await channel.declare_queue(f"{prefix}.events", durable=True)
+        await captured.bind(events_x, "#")
+        await captured.consume(_acking(bus._on_event))
+        if capture_dead:
+            dead_x = await channel.declare_exchange(DEAD_EXCHANGE, "fanout", durable=True)
+            copy = await channel.declare_queue(f"{prefix}.dead", durable=True)
+            await copy.bind(dead_x)
+            await copy.consume(_acking(bus._on_dead))
+        return bus
+
+    async def publish_confirmed(
+        self,
+        command: str,
+        body: dict[str, Any],
+        *,
+        correlation_id: str,
+        duplicate_of: str | None = None,
+        deadline_s: float = 60.0,
+    ) -> int:
+        """Publish until the broker confirms it, re-sending the very same message (same key,
+        correlation id and message id) after a refusal or a lost connection. Recorded in
+        `sent` once; returns how many extra attempts it took."""
+        payload = body.get("payload") if isinstance(body.get("payload"), dict) else {}
+        self.sent.append(
+            Sent(command, body.get("idempotency_key"), payload, correlation_id, duplicate_of)
+        )
+        message = aio_pika.Message(
+            orjson.dumps(body),
+            content_type="application/json",
+            correlation_id=correlation_id,
+            message_id=uuid.uuid4().hex,
+            reply_to=self.reply_queue,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        deadline = asyncio.get_running_loop().time() + deadline_s
+        retries = 0
+        while True:
+            try:
+                exchange = await self.channel.get_exchange(COMMANDS_EXCHANGE, ensure=False)
+                await exchange.publish(message, routing_key=command, timeout=5)
+                return retries
+            except Exception:  # closed channel, lost connection, nack, timeout: all retried
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                retries += 1
+                await asyncio.sleep(0.25)
 
     async def _capture_dead(self) -> None:
         dead_x = await self.channel.declare_exchange(DEAD_EXCHANGE, "fanout", durable=True)
@@ -136,6 +204,46 @@ class Bus:
 
     def events_of(self, event_type: str) -> list[dict[str, Any]]:
         return [event for event in self.events if event.get("type") == event_type]
+
+    def events_caused_by(self, key: str) -> list[dict[str, Any]]:
+        """Every captured event of the command with idempotency key `key` (repeats included)."""
+        return [event for event in self.events if event.get("causation_id") == key]
+
+    async def send_to_queue(
+        self, queue: str, body: bytes, *, content_type: str = "application/json"
+    ) -> str:
+        """Publish straight to a queue through the default exchange, bypassing the commands
+        exchange (so the routing key is the queue's name); returns the correlation id."""
+        correlation_id = uuid.uuid4().hex
+        message = aio_pika.Message(
+            body,
+            content_type=content_type,
+            correlation_id=correlation_id,
+            reply_to=self.reply_queue,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        await self.channel.default_exchange.publish(message, routing_key=queue)
+        return correlation_id
+
+    async def replies_to(
+        self, correlation_id: str, count: int, timeout: float = 30.0
+    ) -> list[dict[str, Any]]:
+        """Wait until `count` replies carry `correlation_id`, and return them all."""
+        await self.wait_for(lambda: len(self.replies.get(correlation_id, [])) >= count, timeout)
+        return self.replies[correlation_id]
+
+
+def _acking(
+    handler: Callable[[AbstractIncomingMessage], Awaitable[None]],
+) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
+    """Record first, then ack: a capture cut off in between gets the message again."""
+
+    async def consume(message: AbstractIncomingMessage) -> None:
+        await handler(message)
+        with contextlib.suppress(Exception):
+            await message.ack()
+
+    return consume
 
 
 async def dead_queue_depth(channel: AbstractChannel) -> int:
