@@ -4,6 +4,9 @@ identity-worker [run] [--no-migrate]   consume commands (the default)
 identity-worker migrate                create the database if needed, apply migrations
 identity-worker keys new               print a new signing key for IDENTITY_SIGNING_KEYS
 identity-worker asyncapi               print the AsyncAPI document of contract v1
+identity-worker send COMMAND --field value ...   send one command, print its reply
+identity-worker demo                   run a sign-up/sign-in story against a running worker
+identity-worker dead list|republish    inspect or re-send the dead letters in identity.dead
 """
 
 from __future__ import annotations
@@ -63,6 +66,59 @@ def _asyncapi(args: argparse.Namespace) -> int:
     return 0
 
 
+def _send(args: argparse.Namespace) -> int:
+    from worker.cli_send import run_send
+
+    return run_send(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from worker.cli_demo import run_demo
+
+    return run_demo(args)
+
+
+def _dead(args: argparse.Namespace) -> int:
+    from worker.cli_dead import run_dead
+
+    return run_dead(args)
+
+
+def _add_tool_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The operator's tools; their modules (and `messages`, `aio_pika`) load only when used."""
+    url_help = "broker URL (default: IDENTITY_AMQP_URL)"
+    send = sub.add_parser(
+        "send",
+        help="send one command and print its reply",
+        description="Send COMMAND with its payload fields as flags (`send account.create --help`"
+        " lists them); the reply is printed as JSON. Exit 0 ok, 1 error reply, 2 bad usage,"
+        " 3 no reply (send again with the same --idempotency-key: it is safe).",
+    )
+    send.add_argument("command", metavar="COMMAND", help="e.g. account.create, session.verify")
+    # The flags depend on COMMAND's payload model, so they are parsed by worker.cli_send.
+    send.add_argument("fields", nargs=argparse.REMAINDER, help="--field value ... (see above)")
+    send.set_defaults(func=_send)
+    demo = sub.add_parser("demo", help="run a sign-up/sign-in story against a running worker")
+    demo.add_argument("--amqp-url", help=url_help)
+    demo.add_argument("--timeout", type=float, default=15.0, help="seconds per step (15)")
+    demo.set_defaults(func=_demo)
+    dead = sub.add_parser("dead", help="dead letters in identity.dead").add_subparsers(
+        dest="dead_command"
+    )
+    dead.required = True
+    listing = dead.add_parser("list", help="print dead letters, leaving them in the queue")
+    republish = dead.add_parser(
+        "republish", help="send complete dead-lettered commands again, removing them"
+    )
+    for parser in (listing, republish):
+        parser.add_argument("--amqp-url", help=url_help)
+        parser.add_argument("--limit", type=int, default=100, help="at most N (100)")
+        parser.add_argument("--reason", help="only dead letters with this reason")
+        parser.set_defaults(func=_dead)
+    republish.add_argument("--yes", action="store_true", help="do it (default: a dry run)")
+    republish.add_argument("--timeout", type=float, default=10.0, help="seconds per reply (10)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="identity-worker",
@@ -80,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys.required = True
     keys.add_parser("new", help="print a new signing key").set_defaults(func=_keys_new)
     sub.add_parser("asyncapi", help="print the AsyncAPI document").set_defaults(func=_asyncapi)
+    _add_tool_parsers(sub)
     return parser
 
 

@@ -1,0 +1,72 @@
+"""What the operator tools (`send`, `demo`, `dead`) share: the broker URL, masking, exit codes,
+and one way to say that the broker could not be reached."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import aio_pika.exceptions
+import aiormq.exceptions
+
+from worker.logs import redact_text
+from worker.settings import SettingsError, load_settings, redacted_url
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NO_REPLY = 3
+
+# What failing to reach or talk to the broker looks like from aio-pika.
+BROKER_ERRORS = (
+    aio_pika.exceptions.AMQPError,
+    aiormq.exceptions.AMQPError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+)
+
+
+def quiet_broker_library() -> None:
+    """aio-pika logs connection failures on its own; the tools report them once, themselves."""
+    for name in ("aio_pika", "aiormq"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def resolve_amqp_url(flag: str | None) -> str:
+    """`--amqp-url` if given, else the worker's own setting (IDENTITY_AMQP_URL)."""
+    quiet_broker_library()
+    if flag:
+        return flag
+    try:
+        return load_settings().amqp_url.get_secret_value()
+    except SettingsError as exc:
+        print(f"identity-worker: bad settings: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+
+
+def broker_unreachable(url: str, exc: BaseException) -> int:
+    """Say which broker (password masked) failed and how; the exit code for it."""
+    # aiormq quotes the URL in some messages: mask its password there too.
+    reason = redact_text(str(exc)) or type(exc).__name__
+    print(f"identity-worker: broker {redacted_url(url)}: {reason}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def mask_token(token: str) -> str:
+    """Enough of a token to tell two apart in a transcript, not enough to use it."""
+    return token[:8] + "…"
+
+
+@contextmanager
+def stopwatch() -> Iterator[list[float]]:
+    """Yields a one-item list that holds the elapsed milliseconds once the block ends."""
+    elapsed = [0.0]
+    started = time.perf_counter()
+    try:
+        yield elapsed
+    finally:
+        elapsed[0] = (time.perf_counter() - started) * 1000
