@@ -1,0 +1,156 @@
+"""The files under deploy/ agree with the worker: every metric an alert or a dashboard panel
+queries is one the worker really exposes, and every alert has what an on-call needs."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client import generate_latest
+
+from worker.metrics import Metrics, create_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboard.json"
+RUNBOOK = ROOT / "docs" / "runbook.md"
+METRIC_NAME = re.compile(r"\bidentity_[a-z_]+")
+JOB = "identity-worker"
+
+
+def exposed_names() -> set[str]:
+    """Sample names of a fresh worker's /metrics text, every labelled metric touched once
+    (a labelled metric shows no series until a label set is used)."""
+    metrics = create_metrics()
+    for name in Metrics.__dataclass_fields__:
+        metric = getattr(metrics, name)
+        # prometheus_client has no public accessor for a metric's label names.
+        labels = getattr(metric, "_labelnames", ())
+        if labels:
+            metric.labels(*["x"] * len(labels))
+    text = generate_latest(metrics.registry).decode()
+    return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1].isalpha()}
+
+
+@pytest.fixture(scope="module")
+def exposed() -> set[str]:
+    return exposed_names()
+
+
+def load_rules() -> list[dict[str, Any]]:
+    document = yaml.safe_load(ALERTS.read_text())
+    assert isinstance(document, dict), "alerts.yml must be a mapping with `groups`"
+    groups = document["groups"]
+    assert isinstance(groups, list)
+    assert groups
+    rules = []
+    for group in groups:
+        assert group["name"], group
+        assert group["rules"], f"group {group['name']} has no rules"
+        rules.extend(group["rules"])
+    return rules
+
+
+def dashboard_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Every panel, those inside collapsed rows included."""
+    for panel in panels:
+        yield panel
+        yield from dashboard_panels(panel.get("panels", []))
+
+
+def runbook_anchors() -> set[str]:
+    """GitHub's anchors for the runbook's headings: lower case, spaces to dashes, no punctuation."""
+    headings = re.findall(r"^#+ (.+)$", RUNBOOK.read_text(), flags=re.MULTILINE)
+    return {
+        re.sub(r"[^\w\- ]", "", heading).strip().lower().replace(" ", "-") for heading in headings
+    }
+
+
+def test_the_exposition_has_the_suffixed_series_the_rules_rely_on(exposed: set[str]) -> None:
+    assert {
+        "identity_commands_total",
+        "identity_command_duration_seconds_bucket",
+        "identity_dead_letters_total",
+        "identity_ready",
+    } <= exposed
+
+
+def test_every_alert_has_an_expression_a_duration_a_severity_and_a_runbook() -> None:
+    anchors = runbook_anchors()
+    for rule in load_rules():
+        name = rule["alert"]
+        assert rule["expr"].strip(), name
+        assert re.fullmatch(r"\d+[smh]", rule["for"]), f"{name}: `for` must be a duration"
+        assert rule["labels"]["severity"] in {"critical", "warning"}, name
+        annotations = rule["annotations"]
+        assert annotations["summary"], name
+        assert annotations["description"], name
+        anchor = annotations["runbook_url"].partition("docs/runbook.md#")[2]
+        assert anchor in anchors, f"{name}: no runbook section #{anchor}"
+
+
+def test_alert_expressions_name_only_metrics_the_worker_exposes(exposed: set[str]) -> None:
+    named = {name for rule in load_rules() for name in METRIC_NAME.findall(rule["expr"])}
+    assert named, "no alert looks at a worker metric"
+    assert named <= exposed, f"unknown metrics in alerts.yml: {sorted(named - exposed)}"
+
+
+def test_the_alerts_cover_the_states_an_operator_must_hear_about() -> None:
+    exprs = " ".join(rule["expr"] for rule in load_rules())
+    for needed in (
+        f'up{{job="{JOB}"}} == 0',
+        "identity_ready == 0",
+        "increase(identity_dead_letters_total[10m])",
+        "identity_outbox_oldest_age_seconds",
+        'outcome="internal_error"',
+        "histogram_quantile(0.99",
+        "identity_broker_connected == 0",
+        "identity_database_up == 0",
+    ):
+        assert needed in exprs, needed
+
+
+def test_the_scrape_config_loads_the_rules_under_the_job_they_expect() -> None:
+    config = yaml.safe_load(PROMETHEUS.read_text())
+    assert "alerts.yml" in config["rule_files"]
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert jobs[JOB]["metrics_path"] == "/metrics"
+
+
+def test_dashboard_queries_name_only_metrics_the_worker_exposes(exposed: set[str]) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    named: set[str] = set()
+    for panel in dashboard_panels(dashboard["panels"]):
+        for target in panel.get("targets", []):
+            found = set(METRIC_NAME.findall(target["expr"]))
+            assert found or "process_" in target["expr"] or "up{" in target["expr"], panel
+            named |= found
+    assert named <= exposed, f"unknown metrics in dashboard.json: {sorted(named - exposed)}"
+    # Every worker metric has a panel, so a new one is not forgotten here.
+    families = {
+        n.removesuffix("_bucket")
+        for n in exposed
+        if n.startswith("identity_") and not n.endswith(("_created", "_sum", "_count"))
+    }
+    missing = families - {n.removesuffix("_bucket") for n in named}
+    assert not missing, f"metrics without a panel: {sorted(missing)}"
+
+
+def test_dashboard_has_a_datasource_variable_and_unique_panel_ids() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["schemaVersion"] >= 36
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    panels = list(dashboard_panels(dashboard["panels"]))
+    ids = [panel["id"] for panel in panels]
+    assert len(ids) == len(set(ids))
+    for panel in panels:
+        assert panel["title"], panel["id"]
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
