@@ -1,0 +1,117 @@
+"""/healthz and /readyz of the sidecar while the worker's dependencies come and go.
+
+The outages are made for one worker only, never for the shared servers: its database is one of
+its own that stops accepting connections, its vhost one of its own whose user loses its
+permissions while the worker's connection is closed by the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from urllib.parse import urlsplit
+
+import asyncpg
+import pytest
+
+from tests.conftest import _pg_url
+from tests.integration.conftest import Isolated, rabbitmqctl
+from tests.integration.scenarios import Person, sign_up
+from tests.support.workers import WorkerProcess
+
+pytestmark = pytest.mark.integration
+
+OUTAGE_TIMEOUT = 20.0
+
+
+async def _readiness(worker: WorkerProcess) -> tuple[int, dict[str, object]]:
+    status, body = await asyncio.to_thread(worker.http_get, "/readyz")
+    return status, json.loads(body)
+
+
+async def _wait_readiness(worker: WorkerProcess, status: int) -> dict[str, object]:
+    deadline = asyncio.get_running_loop().time() + OUTAGE_TIMEOUT
+    while True:
+        code, body = await _readiness(worker)
+        if code == status:
+            return body
+        assert asyncio.get_running_loop().time() < deadline, (code, body, worker.log_tail())
+        await asyncio.sleep(0.1)
+
+
+async def _set_connections_allowed(database: str, allowed: bool) -> None:
+    admin = await asyncpg.connect(_pg_url("postgres"))
+    try:
+        await admin.execute(
+            f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS {str(allowed).lower()}'
+        )
+        if not allowed:
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                database,
+            )
+    finally:
+        await admin.close()
+
+
+def _close_connections_of(vhost: str) -> int:
+    # The plain listing spells pids the way close_connection takes them (the JSON one not).
+    listing = rabbitmqctl("list_connections", "-p", vhost, "pid", "--silent")
+    pids = [line.strip() for line in listing.splitlines() if line.strip().startswith("<")]
+    for pid in pids:
+        rabbitmqctl("close_connection", pid, "test: cut this worker off the broker")
+    return len(pids)
+
+
+async def test_a_running_worker_is_alive_and_ready(worker: WorkerProcess) -> None:
+    assert worker.http_get("/healthz") == (200, '{"status": "ok"}')
+    assert await _readiness(worker) == (200, {"status": "ready"})
+
+
+async def test_not_ready_while_the_database_refuses_connections_then_ready_again(
+    isolated: Isolated,
+) -> None:
+    worker = isolated.start()
+    database = urlsplit(isolated.database_url).path.lstrip("/")
+
+    await _set_connections_allowed(database, False)
+    try:
+        down = await _wait_readiness(worker, 503)
+        assert worker.http_get("/healthz")[0] == 200
+    finally:
+        await _set_connections_allowed(database, True)
+    await _wait_readiness(worker, 200)
+
+    assert down["status"] == "not_ready"
+    reasons = down["reasons"]
+    assert isinstance(reasons, list)
+    assert [r for r in reasons if r.startswith("database")], reasons
+    assert not [r for r in reasons if r.startswith("broker")], reasons
+    assert "postgres" not in json.dumps(down)  # no URL, user or password in the reason
+    # And it works again: a command goes all the way through.
+    caller = await isolated.bus()
+    assert (await sign_up(caller, Person.new("dbback")))["version"] == 1
+
+
+async def test_not_ready_while_the_broker_connection_is_cut_then_ready_again(
+    isolated: Isolated,
+) -> None:
+    worker = isolated.start()
+
+    # Without permissions on its vhost the worker cannot reconnect until they are back.
+    rabbitmqctl("clear_permissions", "-p", isolated.vhost, "guest")
+    try:
+        assert _close_connections_of(isolated.vhost) >= 1
+        down = await _wait_readiness(worker, 503)
+        assert worker.http_get("/healthz")[0] == 200
+    finally:
+        rabbitmqctl("set_permissions", "-p", isolated.vhost, "guest", ".*", ".*", ".*")
+    await _wait_readiness(worker, 200)
+
+    reasons = down["reasons"]
+    assert isinstance(reasons, list)
+    assert [r for r in reasons if r.startswith("broker")], reasons
+    assert "guest" not in json.dumps(down)
+    # The consumers came back with the connection: commands are processed again.
+    caller = await isolated.bus()
+    assert (await sign_up(caller, Person.new("brokerback")))["version"] == 1
