@@ -41,6 +41,15 @@ _log = logging.getLogger(__name__)
 _RESERVE_ATTEMPTS = 3
 
 
+async def keep_session(conn: Any) -> None:
+    """The pool's `reset`: skip asyncpg's reset query on release.
+
+    By default every release costs a round trip (`SELECT pg_advisory_unlock_all(); CLOSE ALL;
+    UNLISTEN *; RESET ALL`). The store leaves no session state behind: no LISTEN, no cursors
+    outside a transaction, no SET, no advisory locks (the migrator's lock is on a connection
+    of its own). asyncpg still rolls back a transaction left open before calling this."""
+
+
 async def configure_connection(conn: Any) -> None:
     """Per-connection setup (pass as the pool's `init`): jsonb as dicts, through orjson."""
     await conn.set_type_codec(
@@ -76,6 +85,7 @@ class PostgresIdentityStore:
                 max_size=max_size,
                 command_timeout=command_timeout,
                 init=configure_connection,
+                reset=keep_session,
             )
         return cls(pool, observe=observe)
 
