@@ -4,7 +4,7 @@ identity-worker [run] [--no-migrate]   consume commands (the default)
 identity-worker migrate                create the database if needed, apply migrations
 identity-worker keys new               print a new signing key for IDENTITY_SIGNING_KEYS
 identity-worker asyncapi               print the AsyncAPI document of contract v1
-identity-worker send COMMAND --FIELD V   send one command, print its reply as JSON
+identity-worker send COMMAND --FIELD V send one command, print its reply as JSON
 identity-worker demo                   run a sign-up/sign-in story against a running worker
 identity-worker dead list|republish    inspect or re-send the dead letters in identity.dead
 """
