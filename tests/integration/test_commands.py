@@ -3,8 +3,13 @@ announces on identity.events (with the contract's envelope, never a secret)."""
 
 from __future__ import annotations
 
+import uuid
+
+import aio_pika
+import orjson
 import pytest
 
+from messages.topology import COMMANDS_EXCHANGE
 from tests.integration.scenarios import (
     Person,
     assert_account,
@@ -219,3 +224,38 @@ async def test_session_end_all_ends_every_open_session_of_the_account(bus: Bus) 
     for started in sessions:
         verify = await bus.call("session.verify", {"token": started["token"]})
         assert verify["error"]["code"] == "session_expired"
+
+
+async def test_a_query_echoes_its_optional_key_and_never_claims_it(bus: Bus) -> None:
+    account = await sign_up(bus, Person.new("querykey"))
+    query_key = key("query")
+
+    first = await bus.call("account.get", {"account_id": account["id"]}, key=query_key)
+    other = await bus.call("account.get", {"account_id": "acct_" + "2" * 26}, key=query_key)
+
+    assert first["idempotency_key"] == query_key
+    assert first["result"] == {"account": account}
+    # A query is not remembered: the same key on another query is simply answered.
+    assert other["idempotency_key"] == query_key
+    assert other["error"]["code"] == "not_found"
+
+
+async def test_the_reply_carries_the_message_id_when_there_is_no_correlation_id(
+    bus: Bus,
+) -> None:
+    account = await sign_up(bus, Person.new("msgid"))
+    message_id = uuid.uuid4().hex
+    exchange = await bus.channel.get_exchange(COMMANDS_EXCHANGE)
+
+    await exchange.publish(
+        aio_pika.Message(
+            orjson.dumps({"payload": {"account_id": account["id"]}}),
+            content_type="application/json",
+            message_id=message_id,
+            reply_to=bus.reply_queue,
+        ),
+        routing_key="account.get",
+    )
+    reply = await bus.reply(message_id)
+
+    assert reply["result"] == {"account": account}

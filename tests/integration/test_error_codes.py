@@ -74,9 +74,13 @@ async def test_an_unknown_command_name_is_not_routed_to_any_worker(bus: Bus) -> 
 async def test_invalid_fields_are_a_validation_failure_naming_each_field(bus: Bus) -> None:
     person = Person.new("invalid")
     payload = {**person.create_payload(), "display_name": "", "nickname": "ada"}
+    invalid_key = key("invalid")
 
-    error = await call_error(bus, "account.create", payload, key("invalid"))
+    reply = await bus.call("account.create", payload, key=invalid_key)
 
+    assert reply["ok"] is False
+    assert reply["idempotency_key"] == invalid_key
+    error = reply["error"]
     assert error["code"] == "validation_failed"
     fields = {field["field"]: field["message"] for field in error["fields"]}
     assert set(fields) == {"payload.display_name", "payload.nickname"}
