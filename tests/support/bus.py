@@ -247,5 +247,11 @@ def _acking(
 
 
 async def dead_queue_depth(channel: AbstractChannel) -> int:
-    queue = await channel.declare_queue(DEAD_QUEUE, passive=True)
-    return int(queue.declaration_result.message_count or 0)
+    """Messages ready in identity.dead, asked of the broker now (a robust channel would answer
+    a repeated passive declare from its cache, so this uses a channel of its own)."""
+    fresh = await channel.connection.channel()  # type: ignore[attr-defined]
+    try:
+        queue = await fresh.declare_queue(DEAD_QUEUE, passive=True)
+        return int(queue.declaration_result.message_count or 0)
+    finally:
+        await fresh.close()
