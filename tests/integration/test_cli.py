@@ -245,11 +245,7 @@ class broken_accounts_table:  # a context manager named for the state it creates
 async def dead_depth(bus: Bus) -> int:
     """The depth of identity.dead, asked on a channel of its own: aio-pika answers a repeated
     passive declare on one channel from its first result."""
-    channel = await bus.connection.channel()
-    try:
-        return await dead_queue_depth(channel)
-    finally:
-        await channel.close()
+    return await dead_queue_depth(bus.connection)
 
 
 async def bus_events(bus: Bus, event_type: str, causation: str, count: int) -> list[Any]:

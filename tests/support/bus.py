@@ -246,10 +246,10 @@ def _acking(
     return consume
 
 
-async def dead_queue_depth(channel: AbstractChannel) -> int:
+async def dead_queue_depth(connection: AbstractRobustConnection) -> int:
     """Messages ready in identity.dead, asked of the broker now (a robust channel would answer
     a repeated passive declare from its cache, so this uses a channel of its own)."""
-    fresh = await channel.connection.channel()  # type: ignore[attr-defined]
+    fresh = await connection.channel()
     try:
         queue = await fresh.declare_queue(DEAD_QUEUE, passive=True)
         return int(queue.declaration_result.message_count or 0)
