@@ -151,8 +151,18 @@ class Worker:
         )
         log.info("purged expired rows", extra={"purged": asdict(counts)})
 
+    def _broker_lost(self, *_: object) -> None:
+        """The connection dropped: unready now, not at the next probe. The robust connection
+        often comes back within one probe interval, and an outage no probe saw would never
+        show on /readyz; the probe marks the broker up again once it is reconnected."""
+        log.warning("broker connection lost: not ready until it is restored")
+        self.health.broker_lost()
+        self.parts.metrics.broker_connected.set(0)
+        self.parts.metrics.ready.set(0)
+
     async def _probe(self) -> None:
         connection = self.parts.connection
+        connection.close_callbacks.add(self._broker_lost)
 
         async def broker() -> None:
             if connection.is_closed or not connection.connected.is_set():

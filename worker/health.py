@@ -29,6 +29,19 @@ class HealthState:
         self._broker: str | None = NOT_CHECKED  # None means "answers", else why not
         self._database: str | None = NOT_CHECKED
         self._draining = False
+        self._broker_losses = 0
+
+    def broker_lost(self, reason: str = "connection lost") -> None:
+        """Called the moment the broker connection drops, between probes."""
+        with self._lock:
+            self._broker_losses += 1
+            self._broker = reason
+
+    def broker_losses(self) -> int:
+        """How many times `broker_lost` was called: a probe whose check began before the
+        latest loss must not report the broker up on the strength of that stale check."""
+        with self._lock:
+            return self._broker_losses
 
     def set_broker(self, ok: bool, reason: str | None = None) -> None:
         """Record whether the broker answered; `reason` says why not (no secrets)."""
@@ -80,9 +93,12 @@ async def probe_once(
 ) -> bool:
     """Check both sides concurrently, record the outcome, and return whether the worker is ready."""
     was_ready, _ = health.snapshot()
+    losses = health.broker_losses()
     broker, database = await asyncio.gather(
         _failure(check_broker, timeout_s), _failure(check_database, timeout_s)
     )
+    if health.broker_losses() != losses:
+        broker = broker or "connection lost"  # lost while the checks ran: not up yet
     health.set_broker(broker is None, broker)
     health.set_database(database is None, database)
     metrics.broker_connected.set(broker is None)
