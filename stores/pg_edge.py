@@ -4,8 +4,8 @@ operation is timed here, so nothing above the store sees a driver type.
     asyncpg.UniqueViolationError on accounts_email_canonical_key  -> DuplicateEmailError
     asyncpg.UniqueViolationError on idempotency_pkey              -> DuplicateKeyError
     connection lost or refused or left in a broken state, server
-    shutting down, too many clients, serialization failure,
-    deadlock, timeout                                             -> TransientStoreError
+    shutting down, too many clients, database not accepting
+    connections, serialization failure, deadlock, timeout         -> TransientStoreError
     any other driver error (other constraints, bad input)         -> StoreError
 """
 
@@ -32,6 +32,10 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.TooManyConnectionsError,
+    # SQLSTATE 55000 class: how the server refuses a new connection to a database that is
+    # closed to connections for a while (ALTER DATABASE ... ALLOW_CONNECTIONS false during
+    # maintenance); also a lock not available (55P03). An outage, not a bug: retry.
+    asyncpg.ObjectNotInPrerequisiteStateError,
     asyncpg.SerializationError,
     asyncpg.DeadlockDetectedError,
     asyncpg.InterfaceError,
