@@ -1,0 +1,209 @@
+"""The benchmark's surroundings: a throw-away vhost and database, worker processes, CPU and
+memory readings from /proc."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@dataclass
+class Sandbox:
+    """A fresh vhost and database, removed by `close()` whatever happened."""
+
+    name: str = field(default_factory=lambda: "bench_" + secrets.token_hex(4))
+    vhost_made: bool = False
+    db_made: bool = False
+
+    @property
+    def amqp_url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:5672/{self.name}"
+
+    @property
+    def database_url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:5432/{self.name}"
+
+    async def open(self) -> None:
+        rabbitmqctl("add_vhost", self.name)
+        self.vhost_made = True
+        rabbitmqctl("set_permissions", "-p", self.name, "guest", ".*", ".*", ".*")
+        conn = await asyncpg.connect(PG_ADMIN)
+        try:
+            await conn.execute(f'CREATE DATABASE "{self.name}"')
+            self.db_made = True
+        finally:
+            await conn.close()
+
+    async def close(self) -> None:
+        if self.vhost_made:
+            with contextlib.suppress(Exception):
+                rabbitmqctl("delete_vhost", self.name)
+        if self.db_made:
+            with contextlib.suppress(Exception):
+                conn = await asyncpg.connect(PG_ADMIN)
+                try:
+                    await conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+                finally:
+                    await conn.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def pids_named(comm: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() == comm:
+                    found.append(int(entry.name))
+    return found
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies over all CPUs, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]
+    return float(sum(values) - idle), float(sum(values))
+
+
+class CpuMeter:
+    """CPU seconds spent by the worker(s), RabbitMQ, PostgreSQL and this process over a span."""
+
+    def __init__(self, workers: list[int]) -> None:
+        self.groups = {
+            "worker": workers,
+            "rabbitmq": pids_named("beam.smp"),
+            "postgres": pids_named("postgres"),
+        }
+
+    def _sample(self) -> dict[str, float]:
+        sample = {name: sum(cpu_seconds(p) for p in pids) for name, pids in self.groups.items()}
+        times = os.times()
+        sample["bench"] = times.user + times.system
+        busy, total = machine_busy()
+        sample["_busy"], sample["_total"] = busy, total
+        return sample
+
+    @contextlib.contextmanager
+    def span(self, into: dict[str, float]) -> Iterator[None]:
+        # Backends started during the span are not in the groups; refresh PostgreSQL first.
+        self.groups["postgres"] = pids_named("postgres")
+        before, started = self._sample(), time.perf_counter()
+        yield
+        after, wall = self._sample(), time.perf_counter() - started
+        for name in ("worker", "rabbitmq", "postgres", "bench"):
+            into[f"cpu_{name}_cores"] = round((after[name] - before[name]) / wall, 3)
+        total = after["_total"] - before["_total"]
+        into["machine_busy_pct"] = round(100 * (after["_busy"] - before["_busy"]) / total, 1)
+
+
+class WorkerProcess:
+    """`identity-worker run` as a subprocess, its sidecar on a free port, logs to a file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, cpus: str | None = None) -> None:
+        self.port = free_port()
+        self.env = {**env, "IDENTITY_HTTP_PORT": str(self.port)}
+        self.log_path = log_path
+        self.cpus = cpus
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, *, wait: bool = True) -> WorkerProcess:
+        command = [str(BIN / "identity-worker"), "run"]
+        if self.cpus is not None:
+            command = ["taskset", "-c", self.cpus, *command]
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                command, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+            )
+        if wait:
+            self.wait_ready()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"http://127.0.0.1:{self.port}/readyz"
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited early; see {self.log_path}")
+            with (
+                contextlib.suppress(OSError, urllib.error.URLError),
+                urllib.request.urlopen(url, timeout=1) as response,
+            ):
+                if response.status == 200:
+                    return
+            time.sleep(0.1)
+        raise RuntimeError(f"worker not ready in {timeout}s; see {self.log_path}")
+
+    def peak_rss_mib(self) -> float:
+        return peak_rss_mib(self.pid)
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def worker_env(sandbox: Sandbox, signing_keys: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IDENTITY_")}
+    env.update(
+        IDENTITY_AMQP_URL=sandbox.amqp_url,
+        IDENTITY_DATABASE_URL=sandbox.database_url,
+        IDENTITY_SIGNING_KEYS=signing_keys,
+        IDENTITY_HTTP_HOST="127.0.0.1",
+        IDENTITY_LOG_LEVEL="INFO",
+    )
+    env.update(extra)
+    return env
