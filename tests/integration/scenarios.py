@@ -5,16 +5,21 @@ Everything goes through the broker (a `Bus`); nothing here calls the service dir
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
+import asyncpg
 import orjson
 
+from tests.conftest import _pg_url
 from tests.support.bus import Bus
+from tests.support.workers import WorkerProcess
 
 ACCOUNT_ID = re.compile(r"^acct_[0-9a-z]{26}$")
 SESSION_ID = re.compile(r"^ses_[0-9a-z]{32}$")
@@ -156,3 +161,29 @@ async def send(
     """Send a command and await its reply; returns (correlation id, reply)."""
     correlation_id = await bus.command(command, payload, idempotency_key)
     return correlation_id, await bus.reply(correlation_id)
+
+
+async def set_connections_allowed(database_url: str, allowed: bool) -> None:
+    """Close (terminating its sessions) or reopen one database of the shared server: an
+    outage for the workers of that database only."""
+    database = urlsplit(database_url).path.lstrip("/")
+    admin = await asyncpg.connect(_pg_url("postgres"))
+    try:
+        await admin.execute(
+            f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS {str(allowed).lower()}'
+        )
+        if not allowed:
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                database,
+            )
+    finally:
+        await admin.close()
+
+
+async def wait_for_log(worker: WorkerProcess, text: str, timeout: float = 30.0) -> None:
+    """Wait until the worker's log holds `text`."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while text not in worker.log_text():
+        assert asyncio.get_running_loop().time() < deadline, f"never logged {text!r}"
+        await asyncio.sleep(0.05)

@@ -8,41 +8,18 @@ sessions terminated), so the shared PostgreSQL keeps serving everyone else.
 
 from __future__ import annotations
 
-import asyncio
-from urllib.parse import urlsplit
-
-import asyncpg
 import pytest
 
-from tests.conftest import _pg_url
 from tests.integration.conftest import Isolated
-from tests.integration.scenarios import Person, assert_free_of, key
-from tests.support.workers import WorkerProcess
+from tests.integration.scenarios import (
+    Person,
+    assert_free_of,
+    key,
+    set_connections_allowed,
+    wait_for_log,
+)
 
 pytestmark = pytest.mark.integration
-
-
-async def _set_connections_allowed(database_url: str, allowed: bool) -> None:
-    database = urlsplit(database_url).path.lstrip("/")
-    admin = await asyncpg.connect(_pg_url("postgres"))
-    try:
-        await admin.execute(
-            f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS {str(allowed).lower()}'
-        )
-        if not allowed:
-            await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
-                database,
-            )
-    finally:
-        await admin.close()
-
-
-async def _wait_for_log(worker: WorkerProcess, text: str, timeout: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while text not in worker.log_text():
-        assert asyncio.get_running_loop().time() < deadline, f"never logged {text!r}"
-        await asyncio.sleep(0.05)
 
 
 async def test_commands_sent_during_a_database_outage_are_retried_and_answered_after_it(
@@ -53,12 +30,12 @@ async def test_commands_sent_during_a_database_outage_are_retried_and_answered_a
     bus = await isolated.bus()
     person = Person.new("outage")
 
-    await _set_connections_allowed(isolated.database_url, False)
+    await set_connections_allowed(isolated.database_url, False)
     try:
         correlation_id = await bus.command("account.create", person.create_payload(), key("outage"))
-        await _wait_for_log(worker, "transient fault, retrying")
+        await wait_for_log(worker, "transient fault, retrying")
     finally:
-        await _set_connections_allowed(isolated.database_url, True)
+        await set_connections_allowed(isolated.database_url, True)
     reply = await bus.reply(correlation_id, timeout=60)
 
     assert reply["ok"] is True, reply
@@ -73,14 +50,14 @@ async def test_a_command_whose_retries_run_out_gets_internal_error_and_a_redacte
     bus = await isolated.bus()
     person = Person.new("exhausted")
 
-    await _set_connections_allowed(isolated.database_url, False)
+    await set_connections_allowed(isolated.database_url, False)
     try:
         correlation_id = await bus.command(
             "account.create", person.create_payload(), key("exhausted")
         )
         reply = await bus.reply(correlation_id, timeout=60)
     finally:
-        await _set_connections_allowed(isolated.database_url, True)
+        await set_connections_allowed(isolated.database_url, True)
 
     assert reply["ok"] is False
     assert reply["error"]["code"] == "internal_error"

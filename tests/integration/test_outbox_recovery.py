@@ -19,8 +19,8 @@ from tests.integration.scenarios import (
     key,
     sign_in,
     sign_up,
+    wait_for_log,
 )
-from tests.support.workers import WorkerProcess
 
 pytestmark = pytest.mark.integration
 
@@ -49,13 +49,6 @@ async def _unblock_events(connection: AbstractConnection) -> None:
 async def _unpublished(db: asyncpg.Connection) -> list[str]:
     rows = await db.fetch("SELECT event_id FROM outbox WHERE published_at IS NULL ORDER BY seq")
     return [row["event_id"] for row in rows]
-
-
-async def _wait_for_log(worker: WorkerProcess, text: str, timeout: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while text not in worker.log_text():
-        assert asyncio.get_running_loop().time() < deadline, f"never logged {text!r}"
-        await asyncio.sleep(0.1)
 
 
 async def _wait_until_all_published(db: asyncpg.Connection, timeout: float = 30.0) -> None:
@@ -94,7 +87,7 @@ async def test_events_committed_before_the_worker_was_killed_are_published_by_th
         committed = await _unpublished(db)
         assert len(committed) == 3  # account.created, session.started, account.updated
         # The relay did try, and was refused: the rows stay for the next relay.
-        await _wait_for_log(first, "events not confirmed")
+        await wait_for_log(first, "events not confirmed")
 
         first.kill()
         await _unblock_events(blocker)

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from urllib.parse import urlsplit
 
-import asyncpg
 import pytest
 
-from tests.conftest import _pg_url
 from tests.integration.conftest import Isolated, rabbitmqctl
-from tests.integration.scenarios import Person, sign_up
+from tests.integration.scenarios import Person, set_connections_allowed, sign_up
 from tests.support.workers import WorkerProcess
 
 pytestmark = pytest.mark.integration
@@ -39,21 +36,6 @@ async def _wait_readiness(worker: WorkerProcess, status: int) -> dict[str, objec
         await asyncio.sleep(0.1)
 
 
-async def _set_connections_allowed(database: str, allowed: bool) -> None:
-    admin = await asyncpg.connect(_pg_url("postgres"))
-    try:
-        await admin.execute(
-            f'ALTER DATABASE "{database}" WITH ALLOW_CONNECTIONS {str(allowed).lower()}'
-        )
-        if not allowed:
-            await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
-                database,
-            )
-    finally:
-        await admin.close()
-
-
 def _close_connections_of(vhost: str) -> int:
     # The plain listing spells pids the way close_connection takes them (the JSON one not).
     listing = rabbitmqctl("list_connections", "-p", vhost, "pid", "--silent")
@@ -72,14 +54,13 @@ async def test_not_ready_while_the_database_refuses_connections_then_ready_again
     isolated: Isolated,
 ) -> None:
     worker = isolated.start()
-    database = urlsplit(isolated.database_url).path.lstrip("/")
 
-    await _set_connections_allowed(database, False)
+    await set_connections_allowed(isolated.database_url, False)
     try:
         down = await _wait_readiness(worker, 503)
         assert worker.http_get("/healthz")[0] == 200
     finally:
-        await _set_connections_allowed(database, True)
+        await set_connections_allowed(isolated.database_url, True)
     await _wait_readiness(worker, 200)
 
     assert down["status"] == "not_ready"
