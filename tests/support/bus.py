@@ -89,22 +89,26 @@ class Bus:
     async def publish_confirmed(
         self,
         command: str,
-        body: dict[str, Any],
+        body: bytes | dict[str, Any],
         *,
         correlation_id: str,
         duplicate_of: str | None = None,
         deadline_s: float = 60.0,
+        content_type: str | None = "application/json",
+        queue: str | None = None,
     ) -> int:
         """Publish until the broker confirms it, re-sending the very same message (same key,
-        correlation id and message id) after a refusal or a lost connection. Recorded in
-        `sent` once; returns how many extra attempts it took."""
-        payload = body.get("payload") if isinstance(body.get("payload"), dict) else {}
-        self.sent.append(
-            Sent(command, body.get("idempotency_key"), payload, correlation_id, duplicate_of)
-        )
+        correlation id and message id) after a refusal or a lost connection. A dict body is
+        recorded in `sent` once; returns how many extra attempts it took. With `queue`, the
+        message goes straight to that queue (default exchange) with `command` as its type,
+        which is how a routing key no binding knows can still reach a worker."""
+        if isinstance(body, dict):
+            payload = body.get("payload") if isinstance(body.get("payload"), dict) else {}
+            key = body.get("idempotency_key")
+            self.sent.append(Sent(command, key, payload, correlation_id, duplicate_of))
         message = aio_pika.Message(
-            orjson.dumps(body),
-            content_type="application/json",
+            body if isinstance(body, bytes) else orjson.dumps(body),
+            content_type=content_type,
             correlation_id=correlation_id,
             message_id=uuid.uuid4().hex,
             reply_to=self.reply_queue,
@@ -114,8 +118,11 @@ class Bus:
         retries = 0
         while True:
             try:
-                exchange = await self.channel.get_exchange(COMMANDS_EXCHANGE, ensure=False)
-                await exchange.publish(message, routing_key=command, timeout=5)
+                if queue is not None:
+                    exchange = self.channel.default_exchange
+                else:
+                    exchange = await self.channel.get_exchange(COMMANDS_EXCHANGE, ensure=False)
+                await exchange.publish(message, routing_key=queue or command, timeout=5)
                 return retries
             except Exception:  # closed channel, lost connection, nack, timeout: all retried
                 if asyncio.get_running_loop().time() > deadline:
@@ -201,6 +208,15 @@ class Bus:
         """Publish and await the reply (a fresh idempotency key unless one is given)."""
         key = key if key is not None else uuid.uuid4().hex
         return await self.reply(await self.command(command, payload, key), timeout)
+
+    async def call_confirmed(
+        self, command: str, payload: dict[str, Any], key: str | None = None, timeout: float = 30.0
+    ) -> dict[str, Any]:
+        """`call`, published through `publish_confirmed`: survives a connection cut."""
+        body = {"idempotency_key": key or uuid.uuid4().hex, "payload": payload}
+        correlation_id = uuid.uuid4().hex
+        await self.publish_confirmed(command, body, correlation_id=correlation_id)
+        return await self.reply(correlation_id, timeout)
 
     def events_of(self, event_type: str) -> list[dict[str, Any]]:
         return [event for event in self.events if event.get("type") == event_type]
