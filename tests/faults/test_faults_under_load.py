@@ -72,6 +72,7 @@ async def run_scenario(
             load_commands=stats.commands,
             republished_unconfirmed=stats.republished,
             workers_started=len(env.workers),
+            redelivered_commands=sum(log.count('"redelivered":true') for log in env.logs()),
             duration_s=round(time.monotonic() - started, 1),
             by_command=stats.by_command,
         )
@@ -92,7 +93,7 @@ async def test_kill_9_mid_load_then_restart(
 
     async def fault(load: LoadGenerator, env: Environment) -> dict[str, Any]:
         kills = 0
-        for point in (0.3, 0.65):
+        for point in (0.25, 0.5, 0.75):
             await load.reached(point)
             victim = env.alive()[0]
             await asyncio.to_thread(victim.kill)

@@ -394,6 +394,9 @@ def scan_for_secrets(
     return found
 
 
-async def check_run(bus: Bus, dsn: str, vhost: str, **kw: Any) -> Report:
-    """Check a finished run (see the module docstring); `kw` goes to `Checker`."""
-    return await Checker(bus, dsn, vhost, **kw).run()
+async def check_run(
+    bus: Bus, dsn: str, vhost: str, *, settle_timeout: float = 45.0, **kw: Any
+) -> Report:
+    """Check a finished run (see the module docstring); `kw` goes to `Checker`.
+    `settle_timeout`: how long to wait for the outbox and the queues to drain."""
+    return await Checker(bus, dsn, vhost, **kw).run(settle_timeout)
