@@ -42,6 +42,14 @@ class Worker:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
+        self._draining = False
+        # However large the prefetch, at most this many deliveries per queue are decoded and
+        # worked on at once; the others wait as raw messages, which keeps memory bounded.
+        cap = parts.settings.max_concurrent_commands
+        self._slots = {
+            PASSWORD_QUEUE: asyncio.Semaphore(min(cap, parts.settings.effective_password_prefetch)),
+            FAST_QUEUE: asyncio.Semaphore(min(cap, parts.settings.fast_prefetch)),
+        }
 
     async def start(self) -> None:
         settings = self.parts.settings
@@ -72,6 +80,18 @@ class Worker:
         task = asyncio.current_task()
         assert task is not None
         self._in_flight.add(task)
+        try:
+            async with self._slots[queue]:
+                if self._draining:
+                    # Delivered but not started when the stop began: hand it straight back
+                    # rather than make it wait out the grace period.
+                    await message.nack(requeue=True)
+                    return
+                await self._handle(queue, message)
+        finally:
+            self._in_flight.discard(task)
+
+    async def _handle(self, queue: str, message: AbstractIncomingMessage) -> None:
         gauge = self.parts.metrics.commands_in_flight.labels(queue)
         gauge.inc()
         try:
@@ -84,7 +104,6 @@ class Worker:
                 await message.nack(requeue=True)
         finally:
             gauge.dec()
-            self._in_flight.discard(task)
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -101,6 +120,7 @@ class Worker:
         settings: Settings = self.parts.settings
         log.info("stopping: draining in-flight commands", extra={"in_flight": len(self._in_flight)})
         self.health.set_draining(True)
+        self._draining = True
         for queue, tag in self._consumers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(queue.cancel(tag), timeout=5)

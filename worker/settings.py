@@ -83,6 +83,8 @@ class Settings(BaseSettings):
     fast_prefetch: int = Field(default=64, ge=1, le=65535)
     password_prefetch: int | None = Field(default=None, ge=1, le=65535)
     hash_workers: int | None = Field(default=None, ge=1, le=256)
+    # Deliveries decoded and worked on at once per queue, whatever the prefetch: bounds memory.
+    max_concurrent_commands: int = Field(default=128, ge=1, le=65535)
     argon2_time_cost: int = Field(default=3, ge=1)
     argon2_memory_kib: int = Field(default=65536, ge=8)
     argon2_parallelism: int = Field(default=4, ge=1)
