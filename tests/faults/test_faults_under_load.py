@@ -166,18 +166,21 @@ async def test_postgres_restarted_under_the_worker(
         worker = env.alive()[0]
         began = time.monotonic()
         with ReadinessWatch(worker) as watch:
+            # Stopped, then started once the worker has noticed: a bare restart can be over
+            # in 100 ms, between two readiness probes, and then proves little.
             try:
-                await asyncio.to_thread(tools.restart_postgres)
+                await asyncio.to_thread(tools.stop_postgres)
+                await watch.wait_seen(503, timeout=20)
+                await asyncio.sleep(1.0)
             finally:
-                assert await asyncio.to_thread(tools.wait_pg_ready, 60)
+                await asyncio.to_thread(tools.ensure_postgres)
             outage = time.monotonic() - began
-            await watch.wait_seen(503)
             await watch.wait_for(200)
         return {
             "faults_injected": 1,
-            "restart_s": round(outage, 1),
+            "database_down_s": round(outage, 1),
             "readiness_503_then_200": True,
-            "fault": "pg_ctlcluster restart of the PostgreSQL server",
+            "fault": "PostgreSQL server stopped under the worker, then started",
         }
 
     try:

@@ -155,6 +155,11 @@ def restart_postgres() -> None:
         ensure_postgres()
 
 
+def stop_postgres() -> None:
+    """Stop the whole server: callers must `ensure_postgres()` in a `finally`."""
+    _pg_ctl("stop")
+
+
 def ensure_postgres() -> None:
     """Start PostgreSQL if it does not answer, and wait until it does."""
     if wait_pg_ready(5):
