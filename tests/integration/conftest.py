@@ -42,6 +42,18 @@ def rabbitmqctl(*args: str) -> str:
     return done.stdout
 
 
+def vhost_connection_pids(vhost: str) -> list[str]:
+    """The pids of the client connections of `vhost` only. (`list_connections -p` does not
+    filter on RabbitMQ 3.10, so the vhost column is read and matched here.)"""
+    listing = rabbitmqctl("list_connections", "pid", "vhost", "--silent")
+    pids = []
+    for line in listing.splitlines():
+        pid, _, host = line.strip().partition("\t")
+        if pid.startswith("<") and host.strip() == vhost:
+            pids.append(pid)
+    return pids
+
+
 @pytest.fixture(scope="session")
 def amqp_vhost() -> Iterator[str]:
     """A fresh vhost the guest user may use, deleted with everything in it at the end."""

@@ -11,7 +11,7 @@ import asyncpg
 import orjson
 import pytest
 
-from tests.integration.conftest import Isolated, rabbitmqctl
+from tests.integration.conftest import Isolated, rabbitmqctl, vhost_connection_pids
 from tests.integration.scenarios import Person, key
 
 pytestmark = pytest.mark.integration
@@ -26,9 +26,7 @@ SLOW_HASHING = {
 
 
 def _connections_of(vhost: str) -> list[str]:
-    # The plain listing spells pids the way close_connection takes them (the JSON one not).
-    listing = rabbitmqctl("list_connections", "-p", vhost, "pid", "--silent")
-    return [line.strip() for line in listing.splitlines() if line.strip().startswith("<")]
+    return vhost_connection_pids(vhost)
 
 
 async def test_a_connection_lost_mid_backlog_loses_nothing_and_repeats_nothing(

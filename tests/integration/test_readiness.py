@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from tests.integration.conftest import Isolated, rabbitmqctl
+from tests.integration.conftest import Isolated, rabbitmqctl, vhost_connection_pids
 from tests.integration.scenarios import Person, set_connections_allowed, sign_up
 from tests.support.workers import WorkerProcess
 
@@ -37,9 +37,7 @@ async def _wait_readiness(worker: WorkerProcess, status: int) -> dict[str, objec
 
 
 def _close_connections_of(vhost: str) -> int:
-    # The plain listing spells pids the way close_connection takes them (the JSON one not).
-    listing = rabbitmqctl("list_connections", "-p", vhost, "pid", "--silent")
-    pids = [line.strip() for line in listing.splitlines() if line.strip().startswith("<")]
+    pids = vhost_connection_pids(vhost)
     for pid in pids:
         rabbitmqctl("close_connection", pid, "test: cut this worker off the broker")
     return len(pids)
