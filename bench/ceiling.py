@@ -18,6 +18,7 @@ import aio_pika
 import uvloop
 from aio_pika.abc import AbstractIncomingMessage
 
+from messages.topology import COMMANDS_EXCHANGE_ARGUMENTS
 from worker.topology import worker_queue_arguments
 
 QUEUE = "bench.ceiling"
@@ -37,7 +38,10 @@ async def main(url: str, routing_key: str, prefetch: int) -> None:
     await consume.set_qos(prefetch_count=prefetch)
     publish = await connection.channel(publisher_confirms=True)
     exchange = await consume.declare_exchange(
-        "identity.commands", aio_pika.ExchangeType.DIRECT, durable=True
+        "identity.commands",
+        aio_pika.ExchangeType.DIRECT,
+        durable=True,
+        arguments=dict(COMMANDS_EXCHANGE_ARGUMENTS),
     )
     dead = await consume.declare_exchange(
         "identity.dead", aio_pika.ExchangeType.FANOUT, durable=True

@@ -38,7 +38,12 @@ from messages import (
     StartSessionResult,
     VerifySessionResult,
 )
-from messages.topology import COMMANDS_EXCHANGE, CONTENT_TYPE, DIRECT_REPLY_TO
+from messages.topology import (
+    COMMANDS_EXCHANGE,
+    COMMANDS_EXCHANGE_ARGUMENTS,
+    CONTENT_TYPE,
+    DIRECT_REPLY_TO,
+)
 
 SecretArg = str | SecretStr
 
@@ -94,7 +99,10 @@ class IdentityClient:
         # Declaring with the worker's own arguments is a no-op when it exists, and lets a
         # client start before the worker without a channel error.
         self._exchange = await channel.declare_exchange(
-            COMMANDS_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
+            COMMANDS_EXCHANGE,
+            aio_pika.ExchangeType.DIRECT,
+            durable=True,
+            arguments=dict(COMMANDS_EXCHANGE_ARGUMENTS),
         )
         reply_queue = await channel.get_queue(DIRECT_REPLY_TO, ensure=False)
         await reply_queue.consume(self._on_reply, no_ack=True)

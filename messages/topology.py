@@ -1,6 +1,11 @@
 """Broker names pinned by contract v1. The worker's own queues are the worker's business."""
 
 COMMANDS_EXCHANGE = "identity.commands"  # direct; routing key = command name
+# Commands nobody is bound for go to this fanout (the commands exchange's alternate exchange),
+# whose only queue is a worker's: the caller gets `unknown_command` instead of silence.
+UNROUTED_EXCHANGE = "identity.unrouted"
+# Everyone who declares the commands exchange must declare it with these arguments.
+COMMANDS_EXCHANGE_ARGUMENTS = {"alternate-exchange": UNROUTED_EXCHANGE}
 EVENTS_EXCHANGE = "identity.events"  # topic; routing key = event type
 DEAD_EXCHANGE = "identity.dead"  # fanout; redacted copies of what could not be processed
 DEAD_QUEUE = "identity.dead"

@@ -39,7 +39,14 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 from pamqp.common import FieldTable
 
 from messages.commands import COMMANDS
-from messages.topology import COMMANDS_EXCHANGE, DEAD_EXCHANGE, DEAD_QUEUE, EVENTS_EXCHANGE
+from messages.topology import (
+    COMMANDS_EXCHANGE,
+    COMMANDS_EXCHANGE_ARGUMENTS,
+    DEAD_EXCHANGE,
+    DEAD_QUEUE,
+    EVENTS_EXCHANGE,
+    UNROUTED_EXCHANGE,
+)
 
 PASSWORD_QUEUE = "identity.worker.password"  # noqa: S105 - a queue name, not a secret
 FAST_QUEUE = "identity.worker.fast"
@@ -90,8 +97,14 @@ def worker_queue_arguments(delivery_limit: int) -> FieldTable:
 
 async def declare_topology(channel: AbstractChannel, *, delivery_limit: int) -> Topology:
     """Declare (idempotently) everything the worker needs and bind the command queues."""
+    unrouted = await channel.declare_exchange(
+        UNROUTED_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
+    )
     commands = await channel.declare_exchange(
-        COMMANDS_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
+        COMMANDS_EXCHANGE,
+        aio_pika.ExchangeType.DIRECT,
+        durable=True,
+        arguments=dict(COMMANDS_EXCHANGE_ARGUMENTS),
     )
     events = await channel.declare_exchange(
         EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
@@ -110,6 +123,8 @@ async def declare_topology(channel: AbstractChannel, *, delivery_limit: int) -> 
         for command in routing_keys(name):
             await queue.bind(commands, routing_key=command)
         queues[name] = queue
+    # An unknown command is cheap to refuse: the fast queue answers it `unknown_command`.
+    await queues[FAST_QUEUE].bind(unrouted, routing_key="")
     return Topology(
         commands_exchange=commands,
         events_exchange=events,

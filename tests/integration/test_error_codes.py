@@ -1,9 +1,8 @@
 """Every error code of contract v1, produced by the real worker and answered on the reply queue.
 
-`unknown_command` cannot be produced through identity.commands: that exchange only routes the
-contract's command names (anything else is unroutable, which the topology tests check). A
-message reaches a worker queue under another routing key only when published to the queue
-directly, through the default exchange, which is what the test here does.
+`unknown_command` is produced both for a command name that identity.commands does not bind
+(its alternate exchange hands it to the fast queue) and for a message published straight to
+a worker queue under a routing key that is no command.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import aio_pika
 import orjson
 import pytest
 
-from messages.topology import COMMANDS_EXCHANGE
 from tests.integration.conftest import Isolated
 from tests.integration.scenarios import (
     Person,
@@ -53,22 +51,14 @@ async def test_a_routing_key_that_is_no_command_is_an_unknown_command(bus: Bus) 
     assert reply["error"]["code"] == "unknown_command"
 
 
-async def test_an_unknown_command_name_is_not_routed_to_any_worker(bus: Bus) -> None:
-    exchange = await bus.channel.get_exchange(COMMANDS_EXCHANGE)
-    returned: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+async def test_an_unknown_command_name_on_the_commands_exchange_is_answered(bus: Bus) -> None:
+    body = {"idempotency_key": key("delete"), "payload": {"account_id": "acct_" + "0" * 26}}
 
-    def on_return(_channel: object, message: aio_pika.IncomingMessage) -> None:
-        if not returned.done():
-            returned.set_result(message.routing_key or "")
+    reply = await bus.reply(await bus.publish("account.delete", body))
 
-    bus.channel.return_callbacks.add(on_return)
-    try:
-        await exchange.publish(
-            aio_pika.Message(b'{"payload": {}}'), routing_key="account.delete", mandatory=True
-        )
-        assert await asyncio.wait_for(returned, 10) == "account.delete"
-    finally:
-        bus.channel.return_callbacks.discard(on_return)
+    assert reply["ok"] is False
+    assert reply["command"] == "account.delete"
+    assert reply["error"]["code"] == "unknown_command"
 
 
 async def test_invalid_fields_are_a_validation_failure_naming_each_field(bus: Bus) -> None:

@@ -114,11 +114,15 @@ async def test_password_work_goes_to_the_password_queue() -> None:
     assert queue_for("account.get") == FAST_QUEUE
 
 
-async def test_an_unbound_routing_key_is_returned_not_dropped(topology: Topology) -> None:
-    with pytest.raises(aio_pika.exceptions.DeliveryError):
-        await topology.commands_exchange.publish(
-            aio_pika.Message(b"{}"), routing_key="account.delete", mandatory=True
-        )
+async def test_an_unknown_command_name_goes_to_the_fast_queue(topology: Topology) -> None:
+    # Through the alternate exchange: the worker answers it `unknown_command`.
+    await topology.commands_exchange.publish(
+        aio_pika.Message(b"{}", message_id="unknown"), routing_key="account.delete", mandatory=True
+    )
+    message = await _get(topology.fast_queue)
+    assert message.routing_key == "account.delete"
+    assert message.message_id == "unknown"
+    await message.ack()
 
 
 async def test_the_queue_counts_returns_and_dead_letters_past_its_limit(

@@ -18,7 +18,12 @@ import client
 from client import IdentityClient, ReplyTimeout, error_for
 from client.subscriber import _consume, _SeenIds
 from messages import COMMANDS, ErrorBody, ErrorCode, FieldError
-from messages.topology import COMMANDS_EXCHANGE, CONTENT_TYPE, DIRECT_REPLY_TO
+from messages.topology import (
+    COMMANDS_EXCHANGE,
+    COMMANDS_EXCHANGE_ARGUMENTS,
+    CONTENT_TYPE,
+    DIRECT_REPLY_TO,
+)
 
 ACCOUNT_ID = "acct_" + "a" * 26
 SESSION_ID = "ses_" + "b" * 32
@@ -97,8 +102,11 @@ class FakeChannel:
     closed: bool = False
     deliveries: set[asyncio.Task[None]] = field(default_factory=set)
 
-    async def declare_exchange(self, name: str, kind: Any, *, durable: bool) -> FakeChannel:
+    async def declare_exchange(
+        self, name: str, kind: Any, *, durable: bool, arguments: Any = None
+    ) -> FakeChannel:
         self.declared.append((name, kind, durable))
+        self.arguments = arguments
         return self
 
     async def get_queue(self, name: str, *, ensure: bool = True) -> FakeChannel:
@@ -154,6 +162,7 @@ async def test_opening_declares_the_command_exchange_and_asks_for_returns() -> N
     api, channel = make_client()
     async with api:
         assert channel.declared == [(COMMANDS_EXCHANGE, aio_pika.ExchangeType.DIRECT, True)]
+        assert channel.arguments == COMMANDS_EXCHANGE_ARGUMENTS
         assert api._connection.on_return_raises is True  # type: ignore[attr-defined]
     assert channel.closed
 
