@@ -57,13 +57,8 @@ def vhost_connection_pids(vhost: str) -> list[str]:
 @pytest.fixture(scope="session")
 def amqp_vhost() -> Iterator[str]:
     """A fresh vhost the guest user may use, deleted with everything in it at the end."""
-    vhost = f"identity-test-{secrets.token_hex(4)}"
-    rabbitmqctl("add_vhost", vhost)
-    try:
-        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    with fresh_vhost() as vhost:
         yield vhost
-    finally:
-        rabbitmqctl("delete_vhost", vhost)
 
 
 @pytest.fixture(scope="session")
