@@ -21,6 +21,7 @@ loop keeps serving cheap commands, and at most `workers x memory_cost` is ever a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -157,6 +158,16 @@ def make_hasher(time_cost: int, memory_kib: int, parallelism: int) -> PasswordHa
     )
 
 
+def _lower_thread_priority(niceness: int) -> None:
+    """Run this hashing thread (and the threads argon2 starts from it, which inherit it) at a
+    lower CPU priority: on a busy machine the event loop, the broker and the database come
+    first, so a backlog of sign-ups cannot starve cheap commands; hashing loses nothing when
+    the CPU is otherwise idle. Linux sets priorities per thread; elsewhere this may not apply."""
+    if niceness > 0:
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+
+
 class HashingPool:
     """Argon2id hashing and verification in a bounded thread pool."""
 
@@ -166,12 +177,18 @@ class HashingPool:
         *,
         workers: int | None = None,
         on_timing: Callable[[str, float], None] | None = None,
+        niceness: int = 0,
     ) -> None:
         if workers is not None and workers < 1:
             raise ValueError("a hashing pool needs at least one worker")
         self._hasher = hasher or PasswordHasher.from_parameters(profiles.RFC_9106_LOW_MEMORY)
         self._workers = workers or os.cpu_count() or 1
-        self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="argon2")
+        self._executor = ThreadPoolExecutor(
+            self._workers,
+            thread_name_prefix="argon2",
+            initializer=_lower_thread_priority,
+            initargs=(niceness,),
+        )
         self._on_timing = on_timing
         self._lock = threading.Lock()
         self._pending = 0

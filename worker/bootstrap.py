@@ -5,17 +5,12 @@ the clock and the service, and wires them together. Nothing connects at import t
 from __future__ import annotations
 
 import base64
-import contextlib
 import logging
-import os
 import secrets
-import threading
 from dataclasses import dataclass
-from typing import Literal
 
 import aio_pika
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
-from argon2 import PasswordHasher
 
 from services.clock import Clock, SystemClock
 from services.identity import IdentityService, SessionPolicy
@@ -71,32 +66,8 @@ async def signing_keys(settings: Settings, store: IdentityStore) -> list[Signing
     return parse_signing_keys(f"{DEV_KEY_ID}:{encoded}")
 
 
-# argon2 runs at this nice value (its own threads inherit it): on a busy machine the event
-# loop, the broker and the database come first, so a backlog of sign-ups cannot starve
-# `session.verify` of CPU. Hashing loses nothing when the CPU is otherwise idle.
+# The hashing threads' nice value: see services.passwords (cheap commands come first).
 HASHING_NICENESS = 10
-_lowered = threading.local()
-
-
-def _lower_this_thread() -> None:
-    """Lower the calling thread's CPU priority, once per thread (Linux: per thread)."""
-    if getattr(_lowered, "done", False):
-        return
-    _lowered.done = True
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASHING_NICENESS)
-
-
-class BackgroundHasher(PasswordHasher):
-    """A PasswordHasher whose hashing threads yield the CPU to everything else."""
-
-    def hash(self, password: str | bytes, *, salt: bytes | None = None) -> str:
-        _lower_this_thread()
-        return super().hash(password, salt=salt)
-
-    def verify(self, hash: str | bytes, password: str | bytes) -> Literal[True]:
-        _lower_this_thread()
-        return super().verify(hash, password)
 
 
 def build_service(
@@ -106,21 +77,14 @@ def build_service(
     clock: Clock,
     metrics: Metrics,
 ) -> tuple[IdentityService, HashingPool]:
-    base = make_hasher(
+    hasher = make_hasher(
         settings.argon2_time_cost, settings.argon2_memory_kib, settings.argon2_parallelism
-    )
-    hasher = BackgroundHasher(
-        time_cost=base.time_cost,
-        memory_cost=base.memory_cost,
-        parallelism=base.parallelism,
-        hash_len=base.hash_len,
-        salt_len=base.salt_len,
-        type=base.type,
     )
     passwords = HashingPool(
         hasher,
         workers=settings.effective_hash_workers,
         on_timing=lambda op, seconds: metrics.hash_seconds.labels(op).observe(seconds),
+        niceness=HASHING_NICENESS,
     )
     service = IdentityService(
         store,

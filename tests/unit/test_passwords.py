@@ -367,3 +367,23 @@ def test_make_hasher_uses_argon2id_with_the_given_cost() -> None:
     assert params.type.name == "ID"
     assert (params.time_cost, params.memory_cost, params.parallelism) == (2, 19456, 1)
     assert (params.hash_len, params.salt_len) == (32, 16)
+
+
+async def test_hashing_threads_run_at_the_requested_lower_priority() -> None:
+    seen: list[int] = []
+
+    class Recording(PasswordHasher):
+        def hash(self, password: str | bytes, *, salt: bytes | None = None) -> str:
+            seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+            return super().hash(password, salt=salt)
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    pool = HashingPool(
+        Recording(time_cost=1, memory_cost=8192, parallelism=1), workers=1, niceness=5
+    )
+    try:
+        await pool.hash("a long enough passphrase for this")
+    finally:
+        pool.close()
+    assert seen == [5]
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the event loop's thread is untouched
