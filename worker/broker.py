@@ -23,6 +23,7 @@ from messages import Reply
 from messages.topology import CONTENT_TYPE, DIRECT_REPLY_TO
 from worker.logs import redact
 from worker.metrics import Metrics
+from worker.topology import delivery_count
 
 log = logging.getLogger("identity.worker")
 
@@ -109,7 +110,7 @@ class DeadLetters:
             "correlation_id": message.correlation_id,
             "reply_to": message.reply_to,
             "content_type": message.content_type,
-            "delivery_count": (message.headers or {}).get("x-delivery-count"),
+            "delivery_count": delivery_count(message.headers),
             "body_bytes": len(message.body),
             "body": redact(parsed) if parsed is not None else None,
         }

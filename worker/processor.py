@@ -28,6 +28,7 @@ from worker.broker import DeadLetters, ReplySender
 from worker.decode import Command, Rejected, decode_command
 from worker.metrics import Metrics
 from worker.policy import RetryPolicy
+from worker.topology import delivery_count
 
 log = logging.getLogger("identity.worker")
 
@@ -117,7 +118,7 @@ class CommandProcessor:
         if message.content_type != CONTENT_TYPE:
             text = f"content_type must be {CONTENT_TYPE}."
             return "wrong_content_type", ErrorBody(code=ErrorCode.MALFORMED_MESSAGE, message=text)
-        if delivery_count(message) >= self._delivery_limit:
+        if delivery_count(message.headers) >= self._delivery_limit:
             return "delivery_limit", _INTERNAL
         return None
 
@@ -168,12 +169,6 @@ class CommandProcessor:
     def _count_retry(self, state: RetryCallState) -> None:
         self._metrics.retries_total.labels("command").inc()
         log.warning("transient fault, retrying", extra={"attempt": state.attempt_number + 1})
-
-
-def delivery_count(message: AbstractIncomingMessage) -> int:
-    """How many times the broker handed this message out before (quorum queues count it)."""
-    value = (message.headers or {}).get("x-delivery-count")
-    return value if isinstance(value, int) else 0
 
 
 def _correlation_id(message: AbstractIncomingMessage) -> str | None:
