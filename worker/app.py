@@ -175,7 +175,8 @@ class Worker:
         """The connection dropped: unready now, not at the next probe. The robust connection
         often comes back within one probe interval, and an outage no probe saw would never
         show on /readyz; the probe marks the broker up again once it is reconnected."""
-        log.warning("broker connection lost: not ready until it is restored")
+        if not self._draining:  # closing it ourselves on the way out is no loss
+            log.warning("broker connection lost: not ready until it is restored")
         self.health.broker_lost()
         self.parts.metrics.broker_connected.set(0)
         self.parts.metrics.ready.set(0)
