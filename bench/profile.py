@@ -106,6 +106,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("command")
     parser.add_argument("seconds", type=float, nargs="?", default=10)
-    parser.add_argument("--out", default="profile-stacks.txt")
+    parser.add_argument("--out", default="bench/results/profile-stacks.txt")
     args = parser.parse_args()
     uvloop.run(main(args.command, args.seconds, Path(args.out)))
