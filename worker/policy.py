@@ -27,6 +27,7 @@ backstop (which would dead-letter the raw body, passwords included) never fires 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tenacity import (
@@ -49,17 +50,12 @@ class RetryPolicy:
     # gets `internal_error` rather than holding its slot forever.
     deadline_s: float = 60.0
 
-    def retrying(self, on_retry: object = None) -> AsyncRetrying:
+    def retrying(self, on_retry: Callable[[RetryCallState], None] | None = None) -> AsyncRetrying:
         """A tenacity controller that retries transient database faults only."""
-
-        def before_sleep(state: RetryCallState) -> None:
-            if callable(on_retry):
-                on_retry(state)
-
         return AsyncRetrying(
             retry=retry_if_exception_type(TransientStoreError),
             stop=stop_after_attempt(self.attempts) | stop_after_delay(self.deadline_s),
             wait=wait_exponential_jitter(initial=0.05, max=self.max_delay_s),
-            before_sleep=before_sleep,
+            before_sleep=on_retry,
             reraise=True,
         )

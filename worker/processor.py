@@ -26,7 +26,7 @@ from services.operations import CommandContext
 from stores import TransientStoreError
 from worker.broker import DeadLetters, ReplySender
 from worker.decode import Command, Rejected, decode_command
-from worker.metrics import Metrics
+from worker.metrics import Metrics, command_label, outcome_label
 from worker.policy import RetryPolicy
 from worker.topology import delivery_count
 
@@ -69,13 +69,13 @@ class CommandProcessor:
         """Process one delivery; raises only when the broker itself failed us (no ack then)."""
         started = time.perf_counter()
         name = message.routing_key or ""
-        label = name if name in COMMANDS else "unknown"
+        label = command_label(name)
         reply = await self._outcome(message, name)
         if message.reply_to:
             await self._replies.send(message, reply)
         await message.ack()
         elapsed = time.perf_counter() - started
-        outcome = "ok" if reply.ok else (reply.error.code.value if reply.error else "error")
+        outcome = outcome_label(None if reply.ok or reply.error is None else reply.error.code)
         self._metrics.commands_total.labels(label, outcome).inc()
         self._metrics.command_duration_seconds.labels(label).observe(elapsed)
         log.info(
