@@ -14,7 +14,7 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
 from services.clock import Clock, SystemClock
 from services.identity import IdentityService, SessionPolicy
-from services.passwords import HashingPool, PasswordPolicy, load_common_passwords, make_hasher
+from services.passwords import HashingPool, PasswordPolicy, make_hasher
 from services.tokens import SigningKey, TokenSigner, parse_signing_keys
 from stores import IdentityStore, ThrottleSchedule
 from stores.postgres import PostgresIdentityStore
@@ -95,7 +95,6 @@ def build_service(
             min_length=settings.password_min_length,
             max_length=settings.password_max_length,
             max_bytes=settings.password_max_bytes,
-            blocklist=load_common_passwords(),
         ),
         sessions=SessionPolicy.from_seconds(
             settings.session_lifetime_s,
