@@ -1,4 +1,4 @@
-"""Profile the worker under load with py-spy (`.venv/bin/pip install py-spy`).
+"""Profile the worker under load with py-spy (py-spy comes with the `bench` extra).
 
     .venv/bin/python bench/profile.py session.verify [SECONDS] [--out FILE]
 
