@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from dataclasses import asdict
@@ -50,6 +51,9 @@ class Worker:
             PASSWORD_QUEUE: asyncio.Semaphore(min(cap, parts.settings.effective_password_prefetch)),
             FAST_QUEUE: asyncio.Semaphore(min(cap, parts.settings.fast_prefetch)),
         }
+        self._in_flight_gauges = {
+            queue: parts.metrics.commands_in_flight.labels(queue) for queue in self._slots
+        }
 
     async def start(self) -> None:
         settings = self.parts.settings
@@ -61,6 +65,9 @@ class Worker:
         ]
         await self._consume(self.parts.password_channel, PASSWORD_QUEUE)
         await self._consume(self.parts.fast_channel, FAST_QUEUE)
+        # What exists now (modules, models, pools, connections) lives as long as the worker:
+        # move it out of the collector's sight so full collections stop walking it.
+        gc.freeze()
         log.info(
             "identity worker started",
             extra={
@@ -92,7 +99,7 @@ class Worker:
             self._in_flight.discard(task)
 
     async def _handle(self, queue: str, message: AbstractIncomingMessage) -> None:
-        gauge = self.parts.metrics.commands_in_flight.labels(queue)
+        gauge = self._in_flight_gauges[queue]
         gauge.inc()
         try:
             await self.parts.processor.handle(message)

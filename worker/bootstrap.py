@@ -20,7 +20,7 @@ from stores import IdentityStore, ThrottleSchedule
 from stores.postgres import PostgresIdentityStore
 from worker.broker import DeadLetters, ReplySender
 from worker.handlers import handler_table
-from worker.metrics import Metrics, create_metrics
+from worker.metrics import Metrics, create_metrics, observer
 from worker.outbox import OutboxRelay
 from worker.policy import RetryPolicy
 from worker.processor import CommandProcessor
@@ -83,7 +83,7 @@ def build_service(
     passwords = HashingPool(
         hasher,
         workers=settings.effective_hash_workers,
-        on_timing=lambda op, seconds: metrics.hash_seconds.labels(op).observe(seconds),
+        on_timing=observer(metrics.hash_seconds),
         niceness=HASHING_NICENESS,
     )
     service = IdentityService(
@@ -119,7 +119,7 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> Components
         settings.database_url.get_secret_value(),
         min_size=settings.db_pool_min,
         max_size=settings.db_pool_max,
-        observe=lambda op, seconds: metrics.db_query_seconds.labels(op).observe(seconds),
+        observe=observer(metrics.db_query_seconds),
     )
     keys = await signing_keys(settings, store)
     service, passwords = build_service(settings, store, keys, clock, metrics)
@@ -149,6 +149,7 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> Components
         max_message_bytes=settings.max_message_bytes,
         worker_delivery_limit=settings.worker_delivery_limit,
         on_committed=relay.wake,
+        log_queries=settings.log_queries,
     )
     return Components(
         settings,

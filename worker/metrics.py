@@ -9,6 +9,7 @@ gate for values that come from messages.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import (
@@ -31,7 +32,9 @@ OK = "ok"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Argon2 at the default cost takes tens to hundreds of ms; a saturated pool adds more.
 HASH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_OUTCOMES = frozenset({OK} | {code.value for code in ErrorCode})
+# Every value `outcome_label()` can return, in a fixed order.
+OUTCOMES = (OK, *(code.value for code in ErrorCode), UNKNOWN)
+_KNOWN_OUTCOMES = frozenset(OUTCOMES)
 
 
 def command_label(name: str | None) -> str:
@@ -43,7 +46,21 @@ def outcome_label(code: str | None) -> str:
     """ "ok" for success (None), the error code if it is one of the contract's, else "unknown"."""
     if code is None:
         return OK
-    return code if code in _OUTCOMES else UNKNOWN
+    return code if code in _KNOWN_OUTCOMES else UNKNOWN
+
+
+def observer(histogram: Histogram) -> Callable[[str, float], None]:
+    """`observe(label, seconds)` on a one-label histogram, each child looked up once. For
+    labels drawn from the code (operation names), never from messages."""
+    children: dict[str, Histogram] = {}
+
+    def observe(label: str, seconds: float) -> None:
+        child = children.get(label)
+        if child is None:
+            child = children[label] = histogram.labels(label)
+        child.observe(seconds)
+
+    return observe
 
 
 @dataclass(frozen=True, slots=True)

@@ -115,6 +115,9 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(default=20.0, ge=0)
     migrate_on_start: bool = True
     log_level: str = "INFO"
+    # One log line per successful session.verify / account.get too (state changes and
+    # failures always get one).
+    log_queries: bool = False
     db_pool_min: int = Field(default=1, ge=0)
     db_pool_max: int = Field(default=10, ge=1)
     outbox_batch: int = Field(default=100, ge=1)

@@ -1,5 +1,6 @@
 """What an operator sees of the worker: Prometheus metrics on the sidecar, and one JSON log
-line per command, with nothing secret in either."""
+line per command (successful queries only when IDENTITY_LOG_QUERIES is set), with nothing
+secret in either."""
 
 from __future__ import annotations
 
@@ -127,19 +128,23 @@ async def test_metrics_report_the_dependencies_up_and_the_outbox_drained(
     assert "identity_outbox_backlog" in _samples(worker)
 
 
+@pytest.mark.parametrize("log_queries", [False, True], ids=["default", "log_queries"])
 async def test_each_command_is_logged_once_with_its_outcome_and_never_a_secret(
-    isolated: Isolated,
+    isolated: Isolated, log_queries: bool
 ) -> None:
-    worker = isolated.start()
+    worker = isolated.start(IDENTITY_LOG_QUERIES=str(log_queries).lower())
     bus = await isolated.bus()
     person = Person.new("logged")
     new_password = f"{person.password}-next"
 
     sent: dict[str, tuple[str, str | None]] = {}  # correlation id -> (command, key)
+    quiet: set[str] = set()  # successful queries: logged only when asked for
 
     async def run(command: str, payload: dict[str, Any], k: str | None) -> dict[str, Any]:
         correlation_id, reply = await send(bus, command, payload, k)
         sent[correlation_id] = (command, k)
+        if reply["ok"] and command in ("session.verify", "account.get"):
+            quiet.add(correlation_id)
         return reply
 
     created = await run("account.create", person.create_payload(), key("log-create"))
@@ -147,6 +152,8 @@ async def test_each_command_is_logged_once_with_its_outcome_and_never_a_secret(
     started = await run("session.start", person.credentials(), key("log-start"))
     token = started["result"]["token"]
     await run("session.verify", {"token": token}, None)
+    await run("account.get", {"account_id": account_id}, None)
+    await run("account.get", {"account_id": "acct_" + "1" * 26}, None)  # not_found
     wrong = {"email": person.email, "password": f"{person.password}-wrong"}
     await run("session.start", wrong, key("log-wrong"))
     change = {
@@ -156,16 +163,32 @@ async def test_each_command_is_logged_once_with_its_outcome_and_never_a_secret(
     }
     await run("account.change_password", change, key("log-change"))
     await run("session.end", {"token": token}, key("log-end"))
-    await _eventually(lambda: len(_command_lines(worker)) >= len(sent))
+    await run("session.verify", {"token": token}, None)  # session_expired
+    expected = {cid: sent[cid] for cid in sent if log_queries or cid not in quiet}
+    assert len(quiet) == 2
+    await _eventually(lambda: len(_command_lines(worker)) >= len(expected))
 
     lines = {line["correlation_id"]: line for line in _command_lines(worker)}
-    assert len(_command_lines(worker)) == len(sent)
-    for correlation_id, (command, idempotency_key) in sent.items():
+    assert len(_command_lines(worker)) == len(expected)
+    assert set(lines) == set(expected)
+    for correlation_id, (command, idempotency_key) in expected.items():
         line = lines[correlation_id]
         assert line["command"] == command
         assert line["idempotency_key"] == idempotency_key
         assert isinstance(line["duration_ms"], float | int)
         assert line["duration_ms"] >= 0
-    outcomes = [lines[cid]["outcome"] for cid in sent]
-    assert outcomes == ["ok", "ok", "ok", "invalid_credentials", "ok", "ok"]
+    outcomes = [lines[cid]["outcome"] for cid in expected]
+    assert outcomes == [
+        "ok",
+        "ok",
+        *(["ok", "ok"] if log_queries else []),
+        "not_found",
+        "invalid_credentials",
+        "ok",
+        "ok",
+        "session_expired",
+    ]
+    # Every command is counted, logged or not.
+    for command in ("session.verify", "account.get"):
+        assert _value(worker, "identity_commands_total", command=command, outcome="ok") == 1
     assert_free_of(worker.log_text(), person.password, new_password, wrong["password"], token)
