@@ -158,7 +158,8 @@ class TokenSigner:
 
     def _mac(self, kid: str, session_id: str) -> str:
         message = f"{_VERSION}.{kid}.{session_id}".encode("ascii")
-        return _b64url_encode(hmac.new(self._subkeys[kid].token, message, hashlib.sha256).digest())
+        # hmac.digest: the one-shot C path, a third of the cost of building an HMAC object.
+        return _b64url_encode(hmac.digest(self._subkeys[kid].token, message, "sha256"))
 
     def sign(self, session_id: str, kid: str | None = None) -> str:
         """The token of `session_id`, under `kid` if it is still configured, else the current key.
@@ -187,7 +188,7 @@ class TokenSigner:
         return session_id, kid
 
     def _fingerprint_hex(self, kid: str, material: bytes) -> str:
-        return hmac.new(self._subkeys[kid].fingerprint, material, hashlib.sha256).hexdigest()
+        return hmac.digest(self._subkeys[kid].fingerprint, material, "sha256").hex()
 
     def fingerprint(self, material: bytes) -> str:
         """``<kid>:<hex>``: a keyed hash of `material` under the current key.

@@ -12,9 +12,9 @@ operation is timed here, so nothing above the store sees a driver type.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from time import perf_counter
+from types import TracebackType
 
 import asyncpg
 
@@ -47,43 +47,63 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
 )
 
 
-@contextmanager
-def translated() -> Iterator[None]:
-    """Re-raise driver exceptions from the block as store errors (`from` the original)."""
-    try:
-        yield
-    except asyncpg.UniqueViolationError as exc:
+def store_error(exc: BaseException) -> StoreError | None:
+    """The store error a driver exception stands for; None for anything else."""
+    if isinstance(exc, asyncpg.UniqueViolationError):
         if exc.constraint_name == EMAIL_CONSTRAINT:
-            raise DuplicateEmailError("the canonical email is taken") from exc
+            return DuplicateEmailError("the canonical email is taken")
         if exc.constraint_name == IDEMPOTENCY_CONSTRAINT:
-            raise DuplicateKeyError("the idempotency key was committed first") from exc
-        raise StoreError(f"unique constraint {exc.constraint_name} violated") from exc
-    except asyncpg.InterfaceError as exc:
+            return DuplicateKeyError("the idempotency key was committed first")
+        return StoreError(f"unique constraint {exc.constraint_name} violated")
+    if isinstance(exc, asyncpg.InterfaceError):
         # asyncpg's client-side DataError (a value it cannot encode) is an InterfaceError
         # too, but retrying cannot fix it.
         if isinstance(exc, ValueError):
-            raise StoreError(f"invalid value: {exc}") from exc
-        raise TransientStoreError(f"database interface error: {exc}") from exc
-    except _TRANSIENT as exc:
-        raise TransientStoreError(f"database unavailable: {exc!r}") from exc
-    except asyncpg.PostgresError as exc:
-        raise StoreError(f"database error {exc.sqlstate}: {exc}") from exc
+            return StoreError(f"invalid value: {exc}")
+        return TransientStoreError(f"database interface error: {exc}")
+    if isinstance(exc, _TRANSIENT):
+        return TransientStoreError(f"database unavailable: {exc!r}")
+    if isinstance(exc, asyncpg.PostgresError):
+        return StoreError(f"database error {exc.sqlstate}: {exc}")
+    return None
 
 
 class Instrument:
-    """Times and translates one store operation: `with instrument("get_account"): ...`."""
+    """Times and translates one store operation: `with instrument("get_account"): ...`.
+
+    A plain class rather than a generator-based context manager: it wraps every query, and
+    this form costs a fraction of the two nested `@contextmanager`s it replaces.
+    """
 
     __slots__ = ("_observe",)
 
     def __init__(self, observe: Observe | None) -> None:
         self._observe = observe
 
-    @contextmanager
-    def __call__(self, operation: str) -> Iterator[None]:
-        started = perf_counter()
-        try:
-            with translated():
-                yield
-        finally:
-            if self._observe is not None:
-                self._observe(operation, perf_counter() - started)
+    def __call__(self, operation: str) -> _Timed:
+        return _Timed(self._observe, operation)
+
+
+class _Timed:
+    __slots__ = ("_observe", "_operation", "_started")
+
+    def __init__(self, observe: Observe | None, operation: str) -> None:
+        self._observe = observe
+        self._operation = operation
+        self._started = 0.0
+
+    def __enter__(self) -> None:
+        self._started = perf_counter()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._observe is not None:
+            self._observe(self._operation, perf_counter() - self._started)
+        if exc is not None:
+            error = store_error(exc)
+            if error is not None:
+                raise error from exc
