@@ -134,7 +134,8 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> Components
     topology = await declare_topology(publish_channel, delivery_limit=settings.delivery_limit)
     relay = OutboxRelay(
         store,
-        topology.events_exchange,
+        publish_channel,
+        topology.events_exchange.name,
         metrics,
         clock.now,
         batch=settings.outbox_batch,

@@ -11,6 +11,7 @@ import aio_pika
 import aiormq
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+from pamqp.commands import Basic
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -37,6 +38,9 @@ BROKER_FAULTS = (
     RuntimeError,  # "Channel closed" while the robust channel is being restored
 )
 
+# How long one publish may wait for its confirm before it counts as a broker fault.
+PUBLISH_TIMEOUT_S = 10.0
+
 
 def broker_retrying(metrics: Metrics, operation: str, deadline_s: float) -> AsyncRetrying:
     def count(state: RetryCallState) -> None:
@@ -48,6 +52,33 @@ def broker_retrying(metrics: Metrics, operation: str, deadline_s: float) -> Asyn
         wait=wait_exponential_jitter(initial=0.1, max=2.0),
         before_sleep=count,
         reraise=True,
+    )
+
+
+async def publish_confirmed(
+    channel: AbstractChannel,
+    *,
+    exchange: str,
+    routing_key: str,
+    body: bytes,
+    properties: Basic.Properties,
+) -> None:
+    """Publish on the channel (which must have publisher confirms) and wait for the broker's
+    ack; a nack raises aiormq's DeliveryError, a broker fault one of BROKER_FAULTS.
+
+    The hot paths (a reply per command, an event per change) go to aiormq, the protocol layer
+    under aio-pika, on the robust channel's current connection: aio-pika's Exchange.publish
+    does the same through a Message object and cost about 40 us more CPU per publish
+    (see BENCHMARKS.md). Not mandatory: a reply whose caller has gone, or an event nobody
+    subscribes to, is dropped by the broker, which is what the aio-pika path did with it too.
+    """
+    underlay = await channel.get_underlay_channel()
+    await underlay.basic_publish(
+        body,
+        exchange=exchange,
+        routing_key=routing_key,
+        properties=properties,
+        timeout=PUBLISH_TIMEOUT_S,
     )
 
 
@@ -63,30 +94,31 @@ class ReplySender:
         assert request.reply_to is not None
         # Direct reply-to is transient by nature; a named reply queue gets a persistent reply.
         mode = (
-            aio_pika.DeliveryMode.NOT_PERSISTENT
+            aio_pika.DeliveryMode.NOT_PERSISTENT.value
             if request.reply_to.startswith(DIRECT_REPLY_TO)
-            else aio_pika.DeliveryMode.PERSISTENT
+            else aio_pika.DeliveryMode.PERSISTENT.value
         )
-        message = aio_pika.Message(
-            orjson.dumps(reply.to_wire()),
+        properties = Basic.Properties(
             content_type=CONTENT_TYPE,
             correlation_id=request.correlation_id or request.message_id,
             delivery_mode=mode,
         )
+        body = orjson.dumps(reply.to_wire())
         # The first try goes without a retry controller: building one per reply cost about 3%
         # of the worker's CPU, and nearly every reply needs only the one try.
         try:
-            await self._channel.default_exchange.publish(
-                message, routing_key=request.reply_to, timeout=10
-            )
+            await self._publish(request.reply_to, body, properties)
             return
         except BROKER_FAULTS:
             self._metrics.retries_total.labels("reply").inc()
         async for attempt in broker_retrying(self._metrics, "reply", self._deadline_s):
             with attempt:
-                await self._channel.default_exchange.publish(
-                    message, routing_key=request.reply_to, timeout=10
-                )
+                await self._publish(request.reply_to, body, properties)
+
+    async def _publish(self, queue: str, body: bytes, properties: Basic.Properties) -> None:
+        await publish_confirmed(
+            self._channel, exchange="", routing_key=queue, body=body, properties=properties
+        )
 
 
 class DeadLetters:

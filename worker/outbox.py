@@ -18,11 +18,12 @@ from collections.abc import Callable
 from datetime import datetime
 
 import aio_pika
-from aio_pika.abc import AbstractExchange
+from aio_pika.abc import AbstractChannel
+from pamqp.commands import Basic
 
 from messages.topology import CONTENT_TYPE
 from stores import IdentityStore, PendingEvent, StoreError
-from worker.broker import BROKER_FAULTS
+from worker.broker import BROKER_FAULTS, publish_confirmed
 from worker.metrics import Metrics
 
 log = logging.getLogger("identity.outbox")
@@ -32,7 +33,8 @@ class OutboxRelay:
     def __init__(
         self,
         store: IdentityStore,
-        exchange: AbstractExchange,
+        channel: AbstractChannel,
+        exchange: str,
         metrics: Metrics,
         now: Callable[[], datetime],
         *,
@@ -40,6 +42,7 @@ class OutboxRelay:
         poll_s: float = 1.0,
     ) -> None:
         self._store = store
+        self._channel = channel  # with publisher confirms
         self._exchange = exchange
         self._metrics = metrics
         self._now = now
@@ -94,15 +97,20 @@ class OutboxRelay:
         return len(confirmed), len(events)
 
     async def _publish(self, event: PendingEvent) -> None:
-        message = aio_pika.Message(
-            event.body,
+        properties = Basic.Properties(
             content_type=CONTENT_TYPE,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT.value,
             message_id=event.event_id,
-            type=event.type,
+            message_type=event.type,
             timestamp=event.created_at,
         )
-        await self._exchange.publish(message, routing_key=event.type, timeout=10)
+        await publish_confirmed(
+            self._channel,
+            exchange=self._exchange,
+            routing_key=event.type,
+            body=bytes(event.body),
+            properties=properties,
+        )
 
     async def report_backlog(self) -> None:
         count, age = await self._store.outbox_backlog(self._now())
