@@ -16,6 +16,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -109,17 +110,20 @@ def machine_busy() -> tuple[float, float]:
 
 
 class CpuMeter:
-    """CPU seconds spent by the worker(s), RabbitMQ, PostgreSQL and this process over a span."""
+    """CPU seconds spent by the worker(s), RabbitMQ, PostgreSQL and this process over a span.
+
+    RabbitMQ and PostgreSQL processes are listed at both ends of the span, so a backend
+    started during it (the worker's pool grows under load) is counted from its start.
+    """
 
     def __init__(self, workers: list[int]) -> None:
-        self.groups = {
-            "worker": workers,
-            "rabbitmq": pids_named("beam.smp"),
-            "postgres": pids_named("postgres"),
-        }
+        self.workers = workers
+        self.named = {"rabbitmq": "beam.smp", "postgres": "postgres"}
 
-    def _sample(self) -> dict[str, float]:
-        sample = {name: sum(cpu_seconds(p) for p in pids) for name, pids in self.groups.items()}
+    def _sample(self) -> dict[str, Any]:
+        sample: dict[str, Any] = {"worker": sum(cpu_seconds(p) for p in self.workers)}
+        for group, comm in self.named.items():
+            sample[group] = {pid: cpu_seconds(pid) for pid in pids_named(comm)}
         times = os.times()
         sample["bench"] = times.user + times.system
         busy, total = machine_busy()
@@ -128,13 +132,14 @@ class CpuMeter:
 
     @contextlib.contextmanager
     def span(self, into: dict[str, float]) -> Iterator[None]:
-        # Backends started during the span are not in the groups; refresh PostgreSQL first.
-        self.groups["postgres"] = pids_named("postgres")
         before, started = self._sample(), time.perf_counter()
         yield
         after, wall = self._sample(), time.perf_counter() - started
+        used = {name: after[name] - before[name] for name in ("worker", "bench")}
+        for group in self.named:
+            used[group] = sum(t - before[group].get(pid, 0.0) for pid, t in after[group].items())
         for name in ("worker", "rabbitmq", "postgres", "bench"):
-            into[f"cpu_{name}_cores"] = round((after[name] - before[name]) / wall, 3)
+            into[f"cpu_{name}_cores"] = round(used[name] / wall, 3)
         total = after["_total"] - before["_total"]
         into["machine_busy_pct"] = round(100 * (after["_busy"] - before["_busy"]) / total, 1)
 
