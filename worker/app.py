@@ -92,7 +92,7 @@ class Worker:
                 if self._draining:
                     # Delivered but not started when the stop began: hand it straight back
                     # rather than make it wait out the grace period.
-                    await message.nack(requeue=True)
+                    await self.parts.acks.nack(message, requeue=True)
                     return
                 await self._handle(queue, message)
         finally:
@@ -108,7 +108,7 @@ class Worker:
         except Exception:
             log.exception("delivery not acknowledged; it will be redelivered")
             with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
+                await self.parts.acks.nack(message, requeue=True)
         finally:
             gauge.dec()
 

@@ -18,6 +18,7 @@ from services.passwords import HashingPool, PasswordPolicy, make_hasher
 from services.tokens import SigningKey, TokenSigner, parse_signing_keys
 from stores import IdentityStore, ThrottleSchedule
 from stores.postgres import PostgresIdentityStore
+from worker.acks import Acknowledger
 from worker.broker import DeadLetters, ReplySender
 from worker.handlers import handler_table
 from worker.metrics import Metrics, create_metrics, observer
@@ -50,6 +51,7 @@ class Components:
     topology: Topology
     processor: CommandProcessor
     relay: OutboxRelay
+    acks: Acknowledger
 
 
 async def signing_keys(settings: Settings, store: IdentityStore) -> list[SigningKey]:
@@ -141,8 +143,10 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> Components
         batch=settings.outbox_batch,
         poll_s=settings.outbox_poll_s,
     )
+    acks = Acknowledger()
     processor = CommandProcessor(
         handler_table(service),
+        acks,
         ReplySender(publish_channel, metrics),
         DeadLetters(topology.dead_exchange, metrics),
         metrics,
@@ -166,4 +170,5 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> Components
         topology,
         processor,
         relay,
+        acks,
     )

@@ -1,8 +1,9 @@
 """One delivery, start to finish: guard, decode, run, reply, ack (see worker.policy).
 
-The reply is published with publisher confirms before the delivery is acked: if the worker
-dies in between, the broker redelivers and the idempotency record answers the retry with the
-same reply and no second effect.
+The reply is published with publisher confirms before the delivery is acked (worker.acks, a
+few milliseconds later, together with its neighbours): if the worker dies in between, the
+broker redelivers and the idempotency record answers the retry with the same reply and no
+second effect.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from messages.topology import CONTENT_TYPE
 from services.errors import IdentityError
 from services.operations import CommandContext
 from stores import TransientStoreError
+from worker.acks import Acknowledger
 from worker.broker import DeadLetters, ReplySender
 from worker.decode import Command, Rejected, decode_command
 from worker.metrics import OK, OUTCOMES, UNKNOWN, Metrics, command_label, outcome_label
@@ -44,6 +46,7 @@ class CommandProcessor:
     def __init__(
         self,
         handlers: dict[str, Handler],
+        acks: Acknowledger,
         replies: ReplySender,
         dead_letters: DeadLetters,
         metrics: Metrics,
@@ -55,6 +58,7 @@ class CommandProcessor:
         log_queries: bool = False,
     ) -> None:
         self._handlers = handlers
+        self._acks = acks
         self._replies = replies
         self._dead = dead_letters
         self._metrics = metrics
@@ -89,7 +93,7 @@ class CommandProcessor:
         reply = await self._outcome(message, name)
         if message.reply_to:
             await self._replies.send(message, reply)
-        await message.ack()
+        await self._acks.ack(message)
         elapsed = time.perf_counter() - started
         outcome = outcome_label(None if reply.ok or reply.error is None else reply.error.code)
         self._counts[label, outcome].inc()
