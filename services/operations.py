@@ -3,7 +3,8 @@
 Every state-changing command runs as an `Operation`. Its idempotency record (key, keyed
 fingerprint of command + payload, the reply without secrets) and the outbox rows of its
 events are written in the same unit of work as the state change, so that a command takes
-effect, is remembered and announces itself all at once or not at all.
+effect, is remembered and announces itself all at once or not at all. Record and events go
+in one write (`UnitOfWork.record_outcome`): one database round trip, not two.
 
 Business errors are stored as replies too, so a retry of a failed command gets the same
 answer without redoing the work. Two deliveries of one key racing to commit are settled by
@@ -100,9 +101,9 @@ class OperationRunner:
 
     async def finish(self, uow: UnitOfWork, op: Operation, result: Model) -> None:
         """Write the events and the idempotency record in the caller's unit of work."""
-        await uow.add_events(op.events)
         stored = result.model_dump(mode="json", exclude=_SECRET_RESULT_FIELDS)
-        await self._remember(uow, op, {"ok": True, "result": stored})
+        record = self._record(op, {"ok": True, "result": stored})
+        await uow.record_outcome(op.events, record)
 
     async def execute(
         self,
@@ -163,18 +164,20 @@ class OperationRunner:
         return result_type.model_validate(result, strict=False)
 
     async def _remember_failure(self, op: Operation, error: IdentityError) -> None:
+        """Store the error as the key's reply; a failed command emits no events."""
         body = error.to_error_body().model_dump(mode="json", exclude_none=True)
+        record = self._record(op, {"ok": False, "error": body})
         async with self._store.unit_of_work() as uow:
-            await self._remember(uow, op, {"ok": False, "error": body})
+            await uow.record_outcome((), record)
 
-    async def _remember(self, uow: UnitOfWork, op: Operation, reply: dict[str, Any]) -> None:
+    def _record(self, op: Operation, reply: dict[str, Any]) -> IdempotencyRecord | None:
+        """The idempotency record of `op` with `reply`; None if it has no key."""
         if op.key is None:
-            return
-        record = IdempotencyRecord(
+            return None
+        return IdempotencyRecord(
             key=op.key,
             command=op.command,
             fingerprint=self._signer.fingerprint(op.material),
             reply=reply,
             created_at=self._clock.now(),
         )
-        await uow.save_idempotency(record)

@@ -85,6 +85,15 @@ class UnitOfWork(Protocol):
         """Append outbox rows; they become visible to the relay when this unit commits."""
         ...
 
+    async def record_outcome(
+        self, events: Sequence[NewEvent], idempotency: IdempotencyRecord | None
+    ) -> None:
+        """What `add_events(events)` then `save_idempotency(idempotency)` do, as one write:
+        the outbox rows in the order given and the record (none when None). Raises
+        DuplicateKeyError if the key was committed by someone else; the unit must then roll
+        back, which takes the events with it."""
+        ...
+
 
 class EventBatch(Protocol):
     """Outbox rows claimed by one relay (others skip them) until the batch ends."""

@@ -165,17 +165,37 @@ class MemoryUnitOfWork:
         self._throttle_resets.add(email_canonical)
 
     async def save_idempotency(self, record: IdempotencyRecord) -> None:
-        if record.key in self._idempotency or record.key in self._tables.idempotency:
-            raise DuplicateKeyError("the idempotency key was committed first")
-        self._idempotency[record.key] = replace(record, reply=as_jsonb(record.reply))
+        self._idempotency[record.key] = self._checked_record(record)
 
     async def add_events(self, events: Sequence[NewEvent]) -> None:
+        self._events.extend(self._checked_events(events))
+
+    async def record_outcome(
+        self, events: Sequence[NewEvent], idempotency: IdempotencyRecord | None
+    ) -> None:
+        # Checked in PostgreSQL's order (the events are inserted first), and all before
+        # anything is written: the one statement there fails as a whole.
+        new_events = self._checked_events(events)
+        stored = None if idempotency is None else self._checked_record(idempotency)
+        self._events.extend(new_events)
+        if stored is not None:
+            self._idempotency[stored.key] = stored
+
+    def _checked_record(self, record: IdempotencyRecord) -> IdempotencyRecord:
+        """The record as the table would hold it; raises if it cannot be stored."""
+        reply = as_jsonb(record.reply)
+        if record.key in self._idempotency or record.key in self._tables.idempotency:
+            raise DuplicateKeyError("the idempotency key was committed first")
+        return replace(record, reply=reply)
+
+    def _checked_events(self, events: Sequence[NewEvent]) -> list[NewEvent]:
+        """The events as the outbox would hold them; raises if one cannot be stored."""
         known = self._tables.event_ids.union(e.event_id for e in self._events)
         for event in events:
             if event.event_id in known:
                 raise StoreError("unique constraint outbox_event_id_key violated")
             known.add(event.event_id)
-        self._events.extend(replace(e, body=bytes(e.body)) for e in events)
+        return [replace(e, body=bytes(e.body)) for e in events]
 
     def commit(self) -> None:
         """Apply every write at once (no await: nothing can interleave)."""

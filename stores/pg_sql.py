@@ -80,6 +80,23 @@ INSERT_IDEMPOTENCY = (
 GET_IDEMPOTENCY = f"SELECT {IDEMPOTENCY} FROM idempotency WHERE key = $1"
 
 INSERT_EVENT = "INSERT INTO outbox (event_id, type, body, created_at) VALUES ($1, $2, $3, $4)"
+# A command's outcome in one statement: its events ($1-$4, one array per column) and its
+# idempotency record ($5-$9; skipped when the key is NULL). A data-modifying CTE always runs to
+# completion, whether or not the main statement reads it. Rows are inserted in ORDER BY order,
+# so the outbox seqs follow the events' order. The casts give every parameter its column's
+# type, so the reply goes through the connection's jsonb codec as in INSERT_IDEMPOTENCY.
+RECORD_OUTCOME = f"""
+WITH events AS (
+    INSERT INTO outbox (event_id, type, body, created_at)
+    SELECT event_id, type, body, created_at
+    FROM unnest($1::text[], $2::text[], $3::bytea[], $4::timestamptz[])
+        WITH ORDINALITY AS e (event_id, type, body, created_at, n)
+    ORDER BY n
+)
+INSERT INTO idempotency ({IDEMPOTENCY})
+SELECT $5::text, $6::text, $7::text, $8::jsonb, $9::timestamptz
+WHERE $5::text IS NOT NULL
+"""
 # SKIP LOCKED: a row another relay holds is passed over rather than waited for; the row locks
 # last as long as the claiming transaction, i.e. the `async with claim_events(...)` block.
 CLAIM_EVENTS = """

@@ -13,7 +13,7 @@ other transaction and fail if it commits; callers that read-modify-write take
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import astuple
+from dataclasses import astuple, fields
 from datetime import datetime
 from typing import Any
 
@@ -27,6 +27,9 @@ from stores.records import (
     PendingEvent,
     SessionRecord,
 )
+
+# The idempotency parameters of RECORD_OUTCOME when there is no record to write.
+_NO_RECORD = (None,) * len(fields(IdempotencyRecord))
 
 
 def account_from(row: Any) -> AccountRecord | None:
@@ -123,6 +126,22 @@ class PostgresUnitOfWork:
             await self._conn.executemany(
                 sql.INSERT_EVENT,
                 [(e.event_id, e.type, bytes(e.body), e.created_at) for e in events],
+            )
+
+    async def record_outcome(
+        self, events: Sequence[NewEvent], idempotency: IdempotencyRecord | None
+    ) -> None:
+        if not events and idempotency is None:
+            return
+        record = _NO_RECORD if idempotency is None else astuple(idempotency)
+        with self._timed("uow.record_outcome"):
+            await self._conn.execute(
+                sql.RECORD_OUTCOME,
+                [e.event_id for e in events],
+                [e.type for e in events],
+                [bytes(e.body) for e in events],
+                [e.created_at for e in events],
+                *record,
             )
 
 

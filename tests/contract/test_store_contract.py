@@ -344,6 +344,94 @@ async def test_unit_that_raises_ends_no_session(store: IdentityStore) -> None:
         assert await uow.get_session(record.id) == record
 
 
+# A command's outcome: its events and its idempotency record in one write
+
+
+async def claim_all(store: IdentityStore) -> list[str]:
+    """Publish every pending event; their ids, in outbox order."""
+    async with store.claim_events(100) as batch:
+        claimed = list(batch.events)
+        batch.mark_published([e.seq for e in claimed])
+    assert [e.seq for e in claimed] == sorted(e.seq for e in claimed)
+    return [e.event_id for e in claimed]
+
+
+async def test_outcome_writes_the_events_in_order_and_the_record(store: IdentityStore) -> None:
+    await drain(store)
+    # Ids that sort against the order given, so an outbox ordered by id would show it.
+    new_events = [event(event_id=f"{unique('evt')}_{9 - n}") for n in range(3)]
+    record = idempotency()
+    async with store.unit_of_work() as uow:
+        await uow.record_outcome(new_events, record)
+
+    assert await store.get_idempotency(record.key) == record
+    async with store.claim_events(10) as batch:
+        claimed = list(batch.events)
+        batch.mark_published([e.seq for e in claimed])
+    assert [(e.event_id, e.type, e.body, e.created_at) for e in claimed] == [
+        (e.event_id, e.type, e.body, e.created_at) for e in new_events
+    ]
+    assert [e.seq for e in claimed] == sorted(e.seq for e in claimed)
+
+
+async def test_outcome_with_a_taken_key_is_rejected_and_leaves_no_events(
+    store: IdentityStore,
+) -> None:
+    await drain(store)
+    record = idempotency()
+    async with store.unit_of_work() as uow:
+        await uow.record_outcome([], record)
+
+    with pytest.raises(DuplicateKeyError):
+        async with store.unit_of_work() as uow:
+            await uow.record_outcome([event(), event()], replace(record, fingerprint="other"))
+
+    assert await store.get_idempotency(record.key) == record
+    assert await store.outbox_backlog(T0) == (0, 0.0)
+
+
+async def test_outcome_racing_on_one_key_commits_only_the_winners_events(
+    store: IdentityStore,
+) -> None:
+    await drain(store)
+    key = unique("key")
+    events_of = [[event(), event()] for _ in range(2)]
+
+    async def attempt(n: int) -> int:
+        async with store.unit_of_work() as uow:
+            await uow.record_outcome(events_of[n], idempotency(key=key, fingerprint=str(n)))
+        return n
+
+    results = await asyncio.gather(*(attempt(n) for n in range(2)), return_exceptions=True)
+    winners = [r for r in results if isinstance(r, int)]
+    assert len(winners) == 1
+    assert [type(r) for r in results if not isinstance(r, int)] == [DuplicateKeyError]
+    stored = await store.get_idempotency(key)
+    assert stored is not None
+    assert stored.fingerprint == str(winners[0])
+    assert await claim_all(store) == [e.event_id for e in events_of[winners[0]]]
+
+
+async def test_outcome_without_a_record_writes_only_the_events(store: IdentityStore) -> None:
+    await drain(store)
+    new_events = [event(), event(type="session.started")]
+    async with store.unit_of_work() as uow:
+        await uow.record_outcome(new_events, None)
+    assert await claim_all(store) == [e.event_id for e in new_events]
+
+
+async def test_outcome_without_events_writes_only_the_record(store: IdentityStore) -> None:
+    await drain(store)
+    record = idempotency(reply={"ok": False, "fields": ("email",), "none": None})
+    async with store.unit_of_work() as uow:
+        await uow.record_outcome([], record)
+        await uow.record_outcome([], None)  # nothing to write: nothing happens
+
+    stored = await store.get_idempotency(record.key)
+    assert stored == replace(record, reply={"ok": False, "fields": ["email"], "none": None})
+    assert await store.outbox_backlog(T0) == (0, 0.0)
+
+
 # Outbox
 
 
