@@ -13,8 +13,9 @@ other transaction and fail if it commits; callers that read-modify-write take
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import astuple, fields
+from dataclasses import fields
 from datetime import datetime
+from operator import attrgetter
 from typing import Any
 
 from stores import pg_sql as sql
@@ -30,6 +31,17 @@ from stores.records import (
 
 # The idempotency parameters of RECORD_OUTCOME when there is no record to write.
 _NO_RECORD = (None,) * len(fields(IdempotencyRecord))
+# A written record's fields, in declaration order (the statements' parameter order), as a
+# shallow tuple: dataclasses.astuple deep-copies every value, the stored reply included.
+_VALUES = {
+    cls: attrgetter(*(f.name for f in fields(cls)))
+    for cls in (AccountRecord, SessionRecord, IdempotencyRecord)
+}
+
+
+def _values(record: AccountRecord | SessionRecord | IdempotencyRecord) -> tuple[Any, ...]:
+    values: tuple[Any, ...] = _VALUES[type(record)](record)
+    return values
 
 
 def account_from(row: Any) -> AccountRecord | None:
@@ -62,7 +74,7 @@ class PostgresUnitOfWork:
 
     async def insert_account(self, account: AccountRecord) -> None:
         with self._timed("uow.insert_account"):
-            await self._conn.execute(sql.INSERT_ACCOUNT, *astuple(account))
+            await self._conn.execute(sql.INSERT_ACCOUNT, *_values(account))
 
     async def update_account(
         self, account_id: str, expected_version: int, changes: AccountChanges
@@ -91,7 +103,7 @@ class PostgresUnitOfWork:
 
     async def insert_session(self, session: SessionRecord) -> None:
         with self._timed("uow.insert_session"):
-            await self._conn.execute(sql.INSERT_SESSION, *astuple(session))
+            await self._conn.execute(sql.INSERT_SESSION, *_values(session))
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
         with self._timed("uow.get_session"):
@@ -117,7 +129,7 @@ class PostgresUnitOfWork:
 
     async def save_idempotency(self, record: IdempotencyRecord) -> None:
         with self._timed("uow.save_idempotency"):
-            await self._conn.execute(sql.INSERT_IDEMPOTENCY, *astuple(record))
+            await self._conn.execute(sql.INSERT_IDEMPOTENCY, *_values(record))
 
     async def add_events(self, events: Sequence[NewEvent]) -> None:
         if not events:
@@ -133,7 +145,7 @@ class PostgresUnitOfWork:
     ) -> None:
         if not events and idempotency is None:
             return
-        record = _NO_RECORD if idempotency is None else astuple(idempotency)
+        record = _NO_RECORD if idempotency is None else _values(idempotency)
         with self._timed("uow.record_outcome"):
             await self._conn.execute(
                 sql.RECORD_OUTCOME,
