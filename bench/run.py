@@ -120,8 +120,14 @@ def machine() -> dict[str, Any]:
 def table(median: dict[str, Any], verdicts: list[dict[str, Any]], runs: int) -> str:
     rows = [f"median of {runs} run(s)", ""]
     a, b = median["argon2_ceiling"], median["broker_ceiling"]
-    rows.append(f"argon2 ceiling: {a['hash_per_s']} hash/s, {a['verify_per_s']} verify/s")
-    rows.append(f"broker ceiling: {b['throughput']}/s  p50 {b['p50_ms']} ms  p99 {b['p99_ms']} ms")
+    rows.append(
+        f"argon2 ceiling: {a['hash_per_s']} hash/s, {a['verify_per_s']} verify/s "
+        f"(before {a['before']['hash_per_s']}, after {a['after']['hash_per_s']} hash/s)"
+    )
+    rows.append(
+        f"broker ceiling: {b['throughput']}/s  p50 {b['p50_ms']} ms  p99 {b['p99_ms']} ms "
+        f"(before {b['before']['throughput']}/s, after {b['after']['throughput']}/s)"
+    )
     rows.append("")
     rows.append(f"{'command':<16}{'per s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'cpu ms':>9}")
     for command, r in median["worker"].items():
