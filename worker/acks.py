@@ -36,6 +36,10 @@ FLUSH_S = 0.005
 STRAGGLER_S = 0.05
 
 
+class AlreadySettledError(RuntimeError):
+    """A delivery was acked or rejected twice; nothing was sent the second time."""
+
+
 @dataclass(frozen=True, slots=True)
 class Frame:
     """One frame to send: an ack (`multiple` or not) or a nack (`requeue` or not)."""
@@ -58,6 +62,16 @@ class Ledger:
     @property
     def waiting(self) -> bool:
         return bool(self._finished or self._rejected)
+
+    def knows(self, tag: int) -> bool:
+        """Whether `tag` was finished or rejected already (settling it twice would close the
+        channel: the broker refuses a tag it no longer holds)."""
+        return (
+            tag <= self.floor
+            or tag in self._finished
+            or tag in self._rejected
+            or tag in self._settled
+        )
 
     def finish(self, tag: int, now: float) -> None:
         self._finished[tag] = now
@@ -90,7 +104,8 @@ class Ledger:
 
 @dataclass
 class _Channel:
-    channel: AbstractChannel
+    # Weak: the registry is keyed weakly by the channel, which this must not keep alive.
+    channel: weakref.ref[AbstractChannel]
     ledger: Ledger = field(default_factory=Ledger)
     waiters: dict[int, asyncio.Future[None]] = field(default_factory=dict)
     outbox: deque[tuple[Frame, list[asyncio.Future[None]]]] = field(default_factory=deque)
@@ -126,7 +141,9 @@ class Acknowledger:
         assert tag is not None, "a delivery consumed with acks has a tag"
         state = self._channels.get(channel)
         if state is None:
-            state = self._channels[channel] = _Channel(channel)
+            state = self._channels[channel] = _Channel(weakref.ref(channel))
+        if state.ledger.knows(tag):
+            raise AlreadySettledError(f"delivery {tag} was acked or rejected already")
         return state, tag
 
     async def _wait(self, state: _Channel, tag: int) -> None:
@@ -155,10 +172,13 @@ class Acknowledger:
         while state.outbox:
             frame, waiters = state.outbox.popleft()
             try:
+                channel = state.channel()
+                if channel is None:
+                    raise ConnectionError("the channel is gone")
                 if frame.ack:
-                    await state.channel.basic_ack(frame.tag, multiple=frame.multiple)
+                    await channel.basic_ack(frame.tag, multiple=frame.multiple)
                 else:
-                    await state.channel.basic_nack(frame.tag, requeue=frame.requeue)
+                    await channel.basic_nack(frame.tag, requeue=frame.requeue)
             except Exception as exc:  # the channel is gone: the broker requeues on its own
                 for waiter in waiters:
                     if not waiter.done():

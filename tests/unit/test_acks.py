@@ -8,14 +8,16 @@ outstanding closes the channel with PRECONDITION_FAILED.
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
+import weakref
 from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.acks import Acknowledger, Frame, Ledger
+from worker.acks import Acknowledger, AlreadySettledError, Frame, Ledger
 
 FLUSH_S = 0.001
 
@@ -170,3 +172,31 @@ def test_any_completion_order_settles_every_delivery_exactly_as_asked(
     assert sorted(broker.requeued) == sorted(nacked)
     assert sorted(broker.acked) == sorted(set(range(1, count + 1)) - nacked)
     assert len(broker.frames) <= count
+
+
+async def test_settling_a_delivery_twice_raises_and_sends_nothing_more() -> None:
+    broker = Broker()
+    acks = Acknowledger(flush_s=FLUSH_S)
+    [delivery] = broker.deliver(1)
+    await acks.ack(delivery)  # type: ignore[arg-type]
+
+    with pytest.raises(AlreadySettledError):
+        await acks.nack(delivery, requeue=True)  # type: ignore[arg-type]
+    with pytest.raises(AlreadySettledError):
+        await acks.ack(delivery)  # type: ignore[arg-type]
+
+    await asyncio.sleep(5 * FLUSH_S)
+    assert broker.frames == [Frame(1, ack=True, multiple=True)]
+    assert not broker.closed
+
+
+async def test_the_registry_does_not_keep_a_closed_channel_alive() -> None:
+    broker = Broker()
+    acks = Acknowledger(flush_s=FLUSH_S)
+    await acks.ack(broker.deliver(1)[0])  # type: ignore[arg-type]
+    gone = weakref.ref(broker)
+
+    del broker
+    gc.collect()
+
+    assert gone() is None
