@@ -1,0 +1,132 @@
+"""Compare the worker of another commit with this checkout's, back to back on this machine.
+
+    .venv/bin/python bench/compare.py BASE_REF [--rounds 4] [--seconds 8]
+                                      [--commands session.verify,session.end]
+
+The base runs from a temporary `git worktree` of BASE_REF (put first on PYTHONPATH; same
+virtualenv), the head from this checkout. Each round measures the bare-consumer ceiling, then
+the base worker and the head worker on each command (closed loop of 128, 2 s warm-up), so the
+two are compared within minutes of each other and of their ceiling: on a shared machine the
+speed drifts more between rounds than between neighbours. Prints each measurement, then the
+median over rounds of each worker's ratio to its round's ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from env import ROOT, CpuMeter, Sandbox, WorkerProcess, worker_env
+from loadgen import LoadGenerator
+from scenarios import FAST_WINDOW, Durations, State, argon2_ceiling, broker_ceiling
+
+from services.tokens import TokenSigner, format_signing_key, new_signing_key, parse_signing_keys
+from stores.migrate import migrate
+from worker.topology import FAST_QUEUE
+
+
+async def measure_worker(
+    sandbox: Sandbox, state: State, env: dict[str, str], commands: list[str], seconds: float
+) -> dict[str, dict[str, Any]]:
+    results = {}
+    gen = LoadGenerator(sandbox.amqp_url)
+    await gen.open()
+    worker = WorkerProcess(env, Path(tempfile.mkdtemp(prefix="identity-compare-")) / "w.log")
+    worker.start()
+    try:
+        for command in commands:
+            meter, cpu = CpuMeter([worker.pid]), {}
+            with meter.span(cpu):
+                sample = await gen.closed_loop(
+                    state.maker(command), window=FAST_WINDOW, warmup=2, seconds=seconds
+                )
+            rate = sample.completed / sample.seconds
+            results[command] = {
+                "throughput": round(rate, 1),
+                "worker_cpu_ms": round(1000 * cpu["cpu_worker_cores"] / rate, 3) if rate else None,
+            }
+    finally:
+        worker.stop()
+        await gen.close()
+    return results
+
+
+async def ceiling(sandbox: Sandbox, state: State, seconds: float) -> float:
+    gen = LoadGenerator(sandbox.amqp_url)
+    await gen.open()
+    try:
+        # The workers' fast queue would get a copy of every command: gone until a worker
+        # declares it again.
+        channel = await gen.connection.channel()
+        await channel.queue_delete(FAST_QUEUE)
+        await channel.close()
+        durations = Durations(2, seconds, seconds, seconds, seconds)
+        return float((await broker_ceiling(sandbox, gen, state, durations))["throughput"])
+    finally:
+        await gen.close()
+
+
+async def main(args: argparse.Namespace) -> None:
+    commands = args.commands.split(",")
+    base_tree = Path(tempfile.mkdtemp(prefix="identity-base-")) / "tree"
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base_tree), args.base],
+        check=True,
+        capture_output=True,
+    )
+    sandbox = Sandbox()
+    ratios: dict[str, list[float]] = {}
+    try:
+        await sandbox.open()
+        await migrate(sandbox.database_url)
+        password_hash = (await argon2_ceiling(0.1))["password_hash"]
+        keys = format_signing_key(new_signing_key())
+        state = State(TokenSigner(parse_signing_keys(keys)), "cmp")
+        await state.write(sandbox.database_url, password_hash, accounts=2000, ends=120_000)
+        variants = {
+            f"base {args.base}": worker_env(sandbox, keys, PYTHONPATH=str(base_tree)),
+            "head": worker_env(sandbox, keys),
+        }
+        for round_no in range(args.rounds):
+            top = await ceiling(sandbox, state, args.seconds)
+            print(f"round {round_no}: ceiling {top:.1f}/s", flush=True)
+            for name, env in variants.items():
+                measured = await measure_worker(sandbox, state, env, commands, args.seconds)
+                for command, figures in measured.items():
+                    ratio = figures["throughput"] / top
+                    ratios.setdefault(f"{name} {command}", []).append(ratio)
+                    print(
+                        f"  {name:24} {command:16} {figures['throughput']:8.1f}/s "
+                        f"{ratio:6.3f}x  worker CPU {figures['worker_cpu_ms']} ms per command",
+                        flush=True,
+                    )
+    finally:
+        await sandbox.close()
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)],
+            check=False,
+            capture_output=True,
+        )
+    print("median ratio to the round's ceiling:")
+    for name, values in ratios.items():
+        print(f"  {name:42} {statistics.median(values):.3f}x  ({len(values)} rounds)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("base", help="git ref of the worker to compare with")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--commands", default="session.verify,session.end")
+    uvloop.run(main(parser.parse_args()))
