@@ -38,7 +38,8 @@ BROKER_FAULTS = (
     RuntimeError,  # "Channel closed" while the robust channel is being restored
 )
 
-# How long one publish may wait for its confirm before it counts as a broker fault.
+# How long one publish may take (connection, channel and confirm) before it counts as a
+# broker fault.
 PUBLISH_TIMEOUT_S = 10.0
 
 
@@ -72,14 +73,13 @@ async def publish_confirmed(
     (see BENCHMARKS.md). Not mandatory: a reply whose caller has gone, or an event nobody
     subscribes to, is dropped by the broker, which is what the aio-pika path did with it too.
     """
-    underlay = await channel.get_underlay_channel()
-    await underlay.basic_publish(
-        body,
-        exchange=exchange,
-        routing_key=routing_key,
-        properties=properties,
-        timeout=PUBLISH_TIMEOUT_S,
-    )
+    # The deadline covers waiting for a reconnecting channel too: a robust channel's
+    # underlay is only handed out once the connection is back, however long that takes.
+    async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+        underlay = await channel.get_underlay_channel()
+        await underlay.basic_publish(
+            body, exchange=exchange, routing_key=routing_key, properties=properties
+        )
 
 
 class ReplySender:
