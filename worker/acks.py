@@ -111,6 +111,7 @@ class _Channel:
     outbox: deque[tuple[Frame, list[asyncio.Future[None]]]] = field(default_factory=deque)
     writer: asyncio.Task[None] | None = None
     flush: asyncio.TimerHandle | None = None
+    failed: BaseException | None = None  # the first frame that could not be sent
 
 
 class Acknowledger:
@@ -172,6 +173,8 @@ class Acknowledger:
         while state.outbox:
             frame, waiters = state.outbox.popleft()
             try:
+                if state.failed is not None:
+                    raise state.failed  # after one failure nothing more goes on this channel
                 channel = state.channel()
                 if channel is None:
                     raise ConnectionError("the channel is gone")
@@ -179,11 +182,25 @@ class Acknowledger:
                     await channel.basic_ack(frame.tag, multiple=frame.multiple)
                 else:
                     await channel.basic_nack(frame.tag, requeue=frame.requeue)
-            except Exception as exc:  # the channel is gone: the broker requeues on its own
-                for waiter in waiters:
-                    if not waiter.done():
-                        waiter.set_exception(exc)
+            except BaseException as exc:
+                # The channel is gone or broken: the broker requeues what it holds. A later
+                # multiple ack could cover a nack that failed, so the channel's ledger is done.
+                if state.failed is None:
+                    state.failed = exc if isinstance(exc, Exception) else ConnectionError(exc)
+                _settle(waiters, state.failed)
+                if not isinstance(exc, Exception):  # cancelled: fail the rest, then stop
+                    while state.outbox:
+                        _settle(state.outbox.popleft()[1], state.failed)
+                    raise
                 continue
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+            _settle(waiters, None)
+
+
+def _settle(waiters: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    for waiter in waiters:
+        if waiter.done():
+            continue
+        if error is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(error)

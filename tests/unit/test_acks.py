@@ -200,3 +200,46 @@ async def test_the_registry_does_not_keep_a_closed_channel_alive() -> None:
     gc.collect()
 
     assert gone() is None
+
+
+class FailingBroker(Broker):
+    """A channel whose first frame fails with `error`; it records whatever else reaches it."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__()
+        self.error: BaseException | None = error
+
+    async def basic_ack(self, tag: int, multiple: bool = False) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        await super().basic_ack(tag, multiple)
+
+    async def basic_nack(self, tag: int, requeue: bool = True) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        await super().basic_nack(tag, requeue)
+
+
+@pytest.mark.parametrize("error", [asyncio.CancelledError(), ConnectionError("reset")])
+async def test_a_frame_that_cannot_be_sent_fails_every_waiter_and_nothing_follows_it(
+    error: BaseException,
+) -> None:
+    broker = FailingBroker(error)
+    acks = Acknowledger(flush_s=FLUSH_S, straggler_s=0.0)
+    first, second, third = broker.deliver(3)
+
+    results = await asyncio.wait_for(
+        asyncio.gather(
+            acks.nack(second, requeue=True),  # type: ignore[arg-type]
+            acks.ack(third),  # type: ignore[arg-type]
+            return_exceptions=True,
+        ),
+        timeout=1,
+    )
+    assert all(isinstance(result, Exception) for result in results)
+    with pytest.raises(Exception):  # noqa: B017, PT011 - the channel's first failure
+        await asyncio.wait_for(acks.ack(first), timeout=1)  # type: ignore[arg-type]
+    # The failed nack is never covered by a later multiple ack: nothing more was sent.
+    assert broker.frames == []
