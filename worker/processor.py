@@ -93,8 +93,9 @@ class CommandProcessor:
         reply = await self._outcome(message, name)
         if message.reply_to:
             await self._replies.send(message, reply)
-        await self._acks.ack(message)
+        # Timed up to the confirmed reply: what the caller waits for, not the ack batching.
         elapsed = time.perf_counter() - started
+        await self._acks.ack(message)
         outcome = outcome_label(None if reply.ok or reply.error is None else reply.error.code)
         self._counts[label, outcome].inc()
         self._durations[label].observe(elapsed)
