@@ -173,10 +173,11 @@ class MemoryUnitOfWork:
     async def record_outcome(
         self, events: Sequence[NewEvent], idempotency: IdempotencyRecord | None
     ) -> None:
-        # Checked in PostgreSQL's order (the events are inserted first), and all before
-        # anything is written: the one statement there fails as a whole.
-        new_events = self._checked_events(events)
+        # Checked in PostgreSQL's order (the main statement's INSERT, the record, completes
+        # before the events' CTE), and all before anything is written: the one statement there
+        # fails as a whole.
         stored = None if idempotency is None else self._checked_record(idempotency)
+        new_events = self._checked_events(events)
         self._events.extend(new_events)
         if stored is not None:
             self._idempotency[stored.key] = stored
