@@ -114,7 +114,7 @@ def create_metrics() -> Metrics:
         ),
         command_duration_seconds=histogram(
             "command_duration_seconds",
-            "Time from delivery to ack.",
+            "Time from delivery to the confirmed reply.",
             ("command",),
             LATENCY_BUCKETS,
         ),
