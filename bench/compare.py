@@ -27,10 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from env import ROOT, CpuMeter, Sandbox, WorkerProcess, worker_env
 from loadgen import LoadGenerator
-from scenarios import FAST_WINDOW, Durations, State, argon2_ceiling, broker_ceiling
+from scenarios import FAST_WINDOW, Durations, State, argon2_ceiling, broker_ceiling, prepare
 
-from services.tokens import TokenSigner, format_signing_key, new_signing_key, parse_signing_keys
-from stores.migrate import migrate
 from worker.topology import FAST_QUEUE
 
 
@@ -87,11 +85,8 @@ async def main(args: argparse.Namespace) -> None:
     ratios: dict[str, list[float]] = {}
     try:
         await sandbox.open()
-        await migrate(sandbox.database_url)
         password_hash = (await argon2_ceiling(0.1))["password_hash"]
-        keys = format_signing_key(new_signing_key())
-        state = State(TokenSigner(parse_signing_keys(keys)), "cmp")
-        await state.write(sandbox.database_url, password_hash, accounts=2000, ends=120_000)
+        state, keys = await prepare(sandbox, "cmp", password_hash, ends=120_000)
         variants = {
             f"base {args.base}": worker_env(sandbox, keys, PYTHONPATH=str(base_tree)),
             "head": worker_env(sandbox, keys),

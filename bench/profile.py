@@ -24,15 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from env import BIN, Sandbox, WorkerProcess, worker_env
 from loadgen import LoadGenerator
-from scenarios import FAST_WINDOW, PASSWORD_WINDOW, State, argon2_ceiling
-
-from services.tokens import (
-    TokenSigner,
-    format_signing_key,
-    new_signing_key,
-    parse_signing_keys,
-)
-from stores.migrate import migrate
+from scenarios import FAST_WINDOW, PASSWORD_WINDOW, argon2_ceiling, prepare
 
 
 def summarize(path: Path, top: int = 25) -> str:
@@ -59,11 +51,8 @@ async def main(command: str, seconds: float, out: Path) -> None:
     worker = None
     try:
         await sandbox.open()
-        await migrate(sandbox.database_url)
         password_hash = (await argon2_ceiling(0.1))["password_hash"]
-        keys = format_signing_key(new_signing_key())
-        state = State(TokenSigner(parse_signing_keys(keys)), "prof")
-        await state.write(sandbox.database_url, password_hash, accounts=2000, ends=60_000)
+        state, keys = await prepare(sandbox, "prof", password_hash, ends=60_000)
         worker = WorkerProcess(
             worker_env(sandbox, keys), Path(tempfile.mkdtemp()) / "worker.log"
         ).start()

@@ -150,6 +150,19 @@ class State:
 # -- ceilings -------------------------------------------------------------------------------
 
 
+async def prepare(
+    sandbox: Sandbox, tag: str, password_hash: str, *, ends: int
+) -> tuple[State, str]:
+    """The sandbox's database migrated and holding 2,000 accounts (whose password hashes to
+    `password_hash`) and `ends` live sessions; returns them as a `State`, and the signing keys
+    (for IDENTITY_SIGNING_KEYS) their tokens are signed with."""
+    await migrate(sandbox.database_url)
+    keys = format_signing_key(new_signing_key())
+    state = State(TokenSigner(parse_signing_keys(keys)), tag)
+    await state.write(sandbox.database_url, password_hash, accounts=2000, ends=ends)
+    return state, keys
+
+
 async def argon2_ceiling(seconds: float) -> dict[str, Any]:
     """Hashes (and verifications) per second with the worker's default argon2 parameters and
     pool size, the pool kept full, nothing else running."""
@@ -402,14 +415,10 @@ async def one_run(quick: bool, log: Any) -> dict[str, Any]:
     worker: WorkerProcess | None = None
     try:
         await sandbox.open()
-        await migrate(sandbox.database_url)
         log("argon2 ceiling")
         argon2 = await argon2_ceiling(d.password / 2)
-        password_hash = argon2.pop("password_hash")
         out["argon2_ceiling"] = argon2
-        keys = format_signing_key(new_signing_key())
-        state = State(TokenSigner(parse_signing_keys(keys)), run_id)
-        await state.write(sandbox.database_url, password_hash, accounts=2000, ends=60_000)
+        state, keys = await prepare(sandbox, run_id, argon2.pop("password_hash"), ends=60_000)
         gen = LoadGenerator(sandbox.amqp_url)
         await gen.open()
         log("broker ceiling")
