@@ -187,3 +187,25 @@ async def wait_for_log(worker: WorkerProcess, text: str, timeout: float = 30.0) 
     while text not in worker.log_text():
         assert asyncio.get_running_loop().time() < deadline, f"never logged {text!r}"
         await asyncio.sleep(0.05)
+
+
+async def assert_signed_up_once(
+    bus: Bus, sent: dict[str, Person], database_url: str, email_like: str
+) -> list[str]:
+    """Every `account.create` in `sent` (correlation id -> person) answered with its account,
+    the same way each time it was answered; one account per person (emails LIKE
+    `email_like`) and one `account.created` event each in the outbox. Returns the event ids."""
+    for correlation_id, person in sent.items():
+        replies = bus.replies[correlation_id]
+        assert all(reply == replies[0] for reply in replies), replies
+        assert replies[0]["ok"] is True, replies[0]
+        assert replies[0]["result"]["account"]["email"] == person.email
+    db = await asyncpg.connect(database_url)
+    try:
+        created = await db.fetchval("SELECT count(*) FROM accounts WHERE email LIKE $1", email_like)
+        events = await db.fetch("SELECT event_id FROM outbox WHERE type = 'account.created'")
+    finally:
+        await db.close()
+    assert created == len(sent)
+    assert len(events) == len(sent)
+    return [row["event_id"] for row in events]

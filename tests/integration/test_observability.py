@@ -8,7 +8,6 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -48,8 +47,7 @@ async def _eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
 
 
 def _command_lines(worker: WorkerProcess) -> list[dict[str, Any]]:
-    lines = (orjson.loads(line) for line in worker.log_text().splitlines() if line[:1] == "{")
-    return [line for line in lines if line.get("msg") == "command"]
+    return worker.log_entries("command")
 
 
 async def test_metrics_count_commands_by_outcome_and_time_them(

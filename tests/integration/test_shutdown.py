@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
 
-import asyncpg
-import orjson
 import pytest
 
 from tests.integration.conftest import Isolated
-from tests.integration.scenarios import Person, key
+from tests.integration.scenarios import Person, assert_signed_up_once, key
 from tests.support.workers import WorkerProcess
 
 pytestmark = pytest.mark.integration
@@ -28,14 +25,9 @@ SLOW_HASHING = {
 }
 
 
-def _log_entries(worker: WorkerProcess, msg: str) -> list[dict[str, Any]]:
-    entries = (orjson.loads(line) for line in worker.log_text().splitlines() if line[:1] == "{")
-    return [entry for entry in entries if entry.get("msg") == msg]
-
-
 def _acked_correlation_ids(worker: WorkerProcess) -> list[str]:
     """The commands the worker logged as done; it logs one only after its ack."""
-    return [entry["correlation_id"] for entry in _log_entries(worker, "command")]
+    return [entry["correlation_id"] for entry in worker.log_entries("command")]
 
 
 async def test_sigterm_under_a_backlog_answers_what_was_acked_and_loses_nothing(
@@ -62,7 +54,7 @@ async def test_sigterm_under_a_backlog_answers_what_was_acked_and_loses_nothing(
     assert 3 <= len(acked) < BACKLOG, "the backlog was gone before SIGTERM: nothing was tested"
     # SIGTERM found commands in the middle of their work (the prefetch keeps two delivered),
     # and they were finished rather than dropped.
-    [stopping_line] = _log_entries(first, "stopping: draining in-flight commands")
+    [stopping_line] = first.log_entries("stopping: draining in-flight commands")
     assert stopping_line["in_flight"] >= 1
     # Every command the stopped worker acked has its reply (it replies before it acks).
     await bus.wait_for(lambda: set(acked) <= set(bus.replies))
@@ -70,19 +62,5 @@ async def test_sigterm_under_a_backlog_answers_what_was_acked_and_loses_nothing(
     isolated.start()
     await bus.wait_for(lambda: set(sent) <= set(bus.replies), timeout=60)
 
-    for correlation_id, person in sent.items():
-        replies = bus.replies[correlation_id]
-        assert all(reply == replies[0] for reply in replies)
-        assert replies[0]["ok"] is True, replies[0]
-        assert replies[0]["result"]["account"]["email"] == person.email
-    db = await asyncpg.connect(isolated.database_url)
-    try:
-        created = await db.fetchval(
-            "SELECT count(*) FROM accounts WHERE email LIKE $1", f"drain{tag}n%"
-        )
-        events = await db.fetchval("SELECT count(*) FROM outbox WHERE type = 'account.created'")
-    finally:
-        await db.close()
-    assert created == BACKLOG
-    assert events == BACKLOG
+    await assert_signed_up_once(bus, sent, isolated.database_url, f"drain{tag}n%")
     assert "identity worker stopped" in first.log_text()

@@ -12,7 +12,9 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+import orjson
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER_BIN = Path(sys.executable).with_name("identity-worker")
@@ -129,6 +131,11 @@ class WorkerProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_entries(self, msg: str) -> list[dict[str, Any]]:
+        """The worker's JSON log lines whose `msg` is `msg`, parsed, in order."""
+        lines = (orjson.loads(line) for line in self.log_text().splitlines() if line[:1] == "{")
+        return [line for line in lines if line.get("msg") == msg]
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
