@@ -148,7 +148,7 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> Components
         handler_table(service),
         acks,
         ReplySender(publish_channel, metrics),
-        DeadLetters(topology.dead_exchange, metrics),
+        DeadLetters(publish_channel, topology.dead_exchange.name, metrics),
         metrics,
         RetryPolicy(settings.retry_attempts, settings.retry_max_delay_s),
         max_message_bytes=settings.max_message_bytes,

@@ -10,7 +10,7 @@ from typing import Any
 import aio_pika
 import aiormq
 import orjson
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from pamqp.commands import Basic
 from tenacity import (
     AsyncRetrying,
@@ -67,11 +67,11 @@ async def publish_confirmed(
     """Publish on the channel (which must have publisher confirms) and wait for the broker's
     ack; a nack raises aiormq's DeliveryError, a broker fault one of BROKER_FAULTS.
 
-    The hot paths (a reply per command, an event per change) go to aiormq, the protocol layer
-    under aio-pika, on the robust channel's current connection: aio-pika's Exchange.publish
-    does the same through a Message object and cost about 40 us more CPU per publish
-    (see BENCHMARKS.md). Not mandatory: a reply whose caller has gone, or an event nobody
-    subscribes to, is dropped by the broker, which is what the aio-pika path did with it too.
+    Every publish of the worker (replies, events, dead letters) goes to aiormq, the protocol
+    layer under aio-pika, on the robust channel's current connection: aio-pika's
+    Exchange.publish does the same through a Message object and cost about 40 us more CPU per
+    publish (see BENCHMARKS.md). Not mandatory: a reply whose caller has gone, or an event
+    nobody subscribes to, is dropped by the broker, which is what the aio-pika path did too.
     """
     # The deadline covers waiting for a reconnecting channel too: a robust channel's
     # underlay is only handed out once the connection is back, however long that takes.
@@ -128,7 +128,14 @@ class DeadLetters:
     parse cannot be redacted reliably, so only its size is kept.
     """
 
-    def __init__(self, exchange: AbstractExchange, metrics: Metrics, deadline_s: float = 30.0):
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        exchange: str,
+        metrics: Metrics,
+        deadline_s: float = 30.0,
+    ):
+        self._channel = channel  # with publisher confirms
         self._exchange = exchange
         self._metrics = metrics
         self._deadline_s = deadline_s
@@ -146,15 +153,21 @@ class DeadLetters:
             "body_bytes": len(message.body),
             "body": redact(parsed) if parsed is not None else None,
         }
-        out = aio_pika.Message(
-            orjson.dumps(record, default=str),
+        body = orjson.dumps(record, default=str)
+        properties = Basic.Properties(
             content_type=CONTENT_TYPE,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT.value,
             headers={"x-identity-reason": reason},
             message_id=message.message_id,
         )
         async for attempt in broker_retrying(self._metrics, "dead_letter", self._deadline_s):
             with attempt:
-                await self._exchange.publish(out, routing_key=reason, timeout=10)
+                await publish_confirmed(
+                    self._channel,
+                    exchange=self._exchange,
+                    routing_key=reason,
+                    body=body,
+                    properties=properties,
+                )
         self._metrics.dead_letters_total.labels(reason).inc()
         log.warning("dead-lettered", extra={"reason": reason, "command": message.routing_key})
