@@ -17,8 +17,9 @@ services:
 	./scripts/ensure-services.sh
 
 ## Run the worker against the local RabbitMQ and PostgreSQL (creates the database).
+# GLIBC_TUNABLES: argon2's memory on huge pages, as in the Dockerfile (services.passwords).
 run: venv services
-	$(BIN)/identity-worker run
+	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(BIN)/identity-worker run
 
 ## Every test: unit, store contract (memory + PostgreSQL), integration and faults.
 # pytest exits 5 when it collected nothing: that is a failure, not a pass.

@@ -25,7 +25,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from env import ROOT, CpuMeter, Sandbox, WorkerProcess, worker_env
+from env import ROOT, CpuMeter, Sandbox, WorkerProcess, as_deployed, worker_env
 from loadgen import LoadGenerator
 from scenarios import FAST_WINDOW, Durations, State, argon2_ceiling, broker_ceiling, prepare
 
@@ -117,6 +117,7 @@ async def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
+    as_deployed()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )

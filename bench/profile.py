@@ -22,7 +22,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from env import BIN, Sandbox, WorkerProcess, worker_env
+from env import BIN, Sandbox, WorkerProcess, as_deployed, worker_env
 from loadgen import LoadGenerator
 from scenarios import FAST_WINDOW, PASSWORD_WINDOW, argon2_ceiling, prepare
 
@@ -92,6 +92,7 @@ async def main(command: str, seconds: float, out: Path) -> None:
 
 
 if __name__ == "__main__":
+    as_deployed()
     parser = argparse.ArgumentParser()
     parser.add_argument("command")
     parser.add_argument("seconds", type=float, nargs="?", default=10)

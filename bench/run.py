@@ -24,7 +24,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from env import ROOT
+from env import ROOT, as_deployed
 from scenarios import one_run
 
 TARGETS = [
@@ -114,6 +114,7 @@ def machine() -> dict[str, Any]:
             ["psql", "-h", "127.0.0.1", "-U", "postgres", "-tAc", "SHOW server_version"]
         ),
         "git": first(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
 
 
@@ -190,6 +191,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
+    as_deployed()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )

@@ -158,6 +158,21 @@ def make_hasher(time_cost: int, memory_kib: int, parallelism: int) -> PasswordHa
     )
 
 
+# argon2 allocates its memory (64 MiB by default) afresh for every hash. glibc serves that
+# from a new mapping, which the kernel fills one 4 KiB page at a time: ~16,000 page faults per
+# hash, a quarter of its CPU. With this tunable in the environment (the Dockerfile and
+# `make run` set it) glibc asks for transparent huge pages instead: ~40 faults per hash, fewer
+# TLB misses, and ~25% more hashes per second from the same cores. It must be set before the
+# process starts: glibc reads it once.
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def malloc_huge_pages() -> bool:
+    """Whether this process was started with `HUGE_PAGES_TUNABLE` in GLIBC_TUNABLES."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "").split(":")
+    return HUGE_PAGES_TUNABLE in (t.strip() for t in tunables)
+
+
 def _lower_thread_priority(niceness: int) -> None:
     """Run this hashing thread (and the threads argon2 starts from it, which inherit it) at a
     lower CPU priority: on a busy machine the event loop, the broker and the database come

@@ -19,6 +19,7 @@ from functools import partial
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
 
+from services.passwords import malloc_huge_pages
 from worker.bootstrap import Components
 from worker.health import HealthState, run_readiness_probe
 from worker.settings import Settings, redacted_url
@@ -75,6 +76,7 @@ class Worker:
                 "database": redacted_url(settings.database_url.get_secret_value()),
                 "http_port": self.http_port,
                 "queues": [PASSWORD_QUEUE, FAST_QUEUE],
+                "argon2_huge_pages": malloc_huge_pages(),
             },
         )
 

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from prometheus_client import generate_latest
 
+from services.passwords import HUGE_PAGES_TUNABLE
 from worker.metrics import Metrics, create_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,3 +155,10 @@ def test_dashboard_has_a_datasource_variable_and_unique_panel_ids() -> None:
         assert panel["title"], panel["id"]
         if panel["type"] != "row":
             assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+
+
+def test_the_container_and_make_run_start_the_worker_with_huge_pages_for_argon2() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert f"GLIBC_TUNABLES={HUGE_PAGES_TUNABLE}" in dockerfile
+    run_target = (ROOT / "Makefile").read_text().partition("\nrun:")[2].partition("\n\n")[0]
+    assert f"GLIBC_TUNABLES={HUGE_PAGES_TUNABLE} $(BIN)/identity-worker run" in run_target

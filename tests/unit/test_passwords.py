@@ -3,9 +3,12 @@
 import asyncio
 import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Iterator
+from pathlib import Path
 
 import pytest
 from argon2 import PasswordHasher, extract_parameters
@@ -13,6 +16,7 @@ from argon2 import PasswordHasher, extract_parameters
 from services.errors import PasswordPolicyError
 from services.passwords import (
     CONTEXT,
+    HUGE_PAGES_TUNABLE,
     REPEATED,
     SEQUENTIAL,
     TOO_COMMON,
@@ -20,6 +24,7 @@ from services.passwords import (
     PasswordPolicy,
     load_common_passwords,
     make_hasher,
+    malloc_huge_pages,
     normalize_password,
 )
 
@@ -387,3 +392,45 @@ async def test_hashing_threads_run_at_the_requested_lower_priority() -> None:
         pool.close()
     assert seen == [5]
     assert os.getpriority(os.PRIO_PROCESS, 0) == base  # the event loop's thread is untouched
+
+
+def test_huge_pages_are_read_from_glibc_tunables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert not malloc_huge_pages()
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")
+    assert not malloc_huge_pages()
+    monkeypatch.setenv("GLIBC_TUNABLES", f"glibc.malloc.arena_max=2:{HUGE_PAGES_TUNABLE}")
+    assert malloc_huge_pages()
+
+
+_FAULTS_PER_HASH = """
+import resource
+from services.passwords import make_hasher
+hasher = make_hasher(time_cost=1, memory_kib=64 * 1024, parallelism=1)
+hasher.hash("a warm-up passphrase, long enough")
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    hasher.hash("a long enough passphrase for this")
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3)
+"""
+
+
+def _faults_per_hash(tunables: str | None) -> float:
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    if tunables is not None:
+        env["GLIBC_TUNABLES"] = tunables
+    done = subprocess.run(
+        [sys.executable, "-c", _FAULTS_PER_HASH], env=env, capture_output=True, check=True
+    )
+    return float(done.stdout)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a glibc and Linux setting")
+def test_the_huge_pages_tunable_spares_argon2_its_page_faults() -> None:
+    """What the Dockerfile and `make run` set pays off: a 64 MiB hash in 4 KiB pages takes
+    ~16,000 page faults, in transparent huge pages a few dozen."""
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    assert "[never]" not in thp, f"transparent huge pages are disabled on this kernel: {thp}"
+    small_pages, huge_pages = _faults_per_hash(None), _faults_per_hash(HUGE_PAGES_TUNABLE)
+    assert small_pages > 10_000
+    assert huge_pages < small_pages / 10
