@@ -1,5 +1,6 @@
 # The identity worker as a container: a non-root user, dependencies in their own layer.
-FROM python:3.11-slim AS build
+# Debian 12 (glibc 2.36): the release the worker is measured on (BENCHMARKS.md).
+FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY messages ./messages
@@ -9,7 +10,7 @@ COPY worker ./worker
 COPY client ./client
 RUN pip install --no-cache-dir --prefix=/install .
 
-FROM python:3.11-slim
+FROM python:3.11-slim-bookworm
 RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin identity
 COPY --from=build /install /usr/local
 USER identity

@@ -8,7 +8,10 @@ virtualenv), the head from this checkout. Each round measures the bare-consumer 
 the base worker and the head worker on each command (closed loop of 128, 2 s warm-up), so the
 two are compared within minutes of each other and of their ceiling: on a shared machine the
 speed drifts more between rounds than between neighbours. Prints each measurement, then the
-median over rounds of each worker's ratio to its round's ceiling.
+median over rounds of each worker's ratio to its round's ceiling. Both workers run in the
+environment `as_deployed` gives this script (argon2 on huge pages), so a change of that
+environment is measured by running the script twice, once with `GLIBC_TUNABLES` set to
+`glibc.malloc.hugetlb=0`.
 """
 
 from __future__ import annotations

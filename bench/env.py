@@ -20,7 +20,7 @@ from typing import Any
 
 import asyncpg
 
-from services.passwords import HUGE_PAGES_TUNABLE, malloc_huge_pages
+from services.passwords import HUGE_PAGES_TUNABLE, malloc_hugetlb
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -31,12 +31,14 @@ TICKS = os.sysconf("SC_CLK_TCK")
 def as_deployed() -> None:
     """Run this script again, if need be, in the environment the worker is deployed with
     (the Dockerfile, `make run`): argon2's memory on huge pages. The worker processes inherit
-    it, and the argon2 ceiling, measured in this process, hashes as they do."""
-    if malloc_huge_pages():
+    it, and the argon2 ceiling, measured in this process, hashes as they do. A hugetlb value
+    given explicitly (`GLIBC_TUNABLES=glibc.malloc.hugetlb=0` to measure without) is kept."""
+    if malloc_hugetlb() is not None:
         return
     tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t]
     env = {**os.environ, "GLIBC_TUNABLES": ":".join([*tunables, HUGE_PAGES_TUNABLE])}
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)  # noqa: S606 (same argv)
+    # orig_argv keeps the interpreter's own options (-X, -W, -m) as well as the script's.
+    os.execve(sys.executable, sys.orig_argv, env)  # noqa: S606 (the same command again)
 
 
 def rabbitmqctl(*args: str) -> None:

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import TypeVar
 
 from argon2 import PasswordHasher, Type, profiles
@@ -158,19 +159,34 @@ def make_hasher(time_cost: int, memory_kib: int, parallelism: int) -> PasswordHa
     )
 
 
-# argon2 allocates its memory (64 MiB by default) afresh for every hash. glibc serves that
-# from a new mapping, which the kernel fills one 4 KiB page at a time: ~16,000 page faults per
-# hash, a quarter of its CPU. With this tunable in the environment (the Dockerfile and
-# `make run` set it) glibc asks for transparent huge pages instead: ~40 faults per hash, fewer
-# TLB misses, and ~25% more hashes per second from the same cores. It must be set before the
-# process starts: glibc reads it once.
+# argon2 allocates its memory (64 MiB by default) afresh for every hash. glibc serves an
+# allocation that large from a new mapping, which the kernel fills one 4 KiB page at a time:
+# ~16,000 page faults per hash, a quarter of its CPU. Started with this tunable (the Dockerfile
+# and `make run` set it), glibc 2.35+ marks such mappings for transparent huge pages when the
+# kernel's THP mode is `madvise`: ~40 faults per hash, fewer TLB misses, ~25% more hashes per
+# second (BENCHMARKS.md). Under THP `always` the kernel does this by itself; under `never`,
+# or for argon2 memory of 32 MiB or less (glibc then reuses its heap), it changes nothing.
+# glibc reads it once, when the process starts.
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+_HUGETLB = "glibc.malloc.hugetlb="
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
-def malloc_huge_pages() -> bool:
-    """Whether this process was started with `HUGE_PAGES_TUNABLE` in GLIBC_TUNABLES."""
+def malloc_hugetlb() -> str | None:
+    """The glibc.malloc.hugetlb value this process started with, if any (glibc takes the last
+    one given); for the start-up log and the benchmark."""
     tunables = os.environ.get("GLIBC_TUNABLES", "").split(":")
-    return HUGE_PAGES_TUNABLE in (t.strip() for t in tunables)
+    values = [t.removeprefix(_HUGETLB) for t in tunables if t.startswith(_HUGETLB)]
+    return values[-1] if values else None
+
+
+def transparent_huge_pages() -> str | None:
+    """The kernel's THP mode (`always`, `madvise` or `never`); None where there is none."""
+    try:
+        found = re.search(r"\[(\w+)\]", THP_MODE.read_text())
+    except OSError:
+        return None
+    return found.group(1) if found else None
 
 
 def _lower_thread_priority(niceness: int) -> None:

@@ -161,4 +161,5 @@ def test_the_container_and_make_run_start_the_worker_with_huge_pages_for_argon2(
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert f"GLIBC_TUNABLES={HUGE_PAGES_TUNABLE}" in dockerfile
     run_target = (ROOT / "Makefile").read_text().partition("\nrun:")[2].partition("\n\n")[0]
-    assert f"GLIBC_TUNABLES={HUGE_PAGES_TUNABLE} $(BIN)/identity-worker run" in run_target
+    appended = f"GLIBC_TUNABLES=$${{GLIBC_TUNABLES:+$$GLIBC_TUNABLES:}}{HUGE_PAGES_TUNABLE}"
+    assert f"{appended} $(BIN)/identity-worker run" in run_target
