@@ -129,6 +129,13 @@ def table(median: dict[str, Any], verdicts: list[dict[str, Any]], runs: int) -> 
         f"broker ceiling: {b['throughput']}/s  p50 {b['p50_ms']} ms  p99 {b['p99_ms']} ms "
         f"(before {b['before']['throughput']}/s, after {b['after']['throughput']}/s)"
     )
+    floors = [b[when].get("at_backlog_rate") for when in ("before", "after")]
+    if all(floors):
+        rows.append(
+            "bare consumer at the backlog rate, p50 / p99 ms: "
+            + ", ".join(f"{f['p50_ms']} / {f['p99_ms']}" for f in floors)
+            + " (before, after)"
+        )
     rows.append("")
     rows.append(f"{'command':<16}{'per s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'cpu ms':>9}")
     for command, r in median["worker"].items():

@@ -207,8 +207,11 @@ async def argon2_ceiling(seconds: float) -> dict[str, Any]:
 
 
 async def broker_ceiling(
-    sandbox: Sandbox, gen: LoadGenerator, state: State, d: Durations
+    sandbox: Sandbox, gen: LoadGenerator, state: State, d: Durations, *, floor: bool = True
 ) -> dict[str, Any]:
+    """The bare consumer's throughput (closed loop), and with `floor` its latency at the
+    backlog scenario's rate (open loop): the tail that the broker and the machine alone give a
+    consumer doing nothing, to read the worker's backlog p99 against."""
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "bench" / "ceiling.py"), sandbox.amqp_url, "session.verify"],
         stdout=subprocess.PIPE,
@@ -224,7 +227,13 @@ async def broker_ceiling(
             sample = await gen.closed_loop(
                 state.maker("session.verify"), window=FAST_WINDOW, warmup=d.warmup, seconds=d.fast
             )
-        return {**sample.summary(), **_cpu_per_command(out, sample)}
+        result = {**sample.summary(), **_cpu_per_command(out, sample)}
+        if floor:
+            slow = await gen.open_loop(
+                state.maker("session.verify"), rate=BACKLOG_RATE, seconds=d.backlog
+            )
+            result["at_backlog_rate"] = slow.summary()
+        return result
     finally:
         process.terminate()
         process.wait(timeout=30)
