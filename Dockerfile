@@ -14,7 +14,7 @@ FROM python:3.11-slim-bookworm
 RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin identity
 COPY --from=build /install /usr/local
 USER identity
-# glibc backs argon2's memory with huge pages: ~25% more hashes per core (services.passwords).
+# glibc backs argon2's memory with huge pages: ~30% more hashes per second (services.passwords).
 ENV PYTHONUNBUFFERED=1 GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --retries=3 \

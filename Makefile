@@ -17,10 +17,10 @@ services:
 	./scripts/ensure-services.sh
 
 ## Run the worker against the local RabbitMQ and PostgreSQL (creates the database).
-# GLIBC_TUNABLES: argon2's memory on huge pages, as in the Dockerfile (services.passwords),
-# added to what the caller set (glibc takes the last value given).
+# GLIBC_TUNABLES: argon2's memory on huge pages, as in the Dockerfile (services.passwords).
+# What the caller sets comes last, and glibc takes the last value: glibc.malloc.hugetlb=0 wins.
 run: venv services
-	GLIBC_TUNABLES=$${GLIBC_TUNABLES:+$$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1 $(BIN)/identity-worker run
+	GLIBC_TUNABLES=glibc.malloc.hugetlb=1$${GLIBC_TUNABLES:+:$$GLIBC_TUNABLES} $(BIN)/identity-worker run
 
 ## Every test: unit, store contract (memory + PostgreSQL), integration and faults.
 # pytest exits 5 when it collected nothing: that is a failure, not a pass.

@@ -41,6 +41,18 @@ def as_deployed() -> None:
     os.execve(sys.executable, sys.orig_argv, env)  # noqa: S606 (the same command again)
 
 
+def git_head() -> str:
+    """The checkout's commit, with "+changes" if tracked files differ from it: what a run ran
+    (worker processes import from this checkout when they start)."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+        return done.stdout.strip()
+
+    changed = git("status", "--porcelain", "--untracked-files=no")
+    return git("rev-parse", "--short", "HEAD") + ("+changes" if changed else "")
+
+
 def rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
 

@@ -133,7 +133,12 @@ def table(median: dict[str, Any], verdicts: list[dict[str, Any]], runs: int) -> 
     if all(floors):
         rows.append(
             "bare consumer at the backlog rate, p50 / p99 ms: "
-            + ", ".join(f"{f['p50_ms']} / {f['p99_ms']}" for f in floors)
+            + ", ".join(
+                f"{f['p50_ms']} / {f['p99_ms']} ({f['completed']} answered"
+                + "".join(f", {k} {f[k]}" for k in ("lost", "errors") if k in f)
+                + ")"
+                for f in floors
+            )
             + " (before, after)"
         )
     rows.append("")

@@ -18,7 +18,7 @@ from typing import Any
 
 import asyncpg
 import orjson
-from env import ROOT, CpuMeter, Sandbox, WorkerProcess, worker_env
+from env import ROOT, CpuMeter, Sandbox, WorkerProcess, git_head, worker_env
 from loadgen import LoadGenerator, MakeRequest, Sample, latency_summary
 
 from messages.topology import COMMANDS_EXCHANGE
@@ -229,6 +229,7 @@ async def broker_ceiling(
             )
         result = {**sample.summary(), **_cpu_per_command(out, sample)}
         if floor:
+            await asyncio.sleep(2)  # what the closed loop left to flush is not the floor's
             slow = await gen.open_loop(
                 state.maker("session.verify"), rate=BACKLOG_RATE, seconds=d.backlog
             )
@@ -396,13 +397,17 @@ async def scaling(
 # -- one full run ---------------------------------------------------------------------------
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def bracket(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """A ceiling measured before and after what is compared with it: the mean of every number
     both have, and both measurements."""
     mean = {
         key: round((value + after[key]) / 2, 3)
         for key, value in before.items()
-        if isinstance(value, int | float) and isinstance(after.get(key), int | float)
+        if _number(value) and _number(after.get(key))
     }
     return {**mean, "before": before, "after": after}
 
@@ -426,7 +431,11 @@ async def one_run(quick: bool, log: Any) -> dict[str, Any]:
     sandbox = Sandbox()
     run_id = secrets.token_hex(3)
     logs = Path(tempfile.mkdtemp(prefix="identity-bench-"))
-    out: dict[str, Any] = {"started_at": datetime.now(UTC).isoformat(), "quick": quick}
+    out: dict[str, Any] = {
+        "started_at": datetime.now(UTC).isoformat(),
+        "quick": quick,
+        "git": git_head(),
+    }
     gen: LoadGenerator | None = None
     worker: WorkerProcess | None = None
     try:

@@ -163,10 +163,10 @@ def make_hasher(time_cost: int, memory_kib: int, parallelism: int) -> PasswordHa
 # allocation that large from a new mapping, which the kernel fills one 4 KiB page at a time:
 # ~16,000 page faults per hash, a quarter of its CPU. Started with this tunable (the Dockerfile
 # and `make run` set it), glibc 2.35+ marks such mappings for transparent huge pages when the
-# kernel's THP mode is `madvise`: ~40 faults per hash, fewer TLB misses, ~25% more hashes per
-# second (BENCHMARKS.md). Under THP `always` the kernel does this by itself; under `never`,
-# or for argon2 memory of 32 MiB or less (glibc then reuses its heap), it changes nothing.
-# glibc reads it once, when the process starts.
+# kernel's THP mode is `madvise`: ~40 faults per hash, fewer TLB misses, a quarter less CPU
+# per hash and ~30% more hashes per second (BENCHMARKS.md). Under THP `always` the kernel does
+# this by itself; under `never`, or for argon2 memory of 32 MiB or less (glibc then reuses its
+# heap), it changes nothing. glibc reads it once, when the process starts.
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 _HUGETLB = "glibc.malloc.hugetlb="
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -178,6 +178,14 @@ def malloc_hugetlb() -> str | None:
     tunables = os.environ.get("GLIBC_TUNABLES", "").split(":")
     values = [t.removeprefix(_HUGETLB) for t in tunables if t.startswith(_HUGETLB)]
     return values[-1] if values else None
+
+
+def glibc_version() -> str | None:
+    """The C library's name and version ("glibc 2.36"); None where it is not glibc."""
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def transparent_huge_pages() -> str | None:
