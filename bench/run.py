@@ -24,7 +24,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from env import ROOT, as_deployed
+from env import ROOT, as_deployed, git_head
 from scenarios import one_run
 
 TARGETS = [
@@ -113,7 +113,7 @@ def machine() -> dict[str, Any]:
         "postgresql": first(
             ["psql", "-h", "127.0.0.1", "-U", "postgres", "-tAc", "SHOW server_version"]
         ),
-        "git": first(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]),
+        "git": git_head(),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
 

@@ -23,12 +23,7 @@ from loadgen import LoadGenerator, MakeRequest, Sample, latency_summary
 
 from messages.topology import COMMANDS_EXCHANGE
 from services.ids import new_account_id, new_session_id
-from services.passwords import (
-    HashingPool,
-    make_hasher,
-    malloc_hugetlb,
-    transparent_huge_pages,
-)
+from services.passwords import HashingPool, huge_pages_settings, make_hasher
 from services.tokens import TokenSigner, format_signing_key, new_signing_key, parse_signing_keys
 from stores.migrate import migrate
 from stores.records import AccountRecord, SessionRecord
@@ -179,8 +174,7 @@ async def argon2_ceiling(seconds: float) -> dict[str, Any]:
         "memory_kib": s.argon2_memory_kib,
         "parallelism": s.argon2_parallelism,
         "pool_workers": s.effective_hash_workers,
-        "glibc_malloc_hugetlb": malloc_hugetlb(),
-        "transparent_hugepage": transparent_huge_pages(),
+        **huge_pages_settings(),
     }
     try:
         stored = await pool.hash(PASSWORD)

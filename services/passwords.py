@@ -197,6 +197,16 @@ def transparent_huge_pages() -> str | None:
     return found.group(1) if found else None
 
 
+def huge_pages_settings() -> dict[str, str | None]:
+    """What decides whether argon2's memory is on huge pages, as the start-up log and the
+    benchmark report it."""
+    return {
+        "glibc": glibc_version(),
+        "glibc_malloc_hugetlb": malloc_hugetlb(),
+        "transparent_hugepage": transparent_huge_pages(),
+    }
+
+
 def _lower_thread_priority(niceness: int) -> None:
     """Run this hashing thread (and the threads argon2 starts from it, which inherit it) at a
     lower CPU priority: on a busy machine the event loop, the broker and the database come

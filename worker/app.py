@@ -19,7 +19,7 @@ from functools import partial
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
 
-from services.passwords import glibc_version, malloc_hugetlb, transparent_huge_pages
+from services.passwords import huge_pages_settings
 from worker.bootstrap import Components
 from worker.health import HealthState, run_readiness_probe
 from worker.settings import Settings, redacted_url
@@ -76,10 +76,7 @@ class Worker:
                 "database": redacted_url(settings.database_url.get_secret_value()),
                 "http_port": self.http_port,
                 "queues": [PASSWORD_QUEUE, FAST_QUEUE],
-                # Whether argon2's memory can be on huge pages (services.passwords).
-                "glibc": glibc_version(),
-                "glibc_malloc_hugetlb": malloc_hugetlb(),
-                "transparent_hugepage": transparent_huge_pages(),
+                **huge_pages_settings(),  # argon2's memory on huge pages or not
             },
         )
 
