@@ -52,10 +52,12 @@ UPDATE accounts SET password_hash = $3 WHERE id = $1 AND password_hash = $2
 
 INSERT_SESSION = f"INSERT INTO sessions ({SESSION}) VALUES ({_placeholders(SessionRecord)})"
 GET_SESSION = f"SELECT {SESSION} FROM sessions WHERE id = $1"
-GET_SESSION_WITH_ACCOUNT = f"""
+# Look-ups by primary key, many keys a query (stores/batching.py): the key comes first.
+GET_ACCOUNTS = f"SELECT {ACCOUNT} FROM accounts WHERE id = ANY($1::text[])"
+GET_SESSIONS_WITH_ACCOUNTS = f"""
 SELECT {_columns(SessionRecord, "s.")}, {_columns(AccountRecord, "a.")}
 FROM sessions s JOIN accounts a ON a.id = s.account_id
-WHERE s.id = $1
+WHERE s.id = ANY($1::text[])
 """
 # Under READ COMMITTED a second writer waits for the first one's row lock, then re-checks
 # `ended_at IS NULL` against the committed row: only one of them ever ends a session.
@@ -77,7 +79,9 @@ TOUCH_SESSION = "UPDATE sessions SET last_seen_at = $2 WHERE id = $1 AND last_se
 INSERT_IDEMPOTENCY = (
     f"INSERT INTO idempotency ({IDEMPOTENCY}) VALUES ({_placeholders(IdempotencyRecord)})"
 )
-GET_IDEMPOTENCY = f"SELECT {IDEMPOTENCY} FROM idempotency WHERE key = $1"
+GET_IDEMPOTENCY_RECORDS = (
+    f"SELECT {IDEMPOTENCY} FROM idempotency WHERE key = ANY($1::text[])"  # batched, as above
+)
 
 INSERT_EVENT = "INSERT INTO outbox (event_id, type, body, created_at) VALUES ($1, $2, $3, $4)"
 # A command's outcome in one statement: its events ($1-$4, one array per column) and its

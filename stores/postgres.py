@@ -17,13 +17,13 @@ import asyncpg
 import orjson
 
 from stores import pg_sql as sql
+from stores.batching import KeyedBatcher
 from stores.errors import StoreError, TransientStoreError
 from stores.pg_edge import Instrument, Observe
 from stores.postgres_unit import (
     PostgresEventBatch,
     PostgresUnitOfWork,
     account_from,
-    idempotency_from,
 )
 from stores.records import (
     AccountRecord,
@@ -67,6 +67,11 @@ class PostgresIdentityStore:
     def __init__(self, pool: Any, *, observe: Observe | None = None) -> None:
         self._pool = pool
         self._timed = Instrument(observe)
+        # The read-only look-ups that cheap commands make by the hundred a second go in
+        # batches; everything inside a unit of work stays one statement at a time.
+        self._accounts = KeyedBatcher(self._fetch_accounts)
+        self._sessions = KeyedBatcher(self._fetch_sessions)
+        self._idempotency = KeyedBatcher(self._fetch_idempotency)
 
     @classmethod
     async def connect(
@@ -140,7 +145,11 @@ class PostgresIdentityStore:
 
     async def get_account(self, account_id: str) -> AccountRecord | None:
         with self._timed("get_account"):
-            return account_from(await self._pool.fetchrow(sql.GET_ACCOUNT, account_id))
+            return await self._accounts.get(account_id)
+
+    async def _fetch_accounts(self, ids: list[str]) -> dict[str, AccountRecord]:
+        rows = await self._pool.fetch(sql.GET_ACCOUNTS, ids)
+        return {row[0]: AccountRecord(*row) for row in rows}
 
     async def get_account_by_email(self, email_canonical: str) -> AccountRecord | None:
         with self._timed("get_account_by_email"):
@@ -151,12 +160,18 @@ class PostgresIdentityStore:
         self, session_id: str
     ) -> tuple[SessionRecord, AccountRecord] | None:
         with self._timed("get_session_with_account"):
-            row = await self._pool.fetchrow(sql.GET_SESSION_WITH_ACCOUNT, session_id)
-        if row is None:
-            return None
-        values = tuple(row)
+            return await self._sessions.get(session_id)
+
+    async def _fetch_sessions(
+        self, ids: list[str]
+    ) -> dict[str, tuple[SessionRecord, AccountRecord]]:
+        rows = await self._pool.fetch(sql.GET_SESSIONS_WITH_ACCOUNTS, ids)
         split = sql.SESSION_FIELD_COUNT
-        return SessionRecord(*values[:split]), AccountRecord(*values[split:])
+        found = {}
+        for row in rows:
+            values = tuple(row)
+            found[values[0]] = (SessionRecord(*values[:split]), AccountRecord(*values[split:]))
+        return found
 
     async def touch_session(self, session_id: str, seen_at: datetime) -> None:
         with self._timed("touch_session"):
@@ -164,7 +179,11 @@ class PostgresIdentityStore:
 
     async def get_idempotency(self, key: str) -> IdempotencyRecord | None:
         with self._timed("get_idempotency"):
-            return idempotency_from(await self._pool.fetchrow(sql.GET_IDEMPOTENCY, key))
+            return await self._idempotency.get(key)
+
+    async def _fetch_idempotency(self, keys: list[str]) -> dict[str, IdempotencyRecord]:
+        rows = await self._pool.fetch(sql.GET_IDEMPOTENCY_RECORDS, keys)
+        return {row[0]: IdempotencyRecord(*row) for row in rows}
 
     async def reserve_signin_attempt(
         self, email_canonical: str, now: datetime, schedule: ThrottleSchedule

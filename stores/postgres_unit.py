@@ -52,10 +52,6 @@ def session_from(row: Any) -> SessionRecord | None:
     return None if row is None else SessionRecord(*row)
 
 
-def idempotency_from(row: Any) -> IdempotencyRecord | None:
-    return None if row is None else IdempotencyRecord(*row)
-
-
 class PostgresUnitOfWork:
     """`UnitOfWork` on a connection whose transaction the store opened."""
 

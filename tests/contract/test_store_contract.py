@@ -189,6 +189,59 @@ async def test_session_comes_back_with_its_account_in_one_lookup(store: Identity
     assert await store.get_session_with_account(unique("ses")) is None
 
 
+async def test_concurrent_lookups_each_get_their_own_row(store: IdentityStore) -> None:
+    owners = [account() for _ in range(3)]
+    sessions = [session(owners[n % 3].id) for n in range(6)]
+    records = [idempotency() for _ in range(3)]
+    async with store.unit_of_work() as uow:
+        for owner in owners:
+            await uow.insert_account(owner)
+        for record in sessions:
+            await uow.insert_session(record)
+        for kept in records:
+            await uow.save_idempotency(kept)
+    missing = unique("ses"), unique("acct"), unique("key")
+
+    # Asked together, many at once and some twice, as a busy worker asks.
+    found = await asyncio.gather(
+        *(store.get_session_with_account(s.id) for s in sessions * 2),
+        store.get_session_with_account(missing[0]),
+        *(store.get_account(o.id) for o in owners),
+        store.get_account(missing[1]),
+        *(store.get_idempotency(r.key) for r in records),
+        store.get_idempotency(missing[2]),
+    )
+
+    expected: list[object] = [*((s, owners[n % 3]) for n, s in enumerate(sessions))] * 2
+    expected += [None, *owners, None, *records, None]
+    assert list(found) == expected
+
+
+async def test_lookup_after_a_commit_sees_it_while_others_are_in_flight(
+    store: IdentityStore,
+) -> None:
+    record = session(await commit_account(store))
+    async with store.unit_of_work() as uow:
+        await uow.insert_session(record)
+    stop = asyncio.Event()
+
+    async def keep_asking() -> None:
+        while not stop.is_set():
+            await asyncio.gather(*(store.get_session_with_account(record.id) for _ in range(8)))
+
+    askers = [asyncio.create_task(keep_asking()) for _ in range(4)]
+    await asyncio.sleep(0.01)
+    ended_at = T0 + timedelta(hours=1)
+    async with store.unit_of_work() as uow:
+        await uow.end_session(record.id, ended_at, "sign_out")
+
+    after = await store.get_session_with_account(record.id)
+    stop.set()
+    await asyncio.gather(*askers)
+    assert after is not None
+    assert after[0].ended_at == ended_at
+
+
 async def test_session_of_an_unknown_account_is_rejected(store: IdentityStore) -> None:
     with pytest.raises(StoreError):
         async with store.unit_of_work() as uow:

@@ -1,0 +1,98 @@
+"""`KeyedBatcher`: look-ups by key, coalesced into one query per batch.
+
+Under load, a worker has dozens of `session.verify` commands in flight, each wanting one row
+by primary key. One query per command pays, every time, for a pooled connection, a round
+trip and PostgreSQL's per-statement work; one query for every key asked for meanwhile pays
+for them once. The batching is the natural kind, with no timer: a look-up made while no
+batch is running starts one at once (after the current turn of the event loop, so that keys
+asked for in the same turn go together); a look-up made while batches are running waits for
+the next one, which takes every key that arrived in between. An idle worker answers as
+fast as before; a busy one sends fewer, larger queries.
+
+Every look-up is served by a query that started after it was asked for, so a batch never
+answers with a row read before the request existed (a session ended just before a verify is
+seen as ended). A failed query fails every look-up in its batch, with the query's error;
+a caller that gives up (cancelled) leaves the others in its batch unaffected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Hashable, Mapping
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+Fetch = Callable[[list[K]], Awaitable[Mapping[K, V]]]
+
+
+class KeyedBatcher(Generic[K, V]):
+    """`await batcher.get(key)` returns what `fetch` returned for `key`, or None.
+
+    `fetch(keys)` gets distinct keys (at most `max_batch`) and returns a mapping of the
+    ones it found. At most `max_in_flight` fetches run at once.
+    """
+
+    def __init__(self, fetch: Fetch[K, V], *, max_batch: int = 256, max_in_flight: int = 2):
+        if max_batch < 1 or max_in_flight < 1:
+            raise ValueError("max_batch and max_in_flight must be at least 1")
+        self._fetch = fetch
+        self._max_batch = max_batch
+        self._max_in_flight = max_in_flight
+        self._waiting: dict[K, list[asyncio.Future[V | None]]] = {}
+        self._in_flight = 0
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def get(self, key: K) -> V | None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[V | None] = loop.create_future()
+        self._waiting.setdefault(key, []).append(future)
+        self._schedule(loop)
+        return await future
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._scheduled and self._in_flight < self._max_in_flight and self._waiting:
+            self._scheduled = True
+            loop.call_soon(self._dispatch, loop)
+
+    def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._scheduled = False
+        batch: dict[K, list[asyncio.Future[V | None]]] = {}
+        while self._waiting and len(batch) < self._max_batch:
+            key = next(iter(self._waiting))
+            futures = [f for f in self._waiting.pop(key) if not f.done()]
+            if futures:  # every caller for this key gave up: nothing to ask
+                batch[key] = futures
+        if not batch:
+            return
+        self._in_flight += 1
+        task = loop.create_task(self._run(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        # More keys than one batch takes: the next one can start beside it.
+        self._schedule(loop)
+
+    async def _run(self, batch: dict[K, list[asyncio.Future[V | None]]]) -> None:
+        try:
+            found = await self._fetch(list(batch))
+        except Exception as exc:  # handed to every caller, which re-raises it
+            for futures in batch.values():
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(exc)
+        except BaseException:  # cancelled (shutting down): so are its callers
+            for futures in batch.values():
+                for future in futures:
+                    future.cancel()
+            raise
+        else:
+            for key, futures in batch.items():
+                value = found.get(key)
+                for future in futures:
+                    if not future.done():
+                        future.set_result(value)
+        finally:
+            self._in_flight -= 1
+            self._schedule(asyncio.get_running_loop())

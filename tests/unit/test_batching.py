@@ -1,0 +1,140 @@
+"""KeyedBatcher: coalesced look-ups, each served by a query that started after it was asked."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from stores.batching import KeyedBatcher
+
+
+class Table:
+    """A fetch that records every batch and can be held open until released."""
+
+    def __init__(self, rows: dict[str, str]) -> None:
+        self.rows = rows
+        self.batches: list[list[str]] = []
+        self.running = 0
+        self.most_running = 0
+        self.gate: asyncio.Event | None = None
+        self.fail_with: Exception | None = None
+
+    async def fetch(self, keys: list[str]) -> dict[str, str]:
+        self.batches.append(keys)
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            if self.fail_with is not None:
+                raise self.fail_with
+            # The value says which batch read it, to tell a stale answer from a fresh one.
+            return {k: f"{self.rows[k]}@{len(self.batches)}" for k in keys if k in self.rows}
+        finally:
+            self.running -= 1
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_lookups_of_one_turn_go_in_one_batch_each_getting_its_own_row() -> None:
+    table = Table({"a": "A", "b": "B", "c": "C"})
+    batcher = KeyedBatcher(table.fetch)
+
+    found = await asyncio.gather(*(batcher.get(k) for k in ["a", "b", "missing", "a", "c"]))
+
+    assert found == ["A@1", "B@1", None, "A@1", "C@1"]
+    assert table.batches == [["a", "b", "missing", "c"]]  # distinct keys, in asking order
+
+
+async def test_lookups_made_during_a_batch_wait_and_go_together_in_the_next() -> None:
+    table = Table({"a": "A", "b": "B", "c": "C"})
+    table.gate = asyncio.Event()
+    batcher = KeyedBatcher(table.fetch, max_in_flight=1)
+
+    first = asyncio.create_task(batcher.get("a"))
+    await settle()
+    assert table.batches == [["a"]]  # an idle batcher asks at once, alone
+    later = [asyncio.create_task(batcher.get(k)) for k in ["b", "c", "a"]]
+    await settle()
+    assert table.batches == [["a"]]  # one at a time: the others wait for it
+
+    table.gate.set()
+    assert await first == "A@1"
+    # "a" asked again while batch 1 ran is read again, not answered with batch 1's row.
+    assert await asyncio.gather(*later) == ["B@2", "C@2", "A@2"]
+    assert table.batches == [["a"], ["b", "c", "a"]]
+
+
+async def test_no_more_than_max_in_flight_batches_run_and_none_exceeds_max_batch() -> None:
+    rows = {str(n): f"v{n}" for n in range(10)}
+    table = Table(rows)
+    table.gate = asyncio.Event()
+    batcher = KeyedBatcher(table.fetch, max_batch=3, max_in_flight=2)
+
+    tasks = [asyncio.create_task(batcher.get(str(n))) for n in range(10)]
+    await settle()
+    assert [len(b) for b in table.batches] == [3, 3]
+    table.gate.set()
+    values = await asyncio.gather(*tasks)
+
+    assert [v.split("@")[0] if v else None for v in values] == [f"v{n}" for n in range(10)]
+    assert sorted(k for b in table.batches for k in b) == sorted(rows)
+    assert max(len(b) for b in table.batches) <= 3
+    assert table.most_running == 2
+
+
+async def test_a_failed_batch_fails_each_of_its_lookups_and_the_next_batch_works() -> None:
+    table = Table({"a": "A", "b": "B"})
+    table.fail_with = ConnectionResetError("gone")
+    batcher = KeyedBatcher(table.fetch)
+
+    results = await asyncio.gather(batcher.get("a"), batcher.get("b"), return_exceptions=True)
+    assert all(isinstance(r, ConnectionResetError) for r in results)
+
+    table.fail_with = None
+    assert await batcher.get("a") == "A@2"
+
+
+async def test_a_caller_that_gives_up_leaves_the_rest_of_its_batch_alone() -> None:
+    table = Table({"a": "A", "b": "B"})
+    table.gate = asyncio.Event()
+    batcher = KeyedBatcher(table.fetch, max_in_flight=1)
+    running = asyncio.create_task(batcher.get("a"))
+    await settle()
+
+    quitter = asyncio.create_task(batcher.get("b"))
+    stayer = asyncio.create_task(batcher.get("a"))
+    await settle()
+    quitter.cancel()
+    table.gate.set()
+
+    assert await running == "A@1"
+    assert await stayer == "A@2"
+    with pytest.raises(asyncio.CancelledError):
+        await quitter
+    assert table.batches == [["a"], ["a"]]  # nobody was left waiting for "b": not asked
+
+
+async def test_cancelling_a_running_batch_cancels_its_callers() -> None:
+    table = Table({"a": "A"})
+    table.gate = asyncio.Event()
+    batcher = KeyedBatcher(table.fetch)
+    caller = asyncio.create_task(batcher.get("a"))
+    await settle()
+
+    for task in asyncio.all_tasks():
+        if task is not asyncio.current_task() and task is not caller:
+            task.cancel()  # the batch's own task, as at shutdown
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+
+
+@pytest.mark.parametrize(("max_batch", "max_in_flight"), [(0, 1), (1, 0)])
+def test_limits_below_one_are_refused(max_batch: int, max_in_flight: int) -> None:
+    table = Table({})
+    with pytest.raises(ValueError, match="at least 1"):
+        KeyedBatcher(table.fetch, max_batch=max_batch, max_in_flight=max_in_flight)
