@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from messages.models import (
     AccountId,
@@ -33,11 +33,21 @@ class Metadata(Model):
     user_agent: str | None = Field(default=None, max_length=512)
 
 
+def _storable(value: str) -> str:
+    # The key is stored and looked up as text, which cannot hold U+0000.
+    if "\x00" in value:
+        raise ValueError("must not contain the NUL character (U+0000)")
+    return value
+
+
+IdempotencyKey = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_storable)]
+
+
 class CommandEnvelope(Model):
     """The JSON body of every command. The payload is checked against its command's model
     after the envelope, so that errors name the command's own fields."""
 
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    idempotency_key: IdempotencyKey | None = None
     payload: dict[str, Any]
     metadata: Metadata | None = None
 

@@ -11,8 +11,14 @@ fast as before; a busy one sends fewer, larger queries.
 
 Every look-up is served by a query that started after it was asked for, so a batch never
 answers with a row read before the request existed (a session ended just before a verify is
-seen as ended). A failed query fails every look-up in its batch, with the query's error;
-a caller that gives up (cancelled) leaves the others in its batch unaffected.
+seen as ended). A batch that fails with an error `isolate` accepts (one that a key can cause,
+not a lost connection) is asked again key by key, so that one bad key fails only its own
+callers; any other error fails the whole batch, whose callers retry as they would have. A
+caller that gives up (cancelled) leaves the others in its batch alone; a batch abandoned
+(its task cancelled, as at shutdown) fails its callers with a `TransientStoreError`.
+
+Every caller of a batch that failed gets the same exception object, as every awaiter of one
+asyncio future does; values found are shared the same way and must not be mutated.
 """
 
 from __future__ import annotations
@@ -21,26 +27,42 @@ import asyncio
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from typing import Generic, TypeVar
 
+from stores.errors import TransientStoreError
+
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 Fetch = Callable[[list[K]], Awaitable[Mapping[K, V]]]
+_Batch = dict[K, list[asyncio.Future[V | None]]]
+
+
+def _never(exc: Exception) -> bool:
+    return False
 
 
 class KeyedBatcher(Generic[K, V]):
     """`await batcher.get(key)` returns what `fetch` returned for `key`, or None.
 
     `fetch(keys)` gets distinct keys (at most `max_batch`) and returns a mapping of the
-    ones it found. At most `max_in_flight` fetches run at once.
+    ones it found. At most `max_in_flight` batches run at once; a query that hangs holds
+    its batch's callers until the driver's own timeout ends it.
     """
 
-    def __init__(self, fetch: Fetch[K, V], *, max_batch: int = 256, max_in_flight: int = 2):
+    def __init__(
+        self,
+        fetch: Fetch[K, V],
+        *,
+        max_batch: int = 256,
+        max_in_flight: int = 2,
+        isolate: Callable[[Exception], bool] = _never,
+    ) -> None:
         if max_batch < 1 or max_in_flight < 1:
             raise ValueError("max_batch and max_in_flight must be at least 1")
         self._fetch = fetch
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
-        self._waiting: dict[K, list[asyncio.Future[V | None]]] = {}
+        self._isolate = isolate
+        self._waiting: _Batch[K, V] = {}
         self._in_flight = 0
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -59,7 +81,7 @@ class KeyedBatcher(Generic[K, V]):
 
     def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
         self._scheduled = False
-        batch: dict[K, list[asyncio.Future[V | None]]] = {}
+        batch: _Batch[K, V] = {}
         while self._waiting and len(batch) < self._max_batch:
             key = next(iter(self._waiting))
             futures = [f for f in self._waiting.pop(key) if not f.done()]
@@ -67,32 +89,55 @@ class KeyedBatcher(Generic[K, V]):
                 batch[key] = futures
         if not batch:
             return
-        self._in_flight += 1
         task = loop.create_task(self._run(batch))
+        self._in_flight += 1
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        # Bookkeeping in a callback: it runs however the task ends, even cancelled before
+        # its first step (when nothing inside `_run` would).
+        task.add_done_callback(lambda done: self._finished(done, batch, loop))
         # More keys than one batch takes: the next one can start beside it.
         self._schedule(loop)
 
-    async def _run(self, batch: dict[K, list[asyncio.Future[V | None]]]) -> None:
+    async def _run(self, batch: _Batch[K, V]) -> None:
         try:
             found = await self._fetch(list(batch))
-        except Exception as exc:  # handed to every caller, which re-raises it
-            for futures in batch.values():
-                for future in futures:
-                    if not future.done():
-                        future.set_exception(exc)
-        except BaseException:  # cancelled (shutting down): so are its callers
-            for futures in batch.values():
-                for future in futures:
-                    future.cancel()
-            raise
+        except Exception as exc:
+            if len(batch) == 1 or not self._isolate(exc):
+                _fail(batch, exc)
+                return
+            for key, futures in batch.items():  # rare: find the key at fault
+                try:
+                    alone = await self._fetch([key])
+                except Exception as key_exc:
+                    _fail({key: futures}, key_exc)
+                else:
+                    _resolve({key: futures}, alone)
         else:
-            for key, futures in batch.items():
-                value = found.get(key)
-                for future in futures:
-                    if not future.done():
-                        future.set_result(value)
-        finally:
-            self._in_flight -= 1
-            self._schedule(asyncio.get_running_loop())
+            _resolve(batch, found)
+
+    def _finished(
+        self, task: asyncio.Task[None], batch: _Batch[K, V], loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self._tasks.discard(task)
+        self._in_flight -= 1
+        if task.cancelled():
+            _fail(batch, TransientStoreError("the look-up was abandoned"))
+        elif (exc := task.exception()) is not None and isinstance(exc, Exception):
+            _fail(batch, exc)  # a bug in handing out results: nobody is left waiting
+        if not loop.is_closed():
+            self._schedule(loop)
+
+
+def _resolve(batch: _Batch[K, V], found: Mapping[K, V]) -> None:
+    for key, futures in batch.items():
+        value = found.get(key)
+        for future in futures:
+            if not future.done():
+                future.set_result(value)
+
+
+def _fail(batch: _Batch[K, V], exc: BaseException) -> None:
+    for futures in batch.values():
+        for future in futures:
+            if not future.done():
+                future.set_exception(exc)

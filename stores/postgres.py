@@ -60,6 +60,12 @@ async def configure_connection(conn: Any) -> None:
     )
 
 
+def _caused_by_a_key(exc: Exception) -> bool:
+    """Whether a failed batch is worth asking again key by key: anything but a lost or
+    unavailable database, which the keys did not cause and which would fail each of them."""
+    return not isinstance(exc, TransientStoreError)
+
+
 class PostgresIdentityStore:
     """The store on `pool`, which must run `configure_connection` on every connection
     (`connect()` builds such a pool)."""
@@ -68,10 +74,12 @@ class PostgresIdentityStore:
         self._pool = pool
         self._timed = Instrument(observe)
         # The read-only look-ups that cheap commands make by the hundred a second go in
-        # batches; everything inside a unit of work stays one statement at a time.
-        self._accounts = KeyedBatcher(self._fetch_accounts)
-        self._sessions = KeyedBatcher(self._fetch_sessions)
-        self._idempotency = KeyedBatcher(self._fetch_idempotency)
+        # batches; everything inside a unit of work stays one statement at a time. Each
+        # look-up is timed as its caller waits for it ("get_account"), each batch's query
+        # on its own ("batch.get_account").
+        self._accounts = KeyedBatcher(self._fetch_accounts, isolate=_caused_by_a_key)
+        self._sessions = KeyedBatcher(self._fetch_sessions, isolate=_caused_by_a_key)
+        self._idempotency = KeyedBatcher(self._fetch_idempotency, isolate=_caused_by_a_key)
 
     @classmethod
     async def connect(
@@ -148,7 +156,8 @@ class PostgresIdentityStore:
             return await self._accounts.get(account_id)
 
     async def _fetch_accounts(self, ids: list[str]) -> dict[str, AccountRecord]:
-        rows = await self._pool.fetch(sql.GET_ACCOUNTS, ids)
+        with self._timed("batch.get_account"):
+            rows = await self._pool.fetch(sql.GET_ACCOUNTS, ids)
         return {row[0]: AccountRecord(*row) for row in rows}
 
     async def get_account_by_email(self, email_canonical: str) -> AccountRecord | None:
@@ -165,7 +174,8 @@ class PostgresIdentityStore:
     async def _fetch_sessions(
         self, ids: list[str]
     ) -> dict[str, tuple[SessionRecord, AccountRecord]]:
-        rows = await self._pool.fetch(sql.GET_SESSIONS_WITH_ACCOUNTS, ids)
+        with self._timed("batch.get_session_with_account"):
+            rows = await self._pool.fetch(sql.GET_SESSIONS_WITH_ACCOUNTS, ids)
         split = sql.SESSION_FIELD_COUNT
         found = {}
         for row in rows:
@@ -182,7 +192,8 @@ class PostgresIdentityStore:
             return await self._idempotency.get(key)
 
     async def _fetch_idempotency(self, keys: list[str]) -> dict[str, IdempotencyRecord]:
-        rows = await self._pool.fetch(sql.GET_IDEMPOTENCY_RECORDS, keys)
+        with self._timed("batch.get_idempotency"):
+            rows = await self._pool.fetch(sql.GET_IDEMPOTENCY_RECORDS, keys)
         return {row[0]: IdempotencyRecord(*row) for row in rows}
 
     async def reserve_signin_attempt(

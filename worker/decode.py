@@ -88,14 +88,14 @@ def _parse_object(body: bytes) -> dict[str, Any]:
 
 def _usable_key(data: dict[str, Any]) -> str | None:
     key = data.get("idempotency_key")
-    if isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH:
+    if isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH and "\x00" not in key:
         return key
     return None
 
 
 def _envelope_rejection(exc: ValidationError, data: dict[str, Any], key: str | None) -> Rejected:
     if any(error["loc"][:1] == ("idempotency_key",) for error in exc.errors()):
-        message = "idempotency_key must be a string of 1 to 200 characters."
+        message = "idempotency_key must be a string of 1 to 200 characters, without U+0000."
         return Rejected(_error(ErrorCode.MALFORMED_MESSAGE, message), parsed=data)
     return Rejected(_validation_error(exc, ""), idempotency_key=key)
 

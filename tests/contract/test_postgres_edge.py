@@ -7,9 +7,9 @@ import asyncio
 import asyncpg
 import pytest
 
-from stores import PostgresIdentityStore, TransientStoreError, migrate
+from stores import PostgresIdentityStore, StoreError, TransientStoreError, migrate
 from stores.migrate import migration_files
-from tests.contract.builders import account
+from tests.contract.builders import account, idempotency
 
 
 async def test_concurrent_migrators_create_the_database_and_apply_each_file_once(
@@ -79,3 +79,38 @@ async def test_connection_lost_inside_a_unit_is_transient_and_commits_nothing(
     finally:
         await admin.close()
     assert await pg_store.get_account(record.id) is None
+
+
+async def test_a_key_that_fails_its_batch_fails_only_its_own_look_up(
+    pg_store: PostgresIdentityStore,
+) -> None:
+    # Text cannot hold U+0000: PostgreSQL refuses the whole batch's query for that one key,
+    # which is then asked for again alone, and the other keys of its batch are answered.
+    records = [idempotency() for _ in range(3)]
+    async with pg_store.unit_of_work() as uow:
+        for record in records:
+            await uow.save_idempotency(record)
+
+    found = await asyncio.gather(
+        pg_store.get_idempotency(records[0].key),
+        pg_store.get_idempotency("bad\x00key"),
+        *(pg_store.get_idempotency(r.key) for r in records[1:]),
+        return_exceptions=True,
+    )
+
+    assert found[0] == records[0]
+    assert isinstance(found[1], StoreError)
+    assert not isinstance(found[1], TransientStoreError)
+    assert found[2:] == records[1:]
+
+
+async def test_batched_look_ups_are_timed_per_caller_and_per_query(pg_dsn: str) -> None:
+    seen: list[str] = []
+    store = await PostgresIdentityStore.connect(pg_dsn, observe=lambda op, _: seen.append(op))
+    try:
+        await asyncio.gather(*(store.get_account(account().id) for _ in range(5)))
+    finally:
+        await store.close()
+
+    assert seen.count("get_account") == 5
+    assert 1 <= seen.count("batch.get_account") < 5

@@ -230,14 +230,15 @@ async def test_lookup_after_a_commit_sees_it_while_others_are_in_flight(
             await asyncio.gather(*(store.get_session_with_account(record.id) for _ in range(8)))
 
     askers = [asyncio.create_task(keep_asking()) for _ in range(4)]
-    await asyncio.sleep(0.01)
-    ended_at = T0 + timedelta(hours=1)
-    async with store.unit_of_work() as uow:
-        await uow.end_session(record.id, ended_at, "sign_out")
-
-    after = await store.get_session_with_account(record.id)
-    stop.set()
-    await asyncio.gather(*askers)
+    try:
+        await asyncio.sleep(0.01)
+        ended_at = T0 + timedelta(hours=1)
+        async with store.unit_of_work() as uow:
+            await uow.end_session(record.id, ended_at, "sign_out")
+        after = await store.get_session_with_account(record.id)
+    finally:
+        stop.set()
+        await asyncio.gather(*askers)
     assert after is not None
     assert after[0].ended_at == ended_at
 

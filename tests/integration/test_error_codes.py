@@ -78,6 +78,25 @@ async def test_invalid_fields_are_a_validation_failure_naming_each_field(bus: Bu
     assert_free_of(error, person.password)
 
 
+async def test_a_key_the_database_cannot_hold_is_refused_and_harms_no_other_command(
+    bus: Bus,
+) -> None:
+    """U+0000 cannot be stored as text: the key is unusable, refused at the edge before any
+    look-up, and commands asked for at the same moment are answered as usual."""
+    people = [Person.new(f"nul{n}") for n in range(4)]
+    bad = Person.new("nulkey")
+
+    replies = await asyncio.gather(
+        bus.call("account.create", bad.create_payload(), key="nul\x00key"),
+        *(bus.call("account.create", p.create_payload(), key=key("nul")) for p in people),
+    )
+
+    error = replies[0]["error"]
+    assert error["code"] == "malformed_message"
+    assert "U+0000" in error["message"]
+    assert all(reply["ok"] is True for reply in replies[1:]), replies[1:]
+
+
 async def test_a_weak_password_is_a_validation_failure_of_the_password_field(bus: Bus) -> None:
     person = Person.new("weak")
     payload = {**person.create_payload(), "password": "short"}

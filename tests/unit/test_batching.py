@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from stores.batching import KeyedBatcher
+from stores.errors import TransientStoreError
 
 
 class Table:
@@ -119,18 +120,61 @@ async def test_a_caller_that_gives_up_leaves_the_rest_of_its_batch_alone() -> No
     assert table.batches == [["a"], ["a"]]  # nobody was left waiting for "b": not asked
 
 
-async def test_cancelling_a_running_batch_cancels_its_callers() -> None:
+@pytest.mark.parametrize("started", [True, False], ids=["running", "before-its-first-step"])
+async def test_an_abandoned_batch_fails_its_callers_as_transient_and_the_next_works(
+    started: bool,
+) -> None:
     table = Table({"a": "A"})
     table.gate = asyncio.Event()
-    batcher = KeyedBatcher(table.fetch)
-    caller = asyncio.create_task(batcher.get("a"))
-    await settle()
+    batcher = KeyedBatcher(table.fetch, max_in_flight=1)
+    callers = [asyncio.create_task(batcher.get("a")) for _ in range(2)]
+    if started:
+        await settle()
+    else:  # one turn for the callers to ask, one for the batch task to be created
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+    assert batcher._tasks
 
-    for task in asyncio.all_tasks():
-        if task is not asyncio.current_task() and task is not caller:
-            task.cancel()  # the batch's own task, as at shutdown
-    with pytest.raises(asyncio.CancelledError):
-        await caller
+    for task in list(batcher._tasks):  # as the event loop does to every task at shutdown
+        task.cancel()
+    results = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), 5)
+
+    assert all(isinstance(r, TransientStoreError) for r in results), results
+    assert len(table.batches) == (1 if started else 0)
+    table.gate.set()
+    assert await batcher.get("a") == f"A@{len(table.batches)}"
+
+
+async def test_a_key_that_fails_its_batch_is_asked_alone_and_fails_only_its_callers() -> None:
+    table = Table({"a": "A", "b": "B"})
+    bad = ValueError("cannot encode this key")
+
+    async def fetch(keys: list[str]) -> dict[str, str]:
+        if "bad" in keys:
+            table.batches.append(keys)
+            raise bad
+        return await table.fetch(keys)
+
+    batcher = KeyedBatcher(fetch, isolate=lambda exc: exc is bad)
+    found = await asyncio.gather(
+        batcher.get("a"), batcher.get("bad"), batcher.get("b"), return_exceptions=True
+    )
+
+    assert list(found) == ["A@2", bad, "B@4"]  # the batch each was read in: its own, alone
+    assert table.batches == [["a", "bad", "b"], ["a"], ["bad"], ["b"]]
+
+
+async def test_an_error_not_to_isolate_fails_the_whole_batch_without_asking_again() -> None:
+    table = Table({"a": "A", "b": "B"})
+    table.fail_with = TransientStoreError("database unavailable")
+    batcher = KeyedBatcher(
+        table.fetch, isolate=lambda exc: not isinstance(exc, TransientStoreError)
+    )
+
+    found = await asyncio.gather(batcher.get("a"), batcher.get("b"), return_exceptions=True)
+
+    assert all(r is table.fail_with for r in found)
+    assert table.batches == [["a", "b"]]
 
 
 @pytest.mark.parametrize(("max_batch", "max_in_flight"), [(0, 1), (1, 0)])
