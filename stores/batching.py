@@ -12,8 +12,9 @@ fast as before; a busy one sends fewer, larger queries.
 Every look-up is served by a query that started after it was asked for, so a batch never
 answers with a row read before the request existed (a session ended just before a verify is
 seen as ended). A batch that fails with an error `isolate` accepts (one that a key can cause,
-not a lost connection) is asked again key by key, so that one bad key fails only its own
-callers; any other error fails the whole batch, whose callers retry as they would have. A
+such as a value the database refuses) is asked again key by key, so that one bad key fails
+only its own callers; any other error fails the whole batch, whose callers retry as they
+would have, and stops the key-by-key asking if it comes up there. A
 caller that gives up (cancelled) leaves the others in its batch alone; a batch abandoned
 (its task cancelled, as at shutdown) fails its callers with a `TransientStoreError`.
 
@@ -24,10 +25,13 @@ asyncio future does; values found are shared the same way and must not be mutate
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from typing import Generic, TypeVar
 
 from stores.errors import TransientStoreError
+
+_log = logging.getLogger(__name__)
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -105,13 +109,17 @@ class KeyedBatcher(Generic[K, V]):
             if len(batch) == 1 or not self._isolate(exc):
                 _fail(batch, exc)
                 return
-            for key, futures in batch.items():  # rare: find the key at fault
+            keys = list(batch)
+            for n, key in enumerate(keys):  # rare: find the key at fault
                 try:
                     alone = await self._fetch([key])
                 except Exception as key_exc:
-                    _fail({key: futures}, key_exc)
+                    if not self._isolate(key_exc):  # the database, not the key: stop asking
+                        _fail({k: batch[k] for k in keys[n:]}, key_exc)
+                        return
+                    _fail({key: batch[key]}, key_exc)
                 else:
-                    _resolve({key: futures}, alone)
+                    _resolve({key: batch[key]}, alone)
         else:
             _resolve(batch, found)
 
@@ -122,10 +130,10 @@ class KeyedBatcher(Generic[K, V]):
         self._in_flight -= 1
         if task.cancelled():
             _fail(batch, TransientStoreError("the look-up was abandoned"))
-        elif (exc := task.exception()) is not None and isinstance(exc, Exception):
-            _fail(batch, exc)  # a bug in handing out results: nobody is left waiting
-        if not loop.is_closed():
-            self._schedule(loop)
+        elif (exc := task.exception()) is not None:  # a bug: fail loudly, leave nobody waiting
+            _log.error("a batch of look-ups failed", exc_info=exc)
+            _fail(batch, TransientStoreError("the look-up failed"))
+        self._schedule(loop)
 
 
 def _resolve(batch: _Batch[K, V], found: Mapping[K, V]) -> None:

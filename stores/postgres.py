@@ -61,9 +61,13 @@ async def configure_connection(conn: Any) -> None:
 
 
 def _caused_by_a_key(exc: Exception) -> bool:
-    """Whether a failed batch is worth asking again key by key: anything but a lost or
-    unavailable database, which the keys did not cause and which would fail each of them."""
-    return not isinstance(exc, TransientStoreError)
+    """Whether a failed batch is worth asking again key by key: only when a value was refused
+    (SQLSTATE class 22 from the server, or a value asyncpg could not encode). A lost
+    database, a cancelled query or a bug is not the fault of any one key."""
+    cause = exc.__cause__
+    return isinstance(cause, asyncpg.DataError) or (
+        isinstance(cause, asyncpg.InterfaceError) and isinstance(cause, ValueError)
+    )
 
 
 class PostgresIdentityStore:

@@ -177,6 +177,66 @@ async def test_an_error_not_to_isolate_fails_the_whole_batch_without_asking_agai
     assert table.batches == [["a", "b"]]
 
 
+async def test_a_database_fault_while_asking_key_by_key_fails_the_rest_unasked() -> None:
+    bad = ValueError("cannot encode this key")
+    down = TransientStoreError("database unavailable")
+    asked: list[list[str]] = []
+
+    async def fetch(keys: list[str]) -> dict[str, str]:
+        asked.append(keys)
+        if len(keys) > 1:
+            raise bad
+        if keys == ["b"]:
+            raise down
+        return {k: k.upper() for k in keys}
+
+    batcher = KeyedBatcher(fetch, isolate=lambda exc: exc is bad)
+    found = await asyncio.gather(*(batcher.get(k) for k in "abcd"), return_exceptions=True)
+
+    assert list(found) == ["A", down, down, down]
+    assert asked == [["a", "b", "c", "d"], ["a"], ["b"]]
+
+
+async def test_abandoning_the_key_by_key_asking_fails_the_keys_not_yet_answered() -> None:
+    bad = ValueError("cannot encode this key")
+    gate = asyncio.Event()
+
+    async def fetch(keys: list[str]) -> dict[str, str]:
+        if len(keys) > 1:
+            raise bad
+        if keys == ["b"]:
+            await gate.wait()
+        return {k: k.upper() for k in keys}
+
+    batcher = KeyedBatcher(fetch, isolate=lambda exc: exc is bad)
+    callers = [asyncio.create_task(batcher.get(k)) for k in "abc"]
+    await settle()
+    assert callers[0].done()  # "a" was answered; "b" is being asked
+    for task in list(batcher._tasks):
+        task.cancel()
+    found = await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), 5)
+
+    assert found[0] == "A"
+    assert all(isinstance(r, TransientStoreError) for r in found[1:]), found
+    assert batcher._in_flight == 0
+
+
+async def test_a_bug_in_a_batch_fails_its_callers_and_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def fetch(keys: list[str]) -> dict[str, str]:
+        return {k: k for k in keys}
+
+    batcher: KeyedBatcher[str, str] = KeyedBatcher(fetch)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("stores.batching._resolve", lambda *_: 1 / 0)
+        found = await asyncio.gather(batcher.get("a"), return_exceptions=True)
+
+    assert isinstance(found[0], TransientStoreError)
+    assert "a batch of look-ups failed" in caplog.text
+    assert await batcher.get("a") == "a"
+
+
 @pytest.mark.parametrize(("max_batch", "max_in_flight"), [(0, 1), (1, 0)])
 def test_limits_below_one_are_refused(max_batch: int, max_in_flight: int) -> None:
     table = Table({})

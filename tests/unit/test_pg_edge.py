@@ -10,6 +10,7 @@ import pytest
 
 from stores.errors import DuplicateEmailError, DuplicateKeyError, StoreError, TransientStoreError
 from stores.pg_edge import EMAIL_CONSTRAINT, IDEMPOTENCY_CONSTRAINT, Instrument, store_error
+from stores.postgres import _caused_by_a_key
 
 
 def _unique(constraint: str) -> asyncpg.UniqueViolationError:
@@ -65,3 +66,28 @@ def test_the_instrument_lets_other_exceptions_through_unchanged() -> None:
     timed = Instrument(None)
     with pytest.raises(KeyError), timed("get_account"):
         raise KeyError("not a driver error")
+
+
+def _translated(driver_error: Exception) -> Exception:
+    error = store_error(driver_error)
+    assert error is not None
+    error.__cause__ = driver_error
+    return error
+
+
+@pytest.mark.parametrize(
+    ("driver_error", "a_key_is_at_fault"),
+    [
+        (asyncpg.CharacterNotInRepertoireError("invalid byte sequence"), True),
+        (asyncpg.InvalidTextRepresentationError("invalid input syntax"), True),
+        (asyncpg.exceptions._base.DataError("invalid input for query argument $1"), True),
+        (asyncpg.ConnectionDoesNotExistError("gone"), False),
+        (asyncpg.QueryCanceledError("canceling statement due to statement timeout"), False),
+        (asyncpg.UndefinedTableError("relation does not exist"), False),
+    ],
+)
+def test_only_a_refused_value_sends_a_batch_back_key_by_key(
+    driver_error: Exception, a_key_is_at_fault: bool
+) -> None:
+    assert _caused_by_a_key(_translated(driver_error)) is a_key_is_at_fault
+    assert _caused_by_a_key(ZeroDivisionError()) is False
