@@ -135,8 +135,8 @@ class IdentityClient:
     ) -> Reply:
         """Send any command; return its `ok: true` reply or raise its typed error.
 
-        Raises pydantic's `ValidationError` before sending when the payload breaks the
-        contract, `ReplyTimeout` when no attempt got a reply.
+        Raises pydantic's `ValidationError` before sending when the payload or the
+        idempotency key breaks the contract, `ReplyTimeout` when no attempt got a reply.
         """
         body, key = build_request(command, payload, idempotency_key, metadata)
         return read_reply(await self._request(command, body, key))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -180,3 +181,24 @@ def test_no_event_schema_reaches_a_secret_field(doc: dict[str, Any]) -> None:
             pending += [n["$ref"].rsplit("/", 1)[1] for n in _walk(schemas[name]) if "$ref" in n]
     assert {"Account", "Session"} <= reachable
     assert not reachable & {schema for schema, _, _ in _secret_properties(doc)}
+
+
+def test_every_idempotency_key_schema_refuses_what_the_store_cannot_hold(
+    doc: dict[str, Any],
+) -> None:
+    keys = [
+        node["properties"]["idempotency_key"]
+        for node in _walk(doc)
+        if str(node.get("title", "")).endswith(" command") and "properties" in node
+    ]
+    strings = [
+        option
+        for key in keys
+        for option in key.get("anyOf", [key])
+        if option.get("type") == "string"
+    ]
+    assert len(strings) == len(COMMANDS)
+    for schema in strings:
+        pattern = re.compile(schema["pattern"])
+        assert pattern.search("5b0f3c1e-8f7a-4d0c-9a51-2f1f2f3c8e11")
+        assert not pattern.search("nul\x00key")

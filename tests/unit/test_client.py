@@ -199,6 +199,8 @@ async def test_a_command_is_published_persistent_json_with_direct_reply_to() -> 
         lambda c: c.update_account(ACCOUNT_ID, 1),
         lambda c: c.update_account(ACCOUNT_ID, 0, display_name="Ada"),
         lambda c: c.send("account.get", {"account_id": ACCOUNT_ID, "extra": 1}),
+        lambda c: c.end_all_sessions(ACCOUNT_ID, idempotency_key="nul\x00key"),
+        lambda c: c.end_all_sessions(ACCOUNT_ID, idempotency_key="k" * 201),
     ],
 )
 async def test_an_invalid_payload_fails_locally_before_anything_is_sent(call: Any) -> None:
