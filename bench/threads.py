@@ -1,0 +1,105 @@
+"""Where a loaded worker's CPU goes, thread by thread, and how fast the disk syncs.
+
+    .venv/bin/python bench/threads.py account.create [SECONDS]
+    .venv/bin/python bench/threads.py --fsync [SECONDS]
+
+The first form starts a fresh vhost, database and worker like bench/run.py, drives COMMAND in
+a closed loop and prints the worker's CPU per command, in all and for each of its threads
+(from `/proc/<pid>/task/<tid>/stat`; the event loop's thread is the one whose id is the
+process id). Threads that exited during the span (argon2's own, started for every hash) count
+in the total only. The second form times a 4 KiB write and fsync every 20 ms in /var/tmp, on
+the disk RabbitMQ and PostgreSQL write to on a default install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import uvloop
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from env import Sandbox, WorkerProcess, as_deployed, cpu_seconds, worker_env
+from loadgen import LoadGenerator, latency_summary
+from scenarios import FAST_WINDOW, PASSWORD_WINDOW, argon2_ceiling, prepare
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each live thread of `pid`."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[int(tid)] = (int(fields[11]) + int(fields[12])) / TICK
+    return out
+
+
+async def per_thread(command: str, seconds: float) -> None:
+    sandbox = Sandbox()
+    worker = None
+    try:
+        await sandbox.open()
+        password_hash = (await argon2_ceiling(0.1))["password_hash"]
+        state, keys = await prepare(sandbox, "thr", password_hash, ends=60_000)
+        worker = WorkerProcess(
+            worker_env(sandbox, keys), Path(tempfile.mkdtemp()) / "worker.log"
+        ).start()
+        gen = LoadGenerator(sandbox.amqp_url)
+        await gen.open()
+        window = PASSWORD_WINDOW if command in ("account.create", "session.start") else FAST_WINDOW
+        make = state.maker(command)
+        await gen.closed_loop(make, window=window, warmup=0, seconds=3)
+        before, total_before = thread_cpu(worker.pid), cpu_seconds(worker.pid)
+        sample = await gen.closed_loop(make, window=window, warmup=0, seconds=seconds)
+        after, total_after = thread_cpu(worker.pid), cpu_seconds(worker.pid)
+        await gen.close()
+        done = sample.completed
+        print(f"{command}: {done / seconds:.2f}/s over {seconds:.0f} s")
+        total_ms = 1000 * (total_after - total_before) / done
+        print(f"  worker, all threads: {total_ms:8.2f} ms/command")
+        for tid, spent in sorted(after.items(), key=lambda t: before.get(t[0], 0) - t[1]):
+            ms = 1000 * (spent - before.get(tid, 0.0)) / done
+            if ms >= 0.01:
+                name = "event loop" if tid == worker.pid else f"thread {tid}"
+                print(f"  {name:19s}: {ms:8.2f} ms/command")
+    finally:
+        if worker is not None:
+            worker.stop()
+        with contextlib.suppress(Exception):
+            await sandbox.close()
+
+
+def fsync_latency(seconds: float) -> None:
+    block = os.urandom(4096)
+    latencies = []
+    with tempfile.NamedTemporaryFile(dir="/var/tmp") as probe:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            os.pwrite(probe.fileno(), block, 0)
+            os.fsync(probe.fileno())
+            latencies.append(time.perf_counter() - started)
+            time.sleep(0.02)
+    summary = {**latency_summary(latencies), "max_ms": round(max(latencies) * 1000, 2)}
+    print(f"fsync of 4 KiB in /var/tmp, {len(latencies)} times: {summary}")
+
+
+if __name__ == "__main__":
+    as_deployed()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command", nargs="?", default="account.create")
+    parser.add_argument("seconds", type=float, nargs="?", default=20)
+    parser.add_argument("--fsync", action="store_true")
+    args = parser.parse_args()
+    if args.fsync:
+        fsync_latency(args.seconds)
+    else:
+        uvloop.run(per_thread(args.command, args.seconds))
