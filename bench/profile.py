@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import subprocess
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -22,9 +20,8 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from env import BIN, Sandbox, WorkerProcess, as_deployed, worker_env
-from loadgen import LoadGenerator
-from scenarios import FAST_WINDOW, PASSWORD_WINDOW, argon2_ceiling, prepare
+from env import BIN, as_deployed
+from scenarios import window_for, worker_under_load
 
 
 def summarize(path: Path, top: int = 25) -> str:
@@ -47,20 +44,11 @@ def summarize(path: Path, top: int = 25) -> str:
 
 
 async def main(command: str, seconds: float, out: Path) -> None:
-    sandbox = Sandbox()
-    worker = None
-    try:
-        await sandbox.open()
-        password_hash = (await argon2_ceiling(0.1))["password_hash"]
-        state, keys = await prepare(sandbox, "prof", password_hash, ends=60_000)
-        worker = WorkerProcess(
-            worker_env(sandbox, keys), Path(tempfile.mkdtemp()) / "worker.log"
-        ).start()
-        gen = LoadGenerator(sandbox.amqp_url)
-        await gen.open()
-        window = PASSWORD_WINDOW if command in ("account.create", "session.start") else FAST_WINDOW
+    async with worker_under_load("prof") as (state, worker, gen):
         load = asyncio.create_task(
-            gen.closed_loop(state.maker(command), window=window, warmup=1, seconds=seconds + 2)
+            gen.closed_loop(
+                state.maker(command), window=window_for(command), warmup=1, seconds=seconds + 2
+            )
         )
         await asyncio.sleep(1.5)
         spy = await asyncio.create_subprocess_exec(
@@ -82,12 +70,6 @@ async def main(command: str, seconds: float, out: Path) -> None:
         await spy.wait()
         sample = await load
         print(f"{command}: {sample.summary()}")
-        await gen.close()
-    finally:
-        if worker is not None:
-            worker.stop()
-        with contextlib.suppress(Exception):
-            await sandbox.close()
     print(summarize(out))
 
 

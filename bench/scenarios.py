@@ -33,6 +33,12 @@ from worker.topology import FAST_QUEUE, PASSWORD_QUEUE
 PASSWORD = "Plum-orbit-castle-7319-quiet"  # noqa: S105 - the bench accounts' password
 FAST_WINDOW = 128  # > the fast prefetch (64): the consumer never waits for the generator
 PASSWORD_WINDOW = 16  # > the password prefetch (4)
+
+
+def window_for(command: str) -> int:
+    return PASSWORD_WINDOW if command in ("account.create", "session.start") else FAST_WINDOW
+
+
 MIX = {
     "session.verify": 0.85,
     "account.get": 0.08,
@@ -479,3 +485,29 @@ async def one_run(quick: bool, log: Any) -> dict[str, Any]:
         await sandbox.close()
     out["worker_logs"] = str(logs)
     return out
+
+
+@contextlib.asynccontextmanager
+async def worker_under_load(tag: str) -> AsyncIterator[tuple[State, WorkerProcess, LoadGenerator]]:
+    """A fresh vhost and database with the prepared state, a worker on them and a generator,
+    all taken down on the way out (bench/profile.py, bench/threads.py)."""
+    sandbox = Sandbox()
+    worker = gen = None
+    try:
+        await sandbox.open()
+        password_hash = (await argon2_ceiling(0.1))["password_hash"]
+        state, keys = await prepare(sandbox, tag, password_hash, ends=60_000)
+        worker = WorkerProcess(
+            worker_env(sandbox, keys), Path(tempfile.mkdtemp()) / "worker.log"
+        ).start()
+        gen = LoadGenerator(sandbox.amqp_url)
+        await gen.open()
+        yield state, worker, gen
+    finally:
+        if gen is not None:
+            with contextlib.suppress(Exception):
+                await gen.close()
+        if worker is not None:
+            worker.stop()
+        with contextlib.suppress(Exception):
+            await sandbox.close()

@@ -25,9 +25,9 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from env import Sandbox, WorkerProcess, as_deployed, cpu_seconds, worker_env
-from loadgen import LoadGenerator, latency_summary
-from scenarios import FAST_WINDOW, PASSWORD_WINDOW, argon2_ceiling, prepare
+from env import as_deployed, cpu_seconds
+from loadgen import latency_summary
+from scenarios import window_for, worker_under_load
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -43,38 +43,21 @@ def thread_cpu(pid: int) -> dict[int, float]:
 
 
 async def per_thread(command: str, seconds: float) -> None:
-    sandbox = Sandbox()
-    worker = None
-    try:
-        await sandbox.open()
-        password_hash = (await argon2_ceiling(0.1))["password_hash"]
-        state, keys = await prepare(sandbox, "thr", password_hash, ends=60_000)
-        worker = WorkerProcess(
-            worker_env(sandbox, keys), Path(tempfile.mkdtemp()) / "worker.log"
-        ).start()
-        gen = LoadGenerator(sandbox.amqp_url)
-        await gen.open()
-        window = PASSWORD_WINDOW if command in ("account.create", "session.start") else FAST_WINDOW
-        make = state.maker(command)
+    async with worker_under_load("thr") as (state, worker, gen):
+        make, window = state.maker(command), window_for(command)
         await gen.closed_loop(make, window=window, warmup=0, seconds=3)
         before, total_before = thread_cpu(worker.pid), cpu_seconds(worker.pid)
         sample = await gen.closed_loop(make, window=window, warmup=0, seconds=seconds)
         after, total_after = thread_cpu(worker.pid), cpu_seconds(worker.pid)
-        await gen.close()
-        done = sample.completed
-        print(f"{command}: {done / seconds:.2f}/s over {seconds:.0f} s")
-        total_ms = 1000 * (total_after - total_before) / done
-        print(f"  worker, all threads: {total_ms:8.2f} ms/command")
-        for tid, spent in sorted(after.items(), key=lambda t: before.get(t[0], 0) - t[1]):
-            ms = 1000 * (spent - before.get(tid, 0.0)) / done
-            if ms >= 0.01:
-                name = "event loop" if tid == worker.pid else f"thread {tid}"
-                print(f"  {name:19s}: {ms:8.2f} ms/command")
-    finally:
-        if worker is not None:
-            worker.stop()
-        with contextlib.suppress(Exception):
-            await sandbox.close()
+    done = sample.completed
+    print(f"{command}: {done / seconds:.2f}/s over {seconds:.0f} s")
+    total_ms = 1000 * (total_after - total_before) / done
+    print(f"  worker, all threads: {total_ms:8.2f} ms/command")
+    for tid, spent in sorted(after.items(), key=lambda t: before.get(t[0], 0) - t[1]):
+        ms = 1000 * (spent - before.get(tid, 0.0)) / done
+        if ms >= 0.01:
+            name = "event loop" if tid == worker.pid else f"thread {tid}"
+            print(f"  {name:19s}: {ms:8.2f} ms/command")
 
 
 def fsync_latency(seconds: float) -> None:
