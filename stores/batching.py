@@ -11,12 +11,14 @@ fast as before; a busy one sends fewer, larger queries.
 
 Every look-up is served by a query that started after it was asked for, so a batch never
 answers with a row read before the request existed (a session ended just before a verify is
-seen as ended). A batch that fails with an error `isolate` accepts (one that a key can cause,
-such as a value the database refuses) is asked again key by key, so that one bad key fails
-only its own callers; any other error fails the whole batch, whose callers retry as they
-would have, and stops the key-by-key asking if it comes up there. A
-caller that gives up (cancelled) leaves the others in its batch alone; a batch abandoned
-(its task cancelled, as at shutdown) fails its callers with a `TransientStoreError`.
+seen as ended).
+
+A batch that fails with an error `isolate` accepts (one that a key can cause, such as a value
+the database refuses) is asked again key by key, so that one bad key fails only its own
+callers. Any other error fails the whole batch, whose callers retry as they would have; met
+while asking key by key, it fails the keys not yet answered without asking for them. A caller
+that gives up (cancelled) leaves the others in its batch alone; a batch abandoned (its task
+cancelled, as at shutdown) fails its callers with a `TransientStoreError`.
 
 Every caller of a batch that failed gets the same exception object, as every awaiter of one
 asyncio future does; values found are shared the same way and must not be mutated.
