@@ -10,13 +10,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from pydantic import ValidationError
+from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from messages import COMMANDS, CommandEnvelope, ErrorBody, ErrorCode, FieldError
+from messages.commands import IdempotencyKey
 from messages.models import Model
 from services.operations import CommandContext
 
-MAX_KEY_LENGTH = 200
+# The envelope's own rule for a key, applied to the key alone: a valid key is echoed in the
+# reply even when the rest of the envelope is not valid.
+_KEY = TypeAdapter(IdempotencyKey, config=ConfigDict(strict=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,10 +90,10 @@ def _parse_object(body: bytes) -> dict[str, Any]:
 
 
 def _usable_key(data: dict[str, Any]) -> str | None:
-    key = data.get("idempotency_key")
-    if isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH and "\x00" not in key:
-        return key
-    return None
+    try:
+        return _KEY.validate_python(data.get("idempotency_key"))
+    except ValidationError:
+        return None
 
 
 def _envelope_rejection(exc: ValidationError, data: dict[str, Any], key: str | None) -> Rejected:
