@@ -103,13 +103,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (0 if it is gone)."""
+def _stat_cpu(stat: Path) -> float:
+    """User + system CPU seconds from a `/proc/.../stat` file (0 if it is gone)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = stat.read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, its exited threads included."""
+    return _stat_cpu(Path(f"/proc/{pid}/stat"))
+
+
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """User + system CPU time of each live thread of a process, by thread id."""
+    tasks = Path(f"/proc/{pid}/task")
+    return {int(task.name): _stat_cpu(task / "stat") for task in tasks.iterdir()}
 
 
 def peak_rss_mib(pid: int) -> float:

@@ -14,7 +14,6 @@ the disk RabbitMQ and PostgreSQL write to on a default install.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import tempfile
@@ -25,30 +24,18 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from env import as_deployed, cpu_seconds
+from env import as_deployed, cpu_seconds, thread_cpu_seconds
 from loadgen import latency_summary
 from scenarios import window_for, worker_under_load
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def thread_cpu(pid: int) -> dict[int, float]:
-    """CPU seconds of each live thread of `pid`."""
-    out = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(FileNotFoundError):
-            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-            out[int(tid)] = (int(fields[11]) + int(fields[12])) / TICK
-    return out
 
 
 async def per_thread(command: str, seconds: float) -> None:
     async with worker_under_load("thr") as (state, worker, gen):
         make, window = state.maker(command), window_for(command)
         await gen.closed_loop(make, window=window, warmup=0, seconds=3)
-        before, total_before = thread_cpu(worker.pid), cpu_seconds(worker.pid)
+        before, total_before = thread_cpu_seconds(worker.pid), cpu_seconds(worker.pid)
         sample = await gen.closed_loop(make, window=window, warmup=0, seconds=seconds)
-        after, total_after = thread_cpu(worker.pid), cpu_seconds(worker.pid)
+        after, total_after = thread_cpu_seconds(worker.pid), cpu_seconds(worker.pid)
     done = sample.completed
     print(f"{command}: {done / seconds:.2f}/s over {seconds:.0f} s")
     total_ms = 1000 * (total_after - total_before) / done
