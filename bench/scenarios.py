@@ -488,9 +488,12 @@ async def one_run(quick: bool, log: Any) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def worker_under_load(tag: str) -> AsyncIterator[tuple[State, WorkerProcess, LoadGenerator]]:
-    """A fresh vhost and database with the prepared state, a worker on them and a generator,
-    all taken down on the way out (bench/profile.py, bench/threads.py)."""
+async def worker_under_load(
+    tag: str, **settings: str
+) -> AsyncIterator[tuple[State, WorkerProcess, LoadGenerator]]:
+    """A fresh vhost and database with the prepared state, a worker on them (`settings` are
+    extra `IDENTITY_*` variables for it) and a generator, all taken down on the way out
+    (bench/profile.py, bench/threads.py)."""
     sandbox = Sandbox()
     worker = gen = None
     try:
@@ -498,7 +501,7 @@ async def worker_under_load(tag: str) -> AsyncIterator[tuple[State, WorkerProces
         password_hash = (await argon2_ceiling(0.1))["password_hash"]
         state, keys = await prepare(sandbox, tag, password_hash, ends=60_000)
         worker = WorkerProcess(
-            worker_env(sandbox, keys), Path(tempfile.mkdtemp()) / "worker.log"
+            worker_env(sandbox, keys, **settings), Path(tempfile.mkdtemp()) / "worker.log"
         ).start()
         gen = LoadGenerator(sandbox.amqp_url)
         await gen.open()
