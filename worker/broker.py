@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -124,8 +125,10 @@ class ReplySender:
 class DeadLetters:
     """Copies of what could not be processed, for operators: never a password or token.
 
-    A body that parsed as JSON is kept with every secret field redacted; a body that did not
-    parse cannot be redacted reliably, so only its size is kept.
+    A body that parsed as a JSON object is kept with every secret field redacted. Anything
+    else keeps only its size: a body that did not parse cannot be redacted reliably, a list or
+    a bare value has no field names to tell a secret by, and an object nested deeper than can
+    be copied (orjson writes at most 255 levels) cannot be kept at all.
     """
 
     def __init__(
@@ -151,9 +154,13 @@ class DeadLetters:
             "content_type": message.content_type,
             "delivery_count": delivery_count(message.headers),
             "body_bytes": len(message.body),
-            "body": redact(parsed) if parsed is not None else None,
+            "body": None,
         }
-        body = orjson.dumps(record, default=str)
+        try:
+            kept = redact(parsed) if isinstance(parsed, Mapping) else None
+            body = orjson.dumps({**record, "body": kept}, default=str)
+        except (RecursionError, TypeError):  # orjson's own error is a TypeError
+            body = orjson.dumps(record, default=str)
         properties = Basic.Properties(
             content_type=CONTENT_TYPE,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT.value,

@@ -84,7 +84,6 @@ def _parse_object(body: bytes) -> dict[str, Any]:
         raise Rejected(
             _error(ErrorCode.MALFORMED_MESSAGE, "The body must be a JSON object."),
             dead_letter="not_an_object",
-            parsed=data,
         )
     return data
 

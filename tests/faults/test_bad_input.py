@@ -384,6 +384,23 @@ async def test_poison_messages_are_dead_lettered_with_a_reason_and_without_secre
     await target.still_serving()
 
 
+async def test_a_deeply_nested_array_is_refused_at_once_and_kept_by_its_size(
+    target: Target,
+) -> None:
+    # orjson reads 300 levels but writes at most 255: copying this body into the dead letter
+    # used to fail, so the delivery went back to the queue until its delivery limit.
+    body = b"[" * 300 + b"]" * 300
+    reply = await target.ask("session.start", body)
+    assert reply["error"]["code"] == "malformed_message", reply
+
+    def ours(letter: dict[str, Any]) -> bool:
+        return letter["reason"] == "not_an_object" and letter["body_bytes"] == len(body)
+
+    await target.bus.wait_for(lambda: any(ours(d) for d in target.bus.dead))
+    assert [d["body"] for d in target.bus.dead if ours(d)] == [None]
+    await target.still_serving()
+
+
 async def test_nothing_the_module_sent_leaked(target: Target) -> None:
     """Last: every secret these tests sent, searched in all that was captured."""
     conn = await asyncpg.connect(target.env.dsn)
