@@ -60,7 +60,7 @@ from services.errors import (
 from services.ids import new_account_id, new_session_id
 from services.operations import NO_CONTEXT, CommandContext, Operation, OperationRunner
 from services.passwords import HashingPool, PasswordPolicy, normalize_password
-from services.signin import Authenticator
+from services.signin import Authenticated, Authenticator
 from services.tokens import TokenSigner
 from stores import (
     AccountChanges,
@@ -254,10 +254,9 @@ class IdentityService:
         current = cmd.current_password.get_secret_value()
         new = cmd.new_password.get_secret_value()
         now = self._clock.now()
-        op.compensations.append(lambda: self._auth.refund(record.email_canonical))
-        await self._auth.check(
-            record.email_canonical, current, now, account=record, purpose="change_password"
-        )
+        email = record.email_canonical
+        op.compensations.append(lambda: self._auth.refund(email))
+        await self._auth.check(email, current, now, account=record, purpose="change_password")
         if normalize_password(new) == normalize_password(current):
             raise PasswordPolicyError("payload.new_password", "must differ from the current one")
         self._policy.check_new(
@@ -266,17 +265,35 @@ class IdentityService:
             context=_context_words(record.email_canonical, record.display_name),
         )
         new_hash = await self._passwords.hash(new)
+        result = await self._replace_password(op, record, new_hash, now)
+        if result is None:
+            # The stored hash changed while we were hashing: the password was changed, or a
+            # sign-in upgraded the hash of the same one. Check the current password again,
+            # against what is stored now, once.
+            await self._auth.refund(email)
+            record = await self._existing_account(cmd.account_id)
+            await self._auth.check(email, current, now, account=record, purpose="change_password")
+            result = await self._replace_password(op, record, new_hash, now)
+        if result is None:
+            raise InvalidCredentialsError()
+        return result
+
+    async def _replace_password(
+        self, op: Operation, checked: AccountRecord, new_hash: str, now: datetime
+    ) -> ChangePasswordResult | None:
+        """Set `new_hash`, end every session and record the outcome; None, with nothing
+        written, if the stored hash is no longer the one the current password was checked
+        against."""
         async with self._store.unit_of_work() as uow:
-            locked = await uow.get_account(record.id, for_update=True)
-            if locked is None or locked.password_hash != record.password_hash:
-                # The password changed while we were hashing: what was checked is stale.
-                raise InvalidCredentialsError()
+            locked = await uow.get_account(checked.id, for_update=True)
+            if locked is None or locked.password_hash != checked.password_hash:
+                return None
             changes = AccountChanges(updated_at=now, password_hash=new_hash)
-            updated = await self._apply(uow, record.id, locked.version, changes)
-            ended = await uow.end_all_sessions(record.id, now, "password_changed")
-            await uow.reset_signin_failures(record.email_canonical)
+            updated = await self._apply(uow, checked.id, locked.version, changes)
+            ended = await uow.end_all_sessions(checked.id, now, "password_changed")
+            await uow.reset_signin_failures(checked.email_canonical)
             self._emit_ended(op, ended, "password_changed", now)
-            data = AccountPasswordChangedData(account_id=record.id, sessions_ended=len(ended))
+            data = AccountPasswordChangedData(account_id=checked.id, sessions_ended=len(ended))
             op.emit(AccountPasswordChanged, data, now)
             result = ChangePasswordResult(account=to_account(updated), sessions_ended=len(ended))
             await self._ops.finish(uow, op, result)
@@ -299,6 +316,25 @@ class IdentityService:
         now = self._clock.now()
         op.compensations.append(lambda: self._auth.refund(canonical))
         checked = await self._auth.check(canonical, password, now)
+        result = await self._open_session(op, canonical, checked, now)
+        if result is None:
+            # The stored hash changed while the password was being checked: it was changed
+            # (and every session ended with it), or another sign-in upgraded the hash of the
+            # same password. Check again, against what is stored now, once.
+            await self._auth.refund(canonical)
+            checked = await self._auth.check(canonical, password, now)
+            result = await self._open_session(op, canonical, checked, now)
+        if result is None:
+            raise InvalidCredentialsError()
+        return result
+
+    async def _open_session(
+        self, op: Operation, canonical: str, checked: Authenticated, now: datetime
+    ) -> StartSessionResult | None:
+        """Insert the session and record the outcome; None, with nothing written, if the
+        stored hash is no longer the one the password was checked against. The account's row
+        stays locked until commit, so a password change either comes first (and is seen here)
+        or waits, and then ends this session with the others."""
         account = checked.account
         session = SessionRecord(
             id=new_session_id(),
@@ -309,6 +345,9 @@ class IdentityService:
             last_seen_at=now,
         )
         async with self._store.unit_of_work() as uow:
+            locked = await uow.get_account(account.id, for_update=True)
+            if locked is None or locked.password_hash != account.password_hash:
+                return None
             await uow.insert_session(session)
             await uow.reset_signin_failures(canonical)
             if checked.new_hash is not None:
@@ -316,7 +355,7 @@ class IdentityService:
             result = StartSessionResult(
                 session=to_session(session),
                 token=SecretStr(self._signer.sign(session.id, session.key_id)),
-                account=to_account(account),
+                account=to_account(locked),
             )
             op.emit(SessionStarted, SessionStartedData(session=result.session), now)
             await self._ops.finish(uow, op, result)
