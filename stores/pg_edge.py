@@ -4,8 +4,10 @@ operation is timed here, so nothing above the store sees a driver type.
     asyncpg.UniqueViolationError on accounts_email_canonical_key  -> DuplicateEmailError
     asyncpg.UniqueViolationError on idempotency_pkey              -> DuplicateKeyError
     connection lost or refused or left in a broken state, server
-    shutting down, too many clients, database not accepting
-    connections, serialization failure, deadlock, timeout         -> TransientStoreError
+    shutting down, database not accepting connections, out of
+    resources (disk, memory, connections), statement cancelled or
+    timed out, read-only server (a failover), serialization
+    failure, deadlock, timeout                                    -> TransientStoreError
     any other driver error (other constraints, bad input)         -> StoreError
 """
 
@@ -31,7 +33,14 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
-    asyncpg.TooManyConnectionsError,
+    # SQLSTATE class 53: disk full, out of memory, too many connections, a configured limit.
+    # The server is short of something an operator or time gives back.
+    asyncpg.InsufficientResourcesError,
+    # statement_timeout, or pg_cancel_backend: the statement did not fail, it was stopped.
+    asyncpg.QueryCanceledError,
+    asyncpg.IdleSessionTimeoutError,
+    # 25006: a write reached a server that has become a standby (a failover in progress).
+    asyncpg.ReadOnlySQLTransactionError,
     # SQLSTATE 55000 class: how the server refuses a new connection to a database that is
     # closed to connections for a while (ALTER DATABASE ... ALLOW_CONNECTIONS false during
     # maintenance); also a lock not available (55P03). An outage, not a bug: retry.

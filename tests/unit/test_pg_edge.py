@@ -28,6 +28,11 @@ def _unique(constraint: str) -> asyncpg.UniqueViolationError:
         (asyncpg.ConnectionDoesNotExistError("gone"), TransientStoreError),
         (asyncpg.CannotConnectNowError("starting up"), TransientStoreError),
         (asyncpg.SerializationError("retry"), TransientStoreError),
+        (asyncpg.TooManyConnectionsError("too many clients"), TransientStoreError),
+        (asyncpg.DiskFullError("no space left on device"), TransientStoreError),
+        (asyncpg.OutOfMemoryError("out of memory"), TransientStoreError),
+        (asyncpg.QueryCanceledError("statement timeout"), TransientStoreError),
+        (asyncpg.ReadOnlySQLTransactionError("read-only transaction"), TransientStoreError),
         (asyncpg.InterfaceError("connection is closed"), TransientStoreError),
         (asyncpg.DataError("cannot encode"), StoreError),  # client-side: retrying cannot help
         (TimeoutError(), TransientStoreError),
