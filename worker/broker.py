@@ -51,7 +51,7 @@ def broker_retrying(metrics: Metrics, operation: str, deadline_s: float) -> Asyn
     return AsyncRetrying(
         retry=retry_if_exception_type(BROKER_FAULTS),
         stop=stop_after_delay(deadline_s),
-        wait=wait_exponential_jitter(initial=0.1, max=2.0),
+        wait=wait_exponential_jitter(multiplier=0.1, max=2.0),
         before_sleep=count,
         reraise=True,
     )

@@ -55,7 +55,7 @@ class RetryPolicy:
         return AsyncRetrying(
             retry=retry_if_exception_type(TransientStoreError),
             stop=stop_after_attempt(self.attempts) | stop_after_delay(self.deadline_s),
-            wait=wait_exponential_jitter(initial=0.05, max=self.max_delay_s),
+            wait=wait_exponential_jitter(multiplier=0.05, max=self.max_delay_s),
             before_sleep=on_retry,
             reraise=True,
         )
