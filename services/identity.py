@@ -69,6 +69,7 @@ from stores import (
     IdentityStore,
     SessionRecord,
     ThrottleSchedule,
+    TransientStoreError,
     UnitOfWork,
 )
 
@@ -255,6 +256,7 @@ class IdentityService:
         new = cmd.new_password.get_secret_value()
         now = self._clock.now()
         email = record.email_canonical
+        # Late-bound: a second check below reserves on the account's email as it is then.
         op.compensations.append(lambda: self._auth.refund(email))
         await self._auth.check(email, current, now, account=record, purpose="change_password")
         if normalize_password(new) == normalize_password(current):
@@ -268,14 +270,16 @@ class IdentityService:
         result = await self._replace_password(op, record, new_hash, now)
         if result is None:
             # The stored hash changed while we were hashing: the password was changed, or a
-            # sign-in upgraded the hash of the same one. Check the current password again,
-            # against what is stored now, once.
-            await self._auth.refund(email)
+            # sign-in or an email change stored a new hash of the same one. Check the current
+            # password again, against what is stored now. (Each of those changes also cleared the
+            # email's failure count, normally with the attempt reserved above in it: nothing is
+            # given back, so no one else's failure is ever forgiven.)
             record = await self._existing_account(cmd.account_id)
+            email = record.email_canonical
             await self._auth.check(email, current, now, account=record, purpose="change_password")
             result = await self._replace_password(op, record, new_hash, now)
         if result is None:
-            raise InvalidCredentialsError()
+            raise TransientStoreError("the password hash changed twice during the command")
         return result
 
     async def _replace_password(
@@ -319,13 +323,14 @@ class IdentityService:
         result = await self._open_session(op, canonical, checked, now)
         if result is None:
             # The stored hash changed while the password was being checked: it was changed
-            # (and every session ended with it), or another sign-in upgraded the hash of the
-            # same password. Check again, against what is stored now, once.
-            await self._auth.refund(canonical)
+            # (and every session ended with it), or another sign-in or an email change stored
+            # a new hash of the same password. Check again, against what is stored now. (Each
+            # of those changes also cleared the email's failure count, with the attempt
+            # reserved above in it: nothing is given back.)
             checked = await self._auth.check(canonical, password, now)
             result = await self._open_session(op, canonical, checked, now)
         if result is None:
-            raise InvalidCredentialsError()
+            raise TransientStoreError("the password hash changed twice during the command")
         return result
 
     async def _open_session(

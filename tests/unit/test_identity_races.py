@@ -14,7 +14,7 @@ from services.clock import FakeClock
 from services.errors import InvalidCredentialsError
 from services.identity import IdentityService
 from services.passwords import HashingPool
-from stores import ThrottleSchedule
+from stores import ThrottleSchedule, TransientStoreError
 from stores.memory import MemoryIdentityStore
 from tests.unit.helpers import PASSWORD, create_cmd, ctx, pending_events, start_cmd
 
@@ -83,8 +83,8 @@ async def test_a_sign_in_checked_against_a_password_changed_meanwhile_opens_no_s
     assert await open_sessions(store, account.id, clock) == 0
     types = [e["type"] for e in await pending_events(store)]
     assert "session.started" not in types
-    # One failed sign-in, counted once: the attempt checked against the stale hash is given
-    # back before the second check counts its own.
+    # One failed sign-in, counted once: the change cleared the email's failure count, the
+    # attempt the first check had reserved with it, and the second check counted its own.
     schedule = ThrottleSchedule(free_failures=5, base_delay_s=1, max_delay_s=900)
     decision = await store.reserve_signin_attempt(EMAIL, clock.now(), schedule)
     assert decision.failures == 2
@@ -147,3 +147,28 @@ async def test_a_password_change_racing_another_change_is_refused(
     await service.start_session(start_cmd(password=other), ctx())
     with pytest.raises(InvalidCredentialsError):
         await service.start_session(start_cmd(password=NEW_PASSWORD), ctx())
+
+
+async def test_a_hash_that_changes_under_both_checks_fails_the_sign_in_as_transient(
+    service: IdentityService,
+    store: MemoryIdentityStore,
+    passwords: HashingPool,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    account = (await service.create_account(create_cmd(), ctx())).account
+
+    async def rehash_now_and_after_the_next_check() -> None:
+        await rehash(store, passwords, account.id)
+        meanwhile(monkeypatch, passwords, "verify", lambda: rehash(store, passwords, account.id))
+
+    meanwhile(monkeypatch, passwords, "verify", rehash_now_and_after_the_next_check)
+    key = ctx()
+    # Retried by the worker with back-off, not answered: no reply is stored for the key.
+    with pytest.raises(TransientStoreError):
+        await service.start_session(start_cmd(), key)
+
+    assert await store.get_idempotency(key.idempotency_key or "") is None
+    assert await open_sessions(store, account.id, clock) == 0
+    again = await service.start_session(start_cmd(), key)
+    assert again.account.id == account.id

@@ -1,0 +1,112 @@
+"""The sign-in race on PostgreSQL, where a row lock rather than a single-unit store decides it.
+
+A sign-in checks the password outside any transaction. If a password change is in flight when
+the sign-in's transaction starts (its row lock held, its new hash and its ended sessions not
+yet committed), the sign-in must wait for it and see the new hash; reading the committed row
+without the lock would insert a session that the change never ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+
+from messages import CreateAccount, StartSession
+from services.clock import FakeClock
+from services.errors import InvalidCredentialsError
+from services.identity import IdentityService, SessionPolicy
+from services.operations import CommandContext
+from services.passwords import HashingPool, PasswordPolicy, make_hasher
+from services.tokens import SigningKey, TokenSigner
+from stores import PostgresIdentityStore, ThrottleSchedule
+
+PASSWORD = "correct horse battery staple"
+NEW_PASSWORD = "a different long passphrase"
+
+
+@pytest.fixture
+async def passwords() -> AsyncIterator[HashingPool]:
+    pool = HashingPool(make_hasher(time_cost=1, memory_kib=8192, parallelism=1), workers=2)
+    await pool.start()
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def service(pg_store: PostgresIdentityStore, passwords: HashingPool) -> IdentityService:
+    return IdentityService(
+        pg_store,
+        passwords=passwords,
+        signer=TokenSigner([SigningKey("k1", b"o" * 32)]),
+        clock=FakeClock(datetime(2026, 11, 22, 9, 0, tzinfo=UTC)),
+        policy=PasswordPolicy(),
+        sessions=SessionPolicy(),
+        throttle=ThrottleSchedule(free_failures=5, base_delay_s=1, max_delay_s=900),
+    )
+
+
+def ctx() -> CommandContext:
+    return CommandContext(idempotency_key=str(uuid.uuid4()), correlation_id="corr-1")
+
+
+async def test_a_sign_in_waits_for_a_password_change_in_flight_and_opens_no_session(
+    service: IdentityService,
+    passwords: HashingPool,
+    pg_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    email = f"race-{uuid.uuid4().hex[:12]}@example.com"
+    create = {"email": email, "password": PASSWORD, "display_name": "Racer"}
+    account = (await service.create_account(CreateAccount.model_validate(create), ctx())).account
+    new_hash = await passwords.hash(NEW_PASSWORD)
+    change = await asyncpg.connect(pg_dsn)
+    in_flight = change.transaction()
+    commit: asyncio.Task[None] | None = None
+
+    async def commit_later() -> None:
+        await asyncio.sleep(0.5)  # the sign-in's transaction starts meanwhile
+        await in_flight.commit()
+
+    real_verify = passwords.verify
+
+    async def verify_then_change(password_hash: str, password: str) -> bool:
+        nonlocal commit
+        ok = await real_verify(password_hash, password)
+        monkeypatch.setattr(passwords, "verify", real_verify)
+        # What account.change_password does in its transaction, held open.
+        await in_flight.start()
+        await change.execute("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE", account.id)
+        await change.execute(
+            "UPDATE accounts SET password_hash = $2, version = version + 1 WHERE id = $1",
+            account.id,
+            new_hash,
+        )
+        await change.execute(
+            "UPDATE sessions SET ended_at = now(), end_reason = 'password_changed'"
+            " WHERE account_id = $1 AND ended_at IS NULL",
+            account.id,
+        )
+        commit = asyncio.create_task(commit_later())
+        return ok
+
+    monkeypatch.setattr(passwords, "verify", verify_then_change)
+    try:
+        start = StartSession.model_validate({"email": email, "password": PASSWORD})
+        with pytest.raises(InvalidCredentialsError):
+            await service.start_session(start, ctx())
+        assert commit is not None
+        await commit
+        still_open = await change.fetchval(
+            "SELECT count(*) FROM sessions WHERE account_id = $1 AND ended_at IS NULL",
+            account.id,
+        )
+    finally:
+        if commit is not None:
+            await asyncio.gather(commit, return_exceptions=True)
+        await change.close()
+    assert still_open == 0
