@@ -6,9 +6,10 @@ operation is timed here, so nothing above the store sees a driver type.
     connection lost or refused or left in a broken state, server
     shutting down, database not accepting connections, out of
     resources (disk, memory, connections), statement cancelled or
-    timed out, read-only server (a failover), serialization
-    failure, deadlock, timeout                                    -> TransientStoreError
-    any other driver error (other constraints, bad input)         -> StoreError
+    timed out, serialization failure, deadlock, timeout           -> TransientStoreError
+    any other driver error (other constraints, bad input, a write
+    to a read-only server: the pool keeps the connection, so a
+    retry would reach the same server)                            -> StoreError
 """
 
 from __future__ import annotations
@@ -39,8 +40,6 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     # statement_timeout, or pg_cancel_backend: the statement did not fail, it was stopped.
     asyncpg.QueryCanceledError,
     asyncpg.IdleSessionTimeoutError,
-    # 25006: a write reached a server that has become a standby (a failover in progress).
-    asyncpg.ReadOnlySQLTransactionError,
     # SQLSTATE 55000 class: how the server refuses a new connection to a database that is
     # closed to connections for a while (ALTER DATABASE ... ALLOW_CONNECTIONS false during
     # maintenance); also a lock not available (55P03). An outage, not a bug: retry.
