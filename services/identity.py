@@ -50,7 +50,6 @@ from services.clock import Clock
 from services.emails import canonical_email
 from services.errors import (
     EmailTakenError,
-    InvalidCredentialsError,
     InvalidInputError,
     NotFoundError,
     PasswordPolicyError,
