@@ -4,11 +4,14 @@
                                       [--commands session.verify,session.end]
 
 The base runs from a temporary `git worktree` of BASE_REF (put first on PYTHONPATH; same
-virtualenv), the head from this checkout. Each round measures the bare-consumer ceiling, then
-the base worker and the head worker on each command (closed loop of 128, 2 s warm-up), so the
-two are compared within minutes of each other and of their ceiling: on a shared machine the
-speed drifts more between rounds than between neighbours. Prints each measurement, then the
-median over rounds of each worker's ratio to its round's ceiling. Both workers run in the
+virtualenv), the head from this checkout. Each round measures the bare-consumer ceiling (and
+the argon2 ceiling, when account.create or session.start is compared), then the base worker
+and the head worker on each command (closed loop of 128, or of 16 for the password commands as
+in bench/run.py; 2 s warm-up), so the two are compared within minutes of each other and of
+their ceiling: on a shared machine the speed drifts more between rounds than between
+neighbours. Prints each measurement, then the median over rounds of each worker's ratio to its
+round's ceiling: hashes per second for account.create, verifications for session.start, the
+bare consumer for the rest. Both workers run in the
 environment `as_deployed` gives this script (argon2 on huge pages), so a change of that
 environment is measured by running the script twice, once with `GLIBC_TUNABLES` set to
 `glibc.malloc.hugetlb=0`.
@@ -30,9 +33,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from env import ROOT, CpuMeter, Sandbox, WorkerProcess, as_deployed, worker_env
 from loadgen import LoadGenerator
-from scenarios import FAST_WINDOW, Durations, State, argon2_ceiling, broker_ceiling, prepare
+from scenarios import (
+    Durations,
+    State,
+    argon2_ceiling,
+    broker_ceiling,
+    prepare,
+    window_for,
+)
 
 from worker.topology import FAST_QUEUE
+
+# The argon2 ceiling each password command is measured against.
+ARGON2_CEILING = {"account.create": "hash_per_s", "session.start": "verify_per_s"}
 
 
 async def measure_worker(
@@ -48,7 +61,7 @@ async def measure_worker(
             meter, cpu = CpuMeter([worker.pid]), {}
             with meter.span(cpu):
                 sample = await gen.closed_loop(
-                    state.maker(command), window=FAST_WINDOW, warmup=2, seconds=seconds
+                    state.maker(command), window=window_for(command), warmup=2, seconds=seconds
                 )
             rate = sample.completed / sample.seconds
             results[command] = {
@@ -97,11 +110,21 @@ async def main(args: argparse.Namespace) -> None:
         }
         for round_no in range(args.rounds):
             top = await ceiling(sandbox, state, args.seconds)
-            print(f"round {round_no}: ceiling {top:.1f}/s", flush=True)
+            ceilings = dict.fromkeys(commands, top)
+            if ARGON2_CEILING.keys() & set(commands):
+                argon2 = await argon2_ceiling(args.seconds / 2)
+                ceilings.update({c: argon2[k] for c, k in ARGON2_CEILING.items() if c in ceilings})
+                print(
+                    f"round {round_no}: ceilings {top:.1f}/s, argon2 {argon2['hash_per_s']}"
+                    f" hash/s, {argon2['verify_per_s']} verify/s",
+                    flush=True,
+                )
+            else:
+                print(f"round {round_no}: ceiling {top:.1f}/s", flush=True)
             for name, env in variants.items():
                 measured = await measure_worker(sandbox, state, env, commands, args.seconds)
                 for command, figures in measured.items():
-                    ratio = figures["throughput"] / top
+                    ratio = figures["throughput"] / ceilings[command]
                     ratios.setdefault(f"{name} {command}", []).append(ratio)
                     print(
                         f"  {name:24} {command:16} {figures['throughput']:8.1f}/s "
