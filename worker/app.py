@@ -21,7 +21,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustC
 
 from services.passwords import huge_pages_settings
 from worker.bootstrap import Components
-from worker.health import HealthState, run_readiness_probe
+from worker.health import HealthState, run_heartbeat, run_readiness_probe
 from worker.settings import Settings, redacted_url
 from worker.sidecar import Sidecar
 from worker.topology import FAST_QUEUE, PASSWORD_QUEUE
@@ -43,6 +43,7 @@ class Worker:
         self._consumers: list[tuple[AbstractQueue, str]] = []
         self._in_flight: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
+        self._heartbeat: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._draining = False
         # However large the prefetch, at most this many deliveries per queue are decoded and
@@ -59,6 +60,8 @@ class Worker:
     async def start(self) -> None:
         settings = self.parts.settings
         self.http_port = self.sidecar.start()
+        # Beats until the very end of the shutdown: a long drain is not a wedged loop.
+        self._heartbeat = asyncio.create_task(run_heartbeat(self.health), name="heartbeat")
         self._tasks = [
             asyncio.create_task(self.parts.relay.run(), name="outbox-relay"),
             asyncio.create_task(self._housekeeping(), name="housekeeping"),
@@ -155,6 +158,9 @@ class Worker:
             await parts.connection.close()
         await parts.store.close()
         parts.passwords.close()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
         self.sidecar.stop()
 
     async def _housekeeping(self) -> None:

@@ -1,10 +1,15 @@
 """Readiness: what the event loop learns about its dependencies, for the HTTP sidecar to report.
 
 `HealthState` is the only thing the two sides share. The event loop writes it (the probe task
-below, and the lifecycle code when draining starts); the sidecar's threads read it. A lock makes
-each read a consistent snapshot. The worker starts *not ready* until the first probe has seen
-both the broker and the database answer, so an orchestrator never routes to a worker that has
-not yet connected.
+below, the heartbeat, and the lifecycle code when draining starts); the sidecar's threads read
+it. A lock makes each read a consistent snapshot. The worker starts *not ready* until the first
+probe has seen both the broker and the database answer, so an orchestrator never routes to a
+worker that has not yet connected.
+
+Because the sidecar answers from its own threads, it would go on reporting the last state of a
+loop that has stopped turning (a blocking call, a deadlock). The loop therefore marks a
+heartbeat every second: silent for `READY_SILENCE_S` the worker is not ready, silent for
+`LIVE_SILENCE_S` it is not alive either, so an orchestrator restarts it.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable
 
 from worker.metrics import Metrics
@@ -19,17 +25,37 @@ from worker.metrics import Metrics
 log = logging.getLogger(__name__)
 
 NOT_CHECKED = "not checked yet"
+HEARTBEAT_S = 1.0
+READY_SILENCE_S = 10.0
+LIVE_SILENCE_S = 30.0
 
 
 class HealthState:
-    """Thread-safe readiness flags: broker, database, draining."""
+    """Thread-safe readiness flags (broker, database, draining) and the loop's heartbeat."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
+        self._clock = clock
         self._broker: str | None = NOT_CHECKED  # None means "answers", else why not
         self._database: str | None = NOT_CHECKED
         self._draining = False
         self._broker_losses = 0
+        self._last_beat: float | None = None  # None until the loop first beats
+
+    def beat(self) -> None:
+        """Called by the event loop every `HEARTBEAT_S`: it is still turning."""
+        with self._lock:
+            self._last_beat = self._clock()
+
+    def _silence(self) -> float:
+        """Seconds since the loop's last heartbeat; 0 before the first (starting up)."""
+        return 0.0 if self._last_beat is None else self._clock() - self._last_beat
+
+    def liveness(self) -> tuple[bool, float]:
+        """(alive, seconds the loop has been silent): alive unless silent `LIVE_SILENCE_S`."""
+        with self._lock:
+            silence = self._silence()
+        return silence < LIVE_SILENCE_S, silence
 
     def broker_lost(self, reason: str = "connection lost") -> None:
         """Called the moment the broker connection drops, between probes."""
@@ -59,16 +85,27 @@ class HealthState:
             self._draining = draining
 
     def snapshot(self) -> tuple[bool, list[str]]:
-        """(ready, reasons it is not): ready iff both answer and the worker is not draining."""
+        """(ready, reasons it is not): ready iff both answer, the loop is turning and the
+        worker is not draining."""
         with self._lock:
             reasons = []
             if self._broker is not None:
                 reasons.append(f"broker: {self._broker}")
             if self._database is not None:
                 reasons.append(f"database: {self._database}")
+            silence = self._silence()
+            if silence >= READY_SILENCE_S:
+                reasons.append(f"event loop: no heartbeat for {silence:.0f}s")
             if self._draining:
                 reasons.append("draining")
         return not reasons, reasons
+
+
+async def run_heartbeat(health: HealthState, every_s: float = HEARTBEAT_S) -> None:
+    """Mark the heartbeat every `every_s` until cancelled."""
+    while True:
+        health.beat()
+        await asyncio.sleep(every_s)
 
 
 async def _failure(check: Callable[[], Awaitable[None]], timeout_s: float) -> str | None:

@@ -5,7 +5,9 @@ it never touches the event loop: a probe still gets an answer while the loop is 
 (which is when an operator most needs `/metrics`), and a slow scraper cannot stall a command.
 It reads only thread-safe state: `HealthState` snapshots and the prometheus registry.
 
-    GET /healthz  200 {"status": "ok"} while the process is alive
+    GET /healthz  200 {"status": "ok"} while the process is alive and its event loop turns;
+                  503 {"status": "stalled", "event_loop_silent_s": N} once the loop has been
+                  silent for health.LIVE_SILENCE_S
     GET /readyz   200 {"status": "ready"} or 503 {"status": "not_ready", "reasons": [...]}
     GET /metrics  Prometheus text exposition of the worker's registry
 """
@@ -78,7 +80,11 @@ def _application(registry: CollectorRegistry, health: HealthState) -> WsgiApp:
         if environ.get("REQUEST_METHOD") != "GET":
             return _json(start_response, "405 Method Not Allowed", {"status": "method_not_allowed"})
         if path == "/healthz":
-            return _json(start_response, "200 OK", {"status": "ok"})
+            alive, silence = health.liveness()
+            if alive:
+                return _json(start_response, "200 OK", {"status": "ok"})
+            body = {"status": "stalled", "event_loop_silent_s": round(silence)}
+            return _json(start_response, "503 Service Unavailable", body)
         if path == "/readyz":
             ready, reasons = health.snapshot()
             if ready:

@@ -11,7 +11,14 @@ from typing import Any
 
 import pytest
 
-from worker.health import HealthState, probe_once, run_readiness_probe
+from worker.health import (
+    LIVE_SILENCE_S,
+    READY_SILENCE_S,
+    HealthState,
+    probe_once,
+    run_heartbeat,
+    run_readiness_probe,
+)
 from worker.metrics import Metrics, command_label, create_metrics, outcome_label
 from worker.sidecar import Sidecar
 
@@ -203,3 +210,61 @@ async def test_a_draining_worker_stays_not_ready_even_when_both_answer(
 
     assert ready is False
     assert metrics.registry.get_sample_value("identity_ready") == 0
+
+
+class _Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_silent_event_loop_is_first_not_ready_then_not_alive(metrics: Metrics) -> None:
+    clock = _Clock()
+    health = HealthState(clock=clock)
+    _healthy(health)
+    sidecar = Sidecar("127.0.0.1", 0, metrics.registry, health)
+    url = f"http://127.0.0.1:{sidecar.start()}"
+    try:
+        # Starting up: no heartbeat yet, and that is no silence.
+        clock.now += 3600
+        assert _get_json(f"{url}/healthz") == (200, {"status": "ok"})
+        health.beat()
+        clock.now += READY_SILENCE_S - 1
+        assert _get_json(f"{url}/readyz") == (200, {"status": "ready"})
+
+        clock.now += 2  # 11 s without a beat: routed away from, not yet restarted
+        status, body = _get_json(f"{url}/readyz")
+        assert status == 503
+        assert body["reasons"] == ["event loop: no heartbeat for 11s"]
+        assert _get_json(f"{url}/healthz") == (200, {"status": "ok"})
+
+        clock.now += LIVE_SILENCE_S  # 41 s: wedged
+        assert _get_json(f"{url}/healthz") == (
+            503,
+            {"status": "stalled", "event_loop_silent_s": 41},
+        )
+
+        health.beat()  # it turns again
+        assert _get_json(f"{url}/healthz") == (200, {"status": "ok"})
+        assert _get_json(f"{url}/readyz") == (200, {"status": "ready"})
+    finally:
+        sidecar.stop()
+
+
+async def test_the_heartbeat_task_beats_until_cancelled() -> None:
+    clock = _Clock()
+    health = HealthState(clock=clock)
+    beating = asyncio.create_task(run_heartbeat(health, every_s=0.01))
+    await asyncio.sleep(0.05)
+    clock.now += LIVE_SILENCE_S + 5
+    await asyncio.sleep(0.05)  # the task beat again at the new time
+    assert health.liveness() == (True, 0.0)
+
+    beating.cancel()
+    await asyncio.gather(beating, return_exceptions=True)
+    clock.now += LIVE_SILENCE_S
+    assert health.liveness() == (False, LIVE_SILENCE_S)
