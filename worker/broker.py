@@ -155,10 +155,16 @@ class DeadLetters:
             "delivery_count": delivery_count(message.headers),
             "body_bytes": len(message.body),
             "body": None,
+            # Whether redaction changed anything in the kept body: such a body is not what
+            # was sent, and `identity-worker dead republish` must not send it again.
+            "redacted": False,
         }
         try:
             kept = redact(parsed) if isinstance(parsed, Mapping) else None
-            body = orjson.dumps({**record, "body": kept}, default=str)
+            body = orjson.dumps(
+                {**record, "body": kept, "redacted": kept != parsed and kept is not None},
+                default=str,
+            )
         except (RecursionError, TypeError):  # orjson's own error is a TypeError
             body = orjson.dumps(record, default=str)
         properties = Basic.Properties(

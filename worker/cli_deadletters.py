@@ -15,6 +15,7 @@ hold a password.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,7 +85,7 @@ class DeadLetter:
         body = self.body
         if body is None:
             return "no body kept (not JSON, too large, wrong content type or never read)"
-        if _redacted(body):
+        if self.record.get("redacted") or _redacted(body):
             return "secrets were redacted: the caller has to send it again"
         spec = COMMANDS.get(self.command)
         if spec is None:
@@ -99,6 +100,10 @@ class DeadLetter:
         return None
 
 
+# What `redact_text` leaves of a password in a URL: scheme://user:***@
+_MASKED_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:\*\*\*@")
+
+
 def _text(value: object) -> str:
     if isinstance(value, bytes):
         return value.decode(errors="replace")
@@ -106,9 +111,10 @@ def _text(value: object) -> str:
 
 
 def _redacted(value: object) -> bool:
-    """Whether `redact()` masked anything in `value`: a masked secret or a masked token."""
+    """Whether `redact()` masked anything in `value`: a masked secret, token or URL password.
+    Dead letters say so themselves (`redacted`); this reads the ones written before they did."""
     if isinstance(value, str):
-        return value == REDACTED or REDACTED_TOKEN in value
+        return value == REDACTED or REDACTED_TOKEN in value or _MASKED_URL.search(value) is not None
     if isinstance(value, dict):
         return any(_redacted(item) for item in value.values())
     if isinstance(value, list):

@@ -13,6 +13,7 @@ from pamqp.commands import Basic
 
 from worker import broker
 from worker.broker import BROKER_FAULTS, DeadLetters, publish_confirmed
+from worker.cli_deadletters import DeadLetter
 from worker.logs import REDACTED
 from worker.metrics import create_metrics
 
@@ -126,3 +127,42 @@ async def test_an_object_nested_too_deep_to_copy_keeps_only_its_size(depth: int)
     parsed = orjson.loads(text)
     record = await _dead_letter(parsed, text.encode())
     assert record["body"] is None
+
+
+# -- what `dead republish` may send again -----------------------------------------------------
+
+
+def _command(display_name: str) -> dict[str, Any]:
+    return {
+        "idempotency_key": "key-1",
+        "payload": {
+            "account_id": "acct_01jd3m8f2q9v7x4k6t5r0w2y8z",
+            "expected_version": 1,
+            "display_name": display_name,
+        },
+    }
+
+
+async def test_a_dead_letter_says_whether_redaction_changed_its_body() -> None:
+    clean = await _dead_letter(_command("Ada"))
+    masked = await _dead_letter(_command("ftp://bob:hunter2@files.example.com"))
+    assert clean["redacted"] is False
+    assert masked["redacted"] is True
+    assert masked["body"]["payload"]["display_name"] == "ftp://bob:***@files.example.com"
+
+
+@pytest.mark.parametrize("marked", [True, False], ids=["marked", "written-before-the-mark"])
+def test_a_body_with_a_masked_url_password_is_not_republished(marked: bool) -> None:
+    record: dict[str, Any] = {
+        "reason": "unexpected_error",
+        "command": "account.update",
+        "body": _command("ftp://bob:***@files.example.com"),
+    }
+    if marked:
+        record["redacted"] = True
+    letter = DeadLetter(_delivery(b"{}"), record)
+    assert letter.unsendable() == "secrets were redacted: the caller has to send it again"
+
+    record["body"] = _command("Ada")
+    record["redacted"] = False
+    assert DeadLetter(_delivery(b"{}"), record).unsendable() is None
