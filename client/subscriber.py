@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractQueue
-from aio_pika.exceptions import AMQPError
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
 
 from messages import Event, parse_event
@@ -122,14 +122,22 @@ async def _decode(message: AbstractIncomingMessage) -> Event | None:
         # Requeueing a body that can never parse would loop forever.
         problems = [(e["loc"], e["type"]) for e in exc.errors()[:3]]
         log.warning("rejecting an event that does not parse: %s", problems)
-        await message.reject(requeue=False)
+        try:
+            await message.reject(requeue=False)
+        except _CHANNEL_LOST as exc:  # redelivered, and rejected again then
+            log.warning("could not reject event (it will be redelivered): %s", exc)
         return None
+
+
+# What settling a delivery raises once its channel is gone: an AMQP error, or aiormq's
+# ChannelInvalidStateError (a RuntimeError) when the channel is already closed.
+_CHANNEL_LOST = (AMQPError, ChannelInvalidStateError)
 
 
 async def _ack(message: AbstractIncomingMessage) -> None:
     try:
         await message.ack()
-    except AMQPError as exc:
+    except _CHANNEL_LOST as exc:
         # The channel was lost: the broker redelivers the event, and the dedupe window
         # drops it when it comes back on this subscriber.
         log.warning("could not ack event (it will be redelivered): %s", exc)

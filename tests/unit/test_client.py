@@ -12,6 +12,7 @@ from typing import Any
 import aio_pika
 import orjson
 import pytest
+from aio_pika.exceptions import ChannelInvalidStateError
 from pydantic import SecretStr, ValidationError
 
 import client
@@ -389,12 +390,17 @@ class FakeDelivery:
     body: bytes
     acked: bool = False
     rejected: bool = False
+    channel_closed: bool = False
 
     async def ack(self) -> None:
+        if self.channel_closed:
+            raise ChannelInvalidStateError("<Channel: 1> closed")
         self.acked = True
 
     async def reject(self, requeue: bool = False) -> None:
         assert requeue is False
+        if self.channel_closed:
+            raise ChannelInvalidStateError("<Channel: 1> closed")
         self.rejected = True
 
 
@@ -451,6 +457,21 @@ async def test_repeated_events_are_dropped_and_bad_ones_rejected() -> None:
     assert seen == [f"evt_{1:026d}", f"evt_{2:026d}"]
     assert deliveries[1].rejected
     assert deliveries[2].acked
+
+
+async def test_a_lost_channel_does_not_end_the_subscription() -> None:
+    # The robust connection restores the channel; the broker redelivers what was not acked.
+    deliveries = [
+        FakeDelivery(event_body(1), channel_closed=True),
+        FakeDelivery(b"not json", channel_closed=True),
+        FakeDelivery(event_body(1)),  # the redelivery, on the restored channel
+        FakeDelivery(event_body(2)),
+    ]
+    events = _consume(FakeEventQueue(deliveries), _SeenIds(10))  # type: ignore[arg-type]
+    seen = [event.event_id async for event in events]
+    assert seen == [f"evt_{1:026d}", f"evt_{2:026d}"]
+    assert deliveries[2].acked  # dropped as a repeat, and acked
+    assert deliveries[3].acked
 
 
 def test_the_dedupe_window_forgets_the_oldest_id() -> None:
