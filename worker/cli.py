@@ -16,6 +16,7 @@ import asyncio
 import sys
 from collections.abc import Callable, Sequence
 
+from worker.cli_common import positive_seconds
 from worker.settings import Settings, SettingsError, load_settings
 
 
@@ -100,7 +101,9 @@ def _add_tool_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     send.set_defaults(func=_send)
     demo = sub.add_parser("demo", help="run a sign-up/sign-in story against a running worker")
     demo.add_argument("--amqp-url", help=url_help)
-    demo.add_argument("--timeout", type=float, default=15.0, help="seconds per step (15)")
+    demo.add_argument(
+        "--timeout", type=positive_seconds, default=15.0, help="seconds per step (15)"
+    )
     demo.set_defaults(func=_demo)
     dead = sub.add_parser("dead", help="dead letters in identity.dead").add_subparsers(
         dest="dead_command"
@@ -116,7 +119,9 @@ def _add_tool_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         parser.add_argument("--reason", help="only dead letters with this reason")
         parser.set_defaults(func=_dead)
     republish.add_argument("--yes", action="store_true", help="do it (default: a dry run)")
-    republish.add_argument("--timeout", type=float, default=10.0, help="seconds per reply (10)")
+    republish.add_argument(
+        "--timeout", type=positive_seconds, default=10.0, help="seconds per reply (10)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,11 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    if not words or (words[0].startswith("-") and words[0] not in ("-h", "--help")):
+        words = ["run", *words]  # no subcommand: run, with run's flags (`--no-migrate`)
+    args = parser.parse_args(words)
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
-    if func is None:  # no subcommand: run
-        args = parser.parse_args(["run", *(argv or sys.argv[1:])])
-        func = args.func
+    if func is None:  # a group without its subcommand, e.g. `identity-worker dead`
+        parser.error(f"{words[0]}: a subcommand is required (see --help)")
     return func(args)
 
 

@@ -3,6 +3,7 @@ and one way to say that the broker could not be reached."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import time
@@ -20,10 +21,24 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_NO_REPLY = 3
 
+
 # What failing to reach or talk to the broker looks like from aio-pika.
+def positive_seconds(text: str) -> float:
+    """An argparse type: a number of seconds above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above zero: {text!r}")
+    return value
+
+
 BROKER_ERRORS = (
     aio_pika.exceptions.AMQPError,
     aiormq.exceptions.AMQPError,
+    # Using a channel that the broker or a dropped connection closed: a RuntimeError.
+    aiormq.exceptions.ChannelInvalidStateError,
     ConnectionError,
     OSError,
     TimeoutError,

@@ -7,8 +7,9 @@ shell history. The reply is printed whole, `session.start`'s token included: it 
 caller's own.
 
 Exit codes: 0 ok reply; 1 error reply, or the broker could not be reached; 2 bad usage
-(unknown command, missing or invalid field); 3 no reply in time: the command may have taken
-effect, and sending it again with the same idempotency key is safe.
+(unknown command, missing or invalid field, idempotency key or timeout); 3 no reply in time,
+or the connection lost once the command could have gone out: it may have taken effect, and
+sending it again with the idempotency key printed is safe.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from collections.abc import Callable
 from typing import Annotated, Any, Union, get_args, get_origin
 
 import orjson
-from pydantic import SecretStr, ValidationError
+from pydantic import SecretStr, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
 from client import IdentityClient, IdentityClientError, ReplyTimeout, Unroutable
 from messages import COMMANDS, CommandSpec
+from messages.commands import IdempotencyKey
 from worker.cli_common import (
     BROKER_ERRORS,
     EXIT_FAILED,
@@ -34,10 +36,12 @@ from worker.cli_common import (
     EXIT_OK,
     EXIT_USAGE,
     broker_unreachable,
+    positive_seconds,
     resolve_amqp_url,
 )
 
 FROM_STDIN = "-"
+_KEY: TypeAdapter[str] = TypeAdapter(IdempotencyKey)
 
 
 def run_send(args: argparse.Namespace) -> int:
@@ -58,6 +62,12 @@ def run_send(args: argparse.Namespace) -> int:
         for error in exc.errors(include_input=False, include_url=False):
             where = ".".join(str(part) for part in error["loc"]) or spec.name
             print(f"identity-worker send: {where}: {error['msg']}", file=sys.stderr)
+        return EXIT_USAGE
+    if options.idempotency_key is not None and _bad_key(options.idempotency_key):
+        print(
+            "identity-worker send: --idempotency-key must be 1 to 200 characters, without U+0000",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     # A key of our own (rather than the client's) so that a timeout can name it for a retry.
     key = options.idempotency_key or (str(uuid.uuid4()) if spec.changes_state else None)
@@ -81,7 +91,9 @@ def command_parser(spec: CommandSpec) -> argparse.ArgumentParser:
         )
     parser.add_argument("--idempotency-key", help="default: a fresh one for state changes")
     parser.add_argument("--amqp-url", help="broker URL (default: IDENTITY_AMQP_URL)")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per attempt (10)")
+    parser.add_argument(
+        "--timeout", type=positive_seconds, default=10.0, help="seconds per attempt (10)"
+    )
     return parser
 
 
@@ -127,8 +139,10 @@ def payload_from(spec: CommandSpec, options: argparse.Namespace) -> dict[str, An
 async def _send(
     url: str, command: str, payload: dict[str, Any], key: str | None, reply_timeout_s: float
 ) -> int:
+    connected = False
     try:
         async with IdentityClient.connect(url, timeout=reply_timeout_s) as client:
+            connected = True
             reply = await client.send(command, payload, idempotency_key=key)
     except ReplyTimeout as exc:
         retry = f"; send it again with --idempotency-key {key}" if key else ""
@@ -141,9 +155,26 @@ async def _send(
         print_json(error_reply(command, key, exc))
         return EXIT_FAILED
     except BROKER_ERRORS as exc:
+        if connected and key:
+            # The connection dropped after it was up: the command may have gone out.
+            print(
+                f"identity-worker send: the broker connection was lost"
+                f" ({type(exc).__name__}): it may have taken effect;"
+                f" send it again with --idempotency-key {key}",
+                file=sys.stderr,
+            )
+            return EXIT_NO_REPLY
         return broker_unreachable(url, exc)
     print_json(reply.to_wire())
     return EXIT_OK
+
+
+def _bad_key(key: str) -> bool:
+    try:
+        _KEY.validate_python(key)
+    except ValidationError:
+        return True
+    return False
 
 
 def error_reply(command: str, key: str | None, exc: IdentityClientError) -> dict[str, Any]:
