@@ -176,5 +176,5 @@ class MemoryIdentityStore:
         if self._closed:
             raise TransientStoreError("the store is closed")
 
-    async def close(self) -> None:
+    async def close(self, force_after_s: float | None = None) -> None:
         self._closed = True

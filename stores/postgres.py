@@ -7,6 +7,7 @@ its latency to the optional `observe(operation, seconds)` hook.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -279,6 +280,10 @@ class PostgresIdentityStore:
         with self._timed("ping"):
             await self._pool.fetchval("SELECT 1")
 
-    async def close(self) -> None:
+    async def close(self, force_after_s: float | None = None) -> None:
         with self._timed("close"):
-            await self._pool.close()
+            try:
+                # Pool.close waits for every connection to come back.
+                await asyncio.wait_for(self._pool.close(), force_after_s)
+            except TimeoutError:
+                self._pool.terminate()  # held by work that outlived the stop: cut off

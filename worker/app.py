@@ -30,6 +30,13 @@ log = logging.getLogger("identity.worker")
 
 HOUSEKEEPING_S = 5.0
 PURGE_EVERY_S = 600.0
+# The bounds of a stop's steps besides the grace period: consumers cancelled, then commands
+# that outlived the grace, the outbox flushed once, three channels, the connection and the
+# pool closed. A stop takes at most IDENTITY_SHUTDOWN_GRACE_S + STOP_STEPS_S.
+CANCEL_CONSUMERS_S = 5.0
+FLUSH_OUTBOX_S = 5.0
+CLOSE_EACH_S = 2.0
+STOP_STEPS_S = 2 * CANCEL_CONSUMERS_S + FLUSH_OUTBOX_S + 5 * CLOSE_EACH_S
 
 
 class Worker:
@@ -133,16 +140,29 @@ class Worker:
         log.info("stopping: draining in-flight commands", extra={"in_flight": len(self._in_flight)})
         self.health.set_draining(True)
         self._draining = True
-        for queue, tag in self._consumers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(queue.cancel(tag), timeout=5)
+        # Every step is bounded, so a stop takes at most the grace period plus STOP_STEPS_S
+        # (cancelling consumers, the outbox flush, closing): give the orchestrator more.
+        await asyncio.gather(
+            *(
+                asyncio.wait_for(queue.cancel(tag), timeout=CANCEL_CONSUMERS_S)
+                for queue, tag in self._consumers
+            ),
+            return_exceptions=True,
+        )
         if self._in_flight:
-            await asyncio.wait(set(self._in_flight), timeout=settings.shutdown_grace_s)
+            _, late = await asyncio.wait(set(self._in_flight), timeout=settings.shutdown_grace_s)
+            if late:
+                # Unacked, so the broker redelivers them; one that committed is answered from
+                # its stored reply then.
+                log.warning("grace period over: cancelling commands", extra={"count": len(late)})
+                for task in late:
+                    task.cancel()
+                await asyncio.wait(late, timeout=CANCEL_CONSUMERS_S)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
-            flushed = await asyncio.wait_for(self.parts.relay.drain(), timeout=10)
+            flushed = await asyncio.wait_for(self.parts.relay.drain(), timeout=FLUSH_OUTBOX_S)
             log.info("outbox flushed", extra={"published": flushed})
         except Exception as exc:  # whatever is left is published by the next relay to run
             log.warning("outbox not flushed", extra={"error": type(exc).__name__})
@@ -151,12 +171,15 @@ class Worker:
 
     async def _close(self) -> None:
         parts = self.parts
-        for channel in (parts.fast_channel, parts.password_channel, parts.publish_channel):
+        for closing in (
+            parts.fast_channel.close(),
+            parts.password_channel.close(),
+            parts.publish_channel.close(),
+            parts.connection.close(),
+        ):
             with contextlib.suppress(Exception):
-                await channel.close()
-        with contextlib.suppress(Exception):
-            await parts.connection.close()
-        await parts.store.close()
+                await asyncio.wait_for(closing, timeout=CLOSE_EACH_S)
+        await parts.store.close(force_after_s=CLOSE_EACH_S)
         parts.passwords.close()
         if self._heartbeat is not None:
             self._heartbeat.cancel()

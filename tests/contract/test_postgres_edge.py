@@ -114,3 +114,22 @@ async def test_batched_look_ups_are_timed_per_caller_and_per_query(pg_dsn: str) 
 
     assert seen.count("get_account") == 5
     assert 1 <= seen.count("batch.get_account") < 5
+
+
+async def test_close_cuts_off_a_connection_still_in_use_after_its_deadline(pg_dsn: str) -> None:
+    store = await PostgresIdentityStore.connect(pg_dsn)
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def outlives_the_stop() -> None:
+        async with store.unit_of_work():
+            held.set()
+            await release.wait()
+
+    work = asyncio.create_task(outlives_the_stop())
+    await held.wait()
+    started = asyncio.get_running_loop().time()
+    await store.close(force_after_s=0.3)
+    assert asyncio.get_running_loop().time() - started < 3
+    release.set()
+    with pytest.raises(Exception):  # noqa: B017, PT011 - whatever a terminated pool raises
+        await work

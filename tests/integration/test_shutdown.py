@@ -3,14 +3,17 @@ leaves the rest to the queue, and exits 0 within its grace period."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
+import asyncpg
 import pytest
 
 from tests.integration.conftest import Isolated
-from tests.integration.scenarios import Person, assert_signed_up_once, key
+from tests.integration.scenarios import Person, assert_signed_up_once, key, sign_up
 from tests.support.workers import WorkerProcess
+from worker.app import STOP_STEPS_S
 
 pytestmark = pytest.mark.integration
 
@@ -64,3 +67,35 @@ async def test_sigterm_under_a_backlog_answers_what_was_acked_and_loses_nothing(
 
     await assert_signed_up_once(bus, sent, isolated.database_url, f"drain{tag}n%")
     assert "identity worker stopped" in first.log_text()
+
+
+async def test_a_command_stuck_past_the_grace_period_is_cut_off_and_answered_later(
+    isolated: Isolated,
+) -> None:
+    grace_s = 2.0
+    first = isolated.start(IDENTITY_SHUTDOWN_GRACE_S=str(grace_s))
+    bus = await isolated.bus()
+    account = await sign_up(bus, Person.new("stuck"))
+    blocker = await asyncpg.connect(isolated.database_url)
+    try:
+        locking = blocker.transaction()
+        await locking.start()
+        await blocker.execute("LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+        stuck = await bus.command("account.get", {"account_id": account["id"]}, None)
+        await asyncio.sleep(1)  # delivered, and waiting for the lock
+
+        stopping = time.monotonic()
+        code = first.terminate(timeout=grace_s + STOP_STEPS_S + 10)
+        stopped_in = time.monotonic() - stopping
+        await locking.rollback()
+    finally:
+        await blocker.close()
+
+    assert code == 0, first.log_tail()
+    assert stopped_in < grace_s + STOP_STEPS_S
+    assert first.log_entries("grace period over: cancelling commands")
+    assert stuck not in bus.replies
+    isolated.start()  # the delivery went back to the queue unacked
+    await bus.wait_for(lambda: stuck in bus.replies, timeout=30)
+    [reply] = bus.replies[stuck]
+    assert reply["result"]["account"]["id"] == account["id"]
