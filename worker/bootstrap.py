@@ -19,7 +19,7 @@ from services.tokens import SigningKey, TokenSigner, parse_signing_keys
 from stores import IdentityStore, ThrottleSchedule
 from stores.postgres import PostgresIdentityStore
 from worker.acks import Acknowledger
-from worker.broker import DeadLetters, ReplySender
+from worker.broker import DeadLetters, ReplySender, StoppableRobustConnection
 from worker.handlers import handler_table
 from worker.metrics import Metrics, create_metrics, observer
 from worker.outbox import OutboxRelay
@@ -127,7 +127,9 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> Components
     service, passwords = build_service(settings, store, keys, clock, metrics)
     metrics.hash_pool_pending.set_function(lambda: passwords.pending)
     await passwords.start()
-    connection = await aio_pika.connect_robust(settings.amqp_url.get_secret_value())
+    connection = await aio_pika.connect_robust(
+        settings.amqp_url.get_secret_value(), connection_class=StoppableRobustConnection
+    )
     fast_channel = await connection.channel()
     await fast_channel.set_qos(prefetch_count=settings.fast_prefetch)
     password_channel = await connection.channel()

@@ -38,10 +38,9 @@ def _run(args: argparse.Namespace) -> int:
         import uvloop
 
         uvloop.install()
-    asyncio.run(
+    return asyncio.run(
         run_worker(settings, migrate_first=settings.migrate_on_start and not args.no_migrate)
     )
-    return 0
 
 
 def _migrate(args: argparse.Namespace) -> int:

@@ -2,14 +2,44 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import signal
+
 from stores.migrate import migrate
 from worker.app import Worker
 from worker.bootstrap import build
 from worker.settings import Settings
 
+log = logging.getLogger("identity.worker")
 
-async def run_worker(settings: Settings, *, migrate_first: bool = True) -> None:
-    if migrate_first:
-        await migrate(settings.database_url.get_secret_value())
-    worker = Worker(await build(settings))
-    await worker.run()
+
+async def run_worker(settings: Settings, *, migrate_first: bool = True) -> int:
+    """Start (migrations, connections), then work until SIGTERM or SIGINT; the exit status.
+
+    A signal during start-up cancels it at once: there is nothing in flight to drain yet.
+    Without this, SIGTERM would be ignored where the process is PID 1 (in the container), and
+    `docker stop` during migrations would wait out its grace period, then kill.
+    """
+    starting = asyncio.current_task()
+    assert starting is not None
+    stopped_by: list[int] = []
+
+    def stop_starting(signum: int) -> None:
+        stopped_by.append(signum)
+        starting.cancel()
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_starting, signum)
+    try:
+        if migrate_first:
+            await migrate(settings.database_url.get_secret_value())
+        parts = await build(settings)
+    except asyncio.CancelledError:
+        if not stopped_by:
+            raise
+        log.info("stopped while starting", extra={"signal": stopped_by[0]})
+        return 128 + stopped_by[0]
+    await Worker(parts).run()  # replaces the handlers with its own: drain, then exit
+    return 0

@@ -4,15 +4,19 @@ leaves the rest to the queue, and exits 0 within its grace period."""
 from __future__ import annotations
 
 import asyncio
+import signal
+import socket
+import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import asyncpg
 import pytest
 
 from tests.integration.conftest import Isolated
 from tests.integration.scenarios import Person, assert_signed_up_once, key, sign_up
-from tests.support.workers import WorkerProcess
+from tests.support.workers import WORKER_BIN, WorkerProcess, worker_env
 from worker.app import STOP_STEPS_S
 
 pytestmark = pytest.mark.integration
@@ -99,3 +103,30 @@ async def test_a_command_stuck_past_the_grace_period_is_cut_off_and_answered_lat
     await bus.wait_for(lambda: stuck in bus.replies, timeout=30)
     [reply] = bus.replies[stuck]
     assert reply["result"]["account"]["id"] == account["id"]
+
+
+async def test_sigterm_during_start_up_stops_it_at_once(isolated: Isolated, tmp_path: Path) -> None:
+    # A broker address that accepts connections and never answers: start-up waits there,
+    # after its migrations, before the worker has a signal handler of its own.
+    with socket.socket() as silent, (tmp_path / "worker.log").open("wb") as log:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        broker = f"amqp://guest:guest@127.0.0.1:{silent.getsockname()[1]}/"
+        process = subprocess.Popen(
+            [str(WORKER_BIN), "run"],
+            env=worker_env(broker, isolated.database_url),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            await asyncio.sleep(3)
+            assert process.poll() is None, (tmp_path / "worker.log").read_text()
+            process.send_signal(signal.SIGTERM)
+            code = process.wait(timeout=5)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    # Exited through its handler; a process with none dies of the signal (-15) where it is not
+    # PID 1, and ignores it where it is.
+    assert code == 128 + signal.SIGTERM
