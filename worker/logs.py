@@ -32,15 +32,28 @@ SECRET_KEYS = frozenset(
         "password",
         "current_password",
         "new_password",
-        "token",
-        "secret",
-        "signing_keys",
         "password_hash",
+        "passwd",
+        "token",
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "secret",
+        "client_secret",
+        "api_key",
+        "apikey",
+        "private_key",
+        "signing_key",
+        "signing_keys",
+        "authorization",
     }
 )
 # Broad on purpose: anything that starts like a token is masked to its end, valid or not.
 _TOKEN = re.compile(r"v1\.[A-Za-z0-9_-]{1,64}\.ses_[A-Za-z0-9_.=-]*")
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):[^@\s/]*@")
+# Up to the last @ of the authority: a password may hold an unescaped @ itself.
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):[^\s/]*@")
+# libpq and asyncpg also take the password as a query parameter.
+_QUERY_PASSWORD = re.compile(r"(?P<head>[?&](?:password|passwd|sslpassword)=)[^&#\s]*", re.I)
 # The attributes every LogRecord has; anything else on a record came from `extra=`.
 _RECORD_FIELDS = frozenset(
     vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys() | {"message", "asctime", "taskName"}
@@ -50,7 +63,8 @@ _RECORD_FIELDS = frozenset(
 def redact_text(text: str) -> str:
     """`text` with session tokens and URL passwords masked."""
     text = _TOKEN.sub(REDACTED_TOKEN, text)
-    return _URL_PASSWORD.sub(r"\g<head>:***@", text)
+    text = _URL_PASSWORD.sub(r"\g<head>:***@", text)
+    return _QUERY_PASSWORD.sub(r"\g<head>***", text)
 
 
 def redact(obj: Any) -> Any:

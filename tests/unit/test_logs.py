@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from worker.logs import REDACTED, configure_logging, redact
+from worker.logs import REDACTED, configure_logging, redact, redact_text
 
 TOKEN = "v1.k20261122-ab12.ses_0123456789abcdefghijklmnopqrstuv.c2lnbmF0dXJlLW9mLXRoZS10b2tlbg"
 
@@ -123,6 +123,31 @@ def test_url_passwords_are_masked(stream: io.StringIO) -> None:
 
     [line] = _lines(stream)
     assert line["msg"] == "cannot reach postgresql://app:***@db:5432/identity"
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ("postgresql://app:p@ss@db/identity", "postgresql://app:***@db/identity"),
+        (
+            "postgresql://app@db/identity?password=s3cr3t&sslmode=require",
+            "postgresql://app@db/identity?password=***&sslmode=require",
+        ),
+        (
+            "amqp://guest:guest@rabbit:5672/ and mailto:ada@example.com",
+            "amqp://guest:***@rabbit:5672/ and mailto:ada@example.com",
+        ),
+        ("https://host:8443/path@v2", "https://host:8443/path@v2"),
+    ],
+    ids=["at-sign-in-password", "query-parameter", "two-urls", "no-password"],
+)
+def test_url_passwords_are_masked_in_every_spelling(text: str, masked: str) -> None:
+    assert redact_text(text) == masked
+
+
+def test_secret_fields_go_by_the_common_names_too() -> None:
+    names = ["access_token", "refresh_token", "api_key", "Authorization", "client_secret"]
+    assert redact({name: "s3cr3t" for name in names}) == dict.fromkeys(names, REDACTED)
 
 
 def test_objects_json_cannot_encode_are_logged_by_their_masked_text(stream: io.StringIO) -> None:
