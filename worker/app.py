@@ -72,10 +72,11 @@ class Worker:
         self._tasks = [
             asyncio.create_task(self.parts.relay.run(), name="outbox-relay"),
             asyncio.create_task(self._housekeeping(), name="housekeeping"),
-            asyncio.create_task(self._probe(), name="readiness-probe"),
         ]
         await self._consume(self.parts.password_channel, PASSWORD_QUEUE)
         await self._consume(self.parts.fast_channel, FAST_QUEUE)
+        # Only now can a probe's success mean ready: both consumers exist.
+        self._tasks.append(asyncio.create_task(self._probe(), name="readiness-probe"))
         # What exists now (modules, models, pools, connections) lives as long as the worker:
         # move it out of the collector's sight so full collections stop walking it.
         gc.freeze()
