@@ -21,7 +21,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustC
 
 from services.passwords import huge_pages_settings
 from worker.bootstrap import Components
-from worker.health import HealthState, run_heartbeat, run_readiness_probe
+from worker.health import HealthState, export_readiness, run_heartbeat, run_readiness_probe
 from worker.settings import Settings, redacted_url
 from worker.sidecar import Sidecar
 from worker.topology import FAST_QUEUE, PASSWORD_QUEUE
@@ -32,7 +32,8 @@ HOUSEKEEPING_S = 5.0
 PURGE_EVERY_S = 600.0
 # The bounds of a stop's steps besides the grace period: consumers cancelled, then commands
 # that outlived the grace, the outbox flushed once, three channels, the connection and the
-# pool closed. A stop takes at most IDENTITY_SHUTDOWN_GRACE_S + STOP_STEPS_S.
+# pool closed. A stop takes at most IDENTITY_SHUTDOWN_GRACE_S + STOP_STEPS_S, and the hash a
+# thread may still be running (a fraction of a second).
 CANCEL_CONSUMERS_S = 5.0
 FLUSH_OUTBOX_S = 5.0
 CLOSE_EACH_S = 2.0
@@ -46,6 +47,7 @@ class Worker:
         self.sidecar = Sidecar(
             parts.settings.http_host, parts.settings.http_port, parts.metrics.registry, self.health
         )
+        export_readiness(self.health, parts.metrics)
         self.http_port = 0
         self._consumers: list[tuple[AbstractQueue, str]] = []
         self._in_flight: set[asyncio.Task[None]] = set()

@@ -4,7 +4,9 @@ the clock and the service, and wires them together. Nothing connects at import t
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import logging
 import secrets
 from dataclasses import dataclass
@@ -27,6 +29,9 @@ from worker.policy import RetryPolicy
 from worker.processor import CommandProcessor
 from worker.settings import Settings
 from worker.topology import Topology, declare_topology
+
+# How long a failed start waits for each thing it opened to close.
+CLOSE_TIMEOUT_S = 2.0
 
 log = logging.getLogger("identity.worker")
 
@@ -123,13 +128,38 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> Components
         max_size=settings.db_pool_max,
         observe=observer(metrics.db_query_seconds),
     )
-    keys = await signing_keys(settings, store)
-    service, passwords = build_service(settings, store, keys, clock, metrics)
-    metrics.hash_pool_pending.set_function(lambda: passwords.pending)
-    await passwords.start()
-    connection = await aio_pika.connect_robust(
-        settings.amqp_url.get_secret_value(), connection_class=StoppableRobustConnection
-    )
+    passwords: HashingPool | None = None
+    connection: AbstractRobustConnection | None = None
+    try:
+        keys = await signing_keys(settings, store)
+        service, passwords = build_service(settings, store, keys, clock, metrics)
+        metrics.hash_pool_pending.set_function(lambda: passwords.pending if passwords else 0)
+        await passwords.start()
+        connection = await aio_pika.connect_robust(
+            settings.amqp_url.get_secret_value(), connection_class=StoppableRobustConnection
+        )
+        return await _assemble(settings, clock, metrics, store, service, passwords, connection)
+    except BaseException:
+        # A failed or cancelled start (SIGTERM) closes what it opened: a robust connection
+        # left open keeps reconnecting, and its task would keep the process from exiting.
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), CLOSE_TIMEOUT_S)
+        if passwords is not None:
+            passwords.close()
+        await store.close(force_after_s=CLOSE_TIMEOUT_S)
+        raise
+
+
+async def _assemble(
+    settings: Settings,
+    clock: Clock,
+    metrics: Metrics,
+    store: PostgresIdentityStore,
+    service: IdentityService,
+    passwords: HashingPool,
+    connection: AbstractRobustConnection,
+) -> Components:
     fast_channel = await connection.channel()
     await fast_channel.set_qos(prefetch_count=settings.fast_prefetch)
     password_channel = await connection.channel()

@@ -24,22 +24,29 @@ async def run_worker(settings: Settings, *, migrate_first: bool = True) -> int:
     starting = asyncio.current_task()
     assert starting is not None
     stopped_by: list[int] = []
+    worker: Worker | None = None
 
-    def stop_starting(signum: int) -> None:
+    def on_signal(signum: int) -> None:
         stopped_by.append(signum)
-        starting.cancel()
+        if worker is None:
+            starting.cancel()
+        else:  # start-up ended in the loop turn that read the signal: drain instead
+            worker.request_stop()
 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop_starting, signum)
+        loop.add_signal_handler(signum, on_signal, signum)
     try:
         if migrate_first:
             await migrate(settings.database_url.get_secret_value())
-        parts = await build(settings)
+        parts = await build(settings)  # closes what it opened if cancelled
     except asyncio.CancelledError:
         if not stopped_by:
             raise
         log.info("stopped while starting", extra={"signal": stopped_by[0]})
         return 128 + stopped_by[0]
-    await Worker(parts).run()  # replaces the handlers with its own: drain, then exit
+    worker = Worker(parts)
+    if stopped_by:  # the cancel was swallowed somewhere in start-up: the signal still counts
+        worker.request_stop()
+    await worker.run()  # replaces the handlers with its own: drain, then exit
     return 0
