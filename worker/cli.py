@@ -16,7 +16,6 @@ import asyncio
 import sys
 from collections.abc import Callable, Sequence
 
-from worker.cli_common import positive_seconds
 from worker.settings import Settings, SettingsError, load_settings
 
 
@@ -82,6 +81,17 @@ def _dead(args: argparse.Namespace) -> int:
     from worker.cli_dead import run_dead
 
     return run_dead(args)
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a number of seconds above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above zero: {text!r}")
+    return value
 
 
 def _add_tool_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -3,7 +3,6 @@ and one way to say that the broker could not be reached."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -23,17 +22,6 @@ EXIT_NO_REPLY = 3
 
 
 # What failing to reach or talk to the broker looks like from aio-pika.
-def positive_seconds(text: str) -> float:
-    """An argparse type: a number of seconds above zero."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above zero: {text!r}")
-    return value
-
-
 BROKER_ERRORS = (
     aio_pika.exceptions.AMQPError,
     aiormq.exceptions.AMQPError,

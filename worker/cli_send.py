@@ -29,6 +29,7 @@ from pydantic.fields import FieldInfo
 from client import IdentityClient, IdentityClientError, ReplyTimeout, Unroutable
 from messages import COMMANDS, CommandSpec
 from messages.commands import IdempotencyKey
+from worker.cli import positive_seconds
 from worker.cli_common import (
     BROKER_ERRORS,
     EXIT_FAILED,
@@ -36,7 +37,6 @@ from worker.cli_common import (
     EXIT_OK,
     EXIT_USAGE,
     broker_unreachable,
-    positive_seconds,
     resolve_amqp_url,
 )
 
@@ -140,6 +140,7 @@ async def _send(
     url: str, command: str, payload: dict[str, Any], key: str | None, reply_timeout_s: float
 ) -> int:
     connected = False
+    reply = None
     try:
         async with IdentityClient.connect(url, timeout=reply_timeout_s) as client:
             connected = True
@@ -155,7 +156,7 @@ async def _send(
         print_json(error_reply(command, key, exc))
         return EXIT_FAILED
     except BROKER_ERRORS as exc:
-        if connected and key:
+        if reply is None and connected and key:
             # The connection dropped after it was up: the command may have gone out.
             print(
                 f"identity-worker send: the broker connection was lost"
@@ -164,7 +165,9 @@ async def _send(
                 file=sys.stderr,
             )
             return EXIT_NO_REPLY
-        return broker_unreachable(url, exc)
+        if reply is None:
+            return broker_unreachable(url, exc)
+        # The reply came; only closing the connection failed.
     print_json(reply.to_wire())
     return EXIT_OK
 

@@ -101,6 +101,12 @@ class HealthState:
         return not reasons, reasons
 
 
+def export_readiness(health: HealthState, metrics: Metrics) -> None:
+    """Make `identity_ready` read `health` when scraped, as /readyz does: a value set by the
+    probe would stay 1 while the loop that runs the probe is stuck."""
+    metrics.ready.set_function(lambda: float(health.snapshot()[0]))
+
+
 async def run_heartbeat(health: HealthState, every_s: float = HEARTBEAT_S) -> None:
     """Mark the heartbeat every `every_s` until cancelled."""
     while True:

@@ -51,7 +51,7 @@ SECRET_KEYS = frozenset(
 # Broad on purpose: anything that starts like a token is masked to its end, valid or not.
 _TOKEN = re.compile(r"v1\.[A-Za-z0-9_-]{1,64}\.ses_[A-Za-z0-9_.=-]*")
 # Up to the last @ of the authority: a password may hold an unescaped @ itself.
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):[^\s/]*@")
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):[^\s/?#]*@")
 # libpq and asyncpg also take the password as a query parameter.
 _QUERY_PASSWORD = re.compile(r"(?P<head>[?&](?:password|passwd|sslpassword)=)[^&#\s]*", re.I)
 # The attributes every LogRecord has; anything else on a record came from `extra=`.

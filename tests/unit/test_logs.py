@@ -138,8 +138,20 @@ def test_url_passwords_are_masked(stream: io.StringIO) -> None:
             "amqp://guest:***@rabbit:5672/ and mailto:ada@example.com",
         ),
         ("https://host:8443/path@v2", "https://host:8443/path@v2"),
+        ("http://example.com:8080?ref=a@b.c", "http://example.com:8080?ref=a@b.c"),
+        (
+            "amqp://guest:guest@rabbit:5672?name=worker@host1",
+            "amqp://guest:***@rabbit:5672?name=worker@host1",
+        ),
     ],
-    ids=["at-sign-in-password", "query-parameter", "two-urls", "no-password"],
+    ids=[
+        "at-sign-in-password",
+        "query-parameter",
+        "two-urls",
+        "no-password",
+        "at-in-query",
+        "password-and-at-in-query",
+    ],
 )
 def test_url_passwords_are_masked_in_every_spelling(text: str, masked: str) -> None:
     assert redact_text(text) == masked

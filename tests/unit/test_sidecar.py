@@ -15,6 +15,7 @@ from worker.health import (
     LIVE_SILENCE_S,
     READY_SILENCE_S,
     HealthState,
+    export_readiness,
     probe_once,
     run_heartbeat,
     run_readiness_probe,
@@ -268,3 +269,14 @@ async def test_the_heartbeat_task_beats_until_cancelled() -> None:
     await asyncio.gather(beating, return_exceptions=True)
     clock.now += LIVE_SILENCE_S
     assert health.liveness() == (False, LIVE_SILENCE_S)
+
+
+def test_the_ready_gauge_reads_the_state_when_scraped(metrics: Metrics) -> None:
+    clock = _Clock()
+    health = HealthState(clock=clock)
+    export_readiness(health, metrics)
+    _healthy(health)
+    health.beat()
+    assert metrics.registry.get_sample_value("identity_ready") == 1
+    clock.now += READY_SILENCE_S  # nothing ran on the loop to set it: the scrape still sees it
+    assert metrics.registry.get_sample_value("identity_ready") == 0
