@@ -4,7 +4,10 @@ queries is one the worker really exposes, and every alert has what an on-call ne
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,9 @@ import yaml
 from prometheus_client import generate_latest
 
 from services.passwords import HUGE_PAGES_TUNABLE
+from worker.health import LIVE_SILENCE_S, HealthState
 from worker.metrics import Metrics, create_metrics
+from worker.sidecar import Sidecar
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -165,3 +170,25 @@ def test_the_container_and_make_run_start_the_worker_with_huge_pages_for_argon2(
     # The caller's own tunables come after the default, so an explicit value wins.
     prefixed = f"GLIBC_TUNABLES={HUGE_PAGES_TUNABLE}$${{GLIBC_TUNABLES:+:$$GLIBC_TUNABLES}}"
     assert f"{prefixed} $(BIN)/identity-worker run" in run_target
+
+
+def test_the_image_healthcheck_asks_the_sidecar_on_the_configured_port() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    command = dockerfile.partition("HEALTHCHECK")[2].partition('CMD python -c "')[2]
+    snippet = command.partition('"\n')[0]
+    clock = [1000.0]
+    health = HealthState(clock=lambda: clock[0])
+    sidecar = Sidecar("127.0.0.1", 0, create_metrics().registry, health)
+    port = sidecar.start()
+    try:
+
+        def check() -> int:
+            env = {**os.environ, "IDENTITY_HTTP_PORT": str(port)}
+            return subprocess.run([sys.executable, "-c", snippet], env=env, check=False).returncode
+
+        assert check() == 0
+        health.beat()
+        clock[0] += LIVE_SILENCE_S  # the event loop stopped turning
+        assert check() != 0
+    finally:
+        sidecar.stop()
