@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import orjson
-from pydantic import Field, model_validator
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from messages.models import (
     AccountId,
@@ -35,6 +35,16 @@ class Metadata(Model):
 
 # The key is stored and looked up as text, which cannot hold U+0000.
 IdempotencyKey = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00]*$")]
+IDEMPOTENCY_KEY_RULE = "1 to 200 characters, without U+0000"
+_KEY = TypeAdapter(IdempotencyKey, config=ConfigDict(strict=True))
+
+
+def usable_idempotency_key(value: object) -> str | None:
+    """`value` if the envelope would accept it as its idempotency key, else None."""
+    try:
+        return _KEY.validate_python(value)
+    except ValidationError:
+        return None
 
 
 class CommandEnvelope(Model):

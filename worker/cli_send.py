@@ -23,12 +23,12 @@ from collections.abc import Callable
 from typing import Annotated, Any, Union, get_args, get_origin
 
 import orjson
-from pydantic import SecretStr, TypeAdapter, ValidationError
+from pydantic import SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 
 from client import IdentityClient, IdentityClientError, ReplyTimeout, Unroutable
 from messages import COMMANDS, CommandSpec
-from messages.commands import IdempotencyKey
+from messages.commands import IDEMPOTENCY_KEY_RULE, usable_idempotency_key
 from worker.cli import positive_seconds
 from worker.cli_common import (
     BROKER_ERRORS,
@@ -41,7 +41,6 @@ from worker.cli_common import (
 )
 
 FROM_STDIN = "-"
-_KEY: TypeAdapter[str] = TypeAdapter(IdempotencyKey)
 
 
 def run_send(args: argparse.Namespace) -> int:
@@ -63,9 +62,10 @@ def run_send(args: argparse.Namespace) -> int:
             where = ".".join(str(part) for part in error["loc"]) or spec.name
             print(f"identity-worker send: {where}: {error['msg']}", file=sys.stderr)
         return EXIT_USAGE
-    if options.idempotency_key is not None and _bad_key(options.idempotency_key):
+    key = options.idempotency_key
+    if key is not None and usable_idempotency_key(key) is None:
         print(
-            "identity-worker send: --idempotency-key must be 1 to 200 characters, without U+0000",
+            f"identity-worker send: --idempotency-key must be {IDEMPOTENCY_KEY_RULE}",
             file=sys.stderr,
         )
         return EXIT_USAGE
@@ -170,14 +170,6 @@ async def _send(
         # The reply came; only closing the connection failed.
     print_json(reply.to_wire())
     return EXIT_OK
-
-
-def _bad_key(key: str) -> bool:
-    try:
-        _KEY.validate_python(key)
-    except ValidationError:
-        return True
-    return False
 
 
 def error_reply(command: str, key: str | None, exc: IdentityClientError) -> dict[str, Any]:

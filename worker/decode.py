@@ -10,16 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from messages import COMMANDS, CommandEnvelope, ErrorBody, ErrorCode, FieldError
-from messages.commands import IdempotencyKey
+from messages.commands import IDEMPOTENCY_KEY_RULE, usable_idempotency_key
 from messages.models import Model
 from services.operations import CommandContext
-
-# The envelope's own rule for a key, applied to the key alone: a valid key is echoed in the
-# reply even when the rest of the envelope is not valid.
-_KEY = TypeAdapter(IdempotencyKey, config=ConfigDict(strict=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,11 +50,10 @@ def decode_command(name: str, body: bytes, correlation_id: str | None) -> Comman
     if spec is None:
         raise Rejected(_error(ErrorCode.UNKNOWN_COMMAND, "Unknown command."))
     data = _parse_object(body)
-    key = _usable_key(data)
     try:
         envelope = CommandEnvelope.model_validate(data)
     except ValidationError as exc:
-        raise _envelope_rejection(exc, data, key) from None
+        raise _envelope_rejection(exc, data) from None
     if spec.changes_state and envelope.idempotency_key is None:
         raise Rejected(
             _error(ErrorCode.MALFORMED_MESSAGE, "idempotency_key is required for this command."),
@@ -67,7 +62,9 @@ def decode_command(name: str, body: bytes, correlation_id: str | None) -> Comman
     try:
         payload = spec.payload.model_validate(envelope.payload)
     except ValidationError as exc:
-        raise Rejected(_validation_error(exc, "payload"), idempotency_key=key) from None
+        raise Rejected(
+            _validation_error(exc, "payload"), idempotency_key=envelope.idempotency_key
+        ) from None
     context = CommandContext(envelope.idempotency_key, correlation_id, envelope.metadata)
     return Command(name, payload, context)
 
@@ -88,17 +85,12 @@ def _parse_object(body: bytes) -> dict[str, Any]:
     return data
 
 
-def _usable_key(data: dict[str, Any]) -> str | None:
-    try:
-        return _KEY.validate_python(data.get("idempotency_key"))
-    except ValidationError:
-        return None
-
-
-def _envelope_rejection(exc: ValidationError, data: dict[str, Any], key: str | None) -> Rejected:
+def _envelope_rejection(exc: ValidationError, data: dict[str, Any]) -> Rejected:
     if any(error["loc"][:1] == ("idempotency_key",) for error in exc.errors()):
-        message = "idempotency_key must be a string of 1 to 200 characters, without U+0000."
+        message = f"idempotency_key must be a string of {IDEMPOTENCY_KEY_RULE}."
         return Rejected(_error(ErrorCode.MALFORMED_MESSAGE, message), parsed=data)
+    # A usable key is echoed in the reply even when the rest of the envelope is not valid.
+    key = usable_idempotency_key(data.get("idempotency_key"))
     return Rejected(_validation_error(exc, ""), idempotency_key=key)
 
 
