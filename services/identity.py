@@ -8,10 +8,10 @@ happens before any transaction opens, in the bounded hashing pool.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import SecretStr
 
@@ -112,6 +112,34 @@ def to_session(record: SessionRecord) -> Session:
         created_at=record.created_at,
         expires_at=record.expires_at,
     )
+
+
+_Checked = TypeVar("_Checked")
+_Result = TypeVar("_Result")
+
+
+async def _against_the_stored_hash(
+    checked: _Checked,
+    act: Callable[[_Checked], Awaitable[_Result | None]],
+    check_again: Callable[[], Awaitable[_Checked]],
+) -> _Result:
+    """`act` on what a password check returned; `act` gives None, having written nothing, when
+    the stored hash is no longer the one the password was checked against (checks run outside
+    any transaction, and argon2 takes a while).
+
+    The hash then changed meanwhile: the password was changed (and every session ended with
+    it), or a sign-in or an email change stored a new hash of the same password. The password
+    is checked again, against the stored hash, and `act` tried once more; a hash that changed
+    again by then fails the command as transient, to be retried. Nothing is given back to the
+    throttle: each of those changes also cleared the email's failure count, the attempt
+    reserved by the first check with it, so a refund could only forgive someone else's.
+    """
+    result = await act(checked)
+    if result is None:
+        result = await act(await check_again())
+    if result is None:
+        raise TransientStoreError("the password hash changed twice during the command")
+    return result
 
 
 class IdentityService:
@@ -255,7 +283,7 @@ class IdentityService:
         new = cmd.new_password.get_secret_value()
         now = self._clock.now()
         email = record.email_canonical
-        # Late-bound: a second check below reserves on the account's email as it is then.
+        # Late-bound: check_again reserves on the account's email as it is then.
         op.compensations.append(lambda: self._auth.refund(email))
         await self._auth.check(email, current, now, account=record, purpose="change_password")
         if normalize_password(new) == normalize_password(current):
@@ -266,20 +294,17 @@ class IdentityService:
             context=_context_words(record.email_canonical, record.display_name),
         )
         new_hash = await self._passwords.hash(new)
-        result = await self._replace_password(op, record, new_hash, now)
-        if result is None:
-            # The stored hash changed while we were hashing: the password was changed, or a
-            # sign-in or an email change stored a new hash of the same one. Check the current
-            # password again, against what is stored now. (Each of those changes also cleared the
-            # email's failure count, normally with the attempt reserved above in it: nothing is
-            # given back, so no one else's failure is ever forgiven.)
-            record = await self._existing_account(cmd.account_id)
-            email = record.email_canonical
-            await self._auth.check(email, current, now, account=record, purpose="change_password")
-            result = await self._replace_password(op, record, new_hash, now)
-        if result is None:
-            raise TransientStoreError("the password hash changed twice during the command")
-        return result
+
+        async def check_again() -> AccountRecord:
+            nonlocal email
+            fresh = await self._existing_account(cmd.account_id)
+            email = fresh.email_canonical
+            await self._auth.check(email, current, now, account=fresh, purpose="change_password")
+            return fresh
+
+        return await _against_the_stored_hash(
+            record, lambda checked: self._replace_password(op, checked, new_hash, now), check_again
+        )
 
     async def _replace_password(
         self, op: Operation, checked: AccountRecord, new_hash: str, now: datetime
@@ -318,19 +343,11 @@ class IdentityService:
         self._policy.check_verifiable(password, field="payload.password")
         now = self._clock.now()
         op.compensations.append(lambda: self._auth.refund(canonical))
-        checked = await self._auth.check(canonical, password, now)
-        result = await self._open_session(op, canonical, checked, now)
-        if result is None:
-            # The stored hash changed while the password was being checked: it was changed
-            # (and every session ended with it), or another sign-in or an email change stored
-            # a new hash of the same password. Check again, against what is stored now. (Each
-            # of those changes also cleared the email's failure count, with the attempt
-            # reserved above in it: nothing is given back.)
-            checked = await self._auth.check(canonical, password, now)
-            result = await self._open_session(op, canonical, checked, now)
-        if result is None:
-            raise TransientStoreError("the password hash changed twice during the command")
-        return result
+        return await _against_the_stored_hash(
+            await self._auth.check(canonical, password, now),
+            lambda checked: self._open_session(op, canonical, checked, now),
+            lambda: self._auth.check(canonical, password, now),
+        )
 
     async def _open_session(
         self, op: Operation, canonical: str, checked: Authenticated, now: datetime
