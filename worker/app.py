@@ -220,7 +220,6 @@ class Worker:
             log.warning("broker connection lost: not ready until it is restored")
         self.health.broker_lost()
         self.parts.metrics.broker_connected.set(0)
-        self.parts.metrics.ready.set(0)
 
     async def _probe(self) -> None:
         connection = self.parts.connection

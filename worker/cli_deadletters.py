@@ -15,7 +15,6 @@ hold a password.
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from pydantic import ValidationError
 
 from messages import COMMANDS, CommandEnvelope
-from worker.logs import REDACTED, REDACTED_TOKEN
+from worker.logs import shows_a_mask
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,10 +99,6 @@ class DeadLetter:
         return None
 
 
-# What `redact_text` leaves of a password in a URL: scheme://user:***@
-_MASKED_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:\*\*\*@")
-
-
 def _text(value: object) -> str:
     if isinstance(value, bytes):
         return value.decode(errors="replace")
@@ -114,7 +109,7 @@ def _redacted(value: object) -> bool:
     """Whether `redact()` masked anything in `value`: a masked secret, token or URL password.
     Dead letters say so themselves (`redacted`); this reads the ones written before they did."""
     if isinstance(value, str):
-        return value == REDACTED or REDACTED_TOKEN in value or _MASKED_URL.search(value) is not None
+        return shows_a_mask(value)
     if isinstance(value, dict):
         return any(_redacted(item) for item in value.values())
     if isinstance(value, list):

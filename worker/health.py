@@ -146,8 +146,7 @@ async def probe_once(
     health.set_database(database is None, database)
     metrics.broker_connected.set(broker is None)
     metrics.database_up.set(database is None)
-    ready, reasons = health.snapshot()
-    metrics.ready.set(ready)
+    ready, reasons = health.snapshot()  # identity_ready reads it too (export_readiness)
     if ready != was_ready:
         log.log(
             logging.INFO if ready else logging.WARNING,

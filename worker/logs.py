@@ -60,6 +60,19 @@ _RECORD_FIELDS = frozenset(
 )
 
 
+# What the masks above leave in a text, to recognise a text that was redacted.
+_MASKS = re.compile(
+    re.escape(REDACTED_TOKEN) + r"|[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:\*\*\*@|[?&]"
+    r"(?:password|passwd|sslpassword)=\*\*\*(?:[&#\s]|$)",
+    re.I,
+)
+
+
+def shows_a_mask(text: str) -> bool:
+    """Whether `text` is, or holds, something `redact` put in place of a secret."""
+    return text == REDACTED or _MASKS.search(text) is not None
+
+
 def redact_text(text: str) -> str:
     """`text` with session tokens and URL passwords masked."""
     text = _TOKEN.sub(REDACTED_TOKEN, text)

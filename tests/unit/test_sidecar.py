@@ -25,13 +25,15 @@ from worker.sidecar import Sidecar
 
 
 @pytest.fixture
-def metrics() -> Metrics:
-    return create_metrics()
+def health() -> HealthState:
+    return HealthState()
 
 
 @pytest.fixture
-def health() -> HealthState:
-    return HealthState()
+def metrics(health: HealthState) -> Metrics:
+    metrics = create_metrics()
+    export_readiness(health, metrics)  # as the worker does
+    return metrics
 
 
 @pytest.fixture
