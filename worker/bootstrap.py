@@ -132,13 +132,14 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> Components
     connection: AbstractRobustConnection | None = None
     try:
         keys = await signing_keys(settings, store)
-        service, passwords = build_service(settings, store, keys, clock, metrics)
-        metrics.hash_pool_pending.set_function(lambda: passwords.pending if passwords else 0)
-        await passwords.start()
+        service, pool = build_service(settings, store, keys, clock, metrics)
+        passwords = pool
+        metrics.hash_pool_pending.set_function(lambda: pool.pending)
+        await pool.start()
         connection = await aio_pika.connect_robust(
             settings.amqp_url.get_secret_value(), connection_class=StoppableRobustConnection
         )
-        return await _assemble(settings, clock, metrics, store, service, passwords, connection)
+        return await _assemble(settings, clock, metrics, store, service, pool, connection)
     except BaseException:
         # A failed or cancelled start (SIGTERM) closes what it opened: a robust connection
         # left open keeps reconnecting, and its task would keep the process from exiting.
