@@ -8,6 +8,7 @@ COPY services ./services
 COPY stores ./stores
 COPY worker ./worker
 COPY client ./client
+COPY tools ./tools
 RUN pip install --no-cache-dir --prefix=/install .
 
 FROM python:3.11-slim-bookworm

@@ -11,9 +11,9 @@ import orjson
 import pytest
 from pamqp.commands import Basic
 
+from tools.deadletters import DeadLetter
 from worker import broker
 from worker.broker import BROKER_FAULTS, DeadLetters, publish_confirmed
-from worker.cli_deadletters import DeadLetter
 from worker.logs import REDACTED
 from worker.metrics import create_metrics
 

@@ -29,7 +29,7 @@ from aio_pika.exceptions import ChannelNotFoundEntity
 
 from client import IdentityClient, IdentityClientError, ReplyTimeout, Unroutable
 from messages.topology import DEAD_QUEUE
-from worker.cli_common import (
+from tools.common import (
     BROKER_ERRORS,
     EXIT_FAILED,
     EXIT_OK,
@@ -38,7 +38,7 @@ from worker.cli_common import (
     resolve_amqp_url,
     stopwatch,
 )
-from worker.cli_deadletters import DeadLetter, put_back, take
+from tools.deadletters import DeadLetter, put_back, take
 
 Action = Callable[[AbstractConnection, AbstractQueue, argparse.Namespace], Awaitable[int]]
 

@@ -16,6 +16,7 @@ import asyncio
 import sys
 from collections.abc import Callable, Sequence
 
+from tools.arguments import positive_seconds
 from worker.settings import Settings, SettingsError, load_settings
 
 
@@ -66,32 +67,21 @@ def _asyncapi(args: argparse.Namespace) -> int:
 
 
 def _send(args: argparse.Namespace) -> int:
-    from worker.cli_send import run_send
+    from tools.send import run_send
 
     return run_send(args)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from worker.cli_demo import run_demo
+    from tools.demo import run_demo
 
     return run_demo(args)
 
 
 def _dead(args: argparse.Namespace) -> int:
-    from worker.cli_dead import run_dead
+    from tools.dead import run_dead
 
     return run_dead(args)
-
-
-def positive_seconds(text: str) -> float:
-    """An argparse type: a number of seconds above zero."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above zero: {text!r}")
-    return value
 
 
 def _add_tool_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -105,7 +95,7 @@ def _add_tool_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         " 3 no reply (send again with the same --idempotency-key: it is safe).",
     )
     send.add_argument("command", metavar="COMMAND", help="e.g. account.create, session.verify")
-    # The flags depend on COMMAND's payload model, so they are parsed by worker.cli_send.
+    # The flags depend on COMMAND's payload model, so they are parsed by tools.send.
     send.add_argument("fields", nargs=argparse.REMAINDER, help="--field value ... (see above)")
     send.set_defaults(func=_send)
     demo = sub.add_parser("demo", help="run a sign-up/sign-in story against a running worker")

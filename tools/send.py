@@ -29,8 +29,8 @@ from pydantic.fields import FieldInfo
 from client import IdentityClient, IdentityClientError, ReplyTimeout, Unroutable
 from messages import COMMANDS, CommandSpec
 from messages.commands import IDEMPOTENCY_KEY_RULE, usable_idempotency_key
-from worker.cli import positive_seconds
-from worker.cli_common import (
+from tools.arguments import positive_seconds
+from tools.common import (
     BROKER_ERRORS,
     EXIT_FAILED,
     EXIT_NO_REPLY,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import aio_pika
 
 from client import IdentityClient, IdentityClientError
-from worker.cli_common import (
+from tools.common import (
     BROKER_ERRORS,
     EXIT_FAILED,
     EXIT_OK,
@@ -32,7 +32,7 @@ from worker.cli_common import (
     resolve_amqp_url,
     stopwatch,
 )
-from worker.cli_events import EventTap
+from tools.events import EventTap
 
 # (type, reason) -> how many the story must produce; the reason applies to session.ended only.
 EXPECTED_EVENTS: Counter[tuple[str, str | None]] = Counter(

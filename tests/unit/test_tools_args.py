@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from aiormq.exceptions import ChannelInvalidStateError
 
-from worker import cli, cli_send
-from worker.cli_common import EXIT_NO_REPLY, EXIT_USAGE
+from tools import cli, send
+from tools.common import EXIT_NO_REPLY, EXIT_USAGE
 
 CREATE = ["--email", "ada@example.com", "--password", "a long enough passphrase"]
 CREATE += ["--display-name", "Ada"]
@@ -67,7 +67,7 @@ class _DroppedClient:
 def test_a_connection_lost_under_a_command_names_its_key(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(cli_send, "IdentityClient", _DroppedClient)
+    monkeypatch.setattr(send, "IdentityClient", _DroppedClient)
     argv = ["send", "account.create", *CREATE, "--idempotency-key", "signup-42"]
     argv += ["--amqp-url", "amqp://guest:guest@127.0.0.1/"]
 
