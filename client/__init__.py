@@ -7,6 +7,7 @@ it without the worker's own code.
 from client.client import IdentityClient
 from client.errors import (
     EmailTaken,
+    ErrorReply,
     IdempotencyKeyReused,
     IdentityClientError,
     InternalError,
@@ -17,6 +18,7 @@ from client.errors import (
     RateLimited,
     ReplyTimeout,
     SessionExpired,
+    TransportError,
     UnknownCommand,
     Unroutable,
     ValidationFailed,
@@ -27,6 +29,7 @@ from client.subscriber import subscribe
 
 __all__ = [
     "EmailTaken",
+    "ErrorReply",
     "IdempotencyKeyReused",
     "IdentityClient",
     "IdentityClientError",
@@ -38,6 +41,7 @@ __all__ = [
     "RateLimited",
     "ReplyTimeout",
     "SessionExpired",
+    "TransportError",
     "UnknownCommand",
     "Unroutable",
     "ValidationFailed",

@@ -133,10 +133,11 @@ class IdentityClient:
         idempotency_key: str | None = None,
         metadata: MetadataArg = None,
     ) -> Reply:
-        """Send any command; return its `ok: true` reply or raise its typed error.
+        """Send any command; return its `ok: true` reply or raise its typed `ErrorReply`.
 
         Raises pydantic's `ValidationError` before sending when the payload or the
-        idempotency key breaks the contract, `ReplyTimeout` when no attempt got a reply.
+        idempotency key breaks the contract; a `TransportError` when the broker returned the
+        command (`Unroutable`) or no attempt got a reply (`ReplyTimeout`).
         """
         body, key = build_request(command, payload, idempotency_key, metadata)
         return read_reply(await self._request(command, body, key))

@@ -1,23 +1,28 @@
-"""Errors raised by the client: one class per contract error code, plus a local timeout.
+"""Errors raised by the client, in two families: the worker said no, or the broker failed.
 
-    IdentityClientError             .code .message .fields .retry_after_s
-    ├── MalformedMessage            malformed_message
-    ├── UnknownCommand              unknown_command
-    ├── ValidationFailed            validation_failed (see .fields)
-    ├── IdempotencyKeyReused        idempotency_key_reused
-    ├── EmailTaken                  email_taken
-    ├── InvalidCredentials          invalid_credentials
-    ├── RateLimited                 rate_limited (see .retry_after_s)
-    ├── InvalidToken                invalid_token
-    ├── SessionExpired              session_expired
-    ├── NotFound                    not_found
-    ├── VersionConflict             version_conflict
-    ├── InternalError               internal_error
-    ├── ReplyTimeout                no reply within the timeout, after every retry
-    └── Unroutable                  the broker has no queue for the command (worker not up)
+    IdentityClientError             .message
+    ├── ErrorReply                  an `ok: false` reply: .code .fields .retry_after_s
+    │   ├── MalformedMessage        malformed_message
+    │   ├── UnknownCommand          unknown_command
+    │   ├── ValidationFailed        validation_failed (see .fields)
+    │   ├── IdempotencyKeyReused    idempotency_key_reused
+    │   ├── EmailTaken              email_taken
+    │   ├── InvalidCredentials      invalid_credentials
+    │   ├── RateLimited             rate_limited (see .retry_after_s)
+    │   ├── InvalidToken            invalid_token
+    │   ├── SessionExpired          session_expired
+    │   ├── NotFound                not_found
+    │   ├── VersionConflict         version_conflict
+    │   └── InternalError           internal_error
+    └── TransportError              no reply to read: .command
+        ├── ReplyTimeout            no reply within the timeout, after every retry
+        └── Unroutable              the broker has no queue for the command (worker not up)
 
-A payload that the message models reject never reaches the broker: it raises pydantic's
-`ValidationError` locally, not `ValidationFailed`.
+`except ErrorReply` catches the worker's answers, `except TransportError` what the broker did
+(or did not) carry, as httpx tells `HTTPStatusError` from `RequestError`. After a
+`ReplyTimeout` the command may still have taken effect: send it again with the same
+idempotency key. A payload that the message models reject never reaches the broker: it raises
+pydantic's `ValidationError` locally, not `ValidationFailed`.
 """
 
 from __future__ import annotations
@@ -29,9 +34,18 @@ from messages import ErrorBody, ErrorCode, FieldError
 
 
 class IdentityClientError(Exception):
-    """An `ok: false` reply, or no reply at all (`ReplyTimeout`)."""
+    """Anything the client raises about a command it sent: an `ErrorReply` or a
+    `TransportError`."""
 
-    code: ClassVar[ErrorCode | None] = None
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ErrorReply(IdentityClientError):
+    """The worker answered `ok: false`; the subclass (and `.code`) says why."""
+
+    code: ClassVar[ErrorCode]
 
     def __init__(
         self,
@@ -41,85 +55,91 @@ class IdentityClientError(Exception):
         retry_after_s: int | None = None,
     ) -> None:
         super().__init__(message)
-        self.message = message
         self.fields = list(fields)
         self.retry_after_s = retry_after_s
 
     def __str__(self) -> str:
-        prefix = f"{self.code.value}: " if self.code is not None else ""
         details = "; ".join(f"{f.field}: {f.message}" for f in self.fields)
-        return prefix + self.message + (f" ({details})" if details else "")
+        return f"{self.code.value}: {self.message}" + (f" ({details})" if details else "")
 
 
-class MalformedMessage(IdentityClientError):
+class TransportError(IdentityClientError):
+    """The command or its reply did not make it through the broker: there is no answer."""
+
+    def __init__(self, message: str, *, command: str) -> None:
+        super().__init__(message)
+        self.command = command
+
+
+class MalformedMessage(ErrorReply):
     code = ErrorCode.MALFORMED_MESSAGE
 
 
-class UnknownCommand(IdentityClientError):
+class UnknownCommand(ErrorReply):
     code = ErrorCode.UNKNOWN_COMMAND
 
 
-class ValidationFailed(IdentityClientError):
+class ValidationFailed(ErrorReply):
     code = ErrorCode.VALIDATION_FAILED
 
 
-class IdempotencyKeyReused(IdentityClientError):
+class IdempotencyKeyReused(ErrorReply):
     code = ErrorCode.IDEMPOTENCY_KEY_REUSED
 
 
-class EmailTaken(IdentityClientError):
+class EmailTaken(ErrorReply):
     code = ErrorCode.EMAIL_TAKEN
 
 
-class InvalidCredentials(IdentityClientError):
+class InvalidCredentials(ErrorReply):
     code = ErrorCode.INVALID_CREDENTIALS
 
 
-class RateLimited(IdentityClientError):
+class RateLimited(ErrorReply):
     code = ErrorCode.RATE_LIMITED
 
 
-class InvalidToken(IdentityClientError):
+class InvalidToken(ErrorReply):
     code = ErrorCode.INVALID_TOKEN
 
 
-class SessionExpired(IdentityClientError):
+class SessionExpired(ErrorReply):
     code = ErrorCode.SESSION_EXPIRED
 
 
-class NotFound(IdentityClientError):
+class NotFound(ErrorReply):
     code = ErrorCode.NOT_FOUND
 
 
-class VersionConflict(IdentityClientError):
+class VersionConflict(ErrorReply):
     code = ErrorCode.VERSION_CONFLICT
 
 
-class InternalError(IdentityClientError):
+class InternalError(ErrorReply):
     code = ErrorCode.INTERNAL_ERROR
 
 
-class ReplyTimeout(IdentityClientError):
+class ReplyTimeout(TransportError):
     """No reply arrived in time, after every retry. The command may still have taken effect:
     sending it again with the same idempotency key is safe and returns its reply."""
 
     def __init__(self, command: str, idempotency_key: str | None, attempts: int) -> None:
-        super().__init__(f"no reply to {command} after {attempts} attempt(s)")
-        self.command = command
+        super().__init__(f"no reply to {command} after {attempts} attempt(s)", command=command)
         self.idempotency_key = idempotency_key
         self.attempts = attempts
 
 
-class Unroutable(IdentityClientError):
+class Unroutable(TransportError):
     """The broker returned the command: no queue is bound for it on `identity.commands`,
     usually because the worker has not started yet. Nothing was processed."""
 
     def __init__(self, command: str) -> None:
-        super().__init__(f"no queue is bound for {command}: is the worker running?")
-        self.command = command
+        super().__init__(
+            f"no queue is bound for {command}: is the worker running?", command=command
+        )
 
 
-_BY_CODE: dict[ErrorCode, type[IdentityClientError]] = {
+_BY_CODE: dict[ErrorCode, type[ErrorReply]] = {
     cls.code: cls
     for cls in (
         MalformedMessage,
@@ -135,11 +155,10 @@ _BY_CODE: dict[ErrorCode, type[IdentityClientError]] = {
         VersionConflict,
         InternalError,
     )
-    if cls.code is not None
 }
 
 
-def error_for(body: ErrorBody) -> IdentityClientError:
+def error_for(body: ErrorBody) -> ErrorReply:
     """The typed error of an `ok: false` reply."""
     cls = _BY_CODE[body.code]
     return cls(body.message, fields=body.fields, retry_after_s=body.retry_after_s)

@@ -27,7 +27,7 @@ import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractQueue
 from aio_pika.exceptions import ChannelNotFoundEntity
 
-from client import IdentityClient, IdentityClientError, ReplyTimeout, Unroutable
+from client import ErrorReply, IdentityClient, ReplyTimeout, Unroutable
 from messages.topology import DEAD_QUEUE
 from tools.common import (
     BROKER_ERRORS,
@@ -160,6 +160,6 @@ async def _resend(client: IdentityClient, letter: DeadLetter) -> tuple[str, bool
         return "not sent: no queue is bound (is the worker running?)", False
     except ReplyTimeout:
         return "sent, but no reply in time", True
-    except IdentityClientError as exc:
+    except ErrorReply as exc:
         return f"sent, error reply: {exc}", True
     return "ok", True

@@ -26,7 +26,7 @@ import orjson
 from pydantic import SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 
-from client import IdentityClient, IdentityClientError, ReplyTimeout, Unroutable
+from client import ErrorReply, IdentityClient, ReplyTimeout, Unroutable
 from messages import COMMANDS, CommandSpec
 from messages.commands import IDEMPOTENCY_KEY_RULE, usable_idempotency_key
 from tools.arguments import positive_seconds
@@ -152,7 +152,7 @@ async def _send(
     except Unroutable as exc:
         print(f"identity-worker send: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except IdentityClientError as exc:
+    except ErrorReply as exc:
         print_json(error_reply(command, key, exc))
         return EXIT_FAILED
     except BROKER_ERRORS as exc:
@@ -172,10 +172,10 @@ async def _send(
     return EXIT_OK
 
 
-def error_reply(command: str, key: str | None, exc: IdentityClientError) -> dict[str, Any]:
+def error_reply(command: str, key: str | None, exc: ErrorReply) -> dict[str, Any]:
     """The `ok: false` reply the client turned into `exc`, as the contract spells it."""
     error: dict[str, Any] = {
-        "code": exc.code.value if exc.code is not None else "unknown",
+        "code": exc.code.value,
         "message": exc.message,
         "fields": [field.model_dump(mode="json") for field in exc.fields],
     }

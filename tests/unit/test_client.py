@@ -12,7 +12,10 @@ from typing import Any
 import aio_pika
 import orjson
 import pytest
-from aio_pika.exceptions import ChannelInvalidStateError
+from aio_pika.exceptions import ChannelInvalidStateError, PublishError
+from aiormq.abc import DeliveredMessage
+from pamqp.commands import Basic
+from pamqp.header import ContentHeader
 from pydantic import SecretStr, ValidationError
 
 import client
@@ -70,6 +73,17 @@ def ok(command: str, body: dict[str, Any], attempt: int) -> dict[str, Any] | Non
 
 def silent(command: str, body: dict[str, Any], attempt: int) -> dict[str, Any] | None:
     return None
+
+
+def returned(command: str, body: dict[str, Any], attempt: int) -> dict[str, Any] | None:
+    """What a mandatory publish that no queue is bound for raises: the broker returned it."""
+    back = Basic.Return(312, "NO_ROUTE", COMMANDS_EXCHANGE, command)
+    raise PublishError(DeliveredMessage(back, ContentHeader(), b"", None), back)  # type: ignore[arg-type]
+
+
+def refusing(command: str, body: dict[str, Any], attempt: int) -> dict[str, Any] | None:
+    error = {"code": "not_found", "message": "No such account."}
+    return {"ok": False, "command": command, "idempotency_key": None, "error": error}
 
 
 @dataclass
@@ -363,11 +377,59 @@ async def test_an_error_reply_raises_the_error_of_its_code(code: ErrorCode) -> N
 
     api, _ = make_client(failing)
     async with api:
-        with pytest.raises(client.IdentityClientError) as raised:
+        with pytest.raises(client.ErrorReply) as raised:
             await api.get_account(ACCOUNT_ID)
     assert type(raised.value) is EXPECTED_ERRORS[code]
     assert raised.value.code is code
     assert raised.value.message == "Nope."
+
+
+def test_errors_come_in_two_families_under_one_base() -> None:
+    replies = set(EXPECTED_ERRORS.values())
+    transport = {client.ReplyTimeout, client.Unroutable}
+    for cls in replies | transport:
+        assert issubclass(cls, client.IdentityClientError), cls
+    for cls in replies:
+        assert issubclass(cls, client.ErrorReply), cls
+        assert not issubclass(cls, client.TransportError), cls
+    for cls in transport:
+        assert issubclass(cls, client.TransportError), cls
+        assert not issubclass(cls, client.ErrorReply), cls
+
+
+@pytest.mark.parametrize(
+    ("responder", "family", "raised"),
+    [
+        (refusing, "error reply", client.NotFound),
+        (silent, "transport", client.ReplyTimeout),
+        (returned, "transport", client.Unroutable),
+    ],
+    ids=["worker-said-no", "no-reply", "no-queue"],
+)
+async def test_a_caller_tells_the_worker_saying_no_from_the_broker_failing(
+    responder: Responder, family: str, raised: type[client.IdentityClientError]
+) -> None:
+    caught: tuple[str, Exception | None] = ("nothing", None)
+    api, _ = make_client(responder, timeout=0.02, retries=0)
+    async with api:
+        try:
+            await api.get_account(ACCOUNT_ID)
+        except client.TransportError as exc:
+            caught = ("transport", exc)
+        except client.ErrorReply as exc:
+            caught = ("error reply", exc)
+    assert caught[0] == family
+    assert type(caught[1]) is raised
+
+
+async def test_a_transport_error_names_its_command() -> None:
+    api, channel = make_client(returned)
+    async with api:
+        with pytest.raises(client.Unroutable) as raised:
+            await api.end_all_sessions(ACCOUNT_ID)
+    assert raised.value.command == "session.end_all"
+    assert str(raised.value) == "no queue is bound for session.end_all: is the worker running?"
+    assert len(channel.published) == 1
 
 
 def test_error_details_are_kept() -> None:
