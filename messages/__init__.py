@@ -1,7 +1,8 @@
 """The wire contract of the identity worker (contract v1) as frozen, strict pydantic models.
 
 No I/O lives here: these models are shared by the worker, the service layer, the client
-library and the AsyncAPI generator, so that there is one definition of every message.
+library, the tools and the AsyncAPI generator, so that there is one definition of every
+message, the dead-letter record included.
 """
 
 from messages.commands import (
@@ -19,6 +20,7 @@ from messages.commands import (
     VerifySession,
     fingerprint_material,
 )
+from messages.deadletters import DeadLetterRecord, parse_dead_letter
 from messages.events import (
     EVENT_TYPES,
     AccountCreated,
@@ -56,6 +58,7 @@ __all__ = [
     "CommandEnvelope",
     "CommandSpec",
     "CreateAccount",
+    "DeadLetterRecord",
     "EndAllSessions",
     "EndAllSessionsResult",
     "EndSession",
@@ -76,5 +79,6 @@ __all__ = [
     "VerifySession",
     "VerifySessionResult",
     "fingerprint_material",
+    "parse_dead_letter",
     "parse_event",
 ]

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from messages.commands import COMMANDS, CommandEnvelope, CommandSpec
+from messages.deadletters import DeadLetterRecord
 from messages.events import EVENT_TYPES
 from messages.replies import ErrorBody, ErrorCode, Reply
 from messages.topology import (
@@ -105,7 +106,7 @@ def _model_schemas() -> dict[str, Any]:
     # Validation mode describes what a conforming producer must send; it keeps
     # `format: date-time` that the serialiser's plain-string output would lose.
     mode: JsonSchemaMode = "validation"
-    models: list[type[BaseModel]] = [CommandEnvelope, Reply, ErrorBody]
+    models: list[type[BaseModel]] = [CommandEnvelope, Reply, ErrorBody, DeadLetterRecord]
     for spec in COMMANDS.values():
         models += [spec.payload, spec.result]
     models += list(EVENT_TYPES.values())
@@ -280,8 +281,15 @@ class _Builder:
             "name": "dead-letter",
             "title": "Dead letter",
             "summary": summary,
-            "description": "May be any body, even one that is not JSON; secrets are removed.",
-            "payload": {},
+            "description": (
+                "The worker's record of the message, routed by `reason`: its envelope, its "
+                "size, and its body with every secret masked when it was a JSON object. "
+                "Should the broker's own delivery-limit backstop ever fire before the worker's "
+                "limit, the raw command is found here instead (AMQP header "
+                "`x-first-death-reason`); it may hold secrets and is never sent again."
+            ),
+            "contentType": CONTENT_TYPE,
+            "payload": _ref(DeadLetterRecord.__name__),
         }
         queue = {"name": DEAD_QUEUE, "durable": True, "exclusive": False, "autoDelete": False}
         self.channels["deadLetters"] = _channel(

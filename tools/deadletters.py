@@ -7,10 +7,10 @@ more, and whatever is not removed on purpose goes back with a requeueing nack (o
 if the connection drops). On the quorum queue a requeue only bumps `x-delivery-count`;
 `identity.dead` has no delivery limit, so listing never drops or moves a copy.
 
-Two kinds of message can be there: the worker's redacted records (see `worker.broker.
-DeadLetters`), and, should the broker's own delivery-limit backstop ever fire first, raw
-command bodies. The second kind is shown by its headers only and never re-sent: its body may
-hold a password.
+Two kinds of message can be there: the worker's redacted records (`messages.DeadLetterRecord`,
+written by `worker.broker.DeadLetters`), and, should the broker's own delivery-limit backstop
+ever fire first, raw command bodies. The second kind is shown by its headers only and never
+re-sent: its body may hold a password.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC
 from typing import Any
 
-import orjson
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from pydantic import ValidationError
 
-from messages import COMMANDS, CommandEnvelope
+from messages import COMMANDS, CommandEnvelope, DeadLetterRecord, parse_dead_letter
 from worker.logs import shows_a_mask
 
 
@@ -34,47 +34,46 @@ class DeadLetter:
 
     message: AbstractIncomingMessage
     # The worker's record, or None for anything else (never parsed further: not ours).
-    record: dict[str, Any] | None
+    record: DeadLetterRecord | None
 
     @classmethod
     def read(cls, message: AbstractIncomingMessage) -> DeadLetter:
         try:
-            record = orjson.loads(message.body)
-        except orjson.JSONDecodeError:
-            record = None
-        if not isinstance(record, dict) or "reason" not in record:
-            record = None
-        return cls(message, record)
-
-    def _field(self, name: str) -> str:
-        value = (self.record or {}).get(name)
-        return "-" if value is None else str(value)
+            return cls(message, parse_dead_letter(message.body))
+        except ValidationError:
+            return cls(message, None)
 
     @property
     def reason(self) -> str:
         if self.record is None:
             return "broker:" + _text((self.message.headers or {}).get("x-first-death-reason"))
-        return self._field("reason")
+        return self.record.reason
 
     @property
     def command(self) -> str:
-        return self._field("command") if self.record else (self.message.routing_key or "-")
+        if self.record is None:
+            return self.message.routing_key or "-"
+        return self.record.command or "-"
 
     @property
     def when(self) -> str:
         # ISO 8601 in UTC; seconds are enough to find the matching log lines.
-        return self._field("dead_lettered_at")[:19]
+        if self.record is None:
+            return "-"
+        return self.record.dead_lettered_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
     @property
     def body(self) -> dict[str, Any] | None:
-        body = (self.record or {}).get("body")
-        return body if isinstance(body, dict) else None
+        return None if self.record is None else self.record.body
 
     def ids(self) -> str:
+        message_id = correlation_id = None
+        if self.record is not None:
+            message_id, correlation_id = self.record.message_id, self.record.correlation_id
         key = (self.body or {}).get("idempotency_key")
         return (
-            f"message_id={self._field('message_id')} "
-            f"correlation_id={self._field('correlation_id')} idempotency_key={key or '-'}"
+            f"message_id={_text(message_id)} "
+            f"correlation_id={_text(correlation_id)} idempotency_key={key or '-'}"
         )
 
     def unsendable(self) -> str | None:
@@ -84,7 +83,7 @@ class DeadLetter:
         body = self.body
         if body is None:
             return "no body kept (not JSON, too large, wrong content type or never read)"
-        if self.record.get("redacted") or _redacted(body):
+        if self.record.redacted or _redacted(body):
             return "secrets were redacted: the caller has to send it again"
         spec = COMMANDS.get(self.command)
         if spec is None:

@@ -181,7 +181,7 @@ async def _assemble(
         handler_table(service),
         acks,
         ReplySender(publish_channel, metrics),
-        DeadLetters(publish_channel, topology.dead_exchange.name, metrics),
+        DeadLetters(publish_channel, topology.dead_exchange.name, metrics, clock),
         metrics,
         RetryPolicy(settings.retry_attempts, settings.retry_max_delay_s),
         max_message_bytes=settings.max_message_bytes,

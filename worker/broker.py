@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -13,6 +12,7 @@ import aiormq
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from pamqp.commands import Basic
+from pydantic import ValidationError
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -21,8 +21,9 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from messages import Reply
+from messages import DeadLetterRecord, Reply
 from messages.topology import CONTENT_TYPE, DIRECT_REPLY_TO
+from services.clock import Clock
 from worker.logs import redact
 from worker.metrics import Metrics
 from worker.topology import delivery_count
@@ -141,8 +142,8 @@ class DeadLetters:
 
     A body that parsed as a JSON object is kept with every secret field redacted. Anything
     else keeps only its size: a body that did not parse cannot be redacted reliably, a list or
-    a bare value has no field names to tell a secret by, and an object nested deeper than can
-    be copied (orjson writes at most 255 levels) cannot be kept at all.
+    a bare value has no field names to tell a secret by, and an object nested deeper than the
+    record allows (`messages.deadletters.MAX_BODY_DEPTH`) is not copied at all.
     """
 
     def __init__(
@@ -150,43 +151,24 @@ class DeadLetters:
         channel: AbstractChannel,
         exchange: str,
         metrics: Metrics,
+        clock: Clock,
         deadline_s: float = 30.0,
     ):
         self._channel = channel  # with publisher confirms
         self._exchange = exchange
         self._metrics = metrics
+        self._clock = clock
         self._deadline_s = deadline_s
 
     async def publish(self, message: AbstractIncomingMessage, reason: str, parsed: Any) -> None:
-        record = {
-            "reason": reason,
-            "command": message.routing_key,
-            "dead_lettered_at": datetime.now(UTC).isoformat(),
-            "message_id": message.message_id,
-            "correlation_id": message.correlation_id,
-            "reply_to": message.reply_to,
-            "content_type": message.content_type,
-            "delivery_count": delivery_count(message.headers),
-            "body_bytes": len(message.body),
-            "body": None,
-            # Whether redaction changed anything in the kept body: such a body is not what
-            # was sent, and `identity-worker dead republish` must not send it again.
-            "redacted": False,
-        }
-        try:
-            kept = redact(parsed) if isinstance(parsed, Mapping) else None
-            body = orjson.dumps(
-                {**record, "body": kept, "redacted": kept != parsed and kept is not None},
-                default=str,
-            )
-        except (RecursionError, TypeError):  # orjson's own error is a TypeError
-            body = orjson.dumps(record, default=str)
+        record = self._record(message, reason, parsed)
         properties = Basic.Properties(
             content_type=CONTENT_TYPE,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT.value,
             headers={"x-identity-reason": reason},
             message_id=message.message_id,
         )
+        body = record.model_dump_json().encode()
         async for attempt in broker_retrying(self._metrics, "dead_letter", self._deadline_s):
             with attempt:
                 await publish_confirmed(
@@ -198,3 +180,38 @@ class DeadLetters:
                 )
         self._metrics.dead_letters_total.labels(reason).inc()
         log.warning("dead-lettered", extra={"reason": reason, "command": message.routing_key})
+
+    def _record(
+        self, message: AbstractIncomingMessage, reason: str, parsed: Any
+    ) -> DeadLetterRecord:
+        """The record of `message`, with its body redacted where it can be kept."""
+        if isinstance(parsed, Mapping):
+            try:
+                kept = redact(parsed)
+                # Whether redaction changed anything in the kept body: such a body is not what
+                # was sent, and `identity-worker dead republish` must not send it again.
+                return self._about(message, reason, body=kept, redacted=kept != parsed)
+            except (RecursionError, ValidationError):
+                pass  # nested too deep to copy: only its size is kept
+        return self._about(message, reason)
+
+    def _about(
+        self,
+        message: AbstractIncomingMessage,
+        reason: str,
+        body: dict[str, Any] | None = None,
+        redacted: bool = False,
+    ) -> DeadLetterRecord:
+        return DeadLetterRecord(
+            reason=reason,
+            command=message.routing_key,
+            dead_lettered_at=self._clock.now(),
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            content_type=message.content_type,
+            delivery_count=delivery_count(message.headers),
+            body_bytes=len(message.body),
+            body=body,
+            redacted=redacted,
+        )

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from messages import COMMANDS, EVENT_TYPES, ErrorCode
+from messages import COMMANDS, EVENT_TYPES, DeadLetterRecord, ErrorCode
 from messages.asyncapi import build_asyncapi, render_asyncapi
 from messages.topology import COMMANDS_EXCHANGE, DEAD_QUEUE, EVENTS_EXCHANGE
 
@@ -134,6 +134,18 @@ def test_dead_letter_queue_is_described(doc: dict[str, Any]) -> None:
     binding = addresses[DEAD_QUEUE]["bindings"]["amqp"]
     assert binding["is"] == "queue"
     assert binding["queue"]["durable"] is True
+
+
+def test_a_dead_letter_has_the_schema_of_its_record(doc: dict[str, Any]) -> None:
+    addresses = {ch["address"]: ch for ch in doc["channels"].values()}
+    (message_ref,) = addresses[DEAD_QUEUE]["messages"].values()
+    message = _resolve(doc, message_ref["$ref"])
+    assert message["payload"] == {"$ref": "#/components/schemas/DeadLetterRecord"}
+    schema = _resolve(doc, message["payload"]["$ref"])
+    assert schema["properties"].keys() == DeadLetterRecord.model_fields.keys()
+    assert schema["additionalProperties"] is False
+    assert {"reason", "dead_lettered_at", "body_bytes"} <= set(schema["required"])
+    assert schema["properties"]["dead_lettered_at"]["format"] == "date-time"
 
 
 def test_every_error_code_is_listed_and_explained(doc: dict[str, Any]) -> None:
