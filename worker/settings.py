@@ -1,16 +1,16 @@
 """The worker's settings: one frozen object, read once from `IDENTITY_*` environment variables.
 
-`load_settings()` is the only place in the project that looks at the environment. Every field
-`name` is read from `IDENTITY_<NAME>`; an empty value counts as unset, so a deployment template
-can leave a variable blank to keep the default. A bad value raises `SettingsError`, whose message
-names the variable and what is wrong with it, never the value itself (URLs and signing keys are
-secrets).
+`load_settings()` is the only place in the project that reads the worker's configuration from
+the environment (services.passwords reads glibc's own GLIBC_TUNABLES, for the start-up log).
+Every field `name` is read from `IDENTITY_<NAME>`; an empty value counts as unset, so a
+deployment template can leave a variable blank to keep the default. A bad value raises
+`SettingsError`, whose message names the variable and what is wrong with it, never the value
+itself (URLs and signing keys are secrets).
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -29,11 +29,6 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from services.tokens import SigningKey, parse_signing_keys
 
 ENV_PREFIX = "IDENTITY_"
-MIN_SIGNING_KEY_BYTES = 32
-# A kid ends up inside every token (`v1.<kid>.ses_...`); same rule as services/tokens.py, which
-# settings may not import.
-_KID = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
-_BASE64URL = re.compile(r"^[A-Za-z0-9_-]+={0,2}$")
 _URL_SCHEMES = {"amqp_url": ("amqp", "amqps"), "database_url": ("postgresql", "postgres")}
 _LOG_LEVELS = frozenset({"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"})
 
