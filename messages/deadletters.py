@@ -11,9 +11,9 @@ from pydantic import AfterValidator, Field
 
 from messages.models import Model, UtcDatetime
 
-# How deep a kept body may nest: well inside what every JSON reader and writer on the way
-# handles (pydantic reads about 200 levels, orjson writes about 250), so whatever the worker
-# writes, the tools read back. Command bodies nest three levels.
+# How deep a kept body may nest: well inside what pydantic reads (about 200 levels) and
+# writes (about 250), so whatever the worker writes, the tools read back. Command bodies nest
+# three levels.
 MAX_BODY_DEPTH = 64
 
 

@@ -78,7 +78,8 @@ def silent(command: str, body: dict[str, Any], attempt: int) -> dict[str, Any] |
 def returned(command: str, body: dict[str, Any], attempt: int) -> dict[str, Any] | None:
     """What a mandatory publish that no queue is bound for raises: the broker returned it."""
     back = Basic.Return(312, "NO_ROUTE", COMMANDS_EXCHANGE, command)
-    raise PublishError(DeliveredMessage(back, ContentHeader(), b"", None), back)  # type: ignore[arg-type]
+    delivered = DeliveredMessage(back, ContentHeader(), b"", None)  # type: ignore[arg-type]
+    raise PublishError(delivered, back)
 
 
 def refusing(command: str, body: dict[str, Any], attempt: int) -> dict[str, Any] | None:
