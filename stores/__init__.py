@@ -7,8 +7,7 @@ PostgreSQL pool exists only once `PostgresIdentityStore.connect()` is awaited.
 from stores.base import EventBatch, IdentityStore, UnitOfWork
 from stores.errors import DuplicateEmailError, DuplicateKeyError, StoreError, TransientStoreError
 from stores.memory import MemoryIdentityStore
-from stores.migrate import migrate
-from stores.postgres import PostgresIdentityStore
+from stores.postgres import PostgresIdentityStore, migrate
 from stores.records import (
     AccountChanges,
     AccountRecord,

@@ -8,7 +8,7 @@ import asyncpg
 import pytest
 
 from stores import PostgresIdentityStore, StoreError, TransientStoreError, migrate
-from stores.migrate import migration_files
+from stores.postgres.migrate import migration_files
 from tests.contract.builders import account, idempotency
 
 

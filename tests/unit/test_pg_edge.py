@@ -9,8 +9,8 @@ import asyncpg
 import pytest
 
 from stores.errors import DuplicateEmailError, DuplicateKeyError, StoreError, TransientStoreError
-from stores.pg_edge import EMAIL_CONSTRAINT, IDEMPOTENCY_CONSTRAINT, Instrument, store_error
-from stores.postgres import _caused_by_a_key
+from stores.postgres.edge import EMAIL_CONSTRAINT, IDEMPOTENCY_CONSTRAINT, Instrument, store_error
+from stores.postgres.store import _caused_by_a_key
 
 
 def _unique(constraint: str) -> asyncpg.UniqueViolationError:

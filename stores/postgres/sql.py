@@ -52,7 +52,7 @@ UPDATE accounts SET password_hash = $3 WHERE id = $1 AND password_hash = $2
 
 INSERT_SESSION = f"INSERT INTO sessions ({SESSION}) VALUES ({_placeholders(SessionRecord)})"
 GET_SESSION = f"SELECT {SESSION} FROM sessions WHERE id = $1"
-# Look-ups by primary key, many keys a query (stores/batching.py): the key comes first.
+# Look-ups by primary key, many keys a query (batching.py): the key comes first.
 GET_ACCOUNTS = f"SELECT {ACCOUNT} FROM accounts WHERE id = ANY($1::text[])"
 GET_SESSIONS_WITH_ACCOUNTS = f"""
 SELECT {_columns(SessionRecord, "s.")}, {_columns(AccountRecord, "a.")}

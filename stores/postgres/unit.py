@@ -18,8 +18,8 @@ from datetime import datetime
 from operator import attrgetter
 from typing import Any
 
-from stores import pg_sql as sql
-from stores.pg_edge import Instrument
+from stores.postgres import sql
+from stores.postgres.edge import Instrument
 from stores.records import (
     AccountChanges,
     AccountRecord,
