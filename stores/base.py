@@ -77,19 +77,11 @@ class UnitOfWork(Protocol):
         """A successful sign-in forgets earlier failures."""
         ...
 
-    async def save_idempotency(self, record: IdempotencyRecord) -> None:
-        """Raises DuplicateKeyError if the key was committed by someone else."""
-        ...
-
-    async def add_events(self, events: Sequence[NewEvent]) -> None:
-        """Append outbox rows; they become visible to the relay when this unit commits."""
-        ...
-
     async def record_outcome(
         self, events: Sequence[NewEvent], idempotency: IdempotencyRecord | None
     ) -> None:
-        """What `add_events(events)` then `save_idempotency(idempotency)` do, as one write:
-        the outbox rows in the order given and the record (none when None). Raises
+        """Append the outbox rows in the order given (visible to the relay once this unit
+        commits) and store the idempotency record (none when None), as one write. Raises
         DuplicateKeyError if the key was committed by someone else; the unit must then roll
         back, which takes the events with it."""
         ...

@@ -123,19 +123,6 @@ class PostgresUnitOfWork:
         with self._timed("uow.reset_signin_failures"):
             await self._conn.execute(sql.RESET_SIGNIN, email_canonical)
 
-    async def save_idempotency(self, record: IdempotencyRecord) -> None:
-        with self._timed("uow.save_idempotency"):
-            await self._conn.execute(sql.INSERT_IDEMPOTENCY, *_values(record))
-
-    async def add_events(self, events: Sequence[NewEvent]) -> None:
-        if not events:
-            return
-        with self._timed("uow.add_events"):
-            await self._conn.executemany(
-                sql.INSERT_EVENT,
-                [(e.event_id, e.type, bytes(e.body), e.created_at) for e in events],
-            )
-
     async def record_outcome(
         self, events: Sequence[NewEvent], idempotency: IdempotencyRecord | None
     ) -> None:
