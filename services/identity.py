@@ -65,7 +65,7 @@ from stores import (
     AccountChanges,
     AccountRecord,
     DuplicateEmailError,
-    IdentityStore,
+    ServiceStore,
     SessionRecord,
     ThrottleSchedule,
     TransientStoreError,
@@ -145,7 +145,7 @@ async def _against_the_stored_hash(
 class IdentityService:
     def __init__(
         self,
-        store: IdentityStore,
+        store: ServiceStore,
         *,
         passwords: HashingPool,
         signer: TokenSigner,

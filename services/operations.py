@@ -26,9 +26,9 @@ from services.errors import IdempotencyKeyReusedError, IdentityError, error_from
 from services.ids import new_event_id
 from services.tokens import TokenSigner
 from stores import (
+    CommandStore,
     DuplicateKeyError,
     IdempotencyRecord,
-    IdentityStore,
     NewEvent,
     TransientStoreError,
     UnitOfWork,
@@ -86,7 +86,7 @@ class OperationRunner:
 
     def __init__(
         self,
-        store: IdentityStore,
+        store: CommandStore,
         signer: TokenSigner,
         clock: Clock,
         on_replay: Callable[[str], None] | None = None,

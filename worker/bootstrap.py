@@ -18,7 +18,7 @@ from services.clock import Clock, SystemClock
 from services.identity import IdentityService, SessionPolicy
 from services.passwords import HashingPool, PasswordPolicy, make_hasher
 from services.tokens import SigningKey, TokenSigner, parse_signing_keys
-from stores import IdentityStore, ThrottleSchedule
+from stores import IdentityStore, SecretStore, ServiceStore, ThrottleSchedule
 from stores.postgres import PostgresIdentityStore
 from worker.acks import Acknowledger
 from worker.broker import DeadLetters, ReplySender, StoppableRobustConnection
@@ -59,7 +59,7 @@ class Components:
     acks: Acknowledger
 
 
-async def signing_keys(settings: Settings, store: IdentityStore) -> list[SigningKey]:
+async def signing_keys(settings: Settings, store: SecretStore) -> list[SigningKey]:
     """The configured keys, or else a development key shared through the database, so that
     several local workers accept each other's tokens without any configuration."""
     if settings.signing_keys is not None:
@@ -79,7 +79,7 @@ HASHING_NICENESS = 10
 
 def build_service(
     settings: Settings,
-    store: IdentityStore,
+    store: ServiceStore,
     keys: list[SigningKey],
     clock: Clock,
     metrics: Metrics,
