@@ -11,6 +11,7 @@ from pydantic import BaseModel
 
 from client.errors import InternalError, error_for
 from messages import COMMANDS, CommandEnvelope, Metadata, Reply
+from messages.models import wire_form
 
 ResultT = TypeVar("ResultT", bound=BaseModel)
 MetadataArg = Metadata | Mapping[str, Any] | None
@@ -37,7 +38,7 @@ def build_request(
     envelope = CommandEnvelope(
         idempotency_key=idempotency_key,
         # The worker needs the real password/token; the models mask secrets unless asked.
-        payload=fields.model_dump(mode="json", context={"reveal_secrets": True}, exclude_none=True),
+        payload=wire_form(fields, exclude_none=True),
         metadata=Metadata.model_validate(dict(metadata))
         if isinstance(metadata, Mapping)
         else metadata,

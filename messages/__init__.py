@@ -39,7 +39,9 @@ from messages.replies import (
     ErrorCode,
     FieldError,
     Reply,
+    Result,
     StartSessionResult,
+    StoredReply,
     VerifySessionResult,
 )
 
@@ -67,11 +69,13 @@ __all__ = [
     "GetAccount",
     "Metadata",
     "Reply",
+    "Result",
     "Session",
     "SessionEnded",
     "SessionStarted",
     "StartSession",
     "StartSessionResult",
+    "StoredReply",
     "UpdateAccount",
     "VerifySession",
     "VerifySessionResult",

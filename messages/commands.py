@@ -15,12 +15,14 @@ from messages.models import (
     Model,
     PasswordField,
     TokenField,
+    wire_form,
 )
 from messages.replies import (
     AccountResult,
     ChangePasswordResult,
     EndAllSessionsResult,
     EndSessionResult,
+    Result,
     StartSessionResult,
     VerifySessionResult,
 )
@@ -125,7 +127,7 @@ class CommandSpec:
 
     name: str
     payload: type[Model]
-    result: type[Model]
+    result: type[Result]
     # Queries may omit the idempotency key; every state change must carry one.
     changes_state: bool
     # Commands that hash or verify a password go to their own queue, so that a backlog of
@@ -201,5 +203,5 @@ def fingerprint_material(command: str, payload: Model) -> bytes:
     Only ever fed to a keyed hash (HMAC): a retry that changes the password must not match
     the original operation, yet the fingerprint must not be an unkeyed hash of a password.
     """
-    body = payload.model_dump(mode="json", context={"reveal_secrets": True}, exclude_none=True)
+    body = wire_form(payload, exclude_none=True)
     return orjson.dumps({"command": command, "payload": body}, option=orjson.OPT_SORT_KEYS)

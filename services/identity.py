@@ -8,7 +8,7 @@ happens before any transaction opens, in the bounded hashing pool.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -334,7 +334,7 @@ class IdentityService:
     ) -> StartSessionResult:
         op = self._ops.begin("session.start", cmd, ctx)
         return await self._ops.execute(
-            op, StartSessionResult, lambda op: self._start(op, cmd), restore=self._restore_token
+            op, StartSessionResult, lambda op: self._start(op, cmd), restore=self._replayed_start
         )
 
     async def _start(self, op: Operation, cmd: StartSession) -> StartSessionResult:
@@ -382,13 +382,13 @@ class IdentityService:
             await self._ops.finish(uow, op, result)
         return result
 
-    async def _restore_token(self, result: dict[str, Any]) -> dict[str, Any]:
+    async def _replayed_start(self, stored: Mapping[str, Any]) -> StartSessionResult:
         """A replayed sign-in returns the same token: re-derived from the stored session id,
         with the key it was first signed with while that key is still configured."""
-        session_id = result["session"]["id"]
+        session_id = StartSessionResult.stored_session_id(stored)
         found = await self._store.get_session_with_account(session_id)
         kid = found[0].key_id if found is not None else None
-        return {**result, "token": self._signer.sign(session_id, kid)}
+        return StartSessionResult.from_stored(stored, token=self._signer.sign(session_id, kid))
 
     async def verify_session(
         self, cmd: VerifySession, ctx: CommandContext = NO_CONTEXT

@@ -19,8 +19,7 @@ import orjson
 from aio_pika.abc import AbstractIncomingMessage
 from tenacity import RetryCallState
 
-from messages import COMMANDS, ErrorBody, ErrorCode, Reply
-from messages.models import Model
+from messages import COMMANDS, ErrorBody, ErrorCode, Reply, Result
 from messages.topology import CONTENT_TYPE
 from services.errors import IdentityError
 from services.operations import CommandContext
@@ -34,7 +33,7 @@ from worker.topology import delivery_count
 
 log = logging.getLogger("identity.worker")
 
-Handler = Callable[[Any, CommandContext], Awaitable[Model]]
+Handler = Callable[[Any, CommandContext], Awaitable[Result]]
 
 _INTERNAL = ErrorBody(
     code=ErrorCode.INTERNAL_ERROR,
@@ -170,10 +169,9 @@ class CommandProcessor:
             return Reply(ok=False, command=command.name, idempotency_key=key, error=_INTERNAL)
         if COMMANDS[command.name].changes_state:
             self._on_committed()  # its events are in the outbox now: publish without waiting
-        body = result.model_dump(mode="json", context={"reveal_secrets": True})
-        return Reply(ok=True, command=command.name, idempotency_key=key, result=body)
+        return Reply(ok=True, command=command.name, idempotency_key=key, result=result.to_wire())
 
-    async def _attempt(self, handler: Handler, command: Command) -> Model:
+    async def _attempt(self, handler: Handler, command: Command) -> Result:
         """Run the handler under the retry policy. The first try goes without a tenacity
         controller (building one per delivery cost about 3% of the worker's CPU); only a
         transient fault pays for one, with the attempts that are left."""
