@@ -18,6 +18,7 @@ from messages.commands import (
     UpdateAccount,
     VerifySession,
     fingerprint_material,
+    spec_of,
 )
 from messages.events import (
     EVENT_TYPES,
@@ -81,4 +82,5 @@ __all__ = [
     "VerifySessionResult",
     "fingerprint_material",
     "parse_event",
+    "spec_of",
 ]

@@ -169,7 +169,7 @@ class IdentityService:
     async def create_account(
         self, cmd: CreateAccount, ctx: CommandContext = NO_CONTEXT
     ) -> AccountResult:
-        op = self._ops.begin("account.create", cmd, ctx)
+        op = self._ops.begin(cmd, ctx)
         return await self._ops.execute(op, AccountResult, lambda op: self._create(op, cmd))
 
     async def _create(self, op: Operation, cmd: CreateAccount) -> AccountResult:
@@ -209,7 +209,7 @@ class IdentityService:
     async def update_account(
         self, cmd: UpdateAccount, ctx: CommandContext = NO_CONTEXT
     ) -> AccountResult:
-        op = self._ops.begin("account.update", cmd, ctx)
+        op = self._ops.begin(cmd, ctx)
         return await self._ops.execute(op, AccountResult, lambda op: self._update(op, cmd))
 
     async def _update(self, op: Operation, cmd: UpdateAccount) -> AccountResult:
@@ -272,7 +272,7 @@ class IdentityService:
     async def change_password(
         self, cmd: ChangePassword, ctx: CommandContext = NO_CONTEXT
     ) -> ChangePasswordResult:
-        op = self._ops.begin("account.change_password", cmd, ctx)
+        op = self._ops.begin(cmd, ctx)
         return await self._ops.execute(
             op, ChangePasswordResult, lambda op: self._change_password(op, cmd)
         )
@@ -332,7 +332,7 @@ class IdentityService:
     async def start_session(
         self, cmd: StartSession, ctx: CommandContext = NO_CONTEXT
     ) -> StartSessionResult:
-        op = self._ops.begin("session.start", cmd, ctx)
+        op = self._ops.begin(cmd, ctx)
         return await self._ops.execute(
             op, StartSessionResult, lambda op: self._start(op, cmd), restore=self._replayed_start
         )
@@ -417,7 +417,7 @@ class IdentityService:
     ) -> EndSessionResult:
         # A forged token is refused before anything is looked up or remembered.
         session_id, _ = self._signer.verify(cmd.token.get_secret_value())
-        op = self._ops.begin("session.end", cmd, ctx)
+        op = self._ops.begin(cmd, ctx)
         return await self._ops.execute(op, EndSessionResult, lambda op: self._end(op, session_id))
 
     async def _end(self, op: Operation, session_id: str) -> EndSessionResult:
@@ -433,7 +433,7 @@ class IdentityService:
     async def end_all_sessions(
         self, cmd: EndAllSessions, ctx: CommandContext = NO_CONTEXT
     ) -> EndAllSessionsResult:
-        op = self._ops.begin("session.end_all", cmd, ctx)
+        op = self._ops.begin(cmd, ctx)
         return await self._ops.execute(
             op, EndAllSessionsResult, lambda op: self._end_all(op, cmd.account_id)
         )

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
-from messages import Metadata, Result, StoredReply, fingerprint_material
+from messages import Metadata, Result, StoredReply, fingerprint_material, spec_of
 from messages.events import AnyEvent
 from messages.models import Model
 from services.clock import Clock
@@ -100,8 +100,10 @@ class OperationRunner:
         self._clock = clock
         self._on_replay = on_replay
 
-    def begin(self, command: str, payload: Model, context: CommandContext) -> Operation:
-        return Operation(command, fingerprint_material(command, payload), context)
+    def begin(self, payload: Model, context: CommandContext) -> Operation:
+        """The operation of the command whose payload is `payload`."""
+        command = spec_of(type(payload)).name
+        return Operation(command, fingerprint_material(payload), context)
 
     async def finish(self, uow: UnitOfWork, op: Operation, result: Result) -> None:
         """Write the events and the idempotency record in the caller's unit of work."""

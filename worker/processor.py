@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -20,6 +20,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from tenacity import RetryCallState
 
 from messages import COMMANDS, ErrorBody, ErrorCode, Reply, Result
+from messages.models import Model
 from messages.topology import CONTENT_TYPE
 from services.errors import IdentityError
 from services.operations import CommandContext
@@ -34,6 +35,8 @@ from worker.topology import delivery_count
 log = logging.getLogger("identity.worker")
 
 Handler = Callable[[Any, CommandContext], Awaitable[Result]]
+# Which handler runs a command: keyed by the type of its payload (see worker.handlers).
+Handlers = Mapping[type[Model], Handler]
 
 _INTERNAL = ErrorBody(
     code=ErrorCode.INTERNAL_ERROR,
@@ -44,7 +47,7 @@ _INTERNAL = ErrorBody(
 class CommandProcessor:
     def __init__(
         self,
-        handlers: dict[str, Handler],
+        handlers: Handlers,
         acks: Acknowledger,
         replies: ReplySender,
         dead_letters: DeadLetters,
@@ -56,6 +59,9 @@ class CommandProcessor:
         on_committed: Callable[[], None],
         log_queries: bool = False,
     ) -> None:
+        missing = [spec.name for spec in COMMANDS.values() if spec.payload not in handlers]
+        if missing:
+            raise ValueError(f"no handler for {', '.join(missing)}")
         self._handlers = handlers
         self._acks = acks
         self._replies = replies
@@ -146,7 +152,7 @@ class CommandProcessor:
 
     async def _run(self, message: AbstractIncomingMessage, command: Command) -> Reply:
         key = command.context.idempotency_key
-        handler = self._handlers[command.name]
+        handler = self._handlers[type(command.payload)]
         try:
             result = await self._attempt(handler, command)
         except IdentityError as error:
