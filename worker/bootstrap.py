@@ -39,7 +39,7 @@ DEV_KEY_NAME = "development-signing-key"
 DEV_KEY_ID = "dev"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Components:
     """Everything `build` made; the Worker owns their lifecycle."""
 
@@ -190,18 +190,18 @@ async def _assemble(
         log_queries=settings.log_queries,
     )
     return Components(
-        settings,
-        clock,
-        metrics,
-        store,
-        passwords,
-        service,
-        connection,
-        fast_channel,
-        password_channel,
-        publish_channel,
-        topology,
-        processor,
-        relay,
-        acks,
+        settings=settings,
+        clock=clock,
+        metrics=metrics,
+        store=store,
+        passwords=passwords,
+        service=service,
+        connection=connection,
+        fast_channel=fast_channel,
+        password_channel=password_channel,
+        publish_channel=publish_channel,
+        topology=topology,
+        processor=processor,
+        relay=relay,
+        acks=acks,
     )
