@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, get_args
 
 from pydantic import Field, SecretStr, model_validator
 
@@ -77,9 +77,14 @@ class Reply(Model):
         return body
 
 
+def _is_secret(annotation: Any) -> bool:
+    """Whether a field typed `annotation` holds a secret (`Secret`, `Secret | None`...)."""
+    return annotation is SecretStr or any(_is_secret(arg) for arg in get_args(annotation))
+
+
 class Result(Model):
-    """The typed result of a command. `secret_fields` (worked out from the fields typed
-    `Secret`) are revealed to the caller and never stored."""
+    """The typed result of a command. `secret_fields` (worked out from its own fields typed
+    `Secret`; a result nests no secrets) are revealed to the caller and never stored."""
 
     secret_fields: ClassVar[frozenset[str]] = frozenset()
 
@@ -87,7 +92,7 @@ class Result(Model):
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
         cls.secret_fields = frozenset(
-            name for name, field in cls.model_fields.items() if field.annotation is SecretStr
+            name for name, field in cls.model_fields.items() if _is_secret(field.annotation)
         )
 
     def to_wire(self) -> dict[str, Any]:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
-from messages import ErrorBody, ErrorCode, StartSessionResult, StoredReply
+from messages import ErrorBody, ErrorCode, Result, StartSessionResult, StoredReply
+from messages.models import Secret
 from services.identity import IdentityService
 from tests.unit.helpers import create_cmd, ctx, start_cmd
 
@@ -45,3 +46,15 @@ def test_a_stored_reply_is_either_a_result_or_an_error() -> None:
         StoredReply.from_json(
             {"ok": True, "result": {}, "error": {"code": "not_found", "message": "No."}}
         )
+
+
+def test_a_result_knows_its_secret_fields_from_their_type() -> None:
+    class Issued(Result):
+        session_id: str
+        token: Secret
+        refresh_token: Secret | None = None
+
+    issued = Issued(session_id="s", token=SecretStr("t"), refresh_token=SecretStr("r"))
+    assert Issued.secret_fields == {"token", "refresh_token"}
+    assert issued.to_stored() == {"session_id": "s"}
+    assert issued.to_wire() == {"session_id": "s", "token": "t", "refresh_token": "r"}
