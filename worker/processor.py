@@ -38,6 +38,12 @@ Handler = Callable[[Any, CommandContext], Awaitable[Result]]
 # Which handler runs a command: keyed by the type of its payload (see worker.handlers).
 Handlers = Mapping[type[Model], Handler]
 
+
+def unhandled(handlers: Handlers) -> list[str]:
+    """The commands that `handlers` has no handler for."""
+    return [spec.name for spec in COMMANDS.values() if spec.payload not in handlers]
+
+
 _INTERNAL = ErrorBody(
     code=ErrorCode.INTERNAL_ERROR,
     message="The command could not be processed; retry later with the same idempotency key.",
@@ -59,8 +65,7 @@ class CommandProcessor:
         on_committed: Callable[[], None],
         log_queries: bool = False,
     ) -> None:
-        missing = [spec.name for spec in COMMANDS.values() if spec.payload not in handlers]
-        if missing:
+        if missing := unhandled(handlers):
             raise ValueError(f"no handler for {', '.join(missing)}")
         self._handlers = handlers
         self._acks = acks

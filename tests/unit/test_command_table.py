@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import get_type_hints
 
-from messages import COMMANDS, spec_of
+from messages import COMMANDS, VerifySession, spec_of
 from services.identity import IdentityService
 from worker.handlers import handler_table
+from worker.processor import unhandled
 
 
 def test_each_command_has_its_own_payload_type_that_finds_its_spec() -> None:
@@ -26,3 +27,10 @@ def test_the_handler_table_runs_each_command_with_a_method_that_returns_its_resu
         hints = get_type_hints(handler)
         assert hints["cmd"] is payload
         assert hints["return"] is spec_of(payload).result, spec_of(payload).name
+
+
+def test_a_table_without_a_command_is_found_wanting(service: IdentityService) -> None:
+    table = dict(handler_table(service))
+    assert unhandled(table) == []
+    del table[VerifySession]
+    assert unhandled(table) == ["session.verify"]
