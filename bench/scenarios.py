@@ -25,7 +25,7 @@ from messages.topology import COMMANDS_EXCHANGE
 from services.ids import new_account_id, new_session_id
 from services.passwords import HashingPool, huge_pages_settings, make_hasher
 from services.tokens import TokenSigner, format_signing_key, new_signing_key, parse_signing_keys
-from stores.migrate import migrate
+from stores.postgres import migrate
 from stores.records import AccountRecord, SessionRecord
 from worker.settings import Settings
 from worker.topology import FAST_QUEUE, PASSWORD_QUEUE

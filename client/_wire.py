@@ -10,34 +10,38 @@ import orjson
 from pydantic import BaseModel
 
 from client.errors import InternalError, error_for
-from messages import COMMANDS, CommandEnvelope, Metadata, Reply
+from messages import COMMANDS, CommandEnvelope, Metadata, Reply, spec_of
+from messages.models import Model, wire_form
 
 ResultT = TypeVar("ResultT", bound=BaseModel)
 MetadataArg = Metadata | Mapping[str, Any] | None
 
 
-def build_request(
-    command: str,
-    payload: Mapping[str, Any],
-    idempotency_key: str | None,
-    metadata: MetadataArg,
-) -> tuple[bytes, str | None]:
-    """The JSON body of a command and the idempotency key it carries.
-
-    Raises pydantic's `ValidationError` for a payload the contract rejects, before anything
-    is sent. A state-changing command without a key gets a fresh one: the caller retries
-    under it, which is what makes a retry safe.
-    """
+def payload_of(command: str, payload: Mapping[str, Any]) -> Model:
+    """`payload` as the model of `command`'s payload. Raises ValueError for an unknown
+    command and pydantic's `ValidationError` for a payload the contract rejects."""
     spec = COMMANDS.get(command)
     if spec is None:
         raise ValueError(f"unknown command {command!r}; known: {', '.join(COMMANDS)}")
-    fields = spec.payload.model_validate(dict(payload))
-    if idempotency_key is None and spec.changes_state:
+    return spec.payload.model_validate(dict(payload))
+
+
+def build_request(
+    payload: Model, idempotency_key: str | None, metadata: MetadataArg
+) -> tuple[bytes, str | None]:
+    """The JSON body of the command whose payload is `payload`, and the idempotency key it
+    carries.
+
+    Raises pydantic's `ValidationError` for a key or metadata the contract rejects, before
+    anything is sent. A state-changing command without a key gets a fresh one: the caller
+    retries under it, which is what makes a retry safe.
+    """
+    if idempotency_key is None and spec_of(type(payload)).changes_state:
         idempotency_key = str(uuid.uuid4())
     envelope = CommandEnvelope(
         idempotency_key=idempotency_key,
         # The worker needs the real password/token; the models mask secrets unless asked.
-        payload=fields.model_dump(mode="json", context={"reveal_secrets": True}, exclude_none=True),
+        payload=wire_form(payload, exclude_none=True),
         metadata=Metadata.model_validate(dict(metadata))
         if isinstance(metadata, Mapping)
         else metadata,

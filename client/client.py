@@ -27,17 +27,34 @@ from aio_pika.abc import (
 from aio_pika.exceptions import PublishError
 from pydantic import SecretStr
 
-from client._wire import MetadataArg, ResultT, build_request, read_reply, read_result
+from client._wire import (
+    MetadataArg,
+    ResultT,
+    build_request,
+    payload_of,
+    read_reply,
+    read_result,
+)
 from client.errors import ReplyTimeout, Unroutable
 from messages import (
     AccountResult,
+    ChangePassword,
     ChangePasswordResult,
+    CreateAccount,
+    EndAllSessions,
     EndAllSessionsResult,
+    EndSession,
     EndSessionResult,
+    GetAccount,
     Reply,
+    StartSession,
     StartSessionResult,
+    UpdateAccount,
+    VerifySession,
     VerifySessionResult,
+    spec_of,
 )
+from messages.models import Model
 from messages.topology import (
     COMMANDS_EXCHANGE,
     COMMANDS_EXCHANGE_ARGUMENTS,
@@ -45,6 +62,7 @@ from messages.topology import (
     DIRECT_REPLY_TO,
 )
 
+# Secrets may be given as plain strings; the payload models validate them into SecretStr.
 SecretArg = str | SecretStr
 
 
@@ -139,8 +157,13 @@ class IdentityClient:
         idempotency key breaks the contract; a `TransportError` when the broker returned the
         command (`Unroutable`) or no attempt got a reply (`ReplyTimeout`).
         """
-        body, key = build_request(command, payload, idempotency_key, metadata)
-        return read_reply(await self._request(command, body, key))
+        return await self._send(payload_of(command, payload), idempotency_key, metadata)
+
+    async def _send(
+        self, payload: Model, idempotency_key: str | None, metadata: MetadataArg
+    ) -> Reply:
+        body, key = build_request(payload, idempotency_key, metadata)
+        return read_reply(await self._request(spec_of(type(payload)).name, body, key))
 
     async def _request(self, command: str, body: bytes, key: str | None) -> bytes:
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
@@ -181,15 +204,11 @@ class IdentityClient:
     async def _call(
         self,
         result_type: type[ResultT],
-        command: str,
-        payload: Mapping[str, Any],
+        payload: Model,
         idempotency_key: str | None = None,
         metadata: MetadataArg = None,
     ) -> ResultT:
-        reply = await self.send(
-            command, payload, idempotency_key=idempotency_key, metadata=metadata
-        )
-        return read_result(reply, result_type)
+        return read_result(await self._send(payload, idempotency_key, metadata), result_type)
 
     async def create_account(
         self,
@@ -200,11 +219,13 @@ class IdentityClient:
         idempotency_key: str | None = None,
         metadata: MetadataArg = None,
     ) -> AccountResult:
-        payload = {"email": email, "password": password, "display_name": display_name}
-        return await self._call(AccountResult, "account.create", payload, idempotency_key, metadata)
+        payload = CreateAccount.model_validate(
+            {"email": email, "password": password, "display_name": display_name}
+        )
+        return await self._call(AccountResult, payload, idempotency_key, metadata)
 
     async def get_account(self, account_id: str) -> AccountResult:
-        return await self._call(AccountResult, "account.get", {"account_id": account_id})
+        return await self._call(AccountResult, GetAccount(account_id=account_id))
 
     async def update_account(
         self,
@@ -216,14 +237,16 @@ class IdentityClient:
         current_password: SecretArg | None = None,
         idempotency_key: str | None = None,
     ) -> AccountResult:
-        payload = {
-            "account_id": account_id,
-            "expected_version": expected_version,
-            "email": email,
-            "display_name": display_name,
-            "current_password": current_password,
-        }
-        return await self._call(AccountResult, "account.update", payload, idempotency_key)
+        payload = UpdateAccount.model_validate(
+            {
+                "account_id": account_id,
+                "expected_version": expected_version,
+                "email": email,
+                "display_name": display_name,
+                "current_password": current_password,
+            }
+        )
+        return await self._call(AccountResult, payload, idempotency_key)
 
     async def change_password(
         self,
@@ -233,14 +256,14 @@ class IdentityClient:
         *,
         idempotency_key: str | None = None,
     ) -> ChangePasswordResult:
-        payload = {
-            "account_id": account_id,
-            "current_password": current_password,
-            "new_password": new_password,
-        }
-        return await self._call(
-            ChangePasswordResult, "account.change_password", payload, idempotency_key
+        payload = ChangePassword.model_validate(
+            {
+                "account_id": account_id,
+                "current_password": current_password,
+                "new_password": new_password,
+            }
         )
+        return await self._call(ChangePasswordResult, payload, idempotency_key)
 
     async def start_session(
         self,
@@ -250,21 +273,21 @@ class IdentityClient:
         idempotency_key: str | None = None,
         metadata: MetadataArg = None,
     ) -> StartSessionResult:
-        payload = {"email": email, "password": password}
-        return await self._call(
-            StartSessionResult, "session.start", payload, idempotency_key, metadata
-        )
+        payload = StartSession.model_validate({"email": email, "password": password})
+        return await self._call(StartSessionResult, payload, idempotency_key, metadata)
 
     async def verify_session(self, token: SecretArg) -> VerifySessionResult:
-        return await self._call(VerifySessionResult, "session.verify", {"token": token})
+        return await self._call(VerifySessionResult, VerifySession.model_validate({"token": token}))
 
     async def end_session(
         self, token: SecretArg, *, idempotency_key: str | None = None
     ) -> EndSessionResult:
-        return await self._call(EndSessionResult, "session.end", {"token": token}, idempotency_key)
+        return await self._call(
+            EndSessionResult, EndSession.model_validate({"token": token}), idempotency_key
+        )
 
     async def end_all_sessions(
         self, account_id: str, *, idempotency_key: str | None = None
     ) -> EndAllSessionsResult:
-        payload = {"account_id": account_id}
-        return await self._call(EndAllSessionsResult, "session.end_all", payload, idempotency_key)
+        payload = EndAllSessions(account_id=account_id)
+        return await self._call(EndAllSessionsResult, payload, idempotency_key)

@@ -19,6 +19,7 @@ from messages.commands import (
     UpdateAccount,
     VerifySession,
     fingerprint_material,
+    spec_of,
 )
 from messages.deadletters import DeadLetterRecord, parse_dead_letter
 from messages.events import (
@@ -41,7 +42,9 @@ from messages.replies import (
     ErrorCode,
     FieldError,
     Reply,
+    Result,
     StartSessionResult,
+    StoredReply,
     VerifySessionResult,
 )
 
@@ -70,15 +73,18 @@ __all__ = [
     "GetAccount",
     "Metadata",
     "Reply",
+    "Result",
     "Session",
     "SessionEnded",
     "SessionStarted",
     "StartSession",
     "StartSessionResult",
+    "StoredReply",
     "UpdateAccount",
     "VerifySession",
     "VerifySessionResult",
     "fingerprint_material",
     "parse_dead_letter",
     "parse_event",
+    "spec_of",
 ]

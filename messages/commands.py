@@ -1,4 +1,5 @@
-"""Command envelope and payloads, and the table that names every command of contract v1."""
+"""Command envelope and payloads, and the table that names every command of contract v1
+(its one row per command is the only place a command's name is written)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ from messages.models import (
     Model,
     PasswordField,
     TokenField,
+    wire_form,
 )
 from messages.replies import (
     AccountResult,
     ChangePasswordResult,
     EndAllSessionsResult,
     EndSessionResult,
+    Result,
     StartSessionResult,
     VerifySessionResult,
 )
@@ -119,13 +122,15 @@ class EndAllSessions(Model):
     account_id: AccountId
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CommandSpec:
-    """What the worker needs to know about a command name."""
+    """What the worker, the client and the AsyncAPI document need to know about a command.
+    `name` (the routing key) is written here and nowhere else; code that holds a payload
+    finds its spec by the payload's type (`spec_of`)."""
 
     name: str
     payload: type[Model]
-    result: type[Model]
+    result: type[Result]
     # Queries may omit the idempotency key; every state change must carry one.
     changes_state: bool
     # Commands that hash or verify a password go to their own queue, so that a backlog of
@@ -134,72 +139,91 @@ class CommandSpec:
     summary: str
 
 
-COMMANDS: dict[str, CommandSpec] = {
-    spec.name: spec
-    for spec in (
-        CommandSpec(
-            "account.create", CreateAccount, AccountResult, True, True, "Create an account."
-        ),
-        CommandSpec(
-            "account.get", GetAccount, AccountResult, False, False, "Read an account by id."
-        ),
-        CommandSpec(
-            "account.update",
-            UpdateAccount,
-            AccountResult,
-            True,
-            True,
-            "Change email and/or display name (optimistic concurrency).",
-        ),
-        CommandSpec(
-            "account.change_password",
-            ChangePassword,
-            ChangePasswordResult,
-            True,
-            True,
-            "Change the password; all the account's sessions end.",
-        ),
-        CommandSpec(
-            "session.start",
-            StartSession,
-            StartSessionResult,
-            True,
-            True,
-            "Sign in: returns the session and its token.",
-        ),
-        CommandSpec(
-            "session.verify",
-            VerifySession,
-            VerifySessionResult,
-            False,
-            False,
-            "Verify a session token.",
-        ),
-        CommandSpec(
-            "session.end",
-            EndSession,
-            EndSessionResult,
-            True,
-            False,
-            "Sign out one session; ending an ended session is not an error.",
-        ),
-        CommandSpec(
-            "session.end_all",
-            EndAllSessions,
-            EndAllSessionsResult,
-            True,
-            False,
-            "Sign out everywhere.",
-        ),
-    )
-}
+_SPECS = (
+    CommandSpec(
+        name="account.create",
+        payload=CreateAccount,
+        result=AccountResult,
+        changes_state=True,
+        password_work=True,
+        summary="Create an account.",
+    ),
+    CommandSpec(
+        name="account.get",
+        payload=GetAccount,
+        result=AccountResult,
+        changes_state=False,
+        password_work=False,
+        summary="Read an account by id.",
+    ),
+    CommandSpec(
+        name="account.update",
+        payload=UpdateAccount,
+        result=AccountResult,
+        changes_state=True,
+        password_work=True,
+        summary="Change email and/or display name (optimistic concurrency).",
+    ),
+    CommandSpec(
+        name="account.change_password",
+        payload=ChangePassword,
+        result=ChangePasswordResult,
+        changes_state=True,
+        password_work=True,
+        summary="Change the password; all the account's sessions end.",
+    ),
+    CommandSpec(
+        name="session.start",
+        payload=StartSession,
+        result=StartSessionResult,
+        changes_state=True,
+        password_work=True,
+        summary="Sign in: returns the session and its token.",
+    ),
+    CommandSpec(
+        name="session.verify",
+        payload=VerifySession,
+        result=VerifySessionResult,
+        changes_state=False,
+        password_work=False,
+        summary="Verify a session token.",
+    ),
+    CommandSpec(
+        name="session.end",
+        payload=EndSession,
+        result=EndSessionResult,
+        changes_state=True,
+        password_work=False,
+        summary="Sign out one session; ending an ended session is not an error.",
+    ),
+    CommandSpec(
+        name="session.end_all",
+        payload=EndAllSessions,
+        result=EndAllSessionsResult,
+        changes_state=True,
+        password_work=False,
+        summary="Sign out everywhere.",
+    ),
+)
+
+# By name, for a delivery's routing key; by payload type, for code that holds a payload.
+COMMANDS: dict[str, CommandSpec] = {spec.name: spec for spec in _SPECS}
+_BY_PAYLOAD: dict[type[Model], CommandSpec] = {spec.payload: spec for spec in _SPECS}
+if not len(COMMANDS) == len(_BY_PAYLOAD) == len(_SPECS):
+    raise RuntimeError("two commands share a name or a payload model")
 
 
-def fingerprint_material(command: str, payload: Model) -> bytes:
+def spec_of(payload: type[Model]) -> CommandSpec:
+    """The spec of the command whose payload model is `payload` (KeyError for any other)."""
+    return _BY_PAYLOAD[payload]
+
+
+def fingerprint_material(payload: Model) -> bytes:
     """Canonical bytes of (command, payload) with secrets revealed.
 
     Only ever fed to a keyed hash (HMAC): a retry that changes the password must not match
     the original operation, yet the fingerprint must not be an unkeyed hash of a password.
     """
-    body = payload.model_dump(mode="json", context={"reveal_secrets": True}, exclude_none=True)
+    body = wire_form(payload, exclude_none=True)
+    command = spec_of(type(payload)).name
     return orjson.dumps({"command": command, "payload": body}, option=orjson.OPT_SORT_KEYS)

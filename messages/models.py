@@ -33,12 +33,23 @@ def _iso_utc(value: datetime) -> str:
 UtcDatetime = Annotated[AwareDatetime, PlainSerializer(_iso_utc, when_used="json")]
 
 
+_REVEAL = {"reveal_secrets": True}
+
+
 def _reveal_if_asked(value: SecretStr, info: SerializationInfo) -> str:
-    """Secrets serialise masked unless the caller explicitly asks (the reply writer does)."""
+    """Secrets serialise masked unless the caller explicitly asks (`wire_form` does)."""
     context: Any = info.context
     if isinstance(context, dict) and context.get("reveal_secrets"):
         return value.get_secret_value()
     return "**********"
+
+
+def wire_form(model: BaseModel, *, exclude_none: bool = False) -> dict[str, Any]:
+    """`model` as JSON with its secrets revealed: what the one party that needs them gets (a
+    command's payload sent to the worker, a result replied to its caller), and what a
+    command's keyed fingerprint is made of. Anywhere else (logs, events, stored replies, dead
+    letters) a model serialises with its secrets masked or left out."""
+    return model.model_dump(mode="json", context=_REVEAL, exclude_none=exclude_none)
 
 
 def _no_control_chars(value: str) -> str:

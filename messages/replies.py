@@ -1,13 +1,28 @@
-"""Reply envelope, the closed set of error codes, and the typed result of each command."""
+"""Reply envelope, the closed set of error codes, the typed result of each command, and the
+form a reply is kept in to answer a retry.
+
+Which result fields are secret is known here and only here: a field typed `Secret` goes to
+the caller (`Result.to_wire`), never into an idempotency record (`Result.to_stored`), and a
+replay has to derive it again and give it back (`Result.from_stored`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar, Self, get_args
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 
-from messages.models import Account, AccountId, Model, Secret, Session, SessionId
+from messages.models import (
+    Account,
+    AccountId,
+    Model,
+    Secret,
+    Session,
+    SessionId,
+    wire_form,
+)
 
 
 class ErrorCode(StrEnum):
@@ -62,34 +77,112 @@ class Reply(Model):
         return body
 
 
-class AccountResult(Model):
+def _is_secret(annotation: Any) -> bool:
+    """Whether a field typed `annotation` holds a secret (`Secret`, `Secret | None`...)."""
+    return annotation is SecretStr or any(_is_secret(arg) for arg in get_args(annotation))
+
+
+class Result(Model):
+    """The typed result of a command. `secret_fields` (worked out from its own fields typed
+    `Secret`; a result nests no secrets) are revealed to the caller and never stored."""
+
+    secret_fields: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        cls.secret_fields = frozenset(
+            name for name, field in cls.model_fields.items() if _is_secret(field.annotation)
+        )
+
+    def to_wire(self) -> dict[str, Any]:
+        """The `result` object of the reply: every field, secrets revealed."""
+        return wire_form(self)
+
+    def to_stored(self) -> dict[str, Any]:
+        """The result as an idempotency record keeps it: without its secret fields."""
+        return self.model_dump(mode="json", exclude=set(self.secret_fields))
+
+    @classmethod
+    def from_stored(cls, stored: Mapping[str, Any], **secrets: str) -> Self:
+        """The result that `to_stored` gave `stored`, with its secret fields given back (each
+        one is required, and nothing else may be given)."""
+        if secrets.keys() != cls.secret_fields:
+            raise ValueError(
+                f"{cls.__name__} needs exactly its secret fields back: {sorted(cls.secret_fields)}"
+            )
+        # Not strict: times and enums come back as JSON text.
+        return cls.model_validate({**stored, **secrets}, strict=False)
+
+
+class StoredReply(Model):
+    """What an idempotency record keeps, to answer a retry of its command with: the result
+    without its secrets, or the error."""
+
+    ok: bool
+    result: dict[str, Any] | None = None
+    error: ErrorBody | None = None
+
+    @model_validator(mode="after")
+    def _error_if_and_only_if_failed(self) -> StoredReply:
+        if self.ok == (self.error is not None):
+            raise ValueError("a stored reply has an error exactly when it is not ok")
+        return self
+
+    @classmethod
+    def of_result(cls, result: Result) -> StoredReply:
+        return cls(ok=True, result=result.to_stored())
+
+    @classmethod
+    def of_error(cls, error: ErrorBody) -> StoredReply:
+        return cls(ok=False, error=error)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> StoredReply:
+        """Read back what `to_json` wrote (and the store gave back)."""
+        return cls.model_validate(data, strict=False)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object the store keeps: `result` on success, `error` on failure."""
+        if self.error is None:
+            return {"ok": True, "result": self.result if self.result is not None else {}}
+        return {"ok": False, "error": self.error.model_dump(mode="json", exclude_none=True)}
+
+
+class AccountResult(Result):
     """Result of `account.create`, `account.get` and `account.update`."""
 
     account: Account
 
 
-class ChangePasswordResult(Model):
+class ChangePasswordResult(Result):
     account: Account
     sessions_ended: int = Field(ge=0)
 
 
-class StartSessionResult(Model):
+class StartSessionResult(Result):
     """The only reply that carries a token; the token is never stored or logged."""
 
     session: Session
     token: Secret
     account: Account
 
+    @staticmethod
+    def stored_session_id(stored: Mapping[str, Any]) -> str:
+        """The id of the session a stored sign-in opened: a replay signs it again to give
+        the token back."""
+        return str(stored["session"]["id"])
 
-class VerifySessionResult(Model):
+
+class VerifySessionResult(Result):
     session: Session
     account: Account
 
 
-class EndSessionResult(Model):
+class EndSessionResult(Result):
     session_id: SessionId
 
 
-class EndAllSessionsResult(Model):
+class EndAllSessionsResult(Result):
     account_id: AccountId
     sessions_ended: int = Field(ge=0)

@@ -8,7 +8,7 @@ happens before any transaction opens, in the bounded hashing pool.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -65,7 +65,7 @@ from stores import (
     AccountChanges,
     AccountRecord,
     DuplicateEmailError,
-    IdentityStore,
+    ServiceStore,
     SessionRecord,
     ThrottleSchedule,
     TransientStoreError,
@@ -145,7 +145,7 @@ async def _against_the_stored_hash(
 class IdentityService:
     def __init__(
         self,
-        store: IdentityStore,
+        store: ServiceStore,
         *,
         passwords: HashingPool,
         signer: TokenSigner,
@@ -169,7 +169,7 @@ class IdentityService:
     async def create_account(
         self, cmd: CreateAccount, ctx: CommandContext = NO_CONTEXT
     ) -> AccountResult:
-        op = self._ops.begin("account.create", cmd, ctx)
+        op = self._ops.begin(cmd, ctx)
         return await self._ops.execute(op, AccountResult, lambda op: self._create(op, cmd))
 
     async def _create(self, op: Operation, cmd: CreateAccount) -> AccountResult:
@@ -209,7 +209,7 @@ class IdentityService:
     async def update_account(
         self, cmd: UpdateAccount, ctx: CommandContext = NO_CONTEXT
     ) -> AccountResult:
-        op = self._ops.begin("account.update", cmd, ctx)
+        op = self._ops.begin(cmd, ctx)
         return await self._ops.execute(op, AccountResult, lambda op: self._update(op, cmd))
 
     async def _update(self, op: Operation, cmd: UpdateAccount) -> AccountResult:
@@ -272,7 +272,7 @@ class IdentityService:
     async def change_password(
         self, cmd: ChangePassword, ctx: CommandContext = NO_CONTEXT
     ) -> ChangePasswordResult:
-        op = self._ops.begin("account.change_password", cmd, ctx)
+        op = self._ops.begin(cmd, ctx)
         return await self._ops.execute(
             op, ChangePasswordResult, lambda op: self._change_password(op, cmd)
         )
@@ -332,9 +332,9 @@ class IdentityService:
     async def start_session(
         self, cmd: StartSession, ctx: CommandContext = NO_CONTEXT
     ) -> StartSessionResult:
-        op = self._ops.begin("session.start", cmd, ctx)
+        op = self._ops.begin(cmd, ctx)
         return await self._ops.execute(
-            op, StartSessionResult, lambda op: self._start(op, cmd), restore=self._restore_token
+            op, StartSessionResult, lambda op: self._start(op, cmd), restore=self._replayed_start
         )
 
     async def _start(self, op: Operation, cmd: StartSession) -> StartSessionResult:
@@ -382,13 +382,13 @@ class IdentityService:
             await self._ops.finish(uow, op, result)
         return result
 
-    async def _restore_token(self, result: dict[str, Any]) -> dict[str, Any]:
+    async def _replayed_start(self, stored: Mapping[str, Any]) -> StartSessionResult:
         """A replayed sign-in returns the same token: re-derived from the stored session id,
         with the key it was first signed with while that key is still configured."""
-        session_id = result["session"]["id"]
+        session_id = StartSessionResult.stored_session_id(stored)
         found = await self._store.get_session_with_account(session_id)
         kid = found[0].key_id if found is not None else None
-        return {**result, "token": self._signer.sign(session_id, kid)}
+        return StartSessionResult.from_stored(stored, token=self._signer.sign(session_id, kid))
 
     async def verify_session(
         self, cmd: VerifySession, ctx: CommandContext = NO_CONTEXT
@@ -417,7 +417,7 @@ class IdentityService:
     ) -> EndSessionResult:
         # A forged token is refused before anything is looked up or remembered.
         session_id, _ = self._signer.verify(cmd.token.get_secret_value())
-        op = self._ops.begin("session.end", cmd, ctx)
+        op = self._ops.begin(cmd, ctx)
         return await self._ops.execute(op, EndSessionResult, lambda op: self._end(op, session_id))
 
     async def _end(self, op: Operation, session_id: str) -> EndSessionResult:
@@ -433,7 +433,7 @@ class IdentityService:
     async def end_all_sessions(
         self, cmd: EndAllSessions, ctx: CommandContext = NO_CONTEXT
     ) -> EndAllSessionsResult:
-        op = self._ops.begin("session.end_all", cmd, ctx)
+        op = self._ops.begin(cmd, ctx)
         return await self._ops.execute(
             op, EndAllSessionsResult, lambda op: self._end_all(op, cmd.account_id)
         )

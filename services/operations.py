@@ -9,16 +9,19 @@ in one write (`UnitOfWork.record_outcome`): one database round trip, not two.
 Business errors are stored as replies too, so a retry of a failed command gets the same
 answer without redoing the work. Two deliveries of one key racing to commit are settled by
 the store's unique constraint: the loser rolls back, reads the winner's record and replays it.
+
+What a stored reply holds, and which secrets it leaves out, the models decide
+(`messages.StoredReply`, `Result.to_stored`); this module never looks inside one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
-from messages import ErrorBody, Metadata, fingerprint_material
+from messages import Metadata, Result, StoredReply, fingerprint_material, spec_of
 from messages.events import AnyEvent
 from messages.models import Model
 from services.clock import Clock
@@ -26,18 +29,19 @@ from services.errors import IdempotencyKeyReusedError, IdentityError, error_from
 from services.ids import new_event_id
 from services.tokens import TokenSigner
 from stores import (
+    CommandStore,
     DuplicateKeyError,
     IdempotencyRecord,
-    IdentityStore,
     NewEvent,
     TransientStoreError,
     UnitOfWork,
 )
 
-R = TypeVar("R", bound=Model)
+R = TypeVar("R", bound=Result)
 
-# Result fields that are secrets: never stored, re-derived on replay.
-_SECRET_RESULT_FIELDS = {"token"}
+# Gives back what a stored result left out (its secret fields): the stored result in, the
+# whole result out.
+Restore = Callable[[Mapping[str, Any]], Awaitable[R]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +90,7 @@ class OperationRunner:
 
     def __init__(
         self,
-        store: IdentityStore,
+        store: CommandStore,
         signer: TokenSigner,
         clock: Clock,
         on_replay: Callable[[str], None] | None = None,
@@ -96,13 +100,14 @@ class OperationRunner:
         self._clock = clock
         self._on_replay = on_replay
 
-    def begin(self, command: str, payload: Model, context: CommandContext) -> Operation:
-        return Operation(command, fingerprint_material(command, payload), context)
+    def begin(self, payload: Model, context: CommandContext) -> Operation:
+        """The operation of the command whose payload is `payload`."""
+        command = spec_of(type(payload)).name
+        return Operation(command, fingerprint_material(payload), context)
 
-    async def finish(self, uow: UnitOfWork, op: Operation, result: Model) -> None:
+    async def finish(self, uow: UnitOfWork, op: Operation, result: Result) -> None:
         """Write the events and the idempotency record in the caller's unit of work."""
-        stored = result.model_dump(mode="json", exclude=_SECRET_RESULT_FIELDS)
-        record = self._record(op, {"ok": True, "result": stored})
+        record = self._record(op, StoredReply.of_result(result))
         await uow.record_outcome(op.events, record)
 
     async def execute(
@@ -110,11 +115,12 @@ class OperationRunner:
         op: Operation,
         result_type: type[R],
         run: Callable[[Operation], Awaitable[R]],
-        restore: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None,
+        restore: Restore[R] | None = None,
     ) -> R:
         """Replay a known key, or run the operation once and record its outcome.
 
-        `restore` puts back what was not stored (a session token) into a replayed result.
+        A result with secret fields needs `restore`, which derives them again (a session's
+        token) for a replay.
         """
         known = await self._lookup(op)
         if known is not None:
@@ -151,26 +157,25 @@ class OperationRunner:
         self,
         record: IdempotencyRecord,
         result_type: type[R],
-        restore: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None,
+        restore: Restore[R] | None,
     ) -> R:
         if self._on_replay is not None:
             self._on_replay(record.command)
-        reply = record.reply
-        if not reply.get("ok"):
-            raise error_from_body(ErrorBody.model_validate(reply["error"], strict=False))
-        result: dict[str, Any] = dict(reply["result"])
+        reply = StoredReply.from_json(record.reply)
+        if reply.error is not None:
+            raise error_from_body(reply.error)
+        stored = reply.result or {}
         if restore is not None:
-            result = await restore(result)
-        return result_type.model_validate(result, strict=False)
+            return await restore(stored)
+        return result_type.from_stored(stored)
 
     async def _remember_failure(self, op: Operation, error: IdentityError) -> None:
         """Store the error as the key's reply; a failed command emits no events."""
-        body = error.to_error_body().model_dump(mode="json", exclude_none=True)
-        record = self._record(op, {"ok": False, "error": body})
+        record = self._record(op, StoredReply.of_error(error.to_error_body()))
         async with self._store.unit_of_work() as uow:
             await uow.record_outcome((), record)
 
-    def _record(self, op: Operation, reply: dict[str, Any]) -> IdempotencyRecord | None:
+    def _record(self, op: Operation, reply: StoredReply) -> IdempotencyRecord | None:
         """The idempotency record of `op` with `reply`; None if it has no key."""
         if op.key is None:
             return None
@@ -178,6 +183,6 @@ class OperationRunner:
             key=op.key,
             command=op.command,
             fingerprint=self._signer.fingerprint(op.material),
-            reply=reply,
+            reply=reply.to_json(),
             created_at=self._clock.now(),
         )

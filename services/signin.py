@@ -25,7 +25,7 @@ from datetime import datetime
 
 from services.errors import InvalidCredentialsError, RateLimitedError
 from services.passwords import HashingPool
-from stores import AccountRecord, IdentityStore, ThrottleSchedule
+from stores import AccountRecord, CommandStore, ThrottleSchedule
 
 log = logging.getLogger("identity.audit")
 
@@ -43,7 +43,7 @@ def email_tag(email_canonical: str) -> str:
 
 class Authenticator:
     def __init__(
-        self, store: IdentityStore, passwords: HashingPool, schedule: ThrottleSchedule
+        self, store: CommandStore, passwords: HashingPool, schedule: ThrottleSchedule
     ) -> None:
         self._store = store
         self._passwords = passwords

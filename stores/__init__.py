@@ -1,14 +1,24 @@
-"""Persistence: the IdentityStore port and its PostgreSQL and in-memory implementations.
+"""Persistence: the store ports (stores.base) and their PostgreSQL and in-memory implementations.
 
 This package never imports `services` or `worker`. Importing it opens no connection: a
 PostgreSQL pool exists only once `PostgresIdentityStore.connect()` is awaited.
 """
 
-from stores.base import EventBatch, IdentityStore, UnitOfWork
+from stores.base import (
+    CommandStore,
+    EventBatch,
+    Housekeeping,
+    IdentityStore,
+    OutboxStore,
+    Pingable,
+    SecretStore,
+    ServiceStore,
+    SessionReads,
+    UnitOfWork,
+)
 from stores.errors import DuplicateEmailError, DuplicateKeyError, StoreError, TransientStoreError
 from stores.memory import MemoryIdentityStore
-from stores.migrate import migrate
-from stores.postgres import PostgresIdentityStore
+from stores.postgres import PostgresIdentityStore, migrate
 from stores.records import (
     AccountChanges,
     AccountRecord,
@@ -24,16 +34,23 @@ from stores.records import (
 __all__ = [
     "AccountChanges",
     "AccountRecord",
+    "CommandStore",
     "DuplicateEmailError",
     "DuplicateKeyError",
     "EventBatch",
+    "Housekeeping",
     "IdempotencyRecord",
     "IdentityStore",
     "MemoryIdentityStore",
     "NewEvent",
+    "OutboxStore",
     "PendingEvent",
+    "Pingable",
     "PostgresIdentityStore",
     "PurgeCounts",
+    "SecretStore",
+    "ServiceStore",
+    "SessionReads",
     "SessionRecord",
     "StoreError",
     "ThrottleDecision",

@@ -1,7 +1,19 @@
-"""The ports: `IdentityStore` and its `UnitOfWork`, as small Protocols.
+"""The ports, as small Protocols, one per kind of caller; each asks for no more than it uses.
+
+    CommandStore   the service's commands: units of work, the idempotency look-up, account
+                   reads and the sign-in throttle (also what OperationRunner and
+                   Authenticator take)
+    SessionReads   session.verify's read, and its `last_seen` write outside a unit
+    ServiceStore   both of the above: what IdentityService takes
+    OutboxStore    the outbox relay: claim unpublished rows, measure the backlog
+    Housekeeping   deleting what has expired
+    Pingable       readiness: does the database answer
+    SecretStore    start-up: a secret every worker process agrees on
+    IdentityStore  all of them, and `close`: what the two implementations are and what the
+                   composition root owns
 
 Two implementations ship and pass one contract suite (tests/contract): `PostgresIdentityStore`
-(asyncpg) and `MemoryIdentityStore` (for fast unit tests).
+(asyncpg, stores.postgres) and `MemoryIdentityStore` (for fast unit tests, stores.memory).
 
 A unit of work is one database transaction: the state change, the idempotency record of the
 command and the outbox rows of its events commit together or not at all. It commits when the
@@ -77,19 +89,11 @@ class UnitOfWork(Protocol):
         """A successful sign-in forgets earlier failures."""
         ...
 
-    async def save_idempotency(self, record: IdempotencyRecord) -> None:
-        """Raises DuplicateKeyError if the key was committed by someone else."""
-        ...
-
-    async def add_events(self, events: Sequence[NewEvent]) -> None:
-        """Append outbox rows; they become visible to the relay when this unit commits."""
-        ...
-
     async def record_outcome(
         self, events: Sequence[NewEvent], idempotency: IdempotencyRecord | None
     ) -> None:
-        """What `add_events(events)` then `save_idempotency(idempotency)` do, as one write:
-        the outbox rows in the order given and the record (none when None). Raises
+        """Append the outbox rows in the order given (visible to the relay once this unit
+        commits) and store the idempotency record (none when None), as one write. Raises
         DuplicateKeyError if the key was committed by someone else; the unit must then roll
         back, which takes the events with it."""
         ...
@@ -106,24 +110,17 @@ class EventBatch(Protocol):
         ...
 
 
-class IdentityStore(Protocol):
+class CommandStore(Protocol):
+    """What a command needs: a unit of work for its change, and the reads made before one
+    opens (the idempotency look-up, the account, the sign-in throttle)."""
+
     def unit_of_work(self) -> AbstractAsyncContextManager[UnitOfWork]: ...
+
+    async def get_idempotency(self, key: str) -> IdempotencyRecord | None: ...
 
     async def get_account(self, account_id: str) -> AccountRecord | None: ...
 
     async def get_account_by_email(self, email_canonical: str) -> AccountRecord | None: ...
-
-    async def get_session_with_account(
-        self, session_id: str
-    ) -> tuple[SessionRecord, AccountRecord] | None:
-        """One round trip for `session.verify`."""
-        ...
-
-    async def touch_session(self, session_id: str, seen_at: datetime) -> None:
-        """Move `last_seen_at` forward (never backward)."""
-        ...
-
-    async def get_idempotency(self, key: str) -> IdempotencyRecord | None: ...
 
     async def reserve_signin_attempt(
         self, email_canonical: str, now: datetime, schedule: ThrottleSchedule
@@ -137,6 +134,28 @@ class IdentityStore(Protocol):
         """Un-count a reserved attempt that turned out to be a duplicate delivery."""
         ...
 
+
+class SessionReads(Protocol):
+    """`session.verify`: one read, and a `last_seen` write that needs no unit of work."""
+
+    async def get_session_with_account(
+        self, session_id: str
+    ) -> tuple[SessionRecord, AccountRecord] | None:
+        """One round trip for `session.verify`."""
+        ...
+
+    async def touch_session(self, session_id: str, seen_at: datetime) -> None:
+        """Move `last_seen_at` forward (never backward)."""
+        ...
+
+
+class ServiceStore(CommandStore, SessionReads, Protocol):
+    """Everything `IdentityService` uses."""
+
+
+class OutboxStore(Protocol):
+    """The outbox relay's side of the outbox."""
+
     def claim_events(self, limit: int) -> AbstractAsyncContextManager[EventBatch]:
         """Claim up to `limit` unpublished outbox rows, oldest first, skipping rows another
         relay holds. Rows marked published are updated when the block exits normally."""
@@ -146,6 +165,8 @@ class IdentityStore(Protocol):
         """(number of unpublished rows, age in seconds of the oldest one or 0)."""
         ...
 
+
+class Housekeeping(Protocol):
     async def purge(
         self,
         *,
@@ -159,14 +180,22 @@ class IdentityStore(Protocol):
         given times."""
         ...
 
+
+class Pingable(Protocol):
+    async def ping(self) -> None:
+        """Raise TransientStoreError unless the database answers."""
+        ...
+
+
+class SecretStore(Protocol):
     async def shared_secret(self, name: str, candidate: bytes) -> bytes:
         """The secret stored under `name`, storing `candidate` first if there is none: lets
         every worker process agree on a development signing key."""
         ...
 
-    async def ping(self) -> None:
-        """Raise TransientStoreError unless the database answers."""
-        ...
+
+class IdentityStore(ServiceStore, OutboxStore, Housekeeping, Pingable, SecretStore, Protocol):
+    """The whole store: what each implementation is, and what its owner closes."""
 
     async def close(self, force_after_s: float | None = None) -> None:
         """Release the store's resources; after `force_after_s` seconds, by force (whatever

@@ -45,7 +45,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _migrate(args: argparse.Namespace) -> int:
     settings = _settings_or_exit()
-    from stores.migrate import migrate
+    from stores.postgres import migrate
 
     applied = asyncio.run(migrate(settings.database_url.get_secret_value()))
     print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))

@@ -15,10 +15,11 @@ import aio_pika
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
 from services.clock import Clock, SystemClock
+from services.factory import ServiceConfig, make_identity_service
 from services.identity import IdentityService, SessionPolicy
-from services.passwords import HashingPool, PasswordPolicy, make_hasher
-from services.tokens import SigningKey, TokenSigner, parse_signing_keys
-from stores import IdentityStore, ThrottleSchedule
+from services.passwords import HashingPool, PasswordPolicy
+from services.tokens import SigningKey, parse_signing_keys
+from stores import IdentityStore, SecretStore, ServiceStore, ThrottleSchedule
 from stores.postgres import PostgresIdentityStore
 from worker.acks import Acknowledger
 from worker.broker import DeadLetters, ReplySender, StoppableRobustConnection
@@ -39,7 +40,7 @@ DEV_KEY_NAME = "development-signing-key"
 DEV_KEY_ID = "dev"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Components:
     """Everything `build` made; the Worker owns their lifecycle."""
 
@@ -59,7 +60,7 @@ class Components:
     acks: Acknowledger
 
 
-async def signing_keys(settings: Settings, store: IdentityStore) -> list[SigningKey]:
+async def signing_keys(settings: Settings, store: SecretStore) -> list[SigningKey]:
     """The configured keys, or else a development key shared through the database, so that
     several local workers accept each other's tokens without any configuration."""
     if settings.signing_keys is not None:
@@ -77,28 +78,14 @@ async def signing_keys(settings: Settings, store: IdentityStore) -> list[Signing
 HASHING_NICENESS = 10
 
 
-def build_service(
-    settings: Settings,
-    store: IdentityStore,
-    keys: list[SigningKey],
-    clock: Clock,
-    metrics: Metrics,
-) -> tuple[IdentityService, HashingPool]:
-    hasher = make_hasher(
-        settings.argon2_time_cost, settings.argon2_memory_kib, settings.argon2_parallelism
-    )
-    passwords = HashingPool(
-        hasher,
-        workers=settings.effective_hash_workers,
-        on_timing=observer(metrics.hash_seconds),
-        niceness=HASHING_NICENESS,
-    )
-    service = IdentityService(
-        store,
-        passwords=passwords,
-        signer=TokenSigner(keys),
-        clock=clock,
-        policy=PasswordPolicy(
+def service_config(settings: Settings) -> ServiceConfig:
+    """What the service is built from, as the settings say."""
+    return ServiceConfig(
+        argon2_time_cost=settings.argon2_time_cost,
+        argon2_memory_kib=settings.argon2_memory_kib,
+        argon2_parallelism=settings.argon2_parallelism,
+        hash_workers=settings.effective_hash_workers,
+        passwords=PasswordPolicy(
             min_length=settings.password_min_length,
             max_length=settings.password_max_length,
             max_bytes=settings.password_max_bytes,
@@ -114,9 +101,25 @@ def build_service(
             max_delay_s=settings.throttle_max_delay_s,
             reset_after_s=settings.throttle_reset_after_s,
         ),
+    )
+
+
+def build_service(
+    settings: Settings,
+    store: ServiceStore,
+    keys: list[SigningKey],
+    clock: Clock,
+    metrics: Metrics,
+) -> tuple[IdentityService, HashingPool]:
+    return make_identity_service(
+        store,
+        service_config(settings),
+        keys=keys,
+        clock=clock,
+        on_hash_timing=observer(metrics.hash_seconds),
+        hashing_niceness=HASHING_NICENESS,
         on_replay=lambda command: metrics.idempotent_replays_total.labels(command).inc(),
     )
-    return service, passwords
 
 
 async def build(settings: Settings, *, clock: Clock | None = None) -> Components:
@@ -190,18 +193,18 @@ async def _assemble(
         log_queries=settings.log_queries,
     )
     return Components(
-        settings,
-        clock,
-        metrics,
-        store,
-        passwords,
-        service,
-        connection,
-        fast_channel,
-        password_channel,
-        publish_channel,
-        topology,
-        processor,
-        relay,
-        acks,
+        settings=settings,
+        clock=clock,
+        metrics=metrics,
+        store=store,
+        passwords=passwords,
+        service=service,
+        connection=connection,
+        fast_channel=fast_channel,
+        password_channel=password_channel,
+        publish_channel=publish_channel,
+        topology=topology,
+        processor=processor,
+        relay=relay,
+        acks=acks,
     )

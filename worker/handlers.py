@@ -1,19 +1,30 @@
-"""The explicit table from command name to the service method that handles it."""
+"""The one table from a command to the service method that runs it, keyed by the type of the
+command's payload (its name lives in messages.commands). A new command adds one line here."""
 
 from __future__ import annotations
 
+from messages import (
+    ChangePassword,
+    CreateAccount,
+    EndAllSessions,
+    EndSession,
+    GetAccount,
+    StartSession,
+    UpdateAccount,
+    VerifySession,
+)
 from services.identity import IdentityService
-from worker.processor import Handler
+from worker.processor import Handlers
 
 
-def handler_table(service: IdentityService) -> dict[str, Handler]:
+def handler_table(service: IdentityService) -> Handlers:
     return {
-        "account.create": service.create_account,
-        "account.get": service.get_account,
-        "account.update": service.update_account,
-        "account.change_password": service.change_password,
-        "session.start": service.start_session,
-        "session.verify": service.verify_session,
-        "session.end": service.end_session,
-        "session.end_all": service.end_all_sessions,
+        CreateAccount: service.create_account,
+        GetAccount: service.get_account,
+        UpdateAccount: service.update_account,
+        ChangePassword: service.change_password,
+        StartSession: service.start_session,
+        VerifySession: service.verify_session,
+        EndSession: service.end_session,
+        EndAllSessions: service.end_all_sessions,
     }

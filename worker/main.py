@@ -6,7 +6,7 @@ import asyncio
 import logging
 import signal
 
-from stores.migrate import migrate
+from stores.postgres import migrate
 from worker.app import Worker
 from worker.bootstrap import build
 from worker.settings import Settings

@@ -22,7 +22,7 @@ from aio_pika.abc import AbstractChannel
 from pamqp.commands import Basic
 
 from messages.topology import CONTENT_TYPE
-from stores import IdentityStore, PendingEvent, StoreError
+from stores import OutboxStore, PendingEvent, StoreError
 from worker.broker import BROKER_FAULTS, publish_confirmed
 from worker.metrics import Metrics
 
@@ -32,7 +32,7 @@ log = logging.getLogger("identity.outbox")
 class OutboxRelay:
     def __init__(
         self,
-        store: IdentityStore,
+        store: OutboxStore,
         channel: AbstractChannel,
         exchange: str,
         metrics: Metrics,

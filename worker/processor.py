@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -19,7 +19,7 @@ import orjson
 from aio_pika.abc import AbstractIncomingMessage
 from tenacity import RetryCallState
 
-from messages import COMMANDS, ErrorBody, ErrorCode, Reply
+from messages import COMMANDS, ErrorBody, ErrorCode, Reply, Result
 from messages.models import Model
 from messages.topology import CONTENT_TYPE
 from services.errors import IdentityError
@@ -34,7 +34,15 @@ from worker.topology import delivery_count
 
 log = logging.getLogger("identity.worker")
 
-Handler = Callable[[Any, CommandContext], Awaitable[Model]]
+Handler = Callable[[Any, CommandContext], Awaitable[Result]]
+# Which handler runs a command: keyed by the type of its payload (see worker.handlers).
+Handlers = Mapping[type[Model], Handler]
+
+
+def unhandled(handlers: Handlers) -> list[str]:
+    """The commands that `handlers` has no handler for."""
+    return [spec.name for spec in COMMANDS.values() if spec.payload not in handlers]
+
 
 _INTERNAL = ErrorBody(
     code=ErrorCode.INTERNAL_ERROR,
@@ -45,7 +53,7 @@ _INTERNAL = ErrorBody(
 class CommandProcessor:
     def __init__(
         self,
-        handlers: dict[str, Handler],
+        handlers: Handlers,
         acks: Acknowledger,
         replies: ReplySender,
         dead_letters: DeadLetters,
@@ -57,6 +65,8 @@ class CommandProcessor:
         on_committed: Callable[[], None],
         log_queries: bool = False,
     ) -> None:
+        if missing := unhandled(handlers):
+            raise ValueError(f"no handler for {', '.join(missing)}")
         self._handlers = handlers
         self._acks = acks
         self._replies = replies
@@ -147,7 +157,7 @@ class CommandProcessor:
 
     async def _run(self, message: AbstractIncomingMessage, command: Command) -> Reply:
         key = command.context.idempotency_key
-        handler = self._handlers[command.name]
+        handler = self._handlers[type(command.payload)]
         try:
             result = await self._attempt(handler, command)
         except IdentityError as error:
@@ -170,10 +180,9 @@ class CommandProcessor:
             return Reply(ok=False, command=command.name, idempotency_key=key, error=_INTERNAL)
         if COMMANDS[command.name].changes_state:
             self._on_committed()  # its events are in the outbox now: publish without waiting
-        body = result.model_dump(mode="json", context={"reveal_secrets": True})
-        return Reply(ok=True, command=command.name, idempotency_key=key, result=body)
+        return Reply(ok=True, command=command.name, idempotency_key=key, result=result.to_wire())
 
-    async def _attempt(self, handler: Handler, command: Command) -> Model:
+    async def _attempt(self, handler: Handler, command: Command) -> Result:
         """Run the handler under the retry policy. The first try goes without a tenacity
         controller (building one per delivery cost about 3% of the worker's CPU); only a
         transient fault pays for one, with the attempts that are left."""

@@ -8,7 +8,7 @@ import asyncpg
 import pytest
 
 from stores import PostgresIdentityStore, StoreError, TransientStoreError, migrate
-from stores.migrate import migration_files
+from stores.postgres.migrate import migration_files
 from tests.contract.builders import account, idempotency
 
 
@@ -89,7 +89,7 @@ async def test_a_key_that_fails_its_batch_fails_only_its_own_look_up(
     records = [idempotency() for _ in range(3)]
     async with pg_store.unit_of_work() as uow:
         for record in records:
-            await uow.save_idempotency(record)
+            await uow.record_outcome([], record)
 
     found = await asyncio.gather(
         pg_store.get_idempotency(records[0].key),

@@ -10,44 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 
 import asyncpg
 import pytest
 
 from messages import CreateAccount, StartSession
-from services.clock import FakeClock
 from services.errors import InvalidCredentialsError
-from services.identity import IdentityService, SessionPolicy
+from services.identity import IdentityService
 from services.operations import CommandContext
-from services.passwords import HashingPool, PasswordPolicy, make_hasher
-from services.tokens import SigningKey, TokenSigner
-from stores import PostgresIdentityStore, ThrottleSchedule
+from services.passwords import HashingPool
 
 PASSWORD = "correct horse battery staple"
 NEW_PASSWORD = "a different long passphrase"
-
-
-@pytest.fixture
-async def passwords() -> AsyncIterator[HashingPool]:
-    pool = HashingPool(make_hasher(time_cost=1, memory_kib=8192, parallelism=1), workers=2)
-    await pool.start()
-    yield pool
-    pool.close()
-
-
-@pytest.fixture
-def service(pg_store: PostgresIdentityStore, passwords: HashingPool) -> IdentityService:
-    return IdentityService(
-        pg_store,
-        passwords=passwords,
-        signer=TokenSigner([SigningKey("k1", b"o" * 32)]),
-        clock=FakeClock(datetime(2026, 11, 22, 9, 0, tzinfo=UTC)),
-        policy=PasswordPolicy(),
-        sessions=SessionPolicy(),
-        throttle=ThrottleSchedule(free_failures=5, base_delay_s=1, max_delay_s=900),
-    )
 
 
 def ctx() -> CommandContext:

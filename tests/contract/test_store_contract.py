@@ -199,7 +199,7 @@ async def test_concurrent_lookups_each_get_their_own_row(store: IdentityStore) -
         for record in sessions:
             await uow.insert_session(record)
         for kept in records:
-            await uow.save_idempotency(kept)
+            await uow.record_outcome([], kept)
     missing = unique("ses"), unique("acct"), unique("key")
 
     # Asked together, many at once and some twice, as a busy worker asks.
@@ -309,54 +309,18 @@ async def test_touch_moves_last_seen_forward_never_backward(store: IdentityStore
 async def test_idempotency_record_round_trips_its_reply(store: IdentityStore) -> None:
     record = idempotency()
     async with store.unit_of_work() as uow:
-        await uow.save_idempotency(record)
+        await uow.record_outcome([], record)
     assert await store.get_idempotency(record.key) == record
     assert await store.get_idempotency(unique("key")) is None
-
-
-async def test_reply_comes_back_as_json_gives_it(store: IdentityStore) -> None:
-    record = idempotency(reply={"ok": False, "fields": ("email",), "none": None})
-    async with store.unit_of_work() as uow:
-        await uow.save_idempotency(record)
-    stored = await store.get_idempotency(record.key)
-    assert stored is not None
-    assert stored.reply == {"ok": False, "fields": ["email"], "none": None}
 
 
 async def test_reply_that_is_not_json_is_a_permanent_error(store: IdentityStore) -> None:
     record = idempotency(reply={"unserialisable": object()})
     with pytest.raises(StoreError) as caught:
         async with store.unit_of_work() as uow:
-            await uow.save_idempotency(record)
+            await uow.record_outcome([], record)
     assert not isinstance(caught.value, TransientStoreError)
     assert await store.get_idempotency(record.key) is None
-
-
-async def test_reused_idempotency_key_is_rejected(store: IdentityStore) -> None:
-    record = idempotency()
-    async with store.unit_of_work() as uow:
-        await uow.save_idempotency(record)
-    with pytest.raises(DuplicateKeyError):
-        async with store.unit_of_work() as uow:
-            await uow.save_idempotency(replace(record, fingerprint="other"))
-    assert await store.get_idempotency(record.key) == record
-
-
-async def test_racing_units_with_one_key_commit_exactly_once(store: IdentityStore) -> None:
-    key = unique("key")
-
-    async def attempt(n: int) -> str:
-        async with store.unit_of_work() as uow:
-            await uow.save_idempotency(idempotency(key=key, fingerprint=str(n)))
-        return str(n)
-
-    results = await asyncio.gather(*(attempt(n) for n in range(2)), return_exceptions=True)
-    winners = [r for r in results if isinstance(r, str)]
-    assert len(winners) == 1
-    assert [type(r) for r in results if not isinstance(r, str)] == [DuplicateKeyError]
-    stored = await store.get_idempotency(key)
-    assert stored is not None
-    assert stored.fingerprint == winners[0]
 
 
 async def test_unit_that_raises_leaves_nothing_behind(store: IdentityStore) -> None:
@@ -366,8 +330,7 @@ async def test_unit_that_raises_leaves_nothing_behind(store: IdentityStore) -> N
     async def doomed() -> None:
         async with store.unit_of_work() as uow:
             await uow.insert_account(record)
-            await uow.save_idempotency(key)
-            await uow.add_events([new_event])
+            await uow.record_outcome([new_event], key)
             raise Boom
 
     with pytest.raises(Boom):
@@ -379,7 +342,7 @@ async def test_unit_that_raises_leaves_nothing_behind(store: IdentityStore) -> N
     assert await store.outbox_backlog(T0) == (0, 0.0)
     async with store.unit_of_work() as uow:  # the email and the key are free again
         await uow.insert_account(replace(record, id=unique("acct")))
-        await uow.save_idempotency(key)
+        await uow.record_outcome([], key)
 
 
 async def test_unit_that_raises_ends_no_session(store: IdentityStore) -> None:
@@ -489,10 +452,10 @@ async def test_outcome_without_events_writes_only_the_record(store: IdentityStor
 # Outbox
 
 
-async def add_events(store: IdentityStore, count: int) -> list[str]:
+async def commit_events(store: IdentityStore, count: int) -> list[str]:
     events = [event(created_at=T0 + timedelta(seconds=n)) for n in range(count)]
     async with store.unit_of_work() as uow:
-        await uow.add_events(events)
+        await uow.record_outcome(events, None)
     return [e.event_id for e in events]
 
 
@@ -500,7 +463,7 @@ async def test_events_are_claimed_oldest_first_until_published(store: IdentitySt
     await drain(store)
     new_events = [event(), event(type="session.started")]
     async with store.unit_of_work() as uow:
-        await uow.add_events(new_events)
+        await uow.record_outcome(new_events, None)
     async with store.claim_events(10) as batch:
         claimed = list(batch.events)
         batch.mark_published([e.seq for e in claimed])
@@ -515,7 +478,7 @@ async def test_events_are_claimed_oldest_first_until_published(store: IdentitySt
 
 async def test_events_left_unmarked_are_claimed_again(store: IdentityStore) -> None:
     await drain(store)
-    ids = await add_events(store, 3)
+    ids = await commit_events(store, 3)
     async with store.claim_events(10) as batch:
         batch.mark_published([batch.events[1].seq])
     async with store.claim_events(10) as batch:
@@ -524,7 +487,7 @@ async def test_events_left_unmarked_are_claimed_again(store: IdentityStore) -> N
 
 async def test_batch_that_raises_publishes_nothing(store: IdentityStore) -> None:
     await drain(store)
-    ids = await add_events(store, 2)
+    ids = await commit_events(store, 2)
 
     async def doomed() -> None:
         async with store.claim_events(10) as batch:
@@ -539,7 +502,7 @@ async def test_batch_that_raises_publishes_nothing(store: IdentityStore) -> None
 
 async def test_concurrent_batches_never_claim_the_same_row(store: IdentityStore) -> None:
     await drain(store)
-    ids = await add_events(store, 10)
+    ids = await commit_events(store, 10)
     # A store that waited for the first batch's rows instead of skipping them would hang here.
     async with (
         asyncio.timeout(10),
@@ -555,7 +518,7 @@ async def test_concurrent_batches_never_claim_the_same_row(store: IdentityStore)
 async def test_events_of_an_open_unit_are_not_claimable(store: IdentityStore) -> None:
     await drain(store)
     async with store.unit_of_work() as uow:
-        await uow.add_events([event()])
+        await uow.record_outcome([event()], None)
         async with store.claim_events(10) as batch:
             assert list(batch.events) == []
     async with store.claim_events(10) as batch:
@@ -565,16 +528,16 @@ async def test_events_of_an_open_unit_are_not_claimable(store: IdentityStore) ->
 async def test_duplicate_event_id_is_rejected(store: IdentityStore) -> None:
     first = event()
     async with store.unit_of_work() as uow:
-        await uow.add_events([first])
+        await uow.record_outcome([first], None)
     with pytest.raises(StoreError):
         async with store.unit_of_work() as uow:
-            await uow.add_events([event(event_id=first.event_id)])
+            await uow.record_outcome([event(event_id=first.event_id)], None)
 
 
 async def test_backlog_counts_unpublished_rows_and_the_oldest_age(store: IdentityStore) -> None:
     await drain(store)
     assert await store.outbox_backlog(T0) == (0, 0.0)
-    await add_events(store, 3)
+    await commit_events(store, 3)
     async with store.claim_events(1) as batch:
         batch.mark_published([batch.events[0].seq])
     assert await store.outbox_backlog(T0 + timedelta(seconds=61)) == (2, 60.0)
@@ -698,13 +661,13 @@ async def test_purge_deletes_only_what_is_old_enough(store: IdentityStore) -> No
     live = session(owner, created_at=old, last_seen_at=old)
     await drain(store)
     async with store.unit_of_work() as uow:
-        await uow.save_idempotency(old_key)
-        await uow.save_idempotency(young_key)
+        await uow.record_outcome([], old_key)
+        await uow.record_outcome([], young_key)
         for record in (expired, ended, live):
             await uow.insert_session(record)
         await uow.end_session(ended.id, old, "sign_out")
-        await uow.add_events(
-            [event(created_at=old), event(created_at=old), event(created_at=young)]
+        await uow.record_outcome(
+            [event(created_at=old), event(created_at=old), event(created_at=young)], None
         )
     async with store.claim_events(2) as batch:
         batch.mark_published([batch.events[0].seq])

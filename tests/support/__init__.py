@@ -1,2 +1,3 @@
-"""Test support shared by the integration and fault suites: worker processes, a broker-side
-caller and event capture, and the end-to-end checker."""
+"""Test support: the service as the worker builds it (factory), and, for the integration and
+fault suites, worker processes, a broker-side caller and event capture, and the end-to-end
+checker."""

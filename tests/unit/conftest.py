@@ -1,26 +1,23 @@
-"""Fixtures for the service layer on the in-memory store: a fake clock, fast argon2."""
+"""Fixtures for the service layer on the in-memory store: a fake clock, fast argon2, and the
+service built as the worker builds it (tests/support/factory.py)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 
 import pytest
 
 from services.clock import FakeClock
-from services.identity import IdentityService, SessionPolicy
-from services.passwords import HashingPool, PasswordPolicy, make_hasher
+from services.identity import IdentityService
+from services.passwords import HashingPool
 from services.tokens import SigningKey, TokenSigner
-from stores import ThrottleSchedule
 from stores.memory import MemoryIdentityStore
-
-# Cheap argon2id parameters: these tests are about rules, not about hash strength.
-FAST_HASHER = dict(time_cost=1, memory_kib=8192, parallelism=1)
+from tests.support.factory import TEST_KEYS, TEST_START, running_service
 
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock(datetime(2026, 11, 22, 9, 0, tzinfo=UTC))
+    return FakeClock(TEST_START)
 
 
 @pytest.fixture
@@ -30,7 +27,7 @@ def store() -> MemoryIdentityStore:
 
 @pytest.fixture
 def keys() -> list[SigningKey]:
-    return [SigningKey("k2", b"n" * 32), SigningKey("k1", b"o" * 32)]
+    return list(TEST_KEYS)
 
 
 @pytest.fixture
@@ -39,27 +36,22 @@ def signer(keys: list[SigningKey]) -> TokenSigner:
 
 
 @pytest.fixture
-async def passwords() -> AsyncIterator[HashingPool]:
+async def assembled(
+    store: MemoryIdentityStore, keys: list[SigningKey], clock: FakeClock
+) -> AsyncIterator[tuple[IdentityService, HashingPool]]:
     timings: list[str] = []
-    pool = HashingPool(
-        make_hasher(**FAST_HASHER), workers=2, on_timing=lambda op, _: timings.append(op)
-    )
-    pool.timings = timings  # type: ignore[attr-defined]
-    await pool.start()
-    yield pool
-    pool.close()
+    async with running_service(
+        store, clock=clock, keys=keys, on_hash_timing=lambda op, _: timings.append(op)
+    ) as (service, passwords):
+        passwords.timings = timings  # type: ignore[attr-defined]
+        yield service, passwords
 
 
 @pytest.fixture
-def service(
-    store: MemoryIdentityStore, passwords: HashingPool, signer: TokenSigner, clock: FakeClock
-) -> IdentityService:
-    return IdentityService(
-        store,
-        passwords=passwords,
-        signer=signer,
-        clock=clock,
-        policy=PasswordPolicy(),
-        sessions=SessionPolicy(),
-        throttle=ThrottleSchedule(free_failures=5, base_delay_s=1, max_delay_s=900),
-    )
+def passwords(assembled: tuple[IdentityService, HashingPool]) -> HashingPool:
+    return assembled[1]
+
+
+@pytest.fixture
+def service(assembled: tuple[IdentityService, HashingPool]) -> IdentityService:
+    return assembled[0]

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from stores.batching import KeyedBatcher
 from stores.errors import TransientStoreError
+from stores.postgres.batching import KeyedBatcher
 
 
 class Table:
@@ -229,7 +229,7 @@ async def test_a_bug_in_a_batch_fails_its_callers_and_is_logged(
 
     batcher: KeyedBatcher[str, str] = KeyedBatcher(fetch)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("stores.batching._resolve", lambda *_: 1 / 0)
+        patch.setattr("stores.postgres.batching._resolve", lambda *_: 1 / 0)
         found = await asyncio.gather(batcher.get("a"), return_exceptions=True)
 
     assert isinstance(found[0], TransientStoreError)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -15,9 +16,10 @@ from services.errors import (
     SessionExpiredError,
 )
 from services.identity import IdentityService
-from services.passwords import HashingPool, make_hasher
+from services.passwords import HashingPool
 from services.tokens import SigningKey, TokenSigner
 from stores.memory import MemoryIdentityStore
+from tests.support.factory import TEST_CONFIG, running_service
 from tests.unit.helpers import create_cmd, ctx, pending_events, start_cmd
 
 
@@ -159,24 +161,18 @@ async def test_forged_and_tampered_tokens_are_invalid(service: IdentityService) 
 
 
 async def test_tokens_survive_key_rotation(
-    store: MemoryIdentityStore, passwords: HashingPool, clock: FakeClock, service: IdentityService
+    store: MemoryIdentityStore, clock: FakeClock, service: IdentityService
 ) -> None:
     await service.create_account(create_cmd(), ctx())
     token = (await service.start_session(start_cmd(), ctx())).token.get_secret_value()
-    rotated = IdentityService(
-        store,
-        passwords=passwords,
-        signer=TokenSigner([SigningKey("k3", b"r" * 32), SigningKey("k2", b"n" * 32)]),
-        clock=clock,
-    )
-    await rotated.verify_session(verify_cmd(token))
-    fresh = (await rotated.start_session(start_cmd(), ctx())).token.get_secret_value()
+    new_key, old_key = SigningKey("k3", b"r" * 32), SigningKey("k2", b"n" * 32)
+    async with running_service(store, clock=clock, keys=[new_key, old_key]) as (rotated, _):
+        await rotated.verify_session(verify_cmd(token))
+        fresh = (await rotated.start_session(start_cmd(), ctx())).token.get_secret_value()
     assert fresh.split(".")[1] == "k3"
-    retired = IdentityService(
-        store, passwords=passwords, signer=TokenSigner([SigningKey("k3", b"r" * 32)]), clock=clock
-    )
-    with pytest.raises(InvalidTokenError):
-        await retired.verify_session(verify_cmd(token))
+    async with running_service(store, clock=clock, keys=[new_key]) as (retired, _):
+        with pytest.raises(InvalidTokenError):
+            await retired.verify_session(verify_cmd(token))
 
 
 async def test_ending_a_session_twice_is_fine_and_announced_once(
@@ -209,16 +205,12 @@ async def test_ending_all_sessions_announces_each_one(
 
 
 async def test_an_outdated_hash_is_upgraded_on_sign_in_without_a_new_version(
-    store: MemoryIdentityStore, signer: TokenSigner, clock: FakeClock
+    store: MemoryIdentityStore, clock: FakeClock
 ) -> None:
-    weak = HashingPool(make_hasher(time_cost=1, memory_kib=8192, parallelism=1), workers=1)
-    strong = HashingPool(make_hasher(time_cost=2, memory_kib=9216, parallelism=1), workers=1)
-    await weak.start()
-    await strong.start()
-    try:
-        old = IdentityService(store, passwords=weak, signer=signer, clock=clock)
+    stronger = replace(TEST_CONFIG, argon2_time_cost=2, argon2_memory_kib=9216)
+    async with running_service(store, clock=clock) as (old, _):
         account = (await old.create_account(create_cmd(), ctx())).account
-        new = IdentityService(store, passwords=strong, signer=signer, clock=clock)
+    async with running_service(store, clock=clock, config=stronger) as (new, strong):
         clock.advance(timedelta(seconds=5).total_seconds())
         await new.start_session(start_cmd(), ctx())
         record = await store.get_account(account.id)
@@ -226,6 +218,3 @@ async def test_an_outdated_hash_is_upgraded_on_sign_in_without_a_new_version(
         assert not strong.needs_rehash(record.password_hash)
         assert record.version == 1
         await new.start_session(start_cmd(), ctx())
-    finally:
-        weak.close()
-        strong.close()

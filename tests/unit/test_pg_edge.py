@@ -9,8 +9,8 @@ import asyncpg
 import pytest
 
 from stores.errors import DuplicateEmailError, DuplicateKeyError, StoreError, TransientStoreError
-from stores.pg_edge import EMAIL_CONSTRAINT, IDEMPOTENCY_CONSTRAINT, Instrument, store_error
-from stores.postgres import _caused_by_a_key
+from stores.postgres.edge import EMAIL_CONSTRAINT, IDEMPOTENCY_CONSTRAINT, Instrument, store_error
+from stores.postgres.store import _caused_by_a_key
 
 
 def _unique(constraint: str) -> asyncpg.UniqueViolationError:
@@ -57,13 +57,13 @@ def test_the_instrument_times_and_translates_failures_keeping_the_cause() -> Non
     timed = Instrument(lambda operation, seconds: seen.append((operation, seconds)))
     driver_error = _unique(IDEMPOTENCY_CONSTRAINT)
 
-    with pytest.raises(DuplicateKeyError) as raised, timed("uow.save_idempotency"):
+    with pytest.raises(DuplicateKeyError) as raised, timed("uow.record_outcome"):
         raise driver_error
 
     assert raised.value.__cause__ is driver_error
     with timed("get_account"):
         pass
-    assert [operation for operation, _ in seen] == ["uow.save_idempotency", "get_account"]
+    assert [operation for operation, _ in seen] == ["uow.record_outcome", "get_account"]
     assert all(seconds >= 0 for _, seconds in seen)
 
 

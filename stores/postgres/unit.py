@@ -18,8 +18,8 @@ from datetime import datetime
 from operator import attrgetter
 from typing import Any
 
-from stores import pg_sql as sql
-from stores.pg_edge import Instrument
+from stores.postgres import sql
+from stores.postgres.edge import Instrument
 from stores.records import (
     AccountChanges,
     AccountRecord,
@@ -122,19 +122,6 @@ class PostgresUnitOfWork:
     async def reset_signin_failures(self, email_canonical: str) -> None:
         with self._timed("uow.reset_signin_failures"):
             await self._conn.execute(sql.RESET_SIGNIN, email_canonical)
-
-    async def save_idempotency(self, record: IdempotencyRecord) -> None:
-        with self._timed("uow.save_idempotency"):
-            await self._conn.execute(sql.INSERT_IDEMPOTENCY, *_values(record))
-
-    async def add_events(self, events: Sequence[NewEvent]) -> None:
-        if not events:
-            return
-        with self._timed("uow.add_events"):
-            await self._conn.executemany(
-                sql.INSERT_EVENT,
-                [(e.event_id, e.type, bytes(e.body), e.created_at) for e in events],
-            )
 
     async def record_outcome(
         self, events: Sequence[NewEvent], idempotency: IdempotencyRecord | None

@@ -164,12 +164,6 @@ class MemoryUnitOfWork:
     async def reset_signin_failures(self, email_canonical: str) -> None:
         self._throttle_resets.add(email_canonical)
 
-    async def save_idempotency(self, record: IdempotencyRecord) -> None:
-        self._idempotency[record.key] = self._checked_record(record)
-
-    async def add_events(self, events: Sequence[NewEvent]) -> None:
-        self._events.extend(self._checked_events(events))
-
     async def record_outcome(
         self, events: Sequence[NewEvent], idempotency: IdempotencyRecord | None
     ) -> None:

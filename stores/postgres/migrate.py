@@ -1,4 +1,5 @@
-"""Schema migrations: numbered .sql files shipped in `stores/migrations`, applied in order.
+"""Schema migrations: numbered .sql files shipped in `stores/postgres/migrations`, applied in
+order.
 
 Several worker processes start at once and all call `migrate()`; they serialise on a
 PostgreSQL advisory lock, so exactly one applies each file and the others find it recorded in
@@ -30,7 +31,7 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 
 def migration_files() -> list[tuple[str, str]]:
     """(name, sql) of every shipped migration, in the order they apply."""
-    folder = files("stores").joinpath("migrations")
+    folder = files("stores.postgres").joinpath("migrations")
     names = sorted(entry.name for entry in folder.iterdir() if _MIGRATION_NAME.match(entry.name))
     return [(name, folder.joinpath(name).read_text(encoding="utf-8")) for name in names]
 

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from stores.errors import StoreError, TransientStoreError
-from stores.memory_unit import MemoryUnitOfWork, Tables, Throttle, as_jsonb
+from stores.memory.unit import MemoryUnitOfWork, Tables, Throttle, as_jsonb
 from stores.records import (
     AccountRecord,
     IdempotencyRecord,

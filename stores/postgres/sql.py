@@ -52,7 +52,7 @@ UPDATE accounts SET password_hash = $3 WHERE id = $1 AND password_hash = $2
 
 INSERT_SESSION = f"INSERT INTO sessions ({SESSION}) VALUES ({_placeholders(SessionRecord)})"
 GET_SESSION = f"SELECT {SESSION} FROM sessions WHERE id = $1"
-# Look-ups by primary key, many keys a query (stores/batching.py): the key comes first.
+# Look-ups by primary key, many keys a query (batching.py): the key comes first.
 GET_ACCOUNTS = f"SELECT {ACCOUNT} FROM accounts WHERE id = ANY($1::text[])"
 GET_SESSIONS_WITH_ACCOUNTS = f"""
 SELECT {_columns(SessionRecord, "s.")}, {_columns(AccountRecord, "a.")}
@@ -76,19 +76,15 @@ SELECT {SESSION} FROM ended ORDER BY created_at, id
 """
 TOUCH_SESSION = "UPDATE sessions SET last_seen_at = $2 WHERE id = $1 AND last_seen_at < $2"
 
-INSERT_IDEMPOTENCY = (
-    f"INSERT INTO idempotency ({IDEMPOTENCY}) VALUES ({_placeholders(IdempotencyRecord)})"
-)
 GET_IDEMPOTENCY_RECORDS = (
     f"SELECT {IDEMPOTENCY} FROM idempotency WHERE key = ANY($1::text[])"  # batched, as above
 )
 
-INSERT_EVENT = "INSERT INTO outbox (event_id, type, body, created_at) VALUES ($1, $2, $3, $4)"
 # A command's outcome in one statement: its events ($1-$4, one array per column) and its
 # idempotency record ($5-$9; skipped when the key is NULL). A data-modifying CTE always runs to
 # completion, whether or not the main statement reads it. Rows are inserted in ORDER BY order,
 # so the outbox seqs follow the events' order. The casts give every parameter its column's
-# type, so the reply goes through the connection's jsonb codec as in INSERT_IDEMPOTENCY.
+# type, so the reply goes through the connection's jsonb codec.
 RECORD_OUTCOME = f"""
 WITH events AS (
     INSERT INTO outbox (event_id, type, body, created_at)

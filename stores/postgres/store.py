@@ -1,8 +1,8 @@
 """`PostgresIdentityStore`: the IdentityStore port on an asyncpg pool.
 
-A unit of work is one pooled connection and one transaction (see `postgres_unit` for why READ
-COMMITTED suffices). Driver exceptions are translated in `pg_edge`; every operation reports
-its latency to the optional `observe(operation, seconds)` hook.
+A unit of work is one pooled connection and one transaction (see `stores.postgres.unit` for
+why READ COMMITTED suffices). Driver exceptions are translated in `stores.postgres.edge`;
+every operation reports its latency to the optional `observe(operation, seconds)` hook.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from typing import Any
 import asyncpg
 import orjson
 
-from stores import pg_sql as sql
-from stores.batching import KeyedBatcher
 from stores.errors import StoreError, TransientStoreError
-from stores.pg_edge import Instrument, Observe
-from stores.postgres_unit import (
+from stores.postgres import sql
+from stores.postgres.batching import KeyedBatcher
+from stores.postgres.edge import Instrument, Observe
+from stores.postgres.unit import (
     PostgresEventBatch,
     PostgresUnitOfWork,
     account_from,

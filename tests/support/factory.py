@@ -1,0 +1,48 @@
+"""The service for tests, built the way the worker builds it (services.factory), with values
+fit for tests: cheap argon2, a fixed start time, test signing keys."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+
+from services.clock import Clock, FakeClock
+from services.factory import ServiceConfig, make_identity_service
+from services.identity import IdentityService
+from services.passwords import HashingPool
+from services.tokens import SigningKey
+from stores import ServiceStore
+
+# Cheap argon2id parameters: these tests are about rules, not about hash strength.
+TEST_CONFIG = ServiceConfig(
+    argon2_time_cost=1, argon2_memory_kib=8192, argon2_parallelism=1, hash_workers=2
+)
+# The signing key first, then one that still verifies.
+TEST_KEYS = (SigningKey("k2", b"n" * 32), SigningKey("k1", b"o" * 32))
+TEST_START = datetime(2026, 11, 22, 9, 0, tzinfo=UTC)
+
+
+@asynccontextmanager
+async def running_service(
+    store: ServiceStore,
+    *,
+    clock: Clock | None = None,
+    keys: Sequence[SigningKey] = TEST_KEYS,
+    config: ServiceConfig = TEST_CONFIG,
+    on_hash_timing: Callable[[str, float], None] | None = None,
+) -> AsyncIterator[tuple[IdentityService, HashingPool]]:
+    """The service on `store` and its hashing pool, started, and closed on exit. The clock
+    is a `FakeClock` at `TEST_START` unless one is given."""
+    service, passwords = make_identity_service(
+        store,
+        config,
+        keys=keys,
+        clock=clock or FakeClock(TEST_START),
+        on_hash_timing=on_hash_timing,
+    )
+    await passwords.start()
+    try:
+        yield service, passwords
+    finally:
+        passwords.close()
