@@ -12,8 +12,9 @@ import json
 
 import pytest
 
-from tests.integration.conftest import Isolated, rabbitmqctl, vhost_connection_pids
+from tests.integration.conftest import Isolated
 from tests.integration.scenarios import Person, set_connections_allowed, sign_up
+from tests.support.vhosts import rabbitmqctl, vhost_connection_pids
 from tests.support.workers import WorkerProcess
 
 pytestmark = pytest.mark.integration

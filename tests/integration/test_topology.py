@@ -13,7 +13,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from messages.commands import COMMANDS
 from messages.topology import DEAD_QUEUE
-from tests.integration.conftest import rabbitmqctl
+from tests.support.vhosts import rabbitmqctl
 from worker.topology import (
     FAST_QUEUE,
     PASSWORD_QUEUE,
