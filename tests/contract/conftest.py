@@ -1,4 +1,6 @@
-"""The `store` fixture: every contract test runs once on each IdentityStore implementation.
+"""The `store` fixture: every store contract test runs once on each IdentityStore
+implementation; the `broker` fixture: every broker test runs once on the in-memory broker
+double and once on RabbitMQ.
 
 The contract suite gets a database of its own: its outbox tests publish whatever is pending,
 which must not race the relay of a worker that another suite started on `pg_dsn`.
@@ -6,12 +8,15 @@ which must not race the relay of a worker that another suite started on `pg_dsn`
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from aio_pika.abc import AbstractRobustConnection
 
 from stores import IdentityStore, MemoryIdentityStore
 from tests.conftest import migrated_database
+from tests.support.pipeline import MEMORY, RABBITMQ, Broker
+from tests.support.vhosts import BROKER, fresh_vhost
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +32,30 @@ def store(request: pytest.FixtureRequest) -> IdentityStore:
     # Looked up only for this parameter, so the memory runs never need a database.
     pg_store: IdentityStore = request.getfixturevalue("pg_store")
     return pg_store
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> Iterator[str]:
+    """A fresh vhost on the local RabbitMQ for this session's runs on the real broker."""
+    with fresh_vhost() as vhost:
+        yield f"{BROKER}/{vhost}"
+
+
+@pytest.fixture(scope="module", params=[MEMORY, pytest.param(RABBITMQ, marks=pytest.mark.rabbitmq)])
+def broker(request: pytest.FixtureRequest) -> Broker:
+    """Each test that takes it runs twice: on the in-memory broker double, and on RabbitMQ
+    (deselect that one with `-m "not rabbitmq"`)."""
+    if request.param == MEMORY:
+        return Broker.in_memory()
+    # Looked up only for this parameter, so the memory runs never need RabbitMQ.
+    return Broker.rabbitmq(request.getfixturevalue("rabbitmq_url"))
+
+
+@pytest.fixture
+async def connection(broker: Broker) -> AsyncIterator[AbstractRobustConnection]:
+    """A connection of the test's own to `broker`, closed afterwards."""
+    opened = await broker.connect()
+    try:
+        yield opened
+    finally:
+        await opened.close()
