@@ -1,6 +1,6 @@
 """The `store` fixture: every store contract test runs once on each IdentityStore
-implementation; the `broker` fixture: every broker test runs once on the in-memory broker
-double and once on RabbitMQ.
+implementation; the `broker` fixture: every broker and pipeline test runs once on the
+in-memory broker double and once on RabbitMQ.
 
 The contract suite gets a database of its own: its outbox tests publish whatever is pending,
 which must not race the relay of a worker that another suite started on `pg_dsn`.
@@ -15,8 +15,10 @@ from aio_pika.abc import AbstractRobustConnection
 
 from stores import IdentityStore, MemoryIdentityStore
 from tests.conftest import migrated_database
-from tests.support.pipeline import MEMORY, RABBITMQ, Broker
+from tests.support.bus import Bus
+from tests.support.pipeline import MEMORY, RABBITMQ, Broker, running_worker
 from tests.support.vhosts import BROKER, fresh_vhost
+from worker.app import Worker
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +57,24 @@ def broker(request: pytest.FixtureRequest) -> Broker:
 async def connection(broker: Broker) -> AsyncIterator[AbstractRobustConnection]:
     """A connection of the test's own to `broker`, closed afterwards."""
     opened = await broker.connect()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+@pytest.fixture(scope="module")
+async def pipeline_worker(broker: Broker) -> AsyncIterator[Worker]:
+    """One worker per module and broker, built by `build()` in this process on the in-memory
+    store (tests use unique emails and keys, so they share it)."""
+    async with running_worker(broker) as worker:
+        yield worker
+
+
+@pytest.fixture
+async def bus(broker: Broker, pipeline_worker: Worker) -> AsyncIterator[Bus]:
+    """A caller on `broker` with its own reply, event and dead-letter captures."""
+    opened = await Bus.attach(await broker.connect())
     try:
         yield opened
     finally:
