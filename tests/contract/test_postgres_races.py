@@ -24,6 +24,7 @@ from services.operations import CommandContext
 from services.passwords import HashingPool, PasswordPolicy, make_hasher
 from services.tokens import SigningKey, TokenSigner
 from stores import PostgresIdentityStore, ThrottleSchedule
+from tests.support.eventually import eventually
 
 PASSWORD = "correct horse battery staple"
 NEW_PASSWORD = "a different long passphrase"
@@ -54,6 +55,17 @@ def ctx() -> CommandContext:
     return CommandContext(idempotency_key=str(uuid.uuid4()), correlation_id="corr-1")
 
 
+async def _waiting_for(observer: asyncpg.Connection, holder_pid: int) -> bool:
+    """Whether a backend waits on a lock that `holder_pid` holds. (`observer` must not be in a
+    transaction, which would see one snapshot of pg_stat_activity throughout.)"""
+    waiting = await observer.fetchval(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE wait_event_type = 'Lock' AND $1 = ANY(pg_blocking_pids(pid))",
+        holder_pid,
+    )
+    return bool(waiting)
+
+
 async def test_a_sign_in_waits_for_a_password_change_in_flight_and_opens_no_session(
     service: IdentityService,
     passwords: HashingPool,
@@ -68,8 +80,18 @@ async def test_a_sign_in_waits_for_a_password_change_in_flight_and_opens_no_sess
     in_flight = change.transaction()
     commit: asyncio.Task[None] | None = None
 
-    async def commit_later() -> None:
-        await asyncio.sleep(0.5)  # the sign-in's transaction starts meanwhile
+    async def commit_once_the_sign_in_waits() -> None:
+        # The interleaving under test: the sign-in's transaction is blocked on the row lock
+        # the change holds. Commit only once PostgreSQL shows it waiting.
+        observer = await asyncpg.connect(pg_dsn)
+        try:
+            await eventually(
+                lambda: _waiting_for(observer, change.get_server_pid()),
+                timeout=10,
+                what="the sign-in waiting for the change's row lock",
+            )
+        finally:
+            await observer.close()
         await in_flight.commit()
 
     real_verify = passwords.verify
@@ -91,7 +113,7 @@ async def test_a_sign_in_waits_for_a_password_change_in_flight_and_opens_no_sess
             " WHERE account_id = $1 AND ended_at IS NULL",
             account.id,
         )
-        commit = asyncio.create_task(commit_later())
+        commit = asyncio.create_task(commit_once_the_sign_in_waits())
         return ok
 
     monkeypatch.setattr(passwords, "verify", verify_then_change)
