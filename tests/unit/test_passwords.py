@@ -32,6 +32,7 @@ from services.passwords import (
     normalize_password,
     transparent_huge_pages,
 )
+from tests.support.eventually import eventually
 
 FIELD = "payload.password"
 POLICY = PasswordPolicy()
@@ -338,7 +339,7 @@ async def test_the_pool_never_runs_more_than_its_workers_at_once() -> None:
     hashing = HashingPool(hasher, workers=3)
     try:
         jobs = [asyncio.ensure_future(hashing.hash(f"passphrase number {i}")) for i in range(12)]
-        await asyncio.sleep(0.2)
+        await eventually(lambda: hasher.active == 3, timeout=10, what="three hashes running")
         assert hashing.pending == 12
         assert hasher.active == 3
         hasher.release.set()
