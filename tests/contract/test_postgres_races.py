@@ -25,6 +25,7 @@ from services.passwords import HashingPool, PasswordPolicy, make_hasher
 from services.tokens import SigningKey, TokenSigner
 from stores import PostgresIdentityStore, ThrottleSchedule
 from tests.support.eventually import eventually
+from tests.support.postgres import lock_waiters
 
 PASSWORD = "correct horse battery staple"
 NEW_PASSWORD = "a different long passphrase"
@@ -55,17 +56,6 @@ def ctx() -> CommandContext:
     return CommandContext(idempotency_key=str(uuid.uuid4()), correlation_id="corr-1")
 
 
-async def _waiting_for(observer: asyncpg.Connection, holder_pid: int) -> bool:
-    """Whether a backend waits on a lock that `holder_pid` holds. (`observer` must not be in a
-    transaction, which would see one snapshot of pg_stat_activity throughout.)"""
-    waiting = await observer.fetchval(
-        "SELECT count(*) FROM pg_stat_activity"
-        " WHERE wait_event_type = 'Lock' AND $1 = ANY(pg_blocking_pids(pid))",
-        holder_pid,
-    )
-    return bool(waiting)
-
-
 async def test_a_sign_in_waits_for_a_password_change_in_flight_and_opens_no_session(
     service: IdentityService,
     passwords: HashingPool,
@@ -86,7 +76,7 @@ async def test_a_sign_in_waits_for_a_password_change_in_flight_and_opens_no_sess
         observer = await asyncpg.connect(pg_dsn)
         try:
             await eventually(
-                lambda: _waiting_for(observer, change.get_server_pid()),
+                lambda: lock_waiters(observer, change.get_server_pid()),
                 timeout=10,
                 what="the sign-in waiting for the change's row lock",
             )
