@@ -197,13 +197,34 @@ def transparent_huge_pages() -> str | None:
     return found.group(1) if found else None
 
 
+def argon2_huge_pages(glibc: str | None, hugetlb: str | None, thp_mode: str | None) -> str:
+    """Who puts argon2's (large) memory on transparent huge pages, given the C library
+    ("glibc 2.36"), the glibc.malloc.hugetlb value it started with and the kernel's THP mode:
+    "kernel" under `always`; "glibc" under `madvise` when glibc 2.35+ started with the tunable
+    at 1 (it marks the mapping, MADV_HUGEPAGE); else "none"."""
+    if thp_mode == "always":
+        return "kernel"
+    if thp_mode == "madvise" and hugetlb == "1" and _version(glibc) >= (2, 35):
+        return "glibc"
+    return "none"
+
+
+def _version(glibc: str | None) -> tuple[int, ...]:
+    name, _, version = (glibc or "").partition(" ")
+    if name != "glibc":
+        return ()
+    return tuple(int(n) for n in version.split(".")[:2] if n.isdigit())
+
+
 def huge_pages_settings() -> dict[str, str | None]:
-    """What decides whether argon2's memory is on huge pages, as the start-up log and the
-    benchmark report it."""
+    """What decides whether argon2's memory is on huge pages, and the outcome, as the start-up
+    log and the benchmark report it."""
+    glibc, hugetlb, thp_mode = glibc_version(), malloc_hugetlb(), transparent_huge_pages()
     return {
-        "glibc": glibc_version(),
-        "glibc_malloc_hugetlb": malloc_hugetlb(),
-        "transparent_hugepage": transparent_huge_pages(),
+        "glibc": glibc,
+        "glibc_malloc_hugetlb": hugetlb,
+        "transparent_hugepage": thp_mode,
+        "argon2_huge_pages": argon2_huge_pages(glibc, hugetlb, thp_mode),
     }
 
 

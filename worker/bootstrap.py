@@ -1,6 +1,7 @@
 """The composition root: the one place that builds the pool, the broker connection, the hasher,
 the clock and the service, and wires them together. Nothing connects at import time; tests call
-`build` with their own settings (and clock)."""
+`build` with their own settings and, where they want them, their own clock, store and broker
+connection (the in-memory ones)."""
 
 from __future__ import annotations
 
@@ -122,26 +123,31 @@ def build_service(
     )
 
 
-async def build(settings: Settings, *, clock: Clock | None = None) -> Components:
+async def build(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    store: IdentityStore | None = None,
+    connection: AbstractRobustConnection | None = None,
+) -> Components:
+    """The worker's parts, wired. The adapters default to the real ones, made from `settings`:
+    a PostgreSQL pool and a robust RabbitMQ connection. A test passes its own (the in-memory
+    store, an in-memory broker's connection); the channels are opened on whichever connection
+    it is. What is passed in belongs to the parts from then on: the worker's stop closes it,
+    and so does a build that fails."""
     clock = clock or SystemClock()
     metrics = create_metrics()
-    store = await PostgresIdentityStore.connect(
-        settings.database_url.get_secret_value(),
-        min_size=settings.db_pool_min,
-        max_size=settings.db_pool_max,
-        observe=observer(metrics.db_query_seconds),
-    )
+    if store is None:
+        store = await connect_store(settings, metrics)
     passwords: HashingPool | None = None
-    connection: AbstractRobustConnection | None = None
     try:
         keys = await signing_keys(settings, store)
         service, pool = build_service(settings, store, keys, clock, metrics)
         passwords = pool
         metrics.hash_pool_pending.set_function(lambda: pool.pending)
         await pool.start()
-        connection = await aio_pika.connect_robust(
-            settings.amqp_url.get_secret_value(), connection_class=StoppableRobustConnection
-        )
+        if connection is None:
+            connection = await connect_broker(settings)
         return await _assemble(settings, clock, metrics, store, service, pool, connection)
     except BaseException:
         # A failed or cancelled start (SIGTERM) closes what it opened: a robust connection
@@ -155,11 +161,30 @@ async def build(settings: Settings, *, clock: Clock | None = None) -> Components
         raise
 
 
+async def connect_store(settings: Settings, metrics: Metrics) -> IdentityStore:
+    """The production store: a PostgreSQL pool whose queries are timed in `metrics`."""
+    return await PostgresIdentityStore.connect(
+        settings.database_url.get_secret_value(),
+        min_size=settings.db_pool_min,
+        max_size=settings.db_pool_max,
+        observe=observer(metrics.db_query_seconds),
+    )
+
+
+async def connect_broker(settings: Settings) -> AbstractRobustConnection:
+    """The production broker connection: robust (it reconnects), and closed by a cancelled
+    connect (see StoppableRobustConnection)."""
+    connection: AbstractRobustConnection = await aio_pika.connect_robust(
+        settings.amqp_url.get_secret_value(), connection_class=StoppableRobustConnection
+    )
+    return connection
+
+
 async def _assemble(
     settings: Settings,
     clock: Clock,
     metrics: Metrics,
-    store: PostgresIdentityStore,
+    store: IdentityStore,
     service: IdentityService,
     passwords: HashingPool,
     connection: AbstractRobustConnection,

@@ -19,6 +19,8 @@ from services.errors import InvalidCredentialsError
 from services.identity import IdentityService
 from services.operations import CommandContext
 from services.passwords import HashingPool
+from tests.support.eventually import eventually
+from tests.support.postgres import lock_waiters
 
 PASSWORD = "correct horse battery staple"
 NEW_PASSWORD = "a different long passphrase"
@@ -42,8 +44,18 @@ async def test_a_sign_in_waits_for_a_password_change_in_flight_and_opens_no_sess
     in_flight = change.transaction()
     commit: asyncio.Task[None] | None = None
 
-    async def commit_later() -> None:
-        await asyncio.sleep(0.5)  # the sign-in's transaction starts meanwhile
+    async def commit_once_the_sign_in_waits() -> None:
+        # The interleaving under test: the sign-in's transaction is blocked on the row lock
+        # the change holds. Commit only once PostgreSQL shows it waiting.
+        observer = await asyncpg.connect(pg_dsn)
+        try:
+            await eventually(
+                lambda: lock_waiters(observer, change.get_server_pid()),
+                timeout=10,
+                what="the sign-in waiting for the change's row lock",
+            )
+        finally:
+            await observer.close()
         await in_flight.commit()
 
     real_verify = passwords.verify
@@ -65,7 +77,7 @@ async def test_a_sign_in_waits_for_a_password_change_in_flight_and_opens_no_sess
             " WHERE account_id = $1 AND ended_at IS NULL",
             account.id,
         )
-        commit = asyncio.create_task(commit_later())
+        commit = asyncio.create_task(commit_once_the_sign_in_waits())
         return ok
 
     monkeypatch.setattr(passwords, "verify", verify_then_change)

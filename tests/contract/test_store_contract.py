@@ -223,15 +223,16 @@ async def test_lookup_after_a_commit_sees_it_while_others_are_in_flight(
     record = session(await commit_account(store))
     async with store.unit_of_work() as uow:
         await uow.insert_session(record)
-    stop = asyncio.Event()
+    stop, asked = asyncio.Event(), asyncio.Event()
 
     async def keep_asking() -> None:
         while not stop.is_set():
             await asyncio.gather(*(store.get_session_with_account(record.id) for _ in range(8)))
+            asked.set()
 
     askers = [asyncio.create_task(keep_asking()) for _ in range(4)]
     try:
-        await asyncio.sleep(0.01)
+        await asked.wait()  # the askers are on their next round: in flight from here on
         ended_at = T0 + timedelta(hours=1)
         async with store.unit_of_work() as uow:
             await uow.end_session(record.id, ended_at, "sign_out")

@@ -1,17 +1,13 @@
 """Fixtures for tests against the real RabbitMQ.
 
-Each test session gets its own vhost, so its queues never meet another run's (or a developer's
-running worker's) and nothing needs cleaning between runs. A broker that is down is a failure,
-never a skip: a green run must mean the integration tests ran.
+Each test session gets its own vhost (tests.support.vhosts), so its queues never meet another
+run's (or a developer's running worker's) and nothing needs cleaning between runs. A broker
+that is down is a failure, never a skip: a green run must mean the integration tests ran.
 """
 
 from __future__ import annotations
 
-import secrets
-import shutil
-import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,37 +17,7 @@ import pytest
 from tests.conftest import migrated_database
 from tests.support import workers
 from tests.support.bus import Bus
-
-# The broker the vhosts are created on by the local rabbitmqctl.
-BROKER = "amqp://guest:guest@127.0.0.1:5672"
-
-
-def rabbitmqctl(*args: str) -> str:
-    """Run rabbitmqctl, failing the test run with its own output when it does not succeed."""
-    binary = shutil.which("rabbitmqctl")
-    if binary is None:
-        pytest.fail("rabbitmqctl is not on PATH: the integration tests need a local RabbitMQ")
-    try:
-        done = subprocess.run(
-            [binary, *args], capture_output=True, text=True, timeout=60, check=False
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"rabbitmqctl {args[0]} timed out: is RabbitMQ running?")
-    if done.returncode != 0:
-        pytest.fail(f"rabbitmqctl {args[0]} failed ({done.returncode}): {done.stderr.strip()}")
-    return done.stdout
-
-
-def vhost_connection_pids(vhost: str) -> list[str]:
-    """The pids of the client connections of `vhost` only. (`list_connections -p` does not
-    filter on RabbitMQ 3.10, so the vhost column is read and matched here.)"""
-    listing = rabbitmqctl("list_connections", "pid", "vhost", "--silent")
-    pids = []
-    for line in listing.splitlines():
-        pid, _, host = line.strip().partition("\t")
-        if pid.startswith("<") and host.strip() == vhost:
-            pids.append(pid)
-    return pids
+from tests.support.vhosts import BROKER, fresh_vhost
 
 
 @pytest.fixture(scope="session")
@@ -113,18 +79,6 @@ async def bus(amqp_url: str, worker: workers.WorkerProcess) -> AsyncIterator[Bus
         yield opened
     finally:
         await opened.close()
-
-
-@contextmanager
-def fresh_vhost() -> Iterator[str]:
-    """A vhost of its own (the guest user may use it), deleted with everything in it."""
-    vhost = f"identity-test-{secrets.token_hex(4)}"
-    rabbitmqctl("add_vhost", vhost)
-    try:
-        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-        yield vhost
-    finally:
-        rabbitmqctl("delete_vhost", vhost)
 
 
 @pytest.fixture(scope="module")

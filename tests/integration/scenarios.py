@@ -5,7 +5,6 @@ Everything goes through the broker (a `Bus`); nothing here calls the service dir
 
 from __future__ import annotations
 
-import asyncio
 import re
 import secrets
 import uuid
@@ -19,6 +18,7 @@ import orjson
 
 from tests.conftest import _pg_url
 from tests.support.bus import Bus
+from tests.support.eventually import eventually
 from tests.support.workers import WorkerProcess
 
 ACCOUNT_ID = re.compile(r"^acct_[0-9a-z]{26}$")
@@ -183,10 +183,7 @@ async def set_connections_allowed(database_url: str, allowed: bool) -> None:
 
 async def wait_for_log(worker: WorkerProcess, text: str, timeout: float = 30.0) -> None:
     """Wait until the worker's log holds `text`."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while text not in worker.log_text():
-        assert asyncio.get_running_loop().time() < deadline, f"never logged {text!r}"
-        await asyncio.sleep(0.05)
+    await eventually(lambda: text in worker.log_text(), timeout=timeout, what=f"logged {text!r}")
 
 
 async def assert_signed_up_once(

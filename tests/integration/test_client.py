@@ -26,6 +26,7 @@ from client.errors import (
 from messages import Event
 from messages.topology import EVENTS_EXCHANGE
 from tests.integration.scenarios import Person
+from tests.support.eventually import eventually
 from tests.support.workers import WorkerProcess
 
 pytestmark = pytest.mark.integration
@@ -97,9 +98,9 @@ async def test_a_retry_after_a_timeout_reuses_the_key_and_takes_effect_once(
     # The retries really happened, and the worker answered them from the stored reply. The
     # client returns on the first reply; copies taken before the first commit are still hashing
     # then, and are answered from the stored reply once they find it: wait for one of them.
-    async with asyncio.timeout(30):
-        while _replays(worker, "account.create") <= replays_before:
-            await asyncio.sleep(0.05)
+    await eventually(
+        lambda: _replays(worker, "account.create") > replays_before, what="a replay counted"
+    )
 
 
 def _replays(worker: WorkerProcess, command: str) -> float:
@@ -143,29 +144,34 @@ async def test_subscriber_yields_each_event_once_even_when_it_is_published_twice
 
 async def _wait_for_queue(amqp_url: str, queue: str) -> None:
     connection = await aio_pika.connect(amqp_url)
+
+    async def declared() -> bool:
+        channel = await connection.channel()
+        try:
+            await channel.declare_queue(queue, passive=True)
+        except aio_pika.exceptions.ChannelClosed:
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+        return True
+
     try:
-        for _ in range(100):
-            channel = await connection.channel()
-            try:
-                await channel.declare_queue(queue, passive=True)
-                return
-            except aio_pika.exceptions.ChannelClosed:
-                await asyncio.sleep(0.1)
-            finally:
-                with contextlib.suppress(Exception):
-                    await channel.close()
-        raise AssertionError(f"subscriber queue {queue} never appeared")
+        await eventually(declared, timeout=10, every=0.1, what=f"subscriber queue {queue}")
     finally:
         await connection.close()
 
 
 async def _wait_for_event(seen: list[Event], account_id: str) -> Event:
-    for _ in range(300):
+    def created() -> Event | None:
         for event in seen:
             if event.type == "account.created" and event.data.account.id == account_id:
                 return event
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"no account.created for {account_id}")
+        return None
+
+    event = await eventually(created, timeout=15, what=f"account.created for {account_id}")
+    assert event is not None
+    return event
 
 
 async def _republish(amqp_url: str, event: Event) -> None:

@@ -9,8 +9,9 @@ import uuid
 
 import pytest
 
-from tests.integration.conftest import Isolated, rabbitmqctl, vhost_connection_pids
+from tests.integration.conftest import Isolated
 from tests.integration.scenarios import Person, assert_signed_up_once, key
+from tests.support.vhosts import rabbitmqctl, vhost_connection_pids
 
 pytestmark = pytest.mark.integration
 

@@ -8,6 +8,7 @@ a worker queue under a routing key that is no command.
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
 import aio_pika
 import orjson
@@ -24,6 +25,7 @@ from tests.integration.scenarios import (
     sign_up,
 )
 from tests.support.bus import Bus
+from tests.support.eventually import eventually
 from worker.topology import FAST_QUEUE, PASSWORD_QUEUE
 
 pytestmark = pytest.mark.integration
@@ -210,13 +212,12 @@ async def _crash_consumers_holding(amqp_url: str, queue_name: str, times: int) -
         for _ in range(times):
             channel = await connection.channel()
             queue = await channel.get_queue(queue_name)
-            message = None
-            for _ in range(100):
-                message = await queue.get(no_ack=False, fail=False)
-                if message is not None:
-                    break
-                await asyncio.sleep(0.05)
-            assert message is not None, "the command never came back to the queue"
+            message = await eventually(
+                partial(queue.get, no_ack=False, fail=False),
+                timeout=10,
+                what="the command back on its queue",
+            )
+            assert message is not None
             counts.append(message.headers["x-delivery-count"])
             await channel.close()
     return counts

@@ -4,8 +4,6 @@ secret in either."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.integration.conftest import Isolated
 from tests.integration.scenarios import Person, assert_free_of, key, send
 from tests.support.bus import Bus
+from tests.support.eventually import eventually
 from tests.support.workers import WorkerProcess
 
 pytestmark = pytest.mark.integration
@@ -36,14 +35,6 @@ def _value(worker: WorkerProcess, name: str, **labels: str) -> float:
         for series, value in _samples(worker).get(name, [])
         if all(series.get(k) == v for k, v in labels.items())
     )
-
-
-async def _eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Metrics are recorded right after the reply is sent: wait for them briefly."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, "never came true"
-        await asyncio.sleep(0.05)
 
 
 def _command_lines(worker: WorkerProcess) -> list[dict[str, Any]]:
@@ -70,8 +61,8 @@ async def test_metrics_count_commands_by_outcome_and_time_them(
             == missing + 1
         )
 
-    await _eventually(counted)
-    await _eventually(
+    await eventually(counted)
+    await eventually(
         lambda: (
             _value(worker, "identity_command_duration_seconds_count", command="account.create")
             == timed + 1
@@ -93,7 +84,7 @@ async def test_a_malformed_message_is_counted_under_its_own_outcome(
 
     await bus.reply(await bus.publish("account.get", b"not json"))
 
-    await _eventually(
+    await eventually(
         lambda: (
             _value(worker, "identity_malformed_messages_total", reason="malformed_message")
             == before + 1
@@ -109,7 +100,7 @@ async def test_metrics_count_a_replayed_duplicate(bus: Bus, worker: WorkerProces
 
     await send(bus, "account.create", payload, dup_key)
 
-    await _eventually(
+    await eventually(
         lambda: (
             _value(worker, "identity_idempotent_replays_total", command="account.create")
             == before + 1
@@ -164,7 +155,7 @@ async def test_each_command_is_logged_once_with_its_outcome_and_never_a_secret(
     await run("session.verify", {"token": token}, None)  # session_expired
     expected = {cid: sent[cid] for cid in sent if log_queries or cid not in quiet}
     assert len(quiet) == 2
-    await _eventually(lambda: len(_command_lines(worker)) >= len(expected))
+    await eventually(lambda: len(_command_lines(worker)) >= len(expected))
 
     lines = {line["correlation_id"]: line for line in _command_lines(worker)}
     assert len(_command_lines(worker)) == len(expected)

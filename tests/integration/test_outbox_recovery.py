@@ -3,8 +3,6 @@ between the two."""
 
 from __future__ import annotations
 
-import asyncio
-
 import aio_pika
 import asyncpg
 import pytest
@@ -21,6 +19,7 @@ from tests.integration.scenarios import (
     sign_up,
     wait_for_log,
 )
+from tests.support.eventually import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -52,10 +51,10 @@ async def _unpublished(db: asyncpg.Connection) -> list[str]:
 
 
 async def _wait_until_all_published(db: asyncpg.Connection, timeout: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while await _unpublished(db):
-        assert asyncio.get_running_loop().time() < deadline, "outbox rows left unpublished"
-        await asyncio.sleep(0.1)
+    async def none_left() -> bool:
+        return not await _unpublished(db)
+
+    await eventually(none_left, timeout=timeout, every=0.1, what="every outbox row published")
 
 
 async def test_events_committed_before_the_worker_was_killed_are_published_by_the_next(

@@ -12,8 +12,10 @@ import json
 
 import pytest
 
-from tests.integration.conftest import Isolated, rabbitmqctl, vhost_connection_pids
+from tests.integration.conftest import Isolated
 from tests.integration.scenarios import Person, set_connections_allowed, sign_up
+from tests.support.eventually import eventually
+from tests.support.vhosts import rabbitmqctl, vhost_connection_pids
 from tests.support.workers import WorkerProcess
 
 pytestmark = pytest.mark.integration
@@ -27,13 +29,18 @@ async def _readiness(worker: WorkerProcess) -> tuple[int, dict[str, object]]:
 
 
 async def _wait_readiness(worker: WorkerProcess, status: int) -> dict[str, object]:
-    deadline = asyncio.get_running_loop().time() + OUTAGE_TIMEOUT
-    while True:
+    async def answered() -> dict[str, object] | None:
         code, body = await _readiness(worker)
-        if code == status:
-            return body
-        assert asyncio.get_running_loop().time() < deadline, (code, body, worker.log_tail())
-        await asyncio.sleep(0.1)
+        return body if code == status else None
+
+    body = await eventually(
+        answered,
+        timeout=OUTAGE_TIMEOUT,
+        every=0.1,
+        what=lambda: f"readiness {status}:\n{worker.log_tail()}",
+    )
+    assert body is not None
+    return body
 
 
 def _close_connections_of(vhost: str) -> int:

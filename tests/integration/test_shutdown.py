@@ -16,6 +16,8 @@ import pytest
 
 from tests.integration.conftest import Isolated
 from tests.integration.scenarios import Person, assert_signed_up_once, key, sign_up
+from tests.support.eventually import eventually
+from tests.support.postgres import lock_waiters
 from tests.support.workers import WORKER_BIN, WorkerProcess, worker_env
 from worker.app import STOP_STEPS_S
 
@@ -35,6 +37,18 @@ SLOW_HASHING = {
 def _acked_correlation_ids(worker: WorkerProcess) -> list[str]:
     """The commands the worker logged as done; it logs one only after its ack."""
     return [entry["correlation_id"] for entry in worker.log_entries("command")]
+
+
+async def _until_it_waits_for(blocker: asyncpg.Connection, database_url: str) -> None:
+    """Until a backend (the worker's, running the command) waits on the blocker's lock."""
+    observer = await asyncpg.connect(database_url)
+    try:
+        await eventually(
+            lambda: lock_waiters(observer, blocker.get_server_pid()),
+            what="the command waiting for the lock",
+        )
+    finally:
+        await observer.close()
 
 
 async def test_sigterm_under_a_backlog_answers_what_was_acked_and_loses_nothing(
@@ -86,7 +100,7 @@ async def test_a_command_stuck_past_the_grace_period_is_cut_off_and_answered_lat
         await locking.start()
         await blocker.execute("LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
         stuck = await bus.command("account.get", {"account_id": account["id"]}, None)
-        await asyncio.sleep(1)  # delivered, and waiting for the lock
+        await _until_it_waits_for(blocker, isolated.database_url)
 
         stopping = time.monotonic()
         code = first.terminate(timeout=grace_s + STOP_STEPS_S + 10)
@@ -119,10 +133,14 @@ async def test_sigterm_during_start_up_stops_it_at_once(isolated: Isolated, tmp_
             stderr=subprocess.STDOUT,
         )
         try:
-            await asyncio.sleep(3)
-            assert process.poll() is None, (tmp_path / "worker.log").read_text()
-            process.send_signal(signal.SIGTERM)
-            code = process.wait(timeout=5)
+            # It connects once its migrations are done: from then on it waits for an answer.
+            silent.setblocking(False)
+            async with asyncio.timeout(60):
+                caller, _ = await asyncio.get_running_loop().sock_accept(silent)
+            with caller:
+                assert process.poll() is None, (tmp_path / "worker.log").read_text()
+                process.send_signal(signal.SIGTERM)
+                code = process.wait(timeout=5)
         finally:
             if process.poll() is None:
                 process.kill()

@@ -14,9 +14,10 @@ import asyncpg
 import orjson
 import pytest
 
-from tests.integration.conftest import Isolated, rabbitmqctl
+from tests.integration.conftest import Isolated
 from tests.integration.scenarios import Person, call_ok, key, sign_up
 from tests.support.bus import Bus, dead_queue_depth
+from tests.support.vhosts import rabbitmqctl
 from tests.support.workers import WORKER_BIN, WorkerProcess
 
 pytestmark = pytest.mark.integration

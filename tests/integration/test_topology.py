@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,7 +12,8 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from messages.commands import COMMANDS
 from messages.topology import DEAD_QUEUE
-from tests.integration.conftest import rabbitmqctl
+from tests.support.eventually import eventually
+from tests.support.vhosts import rabbitmqctl
 from worker.topology import (
     FAST_QUEUE,
     PASSWORD_QUEUE,
@@ -49,12 +49,11 @@ async def topology(channel: AbstractChannel) -> Topology:
 
 async def _get(queue: AbstractQueue) -> AbstractIncomingMessage:
     # A quorum queue can take a moment to make a confirmed message visible to basic.get.
-    for _ in range(50):
-        message = await queue.get(fail=False)
-        if message is not None:
-            return message
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"nothing arrived on {queue.name}")
+    message = await eventually(
+        lambda: queue.get(fail=False), timeout=10, what=f"a message on {queue.name}"
+    )
+    assert message is not None
+    return message
 
 
 def _queues_listed(vhost: str) -> dict[str, dict[str, Any]]:

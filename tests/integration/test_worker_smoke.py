@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 
 import aio_pika
@@ -12,6 +11,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from messages.topology import COMMANDS_EXCHANGE, EVENTS_EXCHANGE
 from tests.integration.scenarios import Person, key
 from tests.support.bus import Bus
+from tests.support.eventually import eventually
 from tests.support.workers import WorkerProcess
 
 
@@ -75,9 +75,8 @@ async def test_replies_and_events_carry_the_contracts_amqp_properties(
 
 
 async def _next(queue: AbstractQueue) -> AbstractIncomingMessage:
-    async with asyncio.timeout(30):
-        while True:
-            message = await queue.get(fail=False, no_ack=True)
-            if message is not None:
-                return message
-            await asyncio.sleep(0.05)
+    message = await eventually(
+        lambda: queue.get(fail=False, no_ack=True), what=f"a message on {queue.name}"
+    )
+    assert message is not None
+    return message

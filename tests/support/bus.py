@@ -51,7 +51,14 @@ class Bus:
         connection: nothing published while the bus reconnects is lost."""
         if durable is not None:
             return await cls._open_durable(amqp_url, durable, capture_dead)
-        connection = await aio_pika.connect_robust(amqp_url)
+        return await cls.attach(await aio_pika.connect_robust(amqp_url), capture_dead=capture_dead)
+
+    @classmethod
+    async def attach(
+        cls, connection: AbstractRobustConnection, *, capture_dead: bool = True
+    ) -> Bus:
+        """A bus on a connection opened elsewhere (to RabbitMQ or to an in-memory broker);
+        closing the bus closes the connection."""
         channel = await connection.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=1000)
         replies = await channel.declare_queue(exclusive=True, auto_delete=True)
@@ -262,12 +269,17 @@ def _acking(
     return consume
 
 
-async def dead_queue_depth(connection: AbstractRobustConnection) -> int:
-    """Messages ready in identity.dead, asked of the broker now (a robust channel would answer
-    a repeated passive declare from its cache, so this uses a channel of its own)."""
+async def queue_depth(connection: AbstractRobustConnection, queue: str) -> int:
+    """Messages ready in `queue`, asked of the broker now (a robust channel would answer a
+    repeated passive declare from its cache, so this uses a channel of its own)."""
     fresh = await connection.channel()
     try:
-        queue = await fresh.declare_queue(DEAD_QUEUE, passive=True)
-        return int(queue.declaration_result.message_count or 0)
+        declared = await fresh.declare_queue(queue, passive=True)
+        return int(declared.declaration_result.message_count or 0)
     finally:
         await fresh.close()
+
+
+async def dead_queue_depth(connection: AbstractRobustConnection) -> int:
+    """Messages ready in identity.dead."""
+    return await queue_depth(connection, DEAD_QUEUE)

@@ -8,13 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
+
+from tests.support.eventually import eventually_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER_BIN = Path(sys.executable).with_name("identity-worker")
@@ -99,15 +100,18 @@ class WorkerProcess:
         self.wait_readiness(200, timeout)
 
     def wait_readiness(self, status: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive():
+        def reached() -> bool:
+            if not self.alive():  # no use waiting any longer
                 code = self.process and self.process.returncode
                 raise AssertionError(f"worker exited ({code}):\n{self.log_tail()}")
-            if self.readiness() == status:
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"readiness never became {status}:\n{self.log_tail()}")
+            return self.readiness() == status
+
+        eventually_sync(
+            reached,
+            timeout=timeout,
+            every=0.1,
+            what=lambda: f"readiness {status}:\n{self.log_tail()}",
+        )
 
     def metrics(self) -> str:
         return self.http_get("/metrics")[1]

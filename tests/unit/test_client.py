@@ -28,6 +28,7 @@ from messages.topology import (
     CONTENT_TYPE,
     DIRECT_REPLY_TO,
 )
+from tests.support.eventually import eventually
 
 ACCOUNT_ID = "acct_" + "a" * 26
 SESSION_ID = "ses_" + "b" * 32
@@ -339,10 +340,10 @@ async def test_sending_on_a_client_that_is_not_open_is_an_error() -> None:
 
 
 async def test_closing_the_client_fails_a_call_still_waiting() -> None:
-    api, _ = make_client(silent, timeout=5.0)
+    api, channel = make_client(silent, timeout=5.0)
     await api.open()
     call = asyncio.ensure_future(api.get_account(ACCOUNT_ID))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: channel.published, timeout=10, what="the command sent")
     await api.close()
     with pytest.raises(RuntimeError, match="closed before the reply"):
         await call

@@ -23,13 +23,16 @@ from services.passwords import (
     TOO_COMMON,
     HashingPool,
     PasswordPolicy,
+    argon2_huge_pages,
     glibc_version,
+    huge_pages_settings,
     load_common_passwords,
     make_hasher,
     malloc_hugetlb,
     normalize_password,
     transparent_huge_pages,
 )
+from tests.support.eventually import eventually
 
 FIELD = "payload.password"
 POLICY = PasswordPolicy()
@@ -336,7 +339,7 @@ async def test_the_pool_never_runs_more_than_its_workers_at_once() -> None:
     hashing = HashingPool(hasher, workers=3)
     try:
         jobs = [asyncio.ensure_future(hashing.hash(f"passphrase number {i}")) for i in range(12)]
-        await asyncio.sleep(0.2)
+        await eventually(lambda: hasher.active == 3, timeout=10, what="three hashes running")
         assert hashing.pending == 12
         assert hasher.active == 3
         hasher.release.set()
@@ -451,18 +454,44 @@ def _marked_for_huge_pages(tunables: str | None) -> bool:
     return answer == b"True"
 
 
-def _glibc_at_least(major: int, minor: int) -> bool:
-    name, _, version = (glibc_version() or "").partition(" ")
-    numbers = tuple(int(n) for n in version.split(".")[:2] if n.isdigit())
-    return name == "glibc" and numbers >= (major, minor)
+@pytest.mark.parametrize(
+    ("glibc", "hugetlb", "thp_mode", "who"),
+    [
+        ("glibc 2.36", "1", "madvise", "glibc"),
+        ("glibc 2.35", "1", "madvise", "glibc"),
+        ("glibc 2.34", "1", "madvise", "none"),  # the tunable came with 2.35
+        ("glibc 2.36", "0", "madvise", "none"),
+        ("glibc 2.36", None, "madvise", "none"),
+        ("glibc 2.36", "1", "always", "kernel"),  # glibc leaves it to the kernel
+        ("glibc 2.36", None, "always", "kernel"),
+        ("glibc 2.36", "1", "never", "none"),
+        ("glibc 2.36", "1", None, "none"),  # no THP at all
+        (None, "1", "madvise", "none"),  # another C library
+        (None, None, "always", "kernel"),
+    ],
+)
+def test_who_puts_argon2s_memory_on_huge_pages(
+    glibc: str | None, hugetlb: str | None, thp_mode: str | None, who: str
+) -> None:
+    assert argon2_huge_pages(glibc, hugetlb, thp_mode) == who
 
 
-def test_the_tunable_marks_argon2s_memory_for_huge_pages() -> None:
-    """What the Dockerfile and `make run` set takes effect where it can: glibc 2.35+ and the
-    kernel's THP in `madvise` mode (a common default; in a container it is the host's)."""
-    if not (sys.platform.startswith("linux") and _glibc_at_least(2, 35)):
-        pytest.skip("glibc.malloc.hugetlb needs glibc 2.35 or later on Linux")
-    if transparent_huge_pages() != "madvise":
-        pytest.skip(f"the tunable acts only when THP is madvise: {transparent_huge_pages()}")
-    assert not _marked_for_huge_pages(None)
-    assert _marked_for_huge_pages(HUGE_PAGES_TUNABLE)
+def test_the_reported_settings_follow_the_kernels_thp_mode(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    mode = tmp_path / "enabled"
+    mode.write_text("[always] madvise never\n")
+    monkeypatch.setattr(passwords, "THP_MODE", mode)
+    assert huge_pages_settings()["argon2_huge_pages"] == "kernel"
+    mode.write_text("always madvise [never]\n")
+    assert huge_pages_settings()["argon2_huge_pages"] == "none"
+
+
+def test_the_tunable_marks_argon2s_memory_for_huge_pages_exactly_when_glibc_should() -> None:
+    """What the Dockerfile and `make run` set, checked against the C library and the kernel
+    this runs on: the mapping is marked when glibc is the one to do it (`madvise`), and not
+    otherwise (`always` and `never` alike: under `always` the kernel needs no mark)."""
+    glibc, thp_mode = glibc_version(), transparent_huge_pages()
+    for tunables, hugetlb in ((None, None), (HUGE_PAGES_TUNABLE, "1")):
+        expected = argon2_huge_pages(glibc, hugetlb, thp_mode) == "glibc"
+        assert _marked_for_huge_pages(tunables) == expected, (glibc, thp_mode, tunables)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.eventually import eventually
 from worker.health import (
     LIVE_SILENCE_S,
     READY_SILENCE_S,
@@ -72,7 +73,7 @@ async def _refused() -> None:
 
 
 async def _hangs() -> None:
-    await asyncio.sleep(60)
+    await asyncio.Event().wait()  # never answers
 
 
 def test_healthz_answers_while_the_process_lives(base_url: str) -> None:
@@ -191,10 +192,7 @@ async def test_probe_loop_brings_the_worker_up_and_stops_when_cancelled(
             health, metrics, check_broker=_ok, check_database=_ok, interval_s=0.01, timeout_s=1
         )
     )
-    for _ in range(100):
-        if health.snapshot()[0]:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: health.snapshot()[0], timeout=10, what="ready")
 
     probe.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -258,13 +256,24 @@ def test_a_silent_event_loop_is_first_not_ready_then_not_alive(metrics: Metrics)
         sidecar.stop()
 
 
+class _CountedHealth(HealthState):
+    """Counts the heartbeats it was given."""
+
+    beats = 0
+
+    def beat(self) -> None:
+        super().beat()
+        self.beats += 1
+
+
 async def test_the_heartbeat_task_beats_until_cancelled() -> None:
     clock = _Clock()
-    health = HealthState(clock=clock)
+    health = _CountedHealth(clock=clock)
     beating = asyncio.create_task(run_heartbeat(health, every_s=0.01))
-    await asyncio.sleep(0.05)
+    await eventually(lambda: health.beats, timeout=10, what="a first beat")
     clock.now += LIVE_SILENCE_S + 5
-    await asyncio.sleep(0.05)  # the task beat again at the new time
+    beats = health.beats
+    await eventually(lambda: health.beats > beats, timeout=10, what="a beat at the new time")
     assert health.liveness() == (True, 0.0)
 
     beating.cancel()

@@ -55,7 +55,7 @@ async def test_a_signal_during_start_up_abandons_it(
     async def slow_build(settings: Settings) -> object:
         try:
             os.kill(os.getpid(), signal.SIGTERM)
-            await asyncio.sleep(5)
+            await asyncio.Event().wait()  # a start-up that would never end by itself
         finally:
             closed.append("what build opened")
         raise AssertionError("not reached")
@@ -92,7 +92,7 @@ async def test_a_signal_whose_cancel_start_up_swallowed_still_stops_the_worker(
     async def stubborn_build(settings: Settings) -> object:
         os.kill(os.getpid(), signal.SIGTERM)
         try:
-            await asyncio.sleep(5)
+            await asyncio.Event().wait()
         except asyncio.CancelledError:
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
         return object()
