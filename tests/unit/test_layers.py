@@ -145,13 +145,25 @@ def _target(name: str, known: set[str]) -> str | None:
     return name or None
 
 
+def _names_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
 def _imported_names(path: Path, package: str) -> set[str]:
     """Every dotted name `path` imports, anywhere in its text (functions included), absolute.
 
     `from pkg import x` gives `pkg.x`: x may be a module; `_target` finds what it is.
     """
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    # What only the type checker reads (`if TYPE_CHECKING:`) never runs: annotations naming
+    # each other are not modules importing each other.
+    for guarded in ast.walk(tree):
+        if isinstance(guarded, ast.If) and _names_type_checking(guarded.test):
+            guarded.body = []
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -225,6 +237,10 @@ def test_the_cycle_finder_sees_modules_that_import_each_other(tmp_path: Path) ->
     (package / "sub" / "d.py").write_text("import pkg.e\n")
     (package / "e.py").write_text("from pkg.sub import C\n")
     (package / "f.py").write_text("import pkg.a\nimport os\n")  # imports, but nothing back
+    # g and h name each other for the type checker only: nothing runs, no cycle.
+    guarded = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import {}\n"
+    (package / "g.py").write_text(guarded.format("h"))
+    (package / "h.py").write_text(guarded.format("g"))
 
     graph = import_graph(tmp_path, ("pkg",))
 
