@@ -6,11 +6,15 @@ it without the worker's own code.
 
 from client.client import IdentityClient
 from client.errors import (
+    AccountDisabled,
+    EmailNotVerified,
     EmailTaken,
     ErrorReply,
+    Forbidden,
     IdempotencyKeyReused,
     IdentityClientError,
     InternalError,
+    InvalidCode,
     InvalidCredentials,
     InvalidToken,
     MalformedMessage,
@@ -28,12 +32,16 @@ from client.errors import (
 from client.subscriber import subscribe
 
 __all__ = [
+    "AccountDisabled",
+    "EmailNotVerified",
     "EmailTaken",
     "ErrorReply",
+    "Forbidden",
     "IdempotencyKeyReused",
     "IdentityClient",
     "IdentityClientError",
     "InternalError",
+    "InvalidCode",
     "InvalidCredentials",
     "InvalidToken",
     "MalformedMessage",

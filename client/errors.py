@@ -13,7 +13,11 @@
     │   ├── SessionExpired          session_expired
     │   ├── NotFound                not_found
     │   ├── VersionConflict         version_conflict
-    │   └── InternalError           internal_error
+    │   ├── InternalError           internal_error
+    │   ├── Forbidden               forbidden
+    │   ├── InvalidCode             invalid_code
+    │   ├── EmailNotVerified        email_not_verified
+    │   └── AccountDisabled         account_disabled
     └── TransportError              no reply to read: .command
         ├── ReplyTimeout            no reply within the timeout, after every retry
         └── Unroutable              the broker has no queue for the command (worker not up)
@@ -119,6 +123,22 @@ class InternalError(ErrorReply):
     code = ErrorCode.INTERNAL_ERROR
 
 
+class Forbidden(ErrorReply):
+    code = ErrorCode.FORBIDDEN
+
+
+class InvalidCode(ErrorReply):
+    code = ErrorCode.INVALID_CODE
+
+
+class EmailNotVerified(ErrorReply):
+    code = ErrorCode.EMAIL_NOT_VERIFIED
+
+
+class AccountDisabled(ErrorReply):
+    code = ErrorCode.ACCOUNT_DISABLED
+
+
 class ReplyTimeout(TransportError):
     """No reply arrived in time, after every retry. The command may still have taken effect:
     sending it again with the same idempotency key is safe and returns its reply."""
@@ -154,6 +174,10 @@ _BY_CODE: dict[ErrorCode, type[ErrorReply]] = {
         NotFound,
         VersionConflict,
         InternalError,
+        Forbidden,
+        InvalidCode,
+        EmailNotVerified,
+        AccountDisabled,
     )
 }
 

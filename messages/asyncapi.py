@@ -47,6 +47,10 @@ ERROR_CODE_MEANINGS: dict[ErrorCode, str] = {
     ErrorCode.NOT_FOUND: "No such account.",
     ErrorCode.VERSION_CONFLICT: "`expected_version` is not the account's current version.",
     ErrorCode.INTERNAL_ERROR: "The worker could not process the command after its retries.",
+    ErrorCode.FORBIDDEN: "The caller (AMQP `user_id`) may not send this command; nothing ran.",
+    ErrorCode.INVALID_CODE: "The one-time code is wrong, expired, used or voided.",
+    ErrorCode.EMAIL_NOT_VERIFIED: "Right password, but the email address is not verified yet.",
+    ErrorCode.ACCOUNT_DISABLED: "Right password, but an operator disabled the account.",
 }
 
 EVENT_SUMMARIES: dict[str, str] = {

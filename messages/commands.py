@@ -34,6 +34,9 @@ class Metadata(Model):
 
     client_ip: str | None = Field(default=None, max_length=64)
     user_agent: str | None = Field(default=None, max_length=512)
+    # A session token proving who acts, for commands granted `@self` (contract v2): a secret,
+    # never logged, stored or echoed.
+    actor_token: TokenField | None = None
 
 
 # The key is stored and looked up as text, which cannot hold U+0000.

@@ -38,6 +38,11 @@ class ErrorCode(StrEnum):
     NOT_FOUND = "not_found"
     VERSION_CONFLICT = "version_conflict"
     INTERNAL_ERROR = "internal_error"
+    # Contract v2.
+    FORBIDDEN = "forbidden"
+    INVALID_CODE = "invalid_code"
+    EMAIL_NOT_VERIFIED = "email_not_verified"
+    ACCOUNT_DISABLED = "account_disabled"
 
 
 class FieldError(Model):

@@ -10,7 +10,11 @@
     ├── InvalidTokenError              invalid_token (unparseable, forged, unknown key)
     ├── SessionExpiredError            session_expired (ended, idle or past its lifetime)
     ├── NotFoundError                  not_found
-    └── VersionConflictError           version_conflict
+    ├── VersionConflictError           version_conflict
+    ├── ForbiddenError                 forbidden (the caller may not send this command)
+    ├── InvalidCodeError               invalid_code (wrong, expired, used or voided code)
+    ├── EmailNotVerifiedError          email_not_verified
+    └── AccountDisabledError           account_disabled
 
 Messages are written for the caller: they never name internals, and never echo a secret.
 Store errors are translated before they reach here; anything else is a bug or a transient
@@ -113,6 +117,26 @@ class VersionConflictError(IdentityError):
     default_message = "The account was changed by someone else; read it again and retry."
 
 
+class ForbiddenError(IdentityError):
+    code = ErrorCode.FORBIDDEN
+    default_message = "This caller may not send this command."
+
+
+class InvalidCodeError(IdentityError):
+    code = ErrorCode.INVALID_CODE
+    default_message = "The code is not valid; ask for a new one."
+
+
+class EmailNotVerifiedError(IdentityError):
+    code = ErrorCode.EMAIL_NOT_VERIFIED
+    default_message = "The email address has not been verified yet."
+
+
+class AccountDisabledError(IdentityError):
+    code = ErrorCode.ACCOUNT_DISABLED
+    default_message = "The account is disabled."
+
+
 _BY_CODE: dict[ErrorCode, type[IdentityError]] = {
     cls.code: cls
     for cls in (
@@ -123,6 +147,10 @@ _BY_CODE: dict[ErrorCode, type[IdentityError]] = {
         SessionExpiredError,
         NotFoundError,
         VersionConflictError,
+        ForbiddenError,
+        InvalidCodeError,
+        EmailNotVerifiedError,
+        AccountDisabledError,
     )
 }
 

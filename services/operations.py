@@ -51,6 +51,13 @@ class CommandContext:
     idempotency_key: str | None = None
     correlation_id: str | None = None
     metadata: Metadata | None = None
+    # The broker-validated AMQP `user_id` of the publisher (None when it set none).
+    caller: str | None = None
+    # Where password attempts are counted from (decided at the edge: a gateway's reported
+    # client address, else the caller); the service treats it as an opaque name.
+    source: str = "caller:-"
+    # The session that proved an `@self` grant, when one did.
+    actor_session_id: str | None = None
 
 
 NO_CONTEXT = CommandContext()

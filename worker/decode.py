@@ -44,7 +44,9 @@ class Rejected(Exception):
         self.idempotency_key = idempotency_key
 
 
-def decode_command(name: str, body: bytes, correlation_id: str | None) -> Command:
+def decode_command(
+    name: str, body: bytes, correlation_id: str | None, caller: str | None = None
+) -> Command:
     """Validate routing key, JSON, envelope and payload, in that order."""
     spec = COMMANDS.get(name)
     if spec is None:
@@ -65,7 +67,9 @@ def decode_command(name: str, body: bytes, correlation_id: str | None) -> Comman
         raise Rejected(
             _validation_error(exc, "payload"), idempotency_key=envelope.idempotency_key
         ) from None
-    context = CommandContext(envelope.idempotency_key, correlation_id, envelope.metadata)
+    context = CommandContext(
+        envelope.idempotency_key, correlation_id, envelope.metadata, caller=caller
+    )
     return Command(name, payload, context)
 
 

@@ -130,7 +130,7 @@ class CommandProcessor:
             await self._dead.publish(message, reason, parsed=None)
             return Reply(ok=False, command=name, error=error)
         try:
-            command = decode_command(name, message.body, _correlation_id(message))
+            command = decode_command(name, message.body, _correlation_id(message), message.user_id)
         except Rejected as rejected:
             self._metrics.malformed_messages_total.labels(rejected.error.code.value).inc()
             if rejected.dead_letter is not None:

@@ -73,6 +73,14 @@ class Settings(BaseSettings):
     http_host: str = "0.0.0.0"  # noqa: S104 - the sidecar must be reachable by the orchestrator
     http_port: int = Field(default=8080, ge=0, le=65535)
     signing_keys: SecretStr | None = None
+    # Contract v2, section 1 (trust). Production (dev_mode false) requires keys and a policy.
+    dev_mode: bool = False
+    # `user=grant,grant;user=grant`: who may send what (None: the open policy, dev mode only).
+    callers: str | None = None
+    # Broker users trusted to report `metadata.client_ip` (comma-separated).
+    gateways: str = ""
+    # base64url, >= 32 bytes: keys the HMACs that must outlive signing-key rotation.
+    hmac_key: SecretStr | None = None
 
     # AMQP prefetch is a 16-bit field.
     fast_prefetch: int = Field(default=64, ge=1, le=65535)

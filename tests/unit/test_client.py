@@ -362,6 +362,10 @@ EXPECTED_ERRORS = {
     ErrorCode.NOT_FOUND: client.NotFound,
     ErrorCode.VERSION_CONFLICT: client.VersionConflict,
     ErrorCode.INTERNAL_ERROR: client.InternalError,
+    ErrorCode.FORBIDDEN: client.Forbidden,
+    ErrorCode.INVALID_CODE: client.InvalidCode,
+    ErrorCode.EMAIL_NOT_VERIFIED: client.EmailNotVerified,
+    ErrorCode.ACCOUNT_DISABLED: client.AccountDisabled,
 }
 
 
