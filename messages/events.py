@@ -8,7 +8,18 @@ from pydantic import Field, TypeAdapter
 
 from messages.models import Account, AccountId, EventId, Model, Session, SessionId, UtcDatetime
 
-SessionEndReason = Literal["sign_out", "sign_out_everywhere", "password_changed"]
+SessionEndReason = Literal[
+    "sign_out",
+    "sign_out_everywhere",
+    "password_changed",
+    # Contract v2.
+    "password_reset",
+    "account_disabled",
+    "account_deleted",
+    "revoked",
+    "refresh_token_reused",
+    "session_limit",
+]
 
 
 class AccountCreatedData(Model):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import unicodedata
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -71,6 +71,8 @@ DisplayName = Annotated[str, Field(min_length=1, max_length=100), AfterValidator
 AccountId = Annotated[str, Field(pattern=r"^acct_[0-9a-z]{26}$")]
 SessionId = Annotated[str, Field(pattern=r"^ses_[0-9a-z]{32}$")]
 EventId = Annotated[str, Field(pattern=r"^evt_[0-9a-z]{26}$")]
+AccountStatus = Literal["active", "disabled"]
+RoleName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.:-]{0,63}$")]
 
 
 class Account(Model):
@@ -82,6 +84,12 @@ class Account(Model):
     created_at: UtcDatetime
     updated_at: UtcDatetime
     version: int = Field(ge=1)
+    # Contract v2: proven address, operator's stop, and what the account may do. Defaulted, so
+    # an account written by v1 (a reply stored before the upgrade, an event still in the
+    # outbox or in a subscriber's queue) still reads.
+    email_verified: bool = False
+    status: AccountStatus = "active"
+    roles: list[RoleName] = Field(default_factory=list)
 
 
 class Session(Model):

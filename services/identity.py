@@ -102,6 +102,9 @@ def to_account(record: AccountRecord) -> Account:
         created_at=record.created_at,
         updated_at=record.updated_at,
         version=record.version,
+        email_verified=record.email_verified,
+        status="disabled" if record.status == "disabled" else "active",
+        roles=sorted(record.roles),
     )
 
 

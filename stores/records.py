@@ -21,6 +21,15 @@ class AccountRecord:
     created_at: datetime
     updated_at: datetime
     version: int
+    # Contract v2. Defaulted so a v1-shaped record still builds.
+    email_verified: bool = False
+    status: str = "active"  # "active" | "disabled"
+    roles: tuple[str, ...] = ()  # sorted, unique
+
+    def __post_init__(self) -> None:
+        # A text[] column comes back as a list; keep the record immutable all the way down.
+        if not isinstance(self.roles, tuple):
+            object.__setattr__(self, "roles", tuple(self.roles))
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +42,9 @@ class AccountChanges:
     email_canonical: str | None = None
     display_name: str | None = None
     password_hash: str | None = None
+    email_verified: bool | None = None
+    status: str | None = None
+    roles: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

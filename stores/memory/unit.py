@@ -94,7 +94,15 @@ class MemoryUnitOfWork:
             return None
         given = {
             name: value
-            for name in ("email", "email_canonical", "display_name", "password_hash")
+            for name in (
+                "email",
+                "email_canonical",
+                "display_name",
+                "password_hash",
+                "email_verified",
+                "status",
+                "roles",
+            )
             if (value := getattr(changes, name)) is not None
         }
         updated = replace(

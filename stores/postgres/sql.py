@@ -42,6 +42,9 @@ UPDATE accounts SET
     display_name = COALESCE($5, display_name),
     password_hash = COALESCE($6, password_hash),
     updated_at = $7,
+    email_verified = COALESCE($8, email_verified),
+    status = COALESCE($9, status),
+    roles = COALESCE($10::text[], roles),
     version = version + 1
 WHERE id = $1 AND version = $2
 RETURNING {ACCOUNT}

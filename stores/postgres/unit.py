@@ -85,6 +85,9 @@ class PostgresUnitOfWork:
                 changes.display_name,
                 changes.password_hash,
                 changes.updated_at,
+                changes.email_verified,
+                changes.status,
+                None if changes.roles is None else list(changes.roles),
             )
         return account_from(row)
 
