@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Annotated, Any
 
 import orjson
@@ -125,6 +126,16 @@ class EndAllSessions(Model):
     account_id: AccountId
 
 
+class ActsOn(StrEnum):
+    """Which account a command acts on: what an `@self` grant (contract v2) is checked
+    against."""
+
+    # Creates an account, or is about a session its token already proves.
+    NO_ACCOUNT = "no_account"
+    # The account named by `payload.account_id`.
+    PAYLOAD_ACCOUNT = "payload.account_id"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CommandSpec:
     """What the worker, the client and the AsyncAPI document need to know about a command.
@@ -140,6 +151,24 @@ class CommandSpec:
     # them never delays the cheap ones.
     password_work: bool
     summary: str
+    # The account the command acts on; an `@self` grant of a command that acts on none is a
+    # settings error at start.
+    acts_on: ActsOn
+    # False for commands nobody may be granted on their own account only, though they act on
+    # one (granting oneself a role).
+    self_grantable: bool = True
+
+    @property
+    def allows_self_grant(self) -> bool:
+        """Whether a caller policy may grant this command `@self`."""
+        return self.self_grantable and self.acts_on is not ActsOn.NO_ACCOUNT
+
+    def target_account(self, payload: Model) -> str | None:
+        """The id of the account `payload` (this command's payload) acts on, if any."""
+        if self.acts_on is ActsOn.PAYLOAD_ACCOUNT:
+            account_id: str = getattr(payload, "account_id")  # noqa: B009 - checked at import
+            return account_id
+        return None
 
 
 _SPECS = (
@@ -149,6 +178,7 @@ _SPECS = (
         result=AccountResult,
         changes_state=True,
         password_work=True,
+        acts_on=ActsOn.NO_ACCOUNT,
         summary="Create an account.",
     ),
     CommandSpec(
@@ -157,6 +187,7 @@ _SPECS = (
         result=AccountResult,
         changes_state=False,
         password_work=False,
+        acts_on=ActsOn.PAYLOAD_ACCOUNT,
         summary="Read an account by id.",
     ),
     CommandSpec(
@@ -165,6 +196,7 @@ _SPECS = (
         result=AccountResult,
         changes_state=True,
         password_work=True,
+        acts_on=ActsOn.PAYLOAD_ACCOUNT,
         summary="Change email and/or display name (optimistic concurrency).",
     ),
     CommandSpec(
@@ -173,6 +205,7 @@ _SPECS = (
         result=ChangePasswordResult,
         changes_state=True,
         password_work=True,
+        acts_on=ActsOn.PAYLOAD_ACCOUNT,
         summary="Change the password; all the account's sessions end.",
     ),
     CommandSpec(
@@ -181,6 +214,7 @@ _SPECS = (
         result=StartSessionResult,
         changes_state=True,
         password_work=True,
+        acts_on=ActsOn.NO_ACCOUNT,
         summary="Sign in: returns the session and its token.",
     ),
     CommandSpec(
@@ -189,6 +223,7 @@ _SPECS = (
         result=VerifySessionResult,
         changes_state=False,
         password_work=False,
+        acts_on=ActsOn.NO_ACCOUNT,
         summary="Verify a session token.",
     ),
     CommandSpec(
@@ -197,6 +232,7 @@ _SPECS = (
         result=EndSessionResult,
         changes_state=True,
         password_work=False,
+        acts_on=ActsOn.NO_ACCOUNT,
         summary="Sign out one session; ending an ended session is not an error.",
     ),
     CommandSpec(
@@ -205,6 +241,7 @@ _SPECS = (
         result=EndAllSessionsResult,
         changes_state=True,
         password_work=False,
+        acts_on=ActsOn.PAYLOAD_ACCOUNT,
         summary="Sign out everywhere.",
     ),
 )
@@ -214,6 +251,9 @@ COMMANDS: dict[str, CommandSpec] = {spec.name: spec for spec in _SPECS}
 _BY_PAYLOAD: dict[type[Model], CommandSpec] = {spec.payload: spec for spec in _SPECS}
 if not len(COMMANDS) == len(_BY_PAYLOAD) == len(_SPECS):
     raise RuntimeError("two commands share a name or a payload model")
+for _spec in _SPECS:
+    if _spec.acts_on is ActsOn.PAYLOAD_ACCOUNT and "account_id" not in _spec.payload.model_fields:
+        raise RuntimeError(f"{_spec.name} acts on payload.account_id but has no such field")
 
 
 def spec_of(payload: type[Model]) -> CommandSpec:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from pydantic import (
     Field,
@@ -27,6 +27,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 # One parser for signing keys, the one the token signer uses, so a key that loads also signs.
 from services.tokens import SigningKey, parse_signing_keys
+from worker.callers import CallerPolicy
 
 ENV_PREFIX = "IDENTITY_"
 _URL_SCHEMES = {"amqp_url": ("amqp", "amqps"), "database_url": ("postgresql", "postgres")}
@@ -148,6 +149,13 @@ class Settings(BaseSettings):
             parse_signing_keys(value.get_secret_value())
         return value
 
+    @field_validator("callers")
+    @classmethod
+    def _callers_policy(cls, value: str | None) -> str | None:
+        if value is not None:
+            CallerPolicy.parse(value)  # a PolicyError is a ValueError: named IDENTITY_CALLERS
+        return value
+
     @field_validator("amqp_url", "database_url")
     @classmethod
     def _url_scheme(cls, value: SecretStr, info: ValidationInfo) -> SecretStr:
@@ -187,6 +195,20 @@ class Settings(BaseSettings):
         """Unacked password commands per consumer: as configured, else two per hashing thread,
         so the pool never idles yet messages don't pile up in memory behind argon2."""
         return self.password_prefetch or 2 * self.effective_hash_workers
+
+    def caller_policy(self) -> CallerPolicy:
+        """Who may send what: IDENTITY_CALLERS, or the open policy when it is unset."""
+        return CallerPolicy.open() if self.callers is None else CallerPolicy.parse(self.callers)
+
+    @property
+    def broker_user(self) -> str:
+        """The worker's own broker user (the user of IDENTITY_AMQP_URL; RabbitMQ's default,
+        guest, when the URL names none): the `user_id` of everything the worker publishes."""
+        try:
+            user = urlsplit(self.amqp_url.get_secret_value()).username
+        except ValueError:
+            user = None
+        return unquote(user) if user else "guest"
 
     def parsed_signing_keys(self) -> list[SigningKey]:
         """The parsed signing keys, the signing one first; empty when none are configured."""
