@@ -23,6 +23,7 @@ from services.tokens import SigningKey, parse_signing_keys
 from stores import IdentityStore, SecretStore, ServiceStore, ThrottleSchedule
 from stores.postgres import PostgresIdentityStore
 from worker.acks import Acknowledger
+from worker.authorise import Authoriser
 from worker.broker import DeadLetters, ReplySender, StoppableRobustConnection
 from worker.handlers import handler_table
 from worker.metrics import Metrics, create_metrics, observer
@@ -212,6 +213,7 @@ async def _assemble(
         DeadLetters(publish_channel, topology.dead_exchange.name, metrics, clock),
         metrics,
         RetryPolicy(settings.retry_attempts, settings.retry_max_delay_s),
+        authoriser=Authoriser(settings.caller_policy(), service.acting_session, metrics),
         max_message_bytes=settings.max_message_bytes,
         worker_delivery_limit=settings.worker_delivery_limit,
         on_committed=relay.wake,
