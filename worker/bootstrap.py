@@ -196,6 +196,8 @@ async def _assemble(
     await password_channel.set_qos(prefetch_count=settings.effective_password_prefetch)
     publish_channel = await connection.channel(publisher_confirms=True)
     topology = await declare_topology(publish_channel, delivery_limit=settings.delivery_limit)
+    # Everything the worker publishes carries its broker user, which RabbitMQ vouches for.
+    user_id = settings.broker_user
     relay = OutboxRelay(
         store,
         publish_channel,
@@ -204,13 +206,17 @@ async def _assemble(
         clock.now,
         batch=settings.outbox_batch,
         poll_s=settings.outbox_poll_s,
+        user_id=user_id,
     )
     acks = Acknowledger()
+    dead_letters = DeadLetters(
+        publish_channel, topology.dead_exchange.name, metrics, clock, user_id=user_id
+    )
     processor = CommandProcessor(
         handler_table(service),
         acks,
-        ReplySender(publish_channel, metrics),
-        DeadLetters(publish_channel, topology.dead_exchange.name, metrics, clock),
+        ReplySender(publish_channel, metrics, user_id=user_id),
+        dead_letters,
         metrics,
         RetryPolicy(settings.retry_attempts, settings.retry_max_delay_s),
         authoriser=Authoriser(settings.caller_policy(), service.acting_session, metrics),

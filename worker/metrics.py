@@ -76,6 +76,7 @@ class Metrics:
     retries_total: Counter
     malformed_messages_total: Counter
     forbidden_total: Counter
+    replies_lost_total: Counter
     outbox_backlog: Gauge
     outbox_oldest_age_seconds: Gauge
     outbox_published_total: Counter
@@ -136,6 +137,11 @@ def create_metrics() -> Metrics:
             "other) and command.",
             "caller",
             "command",
+        ),
+        replies_lost_total=counter(
+            "replies_lost_total",
+            "Replies the broker refused (nacked) or returned: final, never retried.",
+            "reason",
         ),
         outbox_backlog=gauge("outbox_backlog", "Outbox rows not yet published."),
         outbox_oldest_age_seconds=gauge(
