@@ -290,7 +290,7 @@ class DeadLetters:
             correlation_id=message.correlation_id,
             reply_to=message.reply_to,
             content_type=message.content_type,
-            delivery_count=delivery_count(message.headers),
+            delivery_count=delivery_count(message.headers, redelivered=bool(message.redelivered)),
             body_bytes=len(message.body),
             body=body,
             redacted=redacted,

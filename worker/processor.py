@@ -164,7 +164,9 @@ class CommandProcessor:
         if message.content_type != CONTENT_TYPE:
             text = f"content_type must be {CONTENT_TYPE}."
             return "wrong_content_type", ErrorBody(code=ErrorCode.MALFORMED_MESSAGE, message=text)
-        if delivery_count(message.headers) >= self._delivery_limit:
+        if delivery_count(message.headers, redelivered=bool(message.redelivered)) >= (
+            self._delivery_limit
+        ):
             return "delivery_limit", _INTERNAL
         return None
 

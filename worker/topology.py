@@ -12,13 +12,17 @@ What the worker can rely on from a RabbitMQ 3.10 quorum queue with `x-delivery-l
   3.10 the header is already there, as 0, on the first delivery (checked against 3.10.8; 3.12
   stopped adding it there, rabbitmq-server#7732), and it is absent on messages that never went
   through a quorum queue. So read it as "earlier failed deliveries", treat a missing or odd
-  header as 0 (`delivery_count()`), and never take its presence as a sign of redelivery.
+  header as 0, and never take its presence as a sign of redelivery.
 - Once the count exceeds `x-delivery-limit` the queue dead-letters the message (reason
   `delivery_limit`) to `x-dead-letter-exchange` with its *raw* body: with limit N a message is
   delivered at most N + 1 times, carrying counts 0..N, and the return of the last one sends it
   away. The worker's own limit (`worker_delivery_limit`, validated below the queue's)
   dead-letters a redacted copy and acks when it sees a count at that limit, which always comes
   first, so the backstop only fires if the worker dies on every attempt.
+- A publisher can set `x-delivery-count` itself. 3.10 overwrites it on delivery, but the
+  stored message keeps the publisher's value (it reappears on dead letters) and later
+  versions stop adding the header on first deliveries: the count is believed only on a
+  redelivery (`redelivered` set by the broker), see `delivery_count()`.
 - `x-dead-letter-strategy: at-least-once` makes the queue keep a message until the dead-letter
   target confirms it, instead of dropping it if the route fails; RabbitMQ only honours it
   together with `x-overflow: reject-publish` (otherwise it silently falls back to
@@ -75,8 +79,11 @@ def routing_keys(queue: str) -> list[str]:
     return [name for name in COMMANDS if queue_for(name) == queue]
 
 
-def delivery_count(headers: Mapping[str, Any] | None) -> int:
-    """Earlier failed deliveries of a message, from its `x-delivery-count` header (0 if none)."""
+def delivery_count(headers: Mapping[str, Any] | None, *, redelivered: bool) -> int:
+    """Earlier failed deliveries of a message, from its `x-delivery-count` header: 0 on a
+    first delivery (`redelivered` false), whatever a publisher wrote there, and 0 if none."""
+    if not redelivered:
+        return 0
     value = (headers or {}).get(DELIVERY_COUNT_HEADER)
     # bool is an int subclass; a publisher-set True must not count as one failure.
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:

@@ -134,7 +134,7 @@ async def test_the_queue_counts_returns_and_dead_letters_past_its_limit(
     counts = []
     for _ in range(LIMIT + 1):
         message = await _get(topology.fast_queue)
-        counts.append(delivery_count(message.headers))
+        counts.append(delivery_count(message.headers, redelivered=True))
         await message.nack(requeue=True)
 
     assert counts == list(range(LIMIT + 1))
