@@ -25,6 +25,7 @@ from stores.postgres import PostgresIdentityStore
 from worker.acks import Acknowledger
 from worker.authorise import Authoriser
 from worker.broker import DeadLetters, ReplySender, StoppableRobustConnection
+from worker.forwarder import DeadLetterForwarder
 from worker.handlers import handler_table
 from worker.metrics import Metrics, create_metrics, observer
 from worker.outbox import OutboxRelay
@@ -56,8 +57,10 @@ class Components:
     fast_channel: AbstractRobustChannel
     password_channel: AbstractRobustChannel
     publish_channel: AbstractRobustChannel
+    dead_channel: AbstractRobustChannel
     topology: Topology
     processor: CommandProcessor
+    forwarder: DeadLetterForwarder
     relay: OutboxRelay
     acks: Acknowledger
 
@@ -75,6 +78,9 @@ async def signing_keys(settings: Settings, store: SecretStore) -> list[SigningKe
     encoded = base64.urlsafe_b64encode(secret).decode().rstrip("=")
     return parse_signing_keys(f"{DEV_KEY_ID}:{encoded}")
 
+
+# Broker dead letters in flight at once: they are rare, and each is small work.
+DEAD_LETTER_PREFETCH = 16
 
 # The hashing threads' nice value: see services.passwords (cheap commands come first).
 HASHING_NICENESS = 10
@@ -195,6 +201,8 @@ async def _assemble(
     password_channel = await connection.channel()
     await password_channel.set_qos(prefetch_count=settings.effective_password_prefetch)
     publish_channel = await connection.channel(publisher_confirms=True)
+    dead_channel = await connection.channel()
+    await dead_channel.set_qos(prefetch_count=DEAD_LETTER_PREFETCH)
     topology = await declare_topology(publish_channel, delivery_limit=settings.delivery_limit)
     # Everything the worker publishes carries its broker user, which RabbitMQ vouches for.
     user_id = settings.broker_user
@@ -225,6 +233,12 @@ async def _assemble(
         on_committed=relay.wake,
         log_queries=settings.log_queries,
     )
+    forwarder = DeadLetterForwarder(
+        dead_letters,
+        acks,
+        max_message_bytes=settings.max_message_bytes,
+        worker_delivery_limit=settings.worker_delivery_limit,
+    )
     return Components(
         settings=settings,
         clock=clock,
@@ -236,8 +250,10 @@ async def _assemble(
         fast_channel=fast_channel,
         password_channel=password_channel,
         publish_channel=publish_channel,
+        dead_channel=dead_channel,
         topology=topology,
         processor=processor,
+        forwarder=forwarder,
         relay=relay,
         acks=acks,
     )
