@@ -35,6 +35,7 @@ SECRET_KEYS = frozenset(
         "password_hash",
         "passwd",
         "token",
+        "actor_token",
         "access_token",
         "refresh_token",
         "id_token",
