@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import aio_pika
 
-from client import IdentityClient, IdentityClientError
+from client import IdentityClient, IdentityClientError, NotDeployed
 from tools.common import (
     BROKER_ERRORS,
     EXIT_FAILED,
@@ -159,9 +159,12 @@ async def _demo(url: str, timeout_s: float) -> int:
     except BROKER_ERRORS as exc:
         return broker_unreachable(url, exc)
     try:
-        tap = await EventTap.open(connection)
         async with IdentityClient(connection, timeout=timeout_s, retries=1) as client:
+            tap = await EventTap.open(connection)
             passed = await play(Story(client, tap), timeout_s)
+    except NotDeployed as exc:
+        print(f"identity-worker demo: {exc}", file=sys.stderr)
+        passed = False
     except BROKER_ERRORS as exc:
         return broker_unreachable(url, exc)
     finally:
