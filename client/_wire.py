@@ -68,7 +68,8 @@ def build_request(
         },
         "",
     )
-    return orjson.dumps(envelope.model_dump(mode="json", exclude_none=True)), idempotency_key
+    # wire_form: the worker needs metadata.actor_token revealed as much as the payload's.
+    return orjson.dumps(wire_form(envelope, exclude_none=True)), idempotency_key
 
 
 def read_reply(body: bytes) -> Reply:

@@ -255,8 +255,9 @@ class IdentityClient:
         )
         return await self._call(AccountResult, payload, idempotency_key, metadata)
 
-    async def get_account(self, account_id: str) -> AccountResult:
-        return await self._call(AccountResult, validated(GetAccount, {"account_id": account_id}))
+    async def get_account(self, account_id: str, *, metadata: MetadataArg = None) -> AccountResult:
+        payload = validated(GetAccount, {"account_id": account_id})
+        return await self._call(AccountResult, payload, None, metadata)
 
     async def update_account(
         self,
@@ -267,6 +268,7 @@ class IdentityClient:
         display_name: str | None = None,
         current_password: SecretArg | None = None,
         idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
     ) -> AccountResult:
         payload = validated(
             UpdateAccount,
@@ -278,7 +280,7 @@ class IdentityClient:
                 "current_password": current_password,
             },
         )
-        return await self._call(AccountResult, payload, idempotency_key)
+        return await self._call(AccountResult, payload, idempotency_key, metadata)
 
     async def change_password(
         self,
@@ -287,6 +289,7 @@ class IdentityClient:
         new_password: SecretArg,
         *,
         idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
     ) -> ChangePasswordResult:
         payload = validated(
             ChangePassword,
@@ -296,7 +299,7 @@ class IdentityClient:
                 "new_password": new_password,
             },
         )
-        return await self._call(ChangePasswordResult, payload, idempotency_key)
+        return await self._call(ChangePasswordResult, payload, idempotency_key, metadata)
 
     async def start_session(
         self,
@@ -309,21 +312,34 @@ class IdentityClient:
         payload = validated(StartSession, {"email": email, "password": password})
         return await self._call(StartSessionResult, payload, idempotency_key, metadata)
 
-    async def verify_session(self, token: SecretArg) -> VerifySessionResult:
-        return await self._call(VerifySessionResult, validated(VerifySession, {"token": token}))
+    async def verify_session(
+        self, token: SecretArg, *, metadata: MetadataArg = None
+    ) -> VerifySessionResult:
+        payload = validated(VerifySession, {"token": token})
+        return await self._call(VerifySessionResult, payload, None, metadata)
 
     async def end_session(
-        self, token: SecretArg, *, idempotency_key: str | None = None
+        self,
+        token: SecretArg,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
     ) -> EndSessionResult:
-        return await self._call(
-            EndSessionResult, validated(EndSession, {"token": token}), idempotency_key
-        )
+        payload = validated(EndSession, {"token": token})
+        return await self._call(EndSessionResult, payload, idempotency_key, metadata)
 
     async def end_all_sessions(
-        self, account_id: str, *, idempotency_key: str | None = None
+        self,
+        account_id: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
     ) -> EndAllSessionsResult:
+        """Sign the account out everywhere. A caller granted this `@self` shows a session
+        token of the account: `metadata={"actor_token": token}` (so for get_account and
+        update_account)."""
         payload = validated(EndAllSessions, {"account_id": account_id})
-        return await self._call(EndAllSessionsResult, payload, idempotency_key)
+        return await self._call(EndAllSessionsResult, payload, idempotency_key, metadata)
 
 
 def connection_user(connection: AbstractConnection) -> str | None:

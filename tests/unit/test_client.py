@@ -205,6 +205,15 @@ async def test_every_command_carries_the_connections_user_id() -> None:
     assert [p.message.user_id for p in channel.published] == ["web", "web"]
 
 
+async def test_the_actor_token_is_sent_to_the_worker_in_clear() -> None:
+    api, channel = make_client()
+    async with api:
+        await api.get_account(ACCOUNT_ID, metadata={"actor_token": "tok-123"})
+        await api.end_all_sessions(ACCOUNT_ID, metadata={"actor_token": SecretStr("tok-456")})
+    sent = [p.body["metadata"] for p in channel.published]
+    assert sent == [{"actor_token": "tok-123"}, {"actor_token": "tok-456"}]
+
+
 async def test_with_worker_user_a_reply_from_anyone_else_is_dropped() -> None:
     api, channel = make_client(timeout=0.05, retries=1, worker_user="identity-worker")
     channel.replier = "mallory"
