@@ -13,6 +13,7 @@ from typing import Any
 import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from yarl import URL
 
 from messages.topology import COMMANDS_EXCHANGE, DEAD_EXCHANGE, DEAD_QUEUE, EVENTS_EXCHANGE
 
@@ -36,6 +37,9 @@ class Bus:
     connection: AbstractRobustConnection
     channel: AbstractChannel
     reply_queue: str
+    # The connection's broker user: the user_id of what the bus publishes, and the namespace
+    # of its reply queue, as a caller under a caller policy must have them.
+    user: str = "guest"
     replies: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
     dead: list[dict[str, Any]] = field(default_factory=list)
@@ -49,20 +53,25 @@ class Bus:
         """With `durable` (a name prefix), the reply, event and dead-letter captures are
         durable named queues consumed with acks, so that they survive the broker closing the
         connection: nothing published while the bus reconnects is lost."""
+        user = URL(amqp_url).user or "guest"
         if durable is not None:
-            return await cls._open_durable(amqp_url, durable, capture_dead)
-        return await cls.attach(await aio_pika.connect_robust(amqp_url), capture_dead=capture_dead)
+            return await cls._open_durable(amqp_url, durable, capture_dead, user)
+        connection = await aio_pika.connect_robust(amqp_url)
+        return await cls.attach(connection, capture_dead=capture_dead, user=user)
 
     @classmethod
     async def attach(
-        cls, connection: AbstractRobustConnection, *, capture_dead: bool = True
+        cls, connection: AbstractRobustConnection, *, capture_dead: bool = True, user: str = "guest"
     ) -> Bus:
         """A bus on a connection opened elsewhere (to RabbitMQ or to an in-memory broker);
-        closing the bus closes the connection."""
+        closing the bus closes the connection. Its reply queue is named in `user`'s namespace
+        (`<user>.…`), where a worker with a caller policy is willing to answer."""
         channel = await connection.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=1000)
-        replies = await channel.declare_queue(exclusive=True, auto_delete=True)
-        bus = cls(connection, channel, replies.name)
+        replies = await channel.declare_queue(
+            f"{user}.bus-replies.{uuid.uuid4().hex}", exclusive=True, auto_delete=True
+        )
+        bus = cls(connection, channel, replies.name, user)
         await replies.consume(bus._on_reply, no_ack=True)
         events_x = await channel.declare_exchange(EVENTS_EXCHANGE, "topic", durable=True)
         captured = await channel.declare_queue(exclusive=True, auto_delete=True)
@@ -73,14 +82,14 @@ class Bus:
         return bus
 
     @classmethod
-    async def _open_durable(cls, amqp_url: str, prefix: str, capture_dead: bool) -> Bus:
+    async def _open_durable(cls, amqp_url: str, prefix: str, capture_dead: bool, user: str) -> Bus:
         connection = await aio_pika.connect_robust(
             amqp_url, client_properties={"connection_name": prefix}
         )
         channel = await connection.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=1000)
-        replies = await channel.declare_queue(f"{prefix}.replies", durable=True)
-        bus = cls(connection, channel, replies.name)
+        replies = await channel.declare_queue(f"{user}.{prefix}.replies", durable=True)
+        bus = cls(connection, channel, replies.name, user)
         await replies.consume(_acking(bus._on_reply))
         events_x = await channel.declare_exchange(EVENTS_EXCHANGE, "topic", durable=True)
         captured = await channel.declare_queue(f"{prefix}.events", durable=True)
@@ -119,6 +128,7 @@ class Bus:
             correlation_id=correlation_id,
             message_id=uuid.uuid4().hex,
             reply_to=self.reply_queue,
+            user_id=self.user,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         deadline = asyncio.get_running_loop().time() + deadline_s
@@ -185,6 +195,7 @@ class Bus:
             correlation_id=correlation_id,
             message_id=uuid.uuid4().hex,
             reply_to=self.reply_queue if reply else None,
+            user_id=self.user,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         await exchange.publish(message, routing_key=command)
@@ -243,6 +254,7 @@ class Bus:
             content_type=content_type,
             correlation_id=correlation_id,
             reply_to=self.reply_queue,
+            user_id=self.user,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         await self.channel.default_exchange.publish(message, routing_key=queue)
