@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 from pydantic import SecretStr
 
 from messages import (
-    Account,
     AccountResult,
     ChangePassword,
     ChangePasswordResult,
@@ -26,7 +25,6 @@ from messages import (
     EndSession,
     EndSessionResult,
     GetAccount,
-    Session,
     StartSession,
     StartSessionResult,
     UpdateAccount,
@@ -49,6 +47,7 @@ from messages.events import (
 from services.clock import Clock
 from services.emails import canonical_email
 from services.errors import (
+    AccountDisabledError,
     EmailTakenError,
     InvalidInputError,
     NotFoundError,
@@ -57,8 +56,11 @@ from services.errors import (
     VersionConflictError,
 )
 from services.ids import new_account_id, new_session_id
+from services.lifecycle import AccountLifecycle
 from services.operations import NO_CONTEXT, CommandContext, Operation, OperationRunner
 from services.passwords import HashingPool, PasswordPolicy, normalize_password
+from services.sessions_admin import SessionAdmin
+from services.shapes import to_account, to_session
 from services.signin import Authenticated, Authenticator
 from services.tokens import TokenSigner
 from stores import (
@@ -92,29 +94,6 @@ class SessionPolicy:
             timedelta(seconds=idle_timeout),
             timedelta(seconds=touch_interval),
         )
-
-
-def to_account(record: AccountRecord) -> Account:
-    return Account(
-        id=record.id,
-        email=record.email,
-        display_name=record.display_name,
-        created_at=record.created_at,
-        updated_at=record.updated_at,
-        version=record.version,
-        email_verified=record.email_verified,
-        status="disabled" if record.status == "disabled" else "active",
-        roles=sorted(record.roles),
-    )
-
-
-def to_session(record: SessionRecord) -> Session:
-    return Session(
-        id=record.id,
-        account_id=record.account_id,
-        created_at=record.created_at,
-        expires_at=record.expires_at,
-    )
 
 
 _Checked = TypeVar("_Checked")
@@ -166,6 +145,10 @@ class IdentityService:
         self._sessions = sessions or SessionPolicy()
         self._auth = Authenticator(store, passwords, throttle or ThrottleSchedule())
         self._ops = OperationRunner(store, signer, clock, on_replay)
+        # Disable, enable, erase; list and revoke sessions (services.lifecycle,
+        # services.sessions_admin).
+        self.lifecycle = AccountLifecycle(store, self._ops, clock, self._auth.throttle_key)
+        self.sessions_admin = SessionAdmin(store, self._ops, clock, self._sessions.idle_timeout)
 
     # -- accounts ---------------------------------------------------------------------------
 
@@ -231,6 +214,9 @@ class IdentityService:
             # Nothing differs: no new version, no event; the reply is the account as it is.
             result = AccountResult(account=to_account(record))
             async with self._store.unit_of_work() as uow:
+                # An erasure that committed since the read leaves nothing to echo back.
+                if await uow.get_account(record.id, for_update=True) is None:
+                    raise NotFoundError()
                 await self._ops.finish(uow, op, result)
             return result
         new_hash = None
@@ -360,6 +346,7 @@ class IdentityService:
         stays locked until commit, so a password change either comes first (and is seen here)
         or waits, and then ends this session with the others."""
         account = checked.account
+        client = op.context.metadata
         session = SessionRecord(
             id=new_session_id(),
             account_id=account.id,
@@ -367,11 +354,16 @@ class IdentityService:
             created_at=now,
             expires_at=now + self._sessions.lifetime,
             last_seen_at=now,
+            client_ip=client.client_ip if client is not None else None,
+            user_agent=client.user_agent if client is not None else None,
         )
         async with self._store.unit_of_work() as uow:
             locked = await uow.get_account(account.id, for_update=True)
             if locked is None or locked.password_hash != account.password_hash:
                 return None
+            # Only now, with the password found right: the status is no oracle for it.
+            if locked.status != "active":
+                raise AccountDisabledError()
             await uow.insert_session(session)
             await uow.reset_signin_failures(canonical)
             if checked.new_hash is not None:
@@ -402,7 +394,9 @@ class IdentityService:
             raise SessionExpiredError()
         session, account = found
         now = self._clock.now()
-        if not self._is_live(session, now):
+        # A disabled account's sessions ended with the change; a token of one that somehow
+        # did not is refused all the same.
+        if not self._is_live(session, now) or account.status != "active":
             raise SessionExpiredError()
         if now - session.last_seen_at >= self._sessions.touch_interval:
             await self._store.touch_session(session.id, now)
