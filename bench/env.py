@@ -20,6 +20,7 @@ from typing import Any
 
 import asyncpg
 
+from services.keys import new_hmac_key
 from services.passwords import HUGE_PAGES_TUNABLE, malloc_hugetlb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,12 +240,22 @@ class WorkerProcess:
             self.process.wait()
 
 
+# The load generator publishes as guest, every command from one source: production mode with a
+# policy that lets guest send everything, and an argon2 budget per source it never reaches.
+BENCH_CALLERS = "guest=*"
+BENCH_HMAC_KEY = new_hmac_key()
+
+
 def worker_env(sandbox: Sandbox, signing_keys: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IDENTITY_")}
     env.update(
         IDENTITY_AMQP_URL=sandbox.amqp_url,
         IDENTITY_DATABASE_URL=sandbox.database_url,
         IDENTITY_SIGNING_KEYS=signing_keys,
+        IDENTITY_HMAC_KEY=BENCH_HMAC_KEY,
+        IDENTITY_CALLERS=BENCH_CALLERS,
+        IDENTITY_SOURCE_HASH_RATE_PER_S="1000000",
+        IDENTITY_SOURCE_HASH_BURST="1000000",
         IDENTITY_HTTP_HOST="127.0.0.1",
         IDENTITY_LOG_LEVEL="INFO",
     )
