@@ -23,6 +23,7 @@ from stores.records import (
     NewEvent,
     PendingEvent,
     SessionRecord,
+    ThrottleCounter,
 )
 
 
@@ -30,13 +31,6 @@ from stores.records import (
 class OutboxRow:
     event: PendingEvent
     published_at: datetime | None = None
-
-
-@dataclass
-class Throttle:
-    failures: int
-    locked_until: datetime | None
-    updated_at: datetime
 
 
 @dataclass
@@ -49,7 +43,12 @@ class Tables:
     idempotency: dict[str, IdempotencyRecord] = field(default_factory=dict)
     outbox: dict[int, OutboxRow] = field(default_factory=dict)
     event_ids: set[str] = field(default_factory=set)
-    throttle: dict[str, Throttle] = field(default_factory=dict)
+    # Keyed tags, as in PostgreSQL: (email, source) counters, email counters, known-good
+    # sources and their last sign-in, argon2 budgets as (tokens, updated_at).
+    pairs: dict[tuple[bytes, bytes], ThrottleCounter] = field(default_factory=dict)
+    email_counters: dict[bytes, ThrottleCounter] = field(default_factory=dict)
+    known_sources: dict[tuple[bytes, bytes], datetime] = field(default_factory=dict)
+    budgets: dict[bytes, tuple[float, datetime]] = field(default_factory=dict)
     secrets: dict[str, bytes] = field(default_factory=dict)
     last_seq: int = 0
 
@@ -73,7 +72,6 @@ class MemoryUnitOfWork:
         self._session_ends: dict[str, tuple[datetime, str]] = {}
         self._idempotency: dict[str, IdempotencyRecord] = {}
         self._events: list[NewEvent] = []
-        self._throttle_resets: set[str] = set()
 
     async def get_account(
         self, account_id: str, *, for_update: bool = False
@@ -161,9 +159,6 @@ class MemoryUnitOfWork:
                     ended.append(record)
         return ended
 
-    async def reset_signin_failures(self, email_canonical: str) -> None:
-        self._throttle_resets.add(email_canonical)
-
     async def record_outcome(
         self, events: Sequence[NewEvent], idempotency: IdempotencyRecord | None
     ) -> None:
@@ -215,5 +210,3 @@ class MemoryUnitOfWork:
             )
             tables.outbox[tables.last_seq] = OutboxRow(pending)
             tables.event_ids.add(event.event_id)
-        for email_canonical in self._throttle_resets:
-            tables.throttle.pop(email_canonical, None)

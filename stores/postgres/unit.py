@@ -119,10 +119,6 @@ class PostgresUnitOfWork:
             rows = await self._conn.fetch(sql.END_ALL_SESSIONS, account_id, ended_at, reason)
         return [SessionRecord(*row) for row in rows]
 
-    async def reset_signin_failures(self, email_canonical: str) -> None:
-        with self._timed("uow.reset_signin_failures"):
-            await self._conn.execute(sql.RESET_SIGNIN, email_canonical)
-
     async def record_outcome(
         self, events: Sequence[NewEvent], idempotency: IdempotencyRecord | None
     ) -> None:
