@@ -3,15 +3,25 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test check bench venv services asyncapi clean
+.PHONY: run test check bench venv services asyncapi lock clean
 
-$(BIN)/identity-worker: pyproject.toml
+# Dependencies come from the lock file, each checked against its hashes; the project itself is
+# installed on top without resolving anything again.
+$(BIN)/identity-worker: pyproject.toml requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/pip install --quiet --require-hashes -r requirements-dev.lock
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
 venv: $(BIN)/identity-worker
+
+## Pin every dependency, with hashes, after changing pyproject.toml: requirements.lock is what
+## the image installs, requirements-dev.lock adds the test, benchmark and lock tools.
+lock: venv
+	$(BIN)/uv pip compile pyproject.toml --universal --generate-hashes --python-version 3.11 \
+		-q -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --universal --generate-hashes --python-version 3.11 \
+		--extra test --extra bench --extra lock -q -o requirements-dev.lock
 
 services:
 	./scripts/ensure-services.sh
