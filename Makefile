@@ -28,10 +28,16 @@ services:
 
 ## Run the worker against the local RabbitMQ and PostgreSQL (creates the database), in dev mode:
 ## keys made on the spot and kept in the database, the open caller policy, loud warnings.
+## The database has two roles (scripts/ensure-roles.sh): identity_owner migrates, the worker
+## runs as identity_worker, which may only read and write rows.
 # GLIBC_TUNABLES: argon2's memory on huge pages, as in the Dockerfile (services.passwords).
 # What the caller sets comes last, and glibc takes the last value: glibc.malloc.hugetlb=0 wins.
 run: venv services
-	IDENTITY_DEV_MODE=true GLIBC_TUNABLES=glibc.malloc.hugetlb=1$${GLIBC_TUNABLES:+:$$GLIBC_TUNABLES} $(BIN)/identity-worker run
+	./scripts/ensure-roles.sh
+	IDENTITY_DEV_MODE=true \
+	IDENTITY_DATABASE_URL=$${IDENTITY_DATABASE_URL:-postgresql://identity_worker@127.0.0.1:5432/identity} \
+	IDENTITY_MIGRATION_DATABASE_URL=$${IDENTITY_MIGRATION_DATABASE_URL:-postgresql://identity_owner@127.0.0.1:5432/identity} \
+	GLIBC_TUNABLES=glibc.malloc.hugetlb=1$${GLIBC_TUNABLES:+:$$GLIBC_TUNABLES} $(BIN)/identity-worker run
 
 ## Every test: unit, store contract (memory + PostgreSQL), integration and faults.
 # pytest exits 5 when it collected nothing: that is a failure, not a pass.

@@ -21,9 +21,9 @@ from tools.arguments import positive_seconds
 from worker.settings import Settings, SettingsError, load_settings
 
 
-def _settings_or_exit() -> Settings:
+def _settings_or_exit(*, keys_needed: bool = True) -> Settings:
     try:
-        return load_settings()
+        return load_settings(keys_needed=keys_needed)
     except SettingsError as exc:
         print(f"identity-worker: bad settings: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -39,16 +39,25 @@ def _run(args: argparse.Namespace) -> int:
         import uvloop
 
         uvloop.install()
-    return asyncio.run(
-        run_worker(settings, migrate_first=settings.migrate_on_start and not args.no_migrate)
-    )
+    try:
+        return asyncio.run(
+            run_worker(settings, migrate_first=settings.migrate_on_start and not args.no_migrate)
+        )
+    except SettingsError as exc:  # found at start, e.g. a database role with too much power
+        print(f"identity-worker: bad settings: {exc}", file=sys.stderr)
+        return 2
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    settings = _settings_or_exit()
+    # A migration job needs the database URLs and the mode, never the worker's keys.
+    settings = _settings_or_exit(keys_needed=False)
     from stores.postgres import migrate
 
-    applied = asyncio.run(migrate(settings.database_url.get_secret_value()))
+    applied = asyncio.run(
+        migrate(
+            settings.migration_dsn, worker_role=settings.worker_role, dev_mode=settings.dev_mode
+        )
+    )
     print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
     return 0
 

@@ -37,7 +37,7 @@ from worker.metrics import Metrics, create_metrics, observer
 from worker.outbox import OutboxRelay
 from worker.policy import RetryPolicy
 from worker.processor import CommandProcessor
-from worker.settings import Settings
+from worker.settings import Settings, SettingsError
 from worker.topology import Topology, declare_topology
 
 # How long a failed start waits for each thing it opened to close.
@@ -186,6 +186,8 @@ async def build(
         store = await connect_store(settings, metrics)
     passwords: HashingPool | None = None
     try:
+        if isinstance(store, PostgresIdentityStore):
+            await check_database_role(settings, store)
         metrics.dev_mode.set(1 if settings.dev_mode else 0)
         if settings.dev_mode:
             log.warning(DEV_MODE_WARNING)
@@ -210,6 +212,33 @@ async def build(
             passwords.close()
         await store.close(force_after_s=CLOSE_TIMEOUT_S)
         raise
+
+
+class DatabaseRoleRefused(SettingsError):
+    """The worker's database role could change the schema: production does not run so."""
+
+
+async def check_database_role(settings: Settings, store: PostgresIdentityStore) -> None:
+    """Least privilege: the worker's role reads and writes rows, nothing more. A superuser,
+    or a role that owns the tables (and so may alter or drop them), is refused in production
+    and warned about in dev mode; one that may create objects in the schema is warned about
+    (PostgreSQL before 15 grants that to every role unless revoked)."""
+    powers = await store.role_powers()
+    if powers.superuser or powers.owns_tables:
+        what = "a superuser" if powers.superuser else "the owner of the tables"
+        message = (
+            f"IDENTITY_DATABASE_URL: the worker's role is {what}, which may change the schema;"
+            " run the worker as a role with row access only and migrate as the owner"
+            " (IDENTITY_MIGRATION_DATABASE_URL; docs/runbook.md, database roles)"
+        )
+        if not settings.dev_mode:
+            raise DatabaseRoleRefused(message)
+        log.warning(message)
+    elif powers.creates:
+        log.warning(
+            "the worker's database role may create objects in the schema:"
+            " REVOKE CREATE ON SCHEMA public FROM it (docs/runbook.md, database roles)"
+        )
 
 
 async def connect_store(settings: Settings, metrics: Metrics) -> IdentityStore:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from pydantic import (
     Field,
@@ -35,6 +36,8 @@ _URL_SCHEMES = {"amqp_url": ("amqp", "amqps"), "database_url": _PG, "migration_d
 # What production cannot run without (contract v2, section 1): keys and a caller policy.
 _PRODUCTION_NEEDS = ("signing_keys", "callers", "hmac_key")
 _LOG_LEVELS = frozenset({"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"})
+# Whether this load checks production's keys (load_settings(keys_needed=False) does not).
+_KEYS_NEEDED: ContextVar[bool] = ContextVar("keys_needed", default=True)
 
 
 class SettingsError(ValueError):
@@ -204,8 +207,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _production_has_its_keys(self) -> Settings:
         """Production (the default) runs only with keys and a caller policy of its own; dev
-        mode generates what is missing (worker.bootstrap) and says so loudly."""
-        if self.dev_mode:
+        mode generates what is missing (worker.bootstrap) and says so loudly. Migrating needs
+        none of them (a migration job should not hold the worker's keys)."""
+        if self.dev_mode or not _KEYS_NEEDED.get():
             return self
         missing = [env_name(name) for name in _PRODUCTION_NEEDS if getattr(self, name) is None]
         if missing:
@@ -239,6 +243,22 @@ class Settings(BaseSettings):
         return self.password_prefetch or 2 * self.effective_hash_workers
 
     @property
+    def migration_dsn(self) -> str:
+        """Where migrations run: the owner's URL, else the worker's own."""
+        url = self.migration_database_url or self.database_url
+        return url.get_secret_value()
+
+    @property
+    def worker_role(self) -> str | None:
+        """The worker's database role, to be granted its privileges by the migration; None
+        when the worker migrates as itself (no owner URL, or the same user)."""
+        if self.migration_database_url is None:
+            return None
+        worker = urlsplit(self.database_url.get_secret_value()).username
+        owner = urlsplit(self.migration_database_url.get_secret_value()).username
+        return None if worker is None or worker == owner else unquote(worker)
+
+    @property
     def gateway_users(self) -> frozenset[str]:
         """Broker users trusted to report `metadata.client_ip`."""
         return frozenset(user.strip() for user in self.gateways.split(",") if user.strip())
@@ -267,18 +287,22 @@ _ORDERED_PAIRS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def load_settings(env: Mapping[str, str] | None = None) -> Settings:
-    """Read the settings from `env` (default: the process environment), once, at start-up."""
+def load_settings(env: Mapping[str, str] | None = None, *, keys_needed: bool = True) -> Settings:
+    """Read the settings from `env` (default: the process environment), once, at start-up.
+    `keys_needed=False` (migrations, the operator tools) skips production's key checks."""
     source: Mapping[str, str] = os.environ if env is None else env
     values: dict[str, Any] = {}
     for field in Settings.model_fields:
         raw = source.get(env_name(field))
         if raw is not None and raw.strip() != "":
             values[field] = raw.strip()
+    token = _KEYS_NEEDED.set(keys_needed)
     try:
         return Settings(**values)
     except ValidationError as exc:
         problems = _describe(exc)
+    finally:
+        _KEYS_NEEDED.reset(token)
     # Raised outside the handler so the ValidationError, whose text quotes the input values,
     # is not even chained as context.
     raise SettingsError(problems)

@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -41,6 +42,27 @@ from stores.records import (
 )
 
 _log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RolePowers:
+    """What the store's database role may do beyond rows."""
+
+    superuser: bool
+    owns_tables: bool  # owns (or is a member of the owner of) the schema's tables: DDL on them
+    creates: bool  # may create objects in the schema
+
+
+_ROLE_POWERS = """
+SELECT r.rolsuper,
+       EXISTS (
+           SELECT 1 FROM pg_class c
+           WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind = 'r'
+             AND pg_has_role(current_user, c.relowner, 'MEMBER')
+       ),
+       has_schema_privilege(current_user, current_schema(), 'CREATE')
+FROM pg_roles r WHERE r.rolname = current_user
+"""
 
 # Legacy throttle rows re-keyed per transaction.
 _ADOPT_BATCH = 1000
@@ -337,6 +359,12 @@ class PostgresIdentityStore:
             if stored is None:
                 stored = await self._pool.fetchval(sql.GET_SECRET, name)
         return bytes(stored)
+
+    async def role_powers(self) -> RolePowers:
+        """What this store's role may do to the schema (start-up checks least privilege)."""
+        with self._timed("role_powers"):
+            row = await self._pool.fetchrow(_ROLE_POWERS)
+        return RolePowers(superuser=row[0], owns_tables=row[1], creates=row[2])
 
     async def ping(self) -> None:
         with self._timed("ping"):

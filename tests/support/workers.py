@@ -54,7 +54,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def worker_env(amqp_url: str, database_url: str, **extra: str) -> dict[str, str]:
+def worker_env(
+    amqp_url: str, database_url: str, migration_url: str | None = None, **extra: str
+) -> dict[str, str]:
+    """The environment of a worker process: production mode, `database_url` its own
+    (restricted) role, `migration_url` the owner's, for the migration on start."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("IDENTITY_")}
     env.update(FAST_ARGON2)
     env.update(UNLIMITED_BUDGET)
@@ -62,6 +66,7 @@ def worker_env(amqp_url: str, database_url: str, **extra: str) -> dict[str, str]
     env.update(
         IDENTITY_AMQP_URL=amqp_url,
         IDENTITY_DATABASE_URL=database_url,
+        IDENTITY_MIGRATION_DATABASE_URL=migration_url or "",
         IDENTITY_HTTP_HOST="127.0.0.1",
         IDENTITY_READINESS_PROBE_S="0.5",
         IDENTITY_OUTBOX_POLL_S="0.5",

@@ -228,3 +228,21 @@ def test_gateways_are_a_comma_separated_list_of_broker_users() -> None:
 def test_hmac_keys_are_random() -> None:
     assert new_hmac_key() != new_hmac_key()
     assert len(base64.urlsafe_b64decode(new_hmac_key() + "=")) == 32
+
+
+def test_migrations_need_no_keys_and_grant_the_workers_role() -> None:
+    env = {
+        "IDENTITY_DATABASE_URL": "postgresql://identity_worker@db/identity",
+        "IDENTITY_MIGRATION_DATABASE_URL": "postgresql://identity_owner:pw@db/identity",
+    }
+    settings = load_settings(env, keys_needed=False)
+
+    assert settings.worker_role == "identity_worker"
+    assert settings.migration_dsn.startswith("postgresql://identity_owner:")
+    alone = load_settings(
+        {"IDENTITY_DATABASE_URL": env["IDENTITY_DATABASE_URL"]}, keys_needed=False
+    )
+    assert alone.worker_role is None
+    assert alone.migration_dsn == env["IDENTITY_DATABASE_URL"]
+    with pytest.raises(SettingsError, match="IDENTITY_HMAC_KEY"):
+        load_settings(env)  # the worker itself still needs its keys
