@@ -11,14 +11,16 @@ import secrets
 import orjson
 import pytest
 
+import worker.app
 from messages import Metadata, StartSession, fingerprint_material
 from services.errors import InvalidCredentialsError
 from services.identity import IdentityService
 from services.keys import FINGERPRINT_PREFIX, HmacKey
 from stores import MemoryIdentityStore
+from tests.support.eventually import eventually
 from tests.support.factory import TEST_HMAC_KEY, TEST_KEYS
 from tests.support.memory_broker import MemoryBroker
-from tests.support.pipeline import worker_settings
+from tests.support.pipeline import Broker, running_worker, worker_settings
 from tests.unit.helpers import PASSWORD, create_cmd, ctx, start_cmd
 from worker.bootstrap import DEV_HMAC_KEY_NAME, DEV_KEY_NAME, build, worker_keys
 from worker.decode import decode_command
@@ -186,3 +188,18 @@ async def test_a_record_fingerprinted_under_a_signing_key_replays_while_that_key
 
     replayed = await service.start_session(start_cmd(), context)
     assert replayed.session == started.session
+
+
+async def test_dev_mode_repeats_its_warning_while_the_worker_runs(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(worker.app, "DEV_MODE_REMINDER_S", 0.01)
+    with caplog.at_level(logging.WARNING, logger="identity.worker"):
+        async with running_worker(
+            Broker.in_memory(), dev_mode=True, signing_keys=None, hmac_key=None, callers=None
+        ):
+
+            def warnings() -> int:
+                return sum("IDENTITY_DEV_MODE is true" in r.getMessage() for r in caplog.records)
+
+            await eventually(lambda: warnings() >= 3, what="the dev-mode reminder")
