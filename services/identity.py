@@ -56,6 +56,7 @@ from services.errors import (
     VersionConflictError,
 )
 from services.ids import new_account_id, new_session_id
+from services.keys import Fingerprints, HmacKey
 from services.lifecycle import AccountLifecycle
 from services.operations import NO_CONTEXT, CommandContext, Operation, OperationRunner
 from services.passwords import HashingPool, PasswordPolicy, normalize_password
@@ -67,12 +68,17 @@ from stores import (
     AccountChanges,
     AccountRecord,
     DuplicateEmailError,
+    HashBudget,
     ServiceStore,
     SessionRecord,
-    ThrottleSchedule,
+    ThrottleRules,
     TransientStoreError,
     UnitOfWork,
 )
+
+# Argon2 computations a command may make, taken from its source's budget before the first.
+_ONE_HASH = 1
+_VERIFY_AND_HASH = 2
 
 SERVICE_NAME = "identity"
 
@@ -112,9 +118,8 @@ async def _against_the_stored_hash(
     The hash then changed meanwhile: the password was changed (and every session ended with
     it), or a sign-in or an email change stored a new hash of the same password. The password
     is checked again, against the stored hash, and `act` tried once more; a hash that changed
-    again by then fails the command as transient, to be retried. Nothing is given back to the
-    throttle: each of those changes also cleared the email's failure count, the attempt
-    reserved by the first check with it, so a refund could only forgive someone else's.
+    again by then fails the command as transient, to be retried. Each check reserves its own
+    attempt and settles it when the password verifies, so neither counts as a failure.
     """
     result = await act(checked)
     if result is None:
@@ -131,10 +136,12 @@ class IdentityService:
         *,
         passwords: HashingPool,
         signer: TokenSigner,
+        hmac_key: HmacKey,
         clock: Clock,
         policy: PasswordPolicy | None = None,
         sessions: SessionPolicy | None = None,
-        throttle: ThrottleSchedule | None = None,
+        throttle: ThrottleRules | None = None,
+        budget: HashBudget | None = None,
         on_replay: Callable[[str], None] | None = None,
     ) -> None:
         self._store = store
@@ -143,8 +150,11 @@ class IdentityService:
         self._clock = clock
         self._policy = policy or PasswordPolicy()
         self._sessions = sessions or SessionPolicy()
-        self._auth = Authenticator(store, passwords, throttle or ThrottleSchedule())
-        self._ops = OperationRunner(store, signer, clock, on_replay)
+        self._auth = Authenticator(
+            store, passwords, throttle or ThrottleRules(), budget or HashBudget(), hmac_key
+        )
+        fingerprints = Fingerprints(hmac_key, signer.fingerprint_matches)
+        self._ops = OperationRunner(store, fingerprints, clock, on_replay)
         # Disable, enable, erase; list and revoke sessions (services.lifecycle,
         # services.sessions_admin).
         self.lifecycle = AccountLifecycle(store, self._ops, clock, self._auth.throttle_key)
@@ -164,8 +174,9 @@ class IdentityService:
         self._policy.check_new(
             password, field="payload.password", context=_context_words(canonical, cmd.display_name)
         )
-        password_hash = await self._passwords.hash(password)
         now = self._clock.now()
+        await self._auth.spend(op.context.source, _ONE_HASH, now)
+        password_hash = await self._passwords.hash(password)
         record = AccountRecord(
             id=new_account_id(now),
             email=cmd.email.strip(),
@@ -231,8 +242,6 @@ class IdentityService:
         )
         async with self._store.unit_of_work() as uow:
             updated = await self._apply(uow, record.id, cmd.expected_version, changes)
-            if "email" in changed:
-                await uow.reset_signin_failures(record.email_canonical)
             result = AccountResult(account=to_account(updated))
             op.emit(
                 AccountUpdated, AccountUpdatedData(account=result.account, changed=changed), now
@@ -248,8 +257,9 @@ class IdentityService:
             raise InvalidInputError.for_field(
                 "payload.current_password", "is required when the email changes"
             )
-        op.compensations.append(lambda: self._auth.refund(record.email_canonical))
+        await self._auth.spend(op.context.source, _ONE_HASH, now)
         checked = await self._auth.check(
+            op,
             record.email_canonical,
             cmd.current_password.get_secret_value(),
             now,
@@ -271,10 +281,10 @@ class IdentityService:
         current = cmd.current_password.get_secret_value()
         new = cmd.new_password.get_secret_value()
         now = self._clock.now()
-        email = record.email_canonical
-        # Late-bound: check_again reserves on the account's email as it is then.
-        op.compensations.append(lambda: self._auth.refund(email))
-        await self._auth.check(email, current, now, account=record, purpose="change_password")
+        await self._auth.spend(op.context.source, _VERIFY_AND_HASH, now)
+        await self._auth.check(
+            op, record.email_canonical, current, now, account=record, purpose="change_password"
+        )
         if normalize_password(new) == normalize_password(current):
             raise PasswordPolicyError("payload.new_password", "must differ from the current one")
         self._policy.check_new(
@@ -285,10 +295,10 @@ class IdentityService:
         new_hash = await self._passwords.hash(new)
 
         async def check_again() -> AccountRecord:
-            nonlocal email
             fresh = await self._existing_account(cmd.account_id)
-            email = fresh.email_canonical
-            await self._auth.check(email, current, now, account=fresh, purpose="change_password")
+            await self._auth.check(
+                op, fresh.email_canonical, current, now, account=fresh, purpose="change_password"
+            )
             return fresh
 
         return await _against_the_stored_hash(
@@ -308,7 +318,6 @@ class IdentityService:
             changes = AccountChanges(updated_at=now, password_hash=new_hash)
             updated = await self._apply(uow, checked.id, locked.version, changes)
             ended = await uow.end_all_sessions(checked.id, now, "password_changed")
-            await uow.reset_signin_failures(checked.email_canonical)
             self._emit_ended(op, ended, "password_changed", now)
             data = AccountPasswordChangedData(account_id=checked.id, sessions_ended=len(ended))
             op.emit(AccountPasswordChanged, data, now)
@@ -331,15 +340,15 @@ class IdentityService:
         password = cmd.password.get_secret_value()
         self._policy.check_verifiable(password, field="payload.password")
         now = self._clock.now()
-        op.compensations.append(lambda: self._auth.refund(canonical))
+        await self._auth.spend(op.context.source, _ONE_HASH, now)
         return await _against_the_stored_hash(
-            await self._auth.check(canonical, password, now),
-            lambda checked: self._open_session(op, canonical, checked, now),
-            lambda: self._auth.check(canonical, password, now),
+            await self._auth.check(op, canonical, password, now),
+            lambda checked: self._open_session(op, checked, now),
+            lambda: self._auth.check(op, canonical, password, now),
         )
 
     async def _open_session(
-        self, op: Operation, canonical: str, checked: Authenticated, now: datetime
+        self, op: Operation, checked: Authenticated, now: datetime
     ) -> StartSessionResult | None:
         """Insert the session and record the outcome; None, with nothing written, if the
         stored hash is no longer the one the password was checked against. The account's row
@@ -365,7 +374,6 @@ class IdentityService:
             if locked.status != "active":
                 raise AccountDisabledError()
             await uow.insert_session(session)
-            await uow.reset_signin_failures(canonical)
             if checked.new_hash is not None:
                 await uow.replace_password_hash(account.id, account.password_hash, checked.new_hash)
             result = StartSessionResult(
