@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import (
@@ -210,14 +210,24 @@ _ORDERED_PAIRS: tuple[tuple[str, str, str], ...] = (
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read the settings from `env` (default: the process environment), once, at start-up."""
+    return read_settings(Settings, env)
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def read_settings(cls: type[SettingsT], env: Mapping[str, str] | None = None) -> SettingsT:
+    """Read `cls`, a settings class whose field `x` comes from `IDENTITY_X` (the worker's, the
+    mail sender's), from `env` (default: the process environment); `SettingsError` naming
+    every variable at fault, never a value."""
     source: Mapping[str, str] = os.environ if env is None else env
     values: dict[str, Any] = {}
-    for field in Settings.model_fields:
+    for field in cls.model_fields:
         raw = source.get(env_name(field))
         if raw is not None and raw.strip() != "":
             values[field] = raw.strip()
     try:
-        return Settings(**values)
+        return cls(**values)
     except ValidationError as exc:
         problems = _describe(exc)
     # Raised outside the handler so the ValidationError, whose text quotes the input values,
