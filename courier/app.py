@@ -200,6 +200,10 @@ class Courier:
         """Templates checked, sidecar up, broker connected, then consume once the queue
         exists. Raises TemplateProblem before anything opens if a template is broken."""
         self.renderer.check(self.clock())
+        # At DEBUG, aiormq dumps whole frames, message bodies (codes) included: whatever
+        # IDENTITY_LOG_LEVEL says, the protocol libraries log from INFO up.
+        for name in ("aiormq", "aio_pika"):
+            logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
         self.http_port = self.sidecar.start()
         self._heartbeat = asyncio.create_task(run_heartbeat(self.health), name="heartbeat")
         url = self.settings.amqp_url.get_secret_value()

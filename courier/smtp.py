@@ -87,6 +87,20 @@ def classify_connect(exc: BaseException) -> SmtpFailure:
     return SmtpFailure("connection", transient=True, code=code)
 
 
+def _step_failure(exc: BaseException, reason: str) -> SmtpFailure:
+    """A failure of STARTTLS or the login on an open connection: the network's own (a
+    timeout, a dropped connection) keep their reason, a TLS error is `tls`, and anything else
+    (not offered, refused) is the step's own `reason`."""
+    if _caused_by(exc, ssl.SSLError):
+        return SmtpFailure("tls", transient=True)
+    if _caused_by(exc, TimeoutError):
+        return SmtpFailure("timeout", transient=True)
+    if isinstance(exc, ConnectionError):
+        return SmtpFailure("connection", transient=True)
+    code = exc.code if isinstance(exc, SMTPResponseException) else None
+    return SmtpFailure(reason, transient=True, code=code)
+
+
 def classify_send(exc: BaseException) -> SmtpFailure:
     """The verdict on a failure of MAIL, RCPT or DATA on an open connection."""
     if isinstance(exc, SmtpFailure):
@@ -143,27 +157,41 @@ class SmtpPool:
 
     def _client(self) -> aiosmtplib.SMTP:
         target = self.target
-        secure = target.security != "none"
         return aiosmtplib.SMTP(
             hostname=target.host,
             port=target.port,
-            username=target.username,
-            password=target.password,
             use_tls=target.security == "tls",
-            # True: STARTTLS or no mail. False for smtp+insecure: never attempt it.
-            start_tls=target.security == "starttls",
+            # STARTTLS and the login are done step by step in _open, to tell the failures
+            # apart; never left to aiosmtplib's opportunistic default.
+            start_tls=False,
             validate_certs=True,
-            tls_context=self._tls if secure else None,
+            tls_context=self._tls if target.security != "none" else None,
             timeout=self._timeout,
         )
 
     async def _open(self) -> _Connection:
+        """Connect (TLS from the first byte for smtps://), STARTTLS for smtp:// (no mail
+        without it), then log in if the URL has credentials."""
+        target = self.target
         client = self._client()
         try:
-            await client.connect()  # TLS and login as the target says
-        except Exception as exc:
+            try:
+                await client.connect()
+            except Exception as exc:
+                raise classify_connect(exc) from None
+            if target.security == "starttls":
+                try:
+                    await client.starttls()
+                except Exception as exc:
+                    raise _step_failure(exc, "tls") from None
+            if target.username is not None and target.password is not None:
+                try:
+                    await client.login(target.username, target.password)
+                except Exception as exc:
+                    raise _step_failure(exc, "auth") from None
+        except BaseException:
             client.close()
-            raise classify_connect(exc) from None
+            raise
         return _Connection(client)
 
     @contextlib.asynccontextmanager
