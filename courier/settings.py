@@ -117,8 +117,9 @@ class CourierSettings(BaseSettings):
     courier_dedupe_window: int = Field(default=10000, ge=1)
 
     http_host: str = "0.0.0.0"  # noqa: S104 - the sidecar must be reachable by the orchestrator
-    # Not the worker's 8080, so both run side by side on one host without configuration.
-    http_port: int = Field(default=8081, ge=0, le=65535)
+    # The worker's default too (and the image's health check); beside a worker on one host,
+    # give one of them another port (`make courier` uses 8081).
+    http_port: int = Field(default=8080, ge=0, le=65535)
     readiness_probe_s: float = Field(default=2.0, gt=0)
     shutdown_grace_s: float = Field(default=20.0, ge=0)
     log_level: str = "INFO"

@@ -159,7 +159,7 @@ def test_smtp_urls_map_to_their_security_and_default_ports() -> None:
 def test_defaults_and_the_shared_variables() -> None:
     loaded = settings()
     assert loaded.smtp_target().security == "starttls"
-    assert loaded.http_port == 8081  # beside a worker on 8080
+    assert loaded.http_port == 8080  # as the worker's, and the image's health check
     assert loaded.courier_prefetch == 16
     assert loaded.sender().addr_spec == "no-reply@example.com"
     assert loaded.amqp_url.get_secret_value() == "amqp://guest:guest@127.0.0.1:5672/"
