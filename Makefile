@@ -29,14 +29,14 @@ run: venv services
 ## sidecar on 8081). Mailpit works too: `make courier` sends to 127.0.0.1:1025 all the same,
 ## and its inbox is on http://localhost:8025.
 mailbox: venv
-	$(BIN)/aiosmtpd -n -l 127.0.0.1:1025 -c aiosmtpd.handlers.Debugging
+	exec $(BIN)/aiosmtpd -n -l 127.0.0.1:1025 -c aiosmtpd.handlers.Debugging
 
 courier: venv services
 	IDENTITY_DEV_MODE=true \
 	IDENTITY_SMTP_URL=$${IDENTITY_SMTP_URL:-smtp+insecure://127.0.0.1:1025} \
 	IDENTITY_MAIL_FROM="$${IDENTITY_MAIL_FROM:-Identity <no-reply@identity.localhost>}" \
 	IDENTITY_HTTP_PORT=$${IDENTITY_HTTP_PORT:-8081} \
-	$(BIN)/identity-worker courier
+	exec $(BIN)/identity-worker courier
 
 ## Every test: unit, store contract (memory + PostgreSQL), integration and faults.
 # pytest exits 5 when it collected nothing: that is a failure, not a pass.

@@ -226,7 +226,7 @@ class Courier:
             "identity courier started",
             extra={
                 "amqp": redacted_url(url),
-                "smtp": f"{target.security}://{target.host}:{target.port}",
+                "smtp": target.describe(),
                 "smtp_user": target.username,
                 "http_port": self.http_port,
                 "queue": COURIER_QUEUE,

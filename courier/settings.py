@@ -58,8 +58,18 @@ class SmtpTarget:
     username: str | None
     password: str | None
 
+    @property
+    def scheme(self) -> str:
+        return next(
+            scheme for scheme, (security, _) in _SCHEMES.items() if security == self.security
+        )
+
+    def describe(self) -> str:
+        """`scheme://host:port`, for logs: never the user's password."""
+        return f"{self.scheme}://{self.host}:{self.port}"
+
     def __repr__(self) -> str:  # never the password, wherever a target is printed
-        return f"SmtpTarget({self.security}://{self.host}:{self.port}, user={self.username!r})"
+        return f"SmtpTarget({self.describe()}, user={self.username!r})"
 
 
 def parse_smtp_url(url: str) -> SmtpTarget:

@@ -154,6 +154,8 @@ def test_smtp_urls_map_to_their_security_and_default_ports() -> None:
     )
     assert parse_smtp_url("smtp://smtp.example.com").username is None
     assert "pa@ss" not in repr(target)
+    assert target.describe() == "smtp://smtp.example.com:2525"
+    assert parse_smtp_url("smtp+insecure://h").describe() == "smtp+insecure://h:25"
 
 
 def test_defaults_and_the_shared_variables() -> None:
