@@ -704,7 +704,7 @@ async def test_it_waits_for_the_worker_to_declare_the_queue(
 async def test_a_broker_user_that_may_only_read_the_queue_is_enough(
     topology: Broker, smtp: SmtpServer
 ) -> None:
-    """The mail sender's broker user has no configure and no write permission (research: a
+    """The mail sender's broker user has no configure and no write permission (a
     write grant would let it bind identity.dead to identity.courier and copy codes there)."""
     user, password = f"identity-test-mailer-{secrets.token_hex(3)}", secrets.token_hex(12)
     vhost = topology.url.rpartition("/")[2]
