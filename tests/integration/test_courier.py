@@ -734,6 +734,19 @@ async def test_a_broker_user_that_may_only_read_the_queue_is_enough(
         rabbitmqctl("delete_user", user)
 
 
+async def test_a_send_in_flight_at_the_stop_finishes_and_is_acked(
+    topology: Broker, smtp: SmtpServer
+) -> None:
+    smtp.recorder.data_delay_s = 1.0
+    async with running_courier(topology.url, smtp.url()) as courier:
+        await topology.publish(courier_message())
+        await eventually(smtp.recorder.data_started.is_set, what="the mail's DATA under way")
+    # Leaving the block stopped the mail sender while the server was still taking the mail.
+    assert len(smtp.mails()) == 1
+    assert sample(courier, "identity_courier_sent_total", kind="verification_code") == 1
+    assert await topology.depth() == 0
+
+
 # -- identity-worker courier, the process --------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ aiosmtpd does not count implicit TLS as TLS for AUTH, so that server allows AUTH
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import logging
@@ -58,6 +59,9 @@ class Recorder:
     refuse_rcpt: dict[str, str] = field(default_factory=dict)
     # replies to the next DATA commands, in order, e.g. ["451 4.3.0 try again later"]
     data_replies: list[str] = field(default_factory=list)
+    # a slow server: seconds each DATA takes before its reply; set when one has begun
+    data_delay_s: float = 0.0
+    data_started: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     async def handle_RCPT(
@@ -70,6 +74,9 @@ class Recorder:
         return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.data_started.set()
+        if self.data_delay_s:
+            await asyncio.sleep(self.data_delay_s)
         with self._lock:
             if self.data_replies:
                 return self.data_replies.pop(0)
