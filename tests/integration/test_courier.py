@@ -406,10 +406,13 @@ async def test_copies_of_one_message_id_in_flight_at_once_send_one_mail(
 async def test_smtp_down_for_a_while_then_up_delivers_every_mail_exactly_once(
     topology: Broker,
 ) -> None:
-    server = SmtpServer()  # not started: connections are refused
+    # Not started: connections are refused. Each message goes back to the queue every 2 s
+    # (the deadline); the queue's delivery limit (5) would dead-letter one after about 10 s,
+    # well after the server is up.
+    server = SmtpServer()
     messages = [courier_message(to=f"user{i}@example.com") for i in range(20)]
     async with running_courier(
-        topology.url, server.url(), IDENTITY_SMTP_RETRY_DEADLINE_S="1"
+        topology.url, server.url(), IDENTITY_SMTP_RETRY_DEADLINE_S="2"
     ) as courier:
         for message in messages:
             await topology.publish(message)
