@@ -8,6 +8,7 @@ identity-worker asyncapi               print the AsyncAPI document of contract v
 identity-worker send COMMAND --FIELD V send one command, print its reply as JSON
 identity-worker demo                   run a sign-up/sign-in story against a running worker
 identity-worker dead list|republish    inspect or re-send the dead letters in identity.dead
+identity-worker courier                send the mails of identity.courier over SMTP
 """
 
 from __future__ import annotations
@@ -46,6 +47,25 @@ def _run(args: argparse.Namespace) -> int:
     except SettingsError as exc:  # found at start, e.g. a database role with too much power
         print(f"identity-worker: bad settings: {exc}", file=sys.stderr)
         return 2
+
+
+def _courier(args: argparse.Namespace) -> int:
+    from courier.settings import load_courier_settings
+
+    try:
+        settings = load_courier_settings()
+    except SettingsError as exc:
+        print(f"identity-worker courier: bad settings: {exc}", file=sys.stderr)
+        return 2
+    from courier.main import run_courier
+    from worker.logs import configure_logging
+
+    configure_logging(settings.log_level)
+    if settings.use_uvloop:
+        import uvloop
+
+        uvloop.install()
+    return asyncio.run(run_courier(settings))
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -158,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_parser("new", help="print a new signing key").set_defaults(func=_keys_new)
     keys.add_parser("hmac", help="print a new HMAC key").set_defaults(func=_keys_hmac)
     sub.add_parser("asyncapi", help="print the AsyncAPI document").set_defaults(func=_asyncapi)
+    sub.add_parser(
+        "courier",
+        help="send the mails of identity.courier over SMTP (the mail sender)",
+        description="Consume identity.courier and send each message as a mail over SMTP"
+        " (IDENTITY_SMTP_URL, IDENTITY_MAIL_FROM; see docs/runbook.md). Exit 2 on bad settings"
+        " or templates, 1 when the broker cannot be reached.",
+    ).set_defaults(func=_courier)
     _add_tool_parsers(sub)
     return parser
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from pydantic import (
@@ -290,19 +290,30 @@ _ORDERED_PAIRS: tuple[tuple[str, str, str], ...] = (
 def load_settings(env: Mapping[str, str] | None = None, *, keys_needed: bool = True) -> Settings:
     """Read the settings from `env` (default: the process environment), once, at start-up.
     `keys_needed=False` (migrations, the operator tools) skips production's key checks."""
+    token = _KEYS_NEEDED.set(keys_needed)
+    try:
+        return read_settings(Settings, env)
+    finally:
+        _KEYS_NEEDED.reset(token)
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def read_settings(cls: type[SettingsT], env: Mapping[str, str] | None = None) -> SettingsT:
+    """Read `cls`, a settings class whose field `x` comes from `IDENTITY_X` (the worker's, the
+    mail sender's), from `env` (default: the process environment); `SettingsError` naming
+    every variable at fault, never a value."""
     source: Mapping[str, str] = os.environ if env is None else env
     values: dict[str, Any] = {}
-    for field in Settings.model_fields:
+    for field in cls.model_fields:
         raw = source.get(env_name(field))
         if raw is not None and raw.strip() != "":
             values[field] = raw.strip()
-    token = _KEYS_NEEDED.set(keys_needed)
     try:
-        return Settings(**values)
+        return cls(**values)
     except ValidationError as exc:
         problems = _describe(exc)
-    finally:
-        _KEYS_NEEDED.reset(token)
     # Raised outside the handler so the ValidationError, whose text quotes the input values,
     # is not even chained as context.
     raise SettingsError(problems)
