@@ -51,12 +51,21 @@ from messages import (
     ChangePassword,
     ChangePasswordResult,
     CreateAccount,
+    DeleteAccount,
+    DeleteAccountResult,
+    DisableAccount,
+    DisableAccountResult,
+    EnableAccount,
     EndAllSessions,
     EndAllSessionsResult,
     EndSession,
     EndSessionResult,
     GetAccount,
+    ListSessions,
+    ListSessionsResult,
     Reply,
+    RevokeSession,
+    RevokeSessionResult,
     StartSession,
     StartSessionResult,
     UpdateAccount,
@@ -340,6 +349,64 @@ class IdentityClient:
         update_account)."""
         payload = validated(EndAllSessions, {"account_id": account_id})
         return await self._call(EndAllSessionsResult, payload, idempotency_key, metadata)
+
+    async def disable_account(
+        self,
+        account_id: str,
+        reason: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> DisableAccountResult:
+        """Stop the account now: its live sessions end, sign-in answers `account_disabled`."""
+        payload = validated(DisableAccount, {"account_id": account_id, "reason": reason})
+        return await self._call(DisableAccountResult, payload, idempotency_key, metadata)
+
+    async def enable_account(
+        self,
+        account_id: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> AccountResult:
+        payload = validated(EnableAccount, {"account_id": account_id})
+        return await self._call(AccountResult, payload, idempotency_key, metadata)
+
+    async def delete_account(
+        self,
+        account_id: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> DeleteAccountResult:
+        """Erase the account (irreversible): see the contract's "Erasure"."""
+        payload = validated(DeleteAccount, {"account_id": account_id})
+        return await self._call(DeleteAccountResult, payload, idempotency_key, metadata)
+
+    async def list_sessions(
+        self,
+        account_id: str,
+        *,
+        limit: int | None = None,
+        cursor: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> ListSessionsResult:
+        """One page of the account's live sessions; pass `next_cursor` back for the next."""
+        fields: dict[str, Any] = {"account_id": account_id, "cursor": cursor}
+        if limit is not None:
+            fields["limit"] = limit
+        payload = validated(ListSessions, fields)
+        return await self._call(ListSessionsResult, payload, None, metadata)
+
+    async def revoke_session(
+        self,
+        session_id: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> RevokeSessionResult:
+        payload = validated(RevokeSession, {"session_id": session_id})
+        return await self._call(RevokeSessionResult, payload, idempotency_key, metadata)
 
 
 def connection_user(connection: AbstractConnection) -> str | None:

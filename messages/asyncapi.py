@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from messages.commands import COMMANDS, CommandEnvelope, CommandSpec
+from messages.commands import COMMANDS, ActsOn, CommandEnvelope, CommandSpec
 from messages.deadletters import DeadLetterRecord
 from messages.events import EVENT_TYPES
 from messages.replies import ErrorBody, ErrorCode, Reply
@@ -44,7 +44,7 @@ ERROR_CODE_MEANINGS: dict[ErrorCode, str] = {
     ErrorCode.RATE_LIMITED: "Too many failed attempts; wait `retry_after_s` seconds.",
     ErrorCode.INVALID_TOKEN: "The session token is not one this service issued.",
     ErrorCode.SESSION_EXPIRED: "The session has ended or expired; sign in again.",
-    ErrorCode.NOT_FOUND: "No such account.",
+    ErrorCode.NOT_FOUND: "No such account (or session, for `session.revoke`); erased ones too.",
     ErrorCode.VERSION_CONFLICT: "`expected_version` is not the account's current version.",
     ErrorCode.INTERNAL_ERROR: "The worker could not process the command after its retries.",
     ErrorCode.FORBIDDEN: "The caller (AMQP `user_id`) may not send this command; nothing ran.",
@@ -58,7 +58,10 @@ EVENT_SUMMARIES: dict[str, str] = {
     "account.updated": "The email and/or display name changed; `changed` lists which.",
     "account.password_changed": "The password changed and the account's sessions ended.",
     "session.started": "Someone signed in (never carries the token).",
-    "session.ended": "A session ended: sign-out, sign-out everywhere or password change.",
+    "session.ended": "A session ended; `reason` says why (sign-out, password change, ...).",
+    "account.disabled": "An operator disabled the account; its live sessions ended.",
+    "account.enabled": "A disabled account was enabled: it may sign in again.",
+    "account.deleted": "The account was erased: delete what you keep about it.",
 }
 
 _DESCRIPTION = (
@@ -214,9 +217,14 @@ def _authorised(spec: CommandSpec) -> str:
         "reply is `forbidden` and nothing runs (nothing is stored under the idempotency key)."
     )
     if spec.allows_self_grant:
+        target = (
+            "the account of `payload.session_id`"
+            if spec.acts_on is ActsOn.SESSION_ACCOUNT
+            else f"`{spec.acts_on.value}`"
+        )
         text += (
-            f" It acts on `{spec.acts_on.value}`: a caller granted `{spec.name}@self` must "
-            "send `metadata.actor_token`, a live session token of that very account."
+            f" It acts on {target}: a caller granted `{spec.name}@self` must send "
+            "`metadata.actor_token`, a live session token of that very account."
         )
     return text
 

@@ -12,19 +12,25 @@ from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_vali
 
 from messages.models import (
     AccountId,
+    DisableReason,
     DisplayName,
     EmailField,
     Model,
     PasswordField,
+    SessionId,
     TokenField,
     wire_form,
 )
 from messages.replies import (
     AccountResult,
     ChangePasswordResult,
+    DeleteAccountResult,
+    DisableAccountResult,
     EndAllSessionsResult,
     EndSessionResult,
+    ListSessionsResult,
     Result,
+    RevokeSessionResult,
     StartSessionResult,
     VerifySessionResult,
 )
@@ -126,6 +132,45 @@ class EndAllSessions(Model):
     account_id: AccountId
 
 
+class DisableAccount(Model):
+    """Stop an account at once (`account.disable`): its sessions end, sign-in is refused."""
+
+    account_id: AccountId
+    reason: DisableReason
+
+
+class EnableAccount(Model):
+    """Let a disabled account sign in again (`account.enable`)."""
+
+    account_id: AccountId
+
+
+class DeleteAccount(Model):
+    """Erase an account and the personal data kept about it (`account.delete`)."""
+
+    account_id: AccountId
+
+
+# Opaque to callers: handed out as `next_cursor`, given back as it was.
+PageCursor = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_-]+$")]
+SESSIONS_PAGE_DEFAULT = 50
+SESSIONS_PAGE_MAX = 200
+
+
+class ListSessions(Model):
+    """An account's live sessions, a page at a time (`session.list`)."""
+
+    account_id: AccountId
+    limit: int = Field(default=SESSIONS_PAGE_DEFAULT, ge=1, le=SESSIONS_PAGE_MAX)
+    cursor: PageCursor | None = None
+
+
+class RevokeSession(Model):
+    """End one session by its id (`session.revoke`); it acts on the session's account."""
+
+    session_id: SessionId
+
+
 class ActsOn(StrEnum):
     """Which account a command acts on: what an `@self` grant (contract v2) is checked
     against."""
@@ -134,6 +179,8 @@ class ActsOn(StrEnum):
     NO_ACCOUNT = "no_account"
     # The account named by `payload.account_id`.
     PAYLOAD_ACCOUNT = "payload.account_id"
+    # The account of the session named by `payload.session_id` (a look-up).
+    SESSION_ACCOUNT = "payload.session_id"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -164,10 +211,18 @@ class CommandSpec:
         return self.self_grantable and self.acts_on is not ActsOn.NO_ACCOUNT
 
     def target_account(self, payload: Model) -> str | None:
-        """The id of the account `payload` (this command's payload) acts on, if any."""
+        """The id of the account `payload` (this command's payload) names, if it names one
+        (SESSION_ACCOUNT commands name a session instead: `target_session`)."""
         if self.acts_on is ActsOn.PAYLOAD_ACCOUNT:
             account_id: str = getattr(payload, "account_id")  # noqa: B009 - checked at import
             return account_id
+        return None
+
+    def target_session(self, payload: Model) -> str | None:
+        """The id of the session whose account `payload` acts on, for SESSION_ACCOUNT."""
+        if self.acts_on is ActsOn.SESSION_ACCOUNT:
+            session_id: str = getattr(payload, "session_id")  # noqa: B009 - checked at import
+            return session_id
         return None
 
 
@@ -244,6 +299,51 @@ _SPECS = (
         acts_on=ActsOn.PAYLOAD_ACCOUNT,
         summary="Sign out everywhere.",
     ),
+    CommandSpec(
+        name="account.disable",
+        payload=DisableAccount,
+        result=DisableAccountResult,
+        changes_state=True,
+        password_work=False,
+        acts_on=ActsOn.PAYLOAD_ACCOUNT,
+        summary="Disable an account: every live session ends, sign-in is refused.",
+    ),
+    CommandSpec(
+        name="account.enable",
+        payload=EnableAccount,
+        result=AccountResult,
+        changes_state=True,
+        password_work=False,
+        acts_on=ActsOn.PAYLOAD_ACCOUNT,
+        summary="Enable a disabled account: sign-in works again (old sessions stay ended).",
+    ),
+    CommandSpec(
+        name="account.delete",
+        payload=DeleteAccount,
+        result=DeleteAccountResult,
+        changes_state=True,
+        password_work=False,
+        acts_on=ActsOn.PAYLOAD_ACCOUNT,
+        summary="Erase an account: its personal data, sessions and stored replies.",
+    ),
+    CommandSpec(
+        name="session.list",
+        payload=ListSessions,
+        result=ListSessionsResult,
+        changes_state=False,
+        password_work=False,
+        acts_on=ActsOn.PAYLOAD_ACCOUNT,
+        summary="List an account's live sessions, oldest first, a page at a time.",
+    ),
+    CommandSpec(
+        name="session.revoke",
+        payload=RevokeSession,
+        result=RevokeSessionResult,
+        changes_state=True,
+        password_work=False,
+        acts_on=ActsOn.SESSION_ACCOUNT,
+        summary="End one session by id; ending an ended session is not an error.",
+    ),
 )
 
 # By name, for a delivery's routing key; by payload type, for code that holds a payload.
@@ -251,9 +351,11 @@ COMMANDS: dict[str, CommandSpec] = {spec.name: spec for spec in _SPECS}
 _BY_PAYLOAD: dict[type[Model], CommandSpec] = {spec.payload: spec for spec in _SPECS}
 if not len(COMMANDS) == len(_BY_PAYLOAD) == len(_SPECS):
     raise RuntimeError("two commands share a name or a payload model")
+_TARGET_FIELDS = {ActsOn.PAYLOAD_ACCOUNT: "account_id", ActsOn.SESSION_ACCOUNT: "session_id"}
 for _spec in _SPECS:
-    if _spec.acts_on is ActsOn.PAYLOAD_ACCOUNT and "account_id" not in _spec.payload.model_fields:
-        raise RuntimeError(f"{_spec.name} acts on payload.account_id but has no such field")
+    _field = _TARGET_FIELDS.get(_spec.acts_on)
+    if _field is not None and _field not in _spec.payload.model_fields:
+        raise RuntimeError(f"{_spec.name} acts on payload.{_field} but has no such field")
 
 
 def spec_of(payload: type[Model]) -> CommandSpec:

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pydantic import SecretStr
 
 from messages import COMMANDS, Session
+from messages.commands import ActsOn
 from services.errors import ForbiddenError, InvalidTokenError, SessionExpiredError
 from worker.callers import Access, CallerPolicy
 from worker.decode import Command
@@ -25,15 +26,24 @@ log = logging.getLogger("identity.worker")
 
 # Checks a session token as session.verify does (InvalidTokenError, SessionExpiredError).
 ProveSession = Callable[[SecretStr], Awaitable[Session]]
+# The account a session belongs to (None: no such session).
+SessionAccount = Callable[[str], Awaitable[str | None]]
 
 
 class Authoriser:
     """Allows a command, returning it (with the acting session of an `@self` proof), or
     raises ForbiddenError; counts and logs every refusal with the caller."""
 
-    def __init__(self, policy: CallerPolicy, prove: ProveSession, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        policy: CallerPolicy,
+        prove: ProveSession,
+        session_account: SessionAccount,
+        metrics: Metrics,
+    ) -> None:
         self.policy = policy
         self._prove = prove
+        self._session_account = session_account
         self._metrics = metrics
 
     async def authorise(self, command: Command) -> Command:
@@ -52,10 +62,20 @@ class Authoriser:
             session = await self._prove(token)
         except (InvalidTokenError, SessionExpiredError):
             raise self._refuse(command, "actor_token_not_live") from None
-        if session.account_id != COMMANDS[command.name].target_account(command.payload):
+        if session.account_id != await self._target(command):
             raise self._refuse(command, "not_own_account")
         context = replace(command.context, actor_session_id=session.id)
         return replace(command, context=context)
+
+    async def _target(self, command: Command) -> str | None:
+        """The account the command acts on: named in its payload, or the account of the
+        session it names (looked up; None when there is no such session, which no proof
+        matches)."""
+        spec = COMMANDS[command.name]
+        if spec.acts_on is ActsOn.SESSION_ACCOUNT:
+            session_id = spec.target_session(command.payload)
+            return None if session_id is None else await self._session_account(session_id)
+        return spec.target_account(command.payload)
 
     def _refuse(self, command: Command, reason: str) -> ForbiddenError:
         caller = command.context.caller

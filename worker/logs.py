@@ -47,6 +47,8 @@ SECRET_KEYS = frozenset(
         "signing_key",
         "signing_keys",
         "authorization",
+        # A one-time code (the courier's messages, the commands that confirm one).
+        "code",
     }
 )
 # Broad on purpose: anything that starts like a token is masked to its end, valid or not.

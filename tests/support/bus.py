@@ -37,13 +37,17 @@ class Bus:
     connection: AbstractRobustConnection
     channel: AbstractChannel
     reply_queue: str
-    # The connection's broker user: the user_id of what the bus publishes, and the namespace
-    # of its reply queue, as a caller under a caller policy must have them.
+    # The connection's broker user: the namespace of its reply queue (`<user>.…`), where a
+    # worker with a caller policy is willing to answer it.
     user: str = "guest"
     replies: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
     dead: list[dict[str, Any]] = field(default_factory=list)
     sent: list[Sent] = field(default_factory=list)
+    # The AMQP user_id set on every publish: the worker authorises commands by it, and
+    # RabbitMQ refuses a publish whose user_id is not the connection's user (the tests
+    # connect as guest).
+    user_id: str | None = "guest"
     _arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     @classmethod
@@ -71,7 +75,7 @@ class Bus:
         replies = await channel.declare_queue(
             f"{user}.bus-replies.{uuid.uuid4().hex}", exclusive=True, auto_delete=True
         )
-        bus = cls(connection, channel, replies.name, user)
+        bus = cls(connection, channel, replies.name, user=user, user_id=user)
         await replies.consume(bus._on_reply, no_ack=True)
         events_x = await channel.declare_exchange(EVENTS_EXCHANGE, "topic", durable=True)
         captured = await channel.declare_queue(exclusive=True, auto_delete=True)
@@ -89,7 +93,7 @@ class Bus:
         channel = await connection.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=1000)
         replies = await channel.declare_queue(f"{user}.{prefix}.replies", durable=True)
-        bus = cls(connection, channel, replies.name, user)
+        bus = cls(connection, channel, replies.name, user=user, user_id=user)
         await replies.consume(_acking(bus._on_reply))
         events_x = await channel.declare_exchange(EVENTS_EXCHANGE, "topic", durable=True)
         captured = await channel.declare_queue(f"{prefix}.events", durable=True)
@@ -128,8 +132,8 @@ class Bus:
             correlation_id=correlation_id,
             message_id=uuid.uuid4().hex,
             reply_to=self.reply_queue,
-            user_id=self.user,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            user_id=self.user_id,
         )
         deadline = asyncio.get_running_loop().time() + deadline_s
         retries = 0
@@ -195,8 +199,8 @@ class Bus:
             correlation_id=correlation_id,
             message_id=uuid.uuid4().hex,
             reply_to=self.reply_queue if reply else None,
-            user_id=self.user,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            user_id=self.user_id,
         )
         await exchange.publish(message, routing_key=command)
         return correlation_id
@@ -254,8 +258,8 @@ class Bus:
             content_type=content_type,
             correlation_id=correlation_id,
             reply_to=self.reply_queue,
-            user_id=self.user,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            user_id=self.user_id,
         )
         await self.channel.default_exchange.publish(message, routing_key=queue)
         return correlation_id
