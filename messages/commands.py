@@ -11,6 +11,7 @@ from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_vali
 
 from messages.models import (
     AccountId,
+    CodeField,
     DisplayName,
     EmailField,
     Model,
@@ -19,10 +20,12 @@ from messages.models import (
     wire_form,
 )
 from messages.replies import (
+    AcceptedResult,
     AccountResult,
     ChangePasswordResult,
     EndAllSessionsResult,
     EndSessionResult,
+    RecoveryResult,
     Result,
     StartSessionResult,
     VerifySessionResult,
@@ -125,6 +128,33 @@ class EndAllSessions(Model):
     account_id: AccountId
 
 
+class RequestRecovery(Model):
+    """Ask for a recovery code by email (`account.recovery.request`); always accepted."""
+
+    email: EmailField
+
+
+class CompleteRecovery(Model):
+    """Set a new password with a recovery code (`account.recovery.complete`)."""
+
+    email: EmailField
+    code: CodeField
+    new_password: PasswordField
+
+
+class RequestVerification(Model):
+    """Send a new verification code to the account's address (`account.verification.request`)."""
+
+    account_id: AccountId
+
+
+class ConfirmVerification(Model):
+    """Prove the address with the code sent to it (`account.verification.confirm`)."""
+
+    email: EmailField
+    code: CodeField
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CommandSpec:
     """What the worker, the client and the AsyncAPI document need to know about a command.
@@ -206,6 +236,39 @@ _SPECS = (
         changes_state=True,
         password_work=False,
         summary="Sign out everywhere.",
+    ),
+    # Contract v2, section 2: recovery and verification by one-time codes.
+    CommandSpec(
+        name="account.recovery.request",
+        payload=RequestRecovery,
+        result=AcceptedResult,
+        changes_state=True,
+        password_work=False,
+        summary="Mail a recovery code if the email has an active account; always accepted.",
+    ),
+    CommandSpec(
+        name="account.recovery.complete",
+        payload=CompleteRecovery,
+        result=RecoveryResult,
+        changes_state=True,
+        password_work=True,
+        summary="Set a new password with a recovery code; every session ends.",
+    ),
+    CommandSpec(
+        name="account.verification.request",
+        payload=RequestVerification,
+        result=AcceptedResult,
+        changes_state=True,
+        password_work=False,
+        summary="Mail a new verification code to the account's email address.",
+    ),
+    CommandSpec(
+        name="account.verification.confirm",
+        payload=ConfirmVerification,
+        result=AccountResult,
+        changes_state=True,
+        password_work=False,
+        summary="Mark the email address verified with the code mailed to it.",
     ),
 )
 

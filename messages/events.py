@@ -46,6 +46,19 @@ class SessionEndedData(Model):
     reason: SessionEndReason
 
 
+class AccountRecoveryRequestedData(Model):
+    account_id: AccountId
+
+
+class AccountPasswordResetData(Model):
+    account_id: AccountId
+    sessions_ended: int = Field(ge=0)
+
+
+class AccountEmailVerifiedData(Model):
+    account_id: AccountId
+
+
 class _EventBase(Model):
     event_id: EventId
     occurred_at: UtcDatetime
@@ -78,7 +91,31 @@ class SessionEnded(_EventBase):
     data: SessionEndedData
 
 
-AnyEvent = AccountCreated | AccountUpdated | AccountPasswordChanged | SessionStarted | SessionEnded
+class AccountRecoveryRequested(_EventBase):
+    type: Literal["account.recovery_requested"] = "account.recovery_requested"
+    data: AccountRecoveryRequestedData
+
+
+class AccountPasswordReset(_EventBase):
+    type: Literal["account.password_reset"] = "account.password_reset"
+    data: AccountPasswordResetData
+
+
+class AccountEmailVerified(_EventBase):
+    type: Literal["account.email_verified"] = "account.email_verified"
+    data: AccountEmailVerifiedData
+
+
+AnyEvent = (
+    AccountCreated
+    | AccountUpdated
+    | AccountPasswordChanged
+    | SessionStarted
+    | SessionEnded
+    | AccountRecoveryRequested
+    | AccountPasswordReset
+    | AccountEmailVerified
+)
 
 Event = Annotated[AnyEvent, Field(discriminator="type")]
 
@@ -88,6 +125,9 @@ EVENT_TYPES: dict[str, type[_EventBase]] = {
     "account.password_changed": AccountPasswordChanged,
     "session.started": SessionStarted,
     "session.ended": SessionEnded,
+    "account.recovery_requested": AccountRecoveryRequested,
+    "account.password_reset": AccountPasswordReset,
+    "account.email_verified": AccountEmailVerified,
 }
 
 _EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)

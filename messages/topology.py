@@ -11,3 +11,7 @@ DEAD_EXCHANGE = "identity.dead"  # fanout; redacted copies of what could not be 
 DEAD_QUEUE = "identity.dead"
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 CONTENT_TYPE = "application/json"
+# Contract v2: one-time codes and notices for the mail sender, and nobody else. Direct,
+# routing key = the message's `kind`; the quorum queue of the same name is bound to each kind.
+COURIER_EXCHANGE = "identity.courier"
+COURIER_QUEUE = "identity.courier"

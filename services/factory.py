@@ -8,10 +8,12 @@ tests fill it with cheap argon2 (tests/support/factory.py). Both then call
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from services.clock import Clock
+from services.codes import CodeKeys, CodePolicy, Codes
 from services.identity import IdentityService, SessionPolicy
 from services.passwords import HashingPool, PasswordPolicy, make_hasher
 from services.tokens import SigningKey, TokenSigner
@@ -30,6 +32,7 @@ class ServiceConfig:
     passwords: PasswordPolicy = field(default_factory=PasswordPolicy)
     sessions: SessionPolicy = field(default_factory=SessionPolicy)
     throttle: ThrottleSchedule = field(default_factory=ThrottleSchedule)
+    codes: CodePolicy = field(default_factory=CodePolicy)
 
 
 def make_identity_service(
@@ -41,9 +44,11 @@ def make_identity_service(
     on_hash_timing: Callable[[str, float], None] | None = None,
     hashing_niceness: int = 0,
     on_replay: Callable[[str], None] | None = None,
+    hmac_key: bytes | None = None,
 ) -> tuple[IdentityService, HashingPool]:
     """The service and its hashing pool. The pool is not started: the caller awaits
-    `start()` before the first command and calls `close()` when done."""
+    `start()` before the first command and calls `close()` when done. `hmac_key` keys the
+    one-time codes (a key of the service's own lifetime when None: fine for one process)."""
     hasher = make_hasher(
         config.argon2_time_cost, config.argon2_memory_kib, config.argon2_parallelism
     )
@@ -53,6 +58,8 @@ def make_identity_service(
         on_timing=on_hash_timing,
         niceness=hashing_niceness,
     )
+    # Without a key given (tests), codes are keyed by one that lives as long as the service.
+    key = hmac_key if hmac_key is not None else secrets.token_bytes(32)
     service = IdentityService(
         store,
         passwords=passwords,
@@ -62,5 +69,6 @@ def make_identity_service(
         sessions=config.sessions,
         throttle=config.throttle,
         on_replay=on_replay,
+        codes=Codes(CodeKeys(key), config.codes),
     )
     return service, passwords

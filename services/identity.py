@@ -8,6 +8,7 @@ happens before any transaction opens, in the bounded hashing pool.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -16,7 +17,6 @@ from typing import Any, TypeVar
 from pydantic import SecretStr
 
 from messages import (
-    Account,
     AccountResult,
     ChangePassword,
     ChangePasswordResult,
@@ -26,7 +26,6 @@ from messages import (
     EndSession,
     EndSessionResult,
     GetAccount,
-    Session,
     StartSession,
     StartSessionResult,
     UpdateAccount,
@@ -46,9 +45,12 @@ from messages.events import (
     SessionStarted,
     SessionStartedData,
 )
+from services.accounts import context_words, to_account, to_session
 from services.clock import Clock
+from services.codes import CodeKeys, CodePolicy, Codes
 from services.emails import canonical_email
 from services.errors import (
+    EmailNotVerifiedError,
     EmailTakenError,
     InvalidInputError,
     NotFoundError,
@@ -59,9 +61,11 @@ from services.errors import (
 from services.ids import new_account_id, new_session_id
 from services.operations import NO_CONTEXT, CommandContext, Operation, OperationRunner
 from services.passwords import HashingPool, PasswordPolicy, normalize_password
+from services.recovery import AccountFlows
 from services.signin import Authenticated, Authenticator
 from services.tokens import TokenSigner
 from stores import (
+    VERIFICATION,
     AccountChanges,
     AccountRecord,
     DuplicateEmailError,
@@ -71,8 +75,6 @@ from stores import (
     TransientStoreError,
     UnitOfWork,
 )
-
-SERVICE_NAME = "identity"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,29 +94,6 @@ class SessionPolicy:
             timedelta(seconds=idle_timeout),
             timedelta(seconds=touch_interval),
         )
-
-
-def to_account(record: AccountRecord) -> Account:
-    return Account(
-        id=record.id,
-        email=record.email,
-        display_name=record.display_name,
-        created_at=record.created_at,
-        updated_at=record.updated_at,
-        version=record.version,
-        email_verified=record.email_verified,
-        status="disabled" if record.status == "disabled" else "active",
-        roles=sorted(record.roles),
-    )
-
-
-def to_session(record: SessionRecord) -> Session:
-    return Session(
-        id=record.id,
-        account_id=record.account_id,
-        created_at=record.created_at,
-        expires_at=record.expires_at,
-    )
 
 
 _Checked = TypeVar("_Checked")
@@ -157,6 +136,7 @@ class IdentityService:
         sessions: SessionPolicy | None = None,
         throttle: ThrottleSchedule | None = None,
         on_replay: Callable[[str], None] | None = None,
+        codes: Codes | None = None,
     ) -> None:
         self._store = store
         self._passwords = passwords
@@ -166,6 +146,17 @@ class IdentityService:
         self._sessions = sessions or SessionPolicy()
         self._auth = Authenticator(store, passwords, throttle or ThrottleSchedule())
         self._ops = OperationRunner(store, signer, clock, on_replay)
+        # Without a key of its own (tests), codes are keyed by one that lives as long as it.
+        self._codes = codes or Codes(CodeKeys(secrets.token_bytes(32)), CodePolicy())
+        # Recovery and verification (services.recovery), on the same store, pool and runner.
+        self.flows = AccountFlows(
+            store,
+            passwords=passwords,
+            clock=clock,
+            policy=self._policy,
+            codes=self._codes,
+            ops=self._ops,
+        )
 
     # -- accounts ---------------------------------------------------------------------------
 
@@ -179,7 +170,7 @@ class IdentityService:
         canonical = canonical_email(cmd.email, field="payload.email")
         password = cmd.password.get_secret_value()
         self._policy.check_new(
-            password, field="payload.password", context=_context_words(canonical, cmd.display_name)
+            password, field="payload.password", context=context_words(canonical, cmd.display_name)
         )
         password_hash = await self._passwords.hash(password)
         now = self._clock.now()
@@ -198,6 +189,8 @@ class IdentityService:
                 await uow.insert_account(record)
             except DuplicateEmailError as exc:
                 raise EmailTakenError() from exc
+            if self._codes.policy.send_verification_on_create:
+                await self._codes.send_code(uow, record, VERIFICATION, now)
             result = AccountResult(account=to_account(record))
             op.emit(AccountCreated, AccountCreatedData(account=result.account), now)
             await self._ops.finish(uow, op, result)
@@ -242,17 +235,29 @@ class IdentityService:
             email_canonical=canonical,
             display_name=cmd.display_name if "display_name" in changed else None,
             password_hash=new_hash,
+            # A new address is not proven yet.
+            email_verified=False if "email" in changed else None,
         )
         async with self._store.unit_of_work() as uow:
             updated = await self._apply(uow, record.id, cmd.expected_version, changes)
             if "email" in changed:
                 await uow.reset_signin_failures(record.email_canonical)
+                await self._email_changed(uow, record, updated, now)
             result = AccountResult(account=to_account(updated))
             op.emit(
                 AccountUpdated, AccountUpdatedData(account=result.account, changed=changed), now
             )
             await self._ops.finish(uow, op, result)
         return result
+
+    async def _email_changed(
+        self, uow: UnitOfWork, before: AccountRecord, after: AccountRecord, now: datetime
+    ) -> None:
+        """Codes sent to the old address are void; the new one gets a verification code, the
+        old one a notice (someone who took over the account is seen by its owner)."""
+        await uow.drop_codes(after.id)
+        await self._codes.send_code(uow, after, VERIFICATION, now)
+        await uow.add_mail([self._codes.notice("email_changed_notice", before.email, after, now)])
 
     async def _reauthenticate(
         self, op: Operation, record: AccountRecord, cmd: UpdateAccount, now: datetime
@@ -294,7 +299,7 @@ class IdentityService:
         self._policy.check_new(
             new,
             field="payload.new_password",
-            context=_context_words(record.email_canonical, record.display_name),
+            context=context_words(record.email_canonical, record.display_name),
         )
         new_hash = await self._passwords.hash(new)
 
@@ -323,6 +328,8 @@ class IdentityService:
             updated = await self._apply(uow, checked.id, locked.version, changes)
             ended = await uow.end_all_sessions(checked.id, now, "password_changed")
             await uow.reset_signin_failures(checked.email_canonical)
+            notice = self._codes.notice("password_changed_notice", updated.email, updated, now)
+            await uow.add_mail([notice])
             self._emit_ended(op, ended, "password_changed", now)
             data = AccountPasswordChangedData(account_id=checked.id, sessions_ended=len(ended))
             op.emit(AccountPasswordChanged, data, now)
@@ -346,11 +353,21 @@ class IdentityService:
         self._policy.check_verifiable(password, field="payload.password")
         now = self._clock.now()
         op.compensations.append(lambda: self._auth.refund(canonical))
+        checked = await self._auth.check(canonical, password, now)
+        if self._codes.policy.require_verified_email and not checked.account.email_verified:
+            await self._unverified(canonical)
         return await _against_the_stored_hash(
-            await self._auth.check(canonical, password, now),
+            checked,
             lambda checked: self._open_session(op, canonical, checked, now),
             lambda: self._auth.check(canonical, password, now),
         )
+
+    async def _unverified(self, canonical: str) -> None:
+        """The password was right but the address is not proven: the attempt is not a failed
+        guess (the count is reset as a sign-in would), and the answer says what is missing."""
+        async with self._store.unit_of_work() as uow:
+            await uow.reset_signin_failures(canonical)
+        raise EmailNotVerifiedError()
 
     async def _open_session(
         self, op: Operation, canonical: str, checked: Authenticated, now: datetime
@@ -481,9 +498,3 @@ class IdentityService:
                 session_id=session.id, account_id=session.account_id, reason=reason
             )
             op.emit(SessionEnded, data, now)
-
-
-def _context_words(email_canonical: str, display_name: str) -> list[str]:
-    """Words a password must not be built from: who the account is, and what this is."""
-    local, _, domain = email_canonical.partition("@")
-    return [local, domain.split(".")[0], display_name, SERVICE_NAME]

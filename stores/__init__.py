@@ -16,6 +16,18 @@ from stores.base import (
     SessionReads,
     UnitOfWork,
 )
+from stores.codes import (
+    RECOVERY,
+    VERIFICATION,
+    CodeIssue,
+    CodePurgeCounts,
+    CourierStore,
+    Limit,
+    MailBatch,
+    NewCode,
+    NewMail,
+    PendingMail,
+)
 from stores.errors import DuplicateEmailError, DuplicateKeyError, StoreError, TransientStoreError
 from stores.memory import MemoryIdentityStore
 from stores.postgres import PostgresIdentityStore, migrate
@@ -32,19 +44,29 @@ from stores.records import (
 )
 
 __all__ = [
+    "RECOVERY",
+    "VERIFICATION",
     "AccountChanges",
     "AccountRecord",
+    "CodeIssue",
+    "CodePurgeCounts",
     "CommandStore",
+    "CourierStore",
     "DuplicateEmailError",
     "DuplicateKeyError",
     "EventBatch",
     "Housekeeping",
     "IdempotencyRecord",
     "IdentityStore",
+    "Limit",
+    "MailBatch",
     "MemoryIdentityStore",
+    "NewCode",
     "NewEvent",
+    "NewMail",
     "OutboxStore",
     "PendingEvent",
+    "PendingMail",
     "Pingable",
     "PostgresIdentityStore",
     "PurgeCounts",

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 from messages import (
     ChangePassword,
+    CompleteRecovery,
+    ConfirmVerification,
     CreateAccount,
     EndAllSessions,
     EndSession,
     GetAccount,
+    RequestRecovery,
+    RequestVerification,
     StartSession,
     UpdateAccount,
     VerifySession,
@@ -27,4 +31,8 @@ def handler_table(service: IdentityService) -> Handlers:
         VerifySession: service.verify_session,
         EndSession: service.end_session,
         EndAllSessions: service.end_all_sessions,
+        RequestRecovery: service.flows.request_recovery,
+        CompleteRecovery: service.flows.complete_recovery,
+        RequestVerification: service.flows.request_verification,
+        ConfirmVerification: service.flows.confirm_verification,
     }

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from stores.errors import DuplicateEmailError, DuplicateKeyError, StoreError
+from stores.memory.codes import CodeTables, MemoryCodeUnit
 from stores.records import (
     AccountChanges,
     AccountRecord,
@@ -52,6 +53,7 @@ class Tables:
     throttle: dict[str, Throttle] = field(default_factory=dict)
     secrets: dict[str, bytes] = field(default_factory=dict)
     last_seq: int = 0
+    codes: CodeTables = field(default_factory=CodeTables)
 
 
 def as_jsonb(reply: dict[str, Any]) -> dict[str, Any]:
@@ -63,11 +65,12 @@ def as_jsonb(reply: dict[str, Any]) -> dict[str, Any]:
     return decoded
 
 
-class MemoryUnitOfWork:
+class MemoryUnitOfWork(MemoryCodeUnit):
     """`UnitOfWork` over `Tables`; `MemoryIdentityStore` serialises units with one lock."""
 
     def __init__(self, tables: Tables) -> None:
         self._tables = tables
+        self._code_tables = tables.codes
         self._accounts: dict[str, AccountRecord] = {}
         self._new_sessions: dict[str, SessionRecord] = {}
         self._session_ends: dict[str, tuple[datetime, str]] = {}
@@ -225,3 +228,4 @@ class MemoryUnitOfWork:
             tables.event_ids.add(event.event_id)
         for email_canonical in self._throttle_resets:
             tables.throttle.pop(email_canonical, None)
+        self._commit_codes()

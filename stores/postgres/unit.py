@@ -19,6 +19,7 @@ from operator import attrgetter
 from typing import Any
 
 from stores.postgres import sql
+from stores.postgres.codes import PostgresCodeUnit
 from stores.postgres.edge import Instrument
 from stores.records import (
     AccountChanges,
@@ -52,7 +53,7 @@ def session_from(row: Any) -> SessionRecord | None:
     return None if row is None else SessionRecord(*row)
 
 
-class PostgresUnitOfWork:
+class PostgresUnitOfWork(PostgresCodeUnit):
     """`UnitOfWork` on a connection whose transaction the store opened."""
 
     __slots__ = ("_conn", "_timed")
