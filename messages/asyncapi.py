@@ -321,7 +321,6 @@ class _Builder:
             "receive", "deadLetters", "deadLetter", summary
         )
 
-
     def courier(self) -> None:
         summary = "A mail for the mail sender: a one-time code or a notice."
         self.messages["courierMessage"] = {

@@ -11,11 +11,13 @@ import contextlib
 import logging
 import secrets
 from dataclasses import dataclass
+from datetime import timedelta
 
 import aio_pika
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
 from services.clock import Clock, SystemClock
+from services.codes import MIN_KEY_BYTES, CodeKeys, CodePolicy
 from services.factory import ServiceConfig, make_identity_service
 from services.identity import IdentityService, SessionPolicy
 from services.passwords import HashingPool, PasswordPolicy
@@ -24,12 +26,13 @@ from stores import IdentityStore, SecretStore, ServiceStore, ThrottleSchedule
 from stores.postgres import PostgresIdentityStore
 from worker.acks import Acknowledger
 from worker.broker import DeadLetters, ReplySender, StoppableRobustConnection
+from worker.courier import CourierMetrics, CourierRelay, broker_user, declare_courier
 from worker.handlers import handler_table
 from worker.metrics import Metrics, create_metrics, observer
 from worker.outbox import OutboxRelay
 from worker.policy import RetryPolicy
 from worker.processor import CommandProcessor
-from worker.settings import Settings
+from worker.settings import Settings, SettingsError
 from worker.topology import Topology, declare_topology
 
 # How long a failed start waits for each thing it opened to close.
@@ -39,6 +42,7 @@ log = logging.getLogger("identity.worker")
 
 DEV_KEY_NAME = "development-signing-key"
 DEV_KEY_ID = "dev"
+DEV_HMAC_KEY_NAME = "development-hmac-key"
 
 
 @dataclass(kw_only=True)
@@ -58,6 +62,7 @@ class Components:
     topology: Topology
     processor: CommandProcessor
     relay: OutboxRelay
+    courier: CourierRelay
     acks: Acknowledger
 
 
@@ -73,6 +78,29 @@ async def signing_keys(settings: Settings, store: SecretStore) -> list[SigningKe
     )
     encoded = base64.urlsafe_b64encode(secret).decode().rstrip("=")
     return parse_signing_keys(f"{DEV_KEY_ID}:{encoded}")
+
+
+async def hmac_key(settings: Settings, store: SecretStore) -> bytes:
+    """IDENTITY_HMAC_KEY's secret (it keys one-time codes and seals them for the courier), or
+    else a development key shared through the database, like the development signing key."""
+    if settings.hmac_key is not None:
+        try:
+            secret = base64.urlsafe_b64decode(_padded(settings.hmac_key.get_secret_value()))
+        except ValueError:
+            raise SettingsError("IDENTITY_HMAC_KEY: must be base64url") from None
+        if len(secret) < MIN_KEY_BYTES:
+            raise SettingsError(f"IDENTITY_HMAC_KEY: must be at least {MIN_KEY_BYTES} bytes")
+        return secret
+    log.warning(
+        "IDENTITY_HMAC_KEY is not set: using a development HMAC key stored in the database. "
+        "Production MUST set its own key."
+    )
+    return await store.shared_secret(DEV_HMAC_KEY_NAME, secrets.token_bytes(MIN_KEY_BYTES))
+
+
+def _padded(text: str) -> str:
+    bare = text.strip().rstrip("=")
+    return bare + "=" * (-len(bare) % 4)
 
 
 # The hashing threads' nice value: see services.passwords (cheap commands come first).
@@ -102,6 +130,21 @@ def service_config(settings: Settings) -> ServiceConfig:
             max_delay_s=settings.throttle_max_delay_s,
             reset_after_s=settings.throttle_reset_after_s,
         ),
+        codes=code_policy(settings),
+    )
+
+
+def code_policy(settings: Settings) -> CodePolicy:
+    return CodePolicy(
+        lifetime=timedelta(seconds=settings.code_lifetime_s),
+        max_attempts=settings.code_max_attempts,
+        window=timedelta(seconds=settings.code_throttle_window_s),
+        requests_per_email=settings.code_requests_per_email,
+        requests_per_source=settings.code_requests_per_source,
+        attempts_per_email=settings.code_attempts_per_email,
+        attempts_per_source=settings.code_attempts_per_source,
+        send_verification_on_create=settings.send_verification_on_create,
+        require_verified_email=settings.require_verified_email,
     )
 
 
@@ -111,6 +154,7 @@ def build_service(
     keys: list[SigningKey],
     clock: Clock,
     metrics: Metrics,
+    code_key: bytes | None = None,
 ) -> tuple[IdentityService, HashingPool]:
     return make_identity_service(
         store,
@@ -120,6 +164,7 @@ def build_service(
         on_hash_timing=observer(metrics.hash_seconds),
         hashing_niceness=HASHING_NICENESS,
         on_replay=lambda command: metrics.idempotent_replays_total.labels(command).inc(),
+        hmac_key=code_key,
     )
 
 
@@ -142,13 +187,16 @@ async def build(
     passwords: HashingPool | None = None
     try:
         keys = await signing_keys(settings, store)
-        service, pool = build_service(settings, store, keys, clock, metrics)
+        code_key = await hmac_key(settings, store)
+        service, pool = build_service(settings, store, keys, clock, metrics, code_key)
         passwords = pool
         metrics.hash_pool_pending.set_function(lambda: pool.pending)
         await pool.start()
         if connection is None:
             connection = await connect_broker(settings)
-        return await _assemble(settings, clock, metrics, store, service, pool, connection)
+        return await _assemble(
+            settings, clock, metrics, store, service, pool, connection, CodeKeys(code_key)
+        )
     except BaseException:
         # A failed or cancelled start (SIGTERM) closes what it opened: a robust connection
         # left open keeps reconnecting, and its task would keep the process from exiting.
@@ -188,6 +236,7 @@ async def _assemble(
     service: IdentityService,
     passwords: HashingPool,
     connection: AbstractRobustConnection,
+    code_keys: CodeKeys,
 ) -> Components:
     fast_channel = await connection.channel()
     await fast_channel.set_qos(prefetch_count=settings.fast_prefetch)
@@ -204,6 +253,22 @@ async def _assemble(
         batch=settings.outbox_batch,
         poll_s=settings.outbox_poll_s,
     )
+    await declare_courier(publish_channel)
+    courier = CourierRelay(
+        store,
+        publish_channel,
+        code_keys,
+        CourierMetrics.on(metrics.registry),
+        clock.now,
+        user_id=broker_user(settings.amqp_url.get_secret_value()),
+        batch=settings.courier_batch,
+        poll_s=settings.outbox_poll_s,
+    )
+
+    def committed() -> None:  # its events and courier rows are in: publish without waiting
+        relay.wake()
+        courier.wake()
+
     acks = Acknowledger()
     processor = CommandProcessor(
         handler_table(service),
@@ -214,7 +279,7 @@ async def _assemble(
         RetryPolicy(settings.retry_attempts, settings.retry_max_delay_s),
         max_message_bytes=settings.max_message_bytes,
         worker_delivery_limit=settings.worker_delivery_limit,
-        on_committed=relay.wake,
+        on_committed=committed,
         log_queries=settings.log_queries,
     )
     return Components(
@@ -231,5 +296,6 @@ async def _assemble(
         topology=topology,
         processor=processor,
         relay=relay,
+        courier=courier,
         acks=acks,
     )
