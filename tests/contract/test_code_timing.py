@@ -20,7 +20,7 @@ from services.operations import CommandContext
 from stores import PostgresIdentityStore
 from tests.support.factory import TEST_CONFIG, running_service
 
-ROUNDS = 200  # of each kind, after the warm-up
+ROUNDS = 300  # of each kind, after the warm-up
 
 
 def ctx() -> CommandContext:

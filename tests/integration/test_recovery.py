@@ -203,7 +203,7 @@ async def test_known_and_unknown_recovery_requests_take_the_same_time(
     timings: dict[str, list[float]] = {"known": [], "unknown": []}
     # Shuffled, so that the work a request leaves behind (the relays publishing a known
     # email's mail and event) falls on the requests of both kinds alike.
-    plan = ["known", "unknown"] * 160
+    plan = ["known", "unknown"] * 200
     random.shuffle(plan)
     for round_, kind in enumerate(plan):
         email = known if kind == "known" else new_email("nobody")
