@@ -44,15 +44,24 @@ from messages import (
     CompleteRecovery,
     ConfirmVerification,
     CreateAccount,
+    DeleteAccount,
+    DeleteAccountResult,
+    DisableAccount,
+    DisableAccountResult,
+    EnableAccount,
     EndAllSessions,
     EndAllSessionsResult,
     EndSession,
     EndSessionResult,
     GetAccount,
+    ListSessions,
+    ListSessionsResult,
     RecoveryResult,
     Reply,
     RequestRecovery,
     RequestVerification,
+    RevokeSession,
+    RevokeSessionResult,
     StartSession,
     StartSessionResult,
     UpdateAccount,
@@ -297,6 +306,64 @@ class IdentityClient:
     ) -> EndAllSessionsResult:
         payload = EndAllSessions(account_id=account_id)
         return await self._call(EndAllSessionsResult, payload, idempotency_key)
+
+    async def disable_account(
+        self,
+        account_id: str,
+        reason: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> DisableAccountResult:
+        """Stop the account now: its live sessions end, sign-in answers `account_disabled`."""
+        payload = DisableAccount(account_id=account_id, reason=reason)
+        return await self._call(DisableAccountResult, payload, idempotency_key, metadata)
+
+    async def enable_account(
+        self,
+        account_id: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> AccountResult:
+        payload = EnableAccount(account_id=account_id)
+        return await self._call(AccountResult, payload, idempotency_key, metadata)
+
+    async def delete_account(
+        self,
+        account_id: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> DeleteAccountResult:
+        """Erase the account (irreversible): see the contract's "Erasure"."""
+        payload = DeleteAccount(account_id=account_id)
+        return await self._call(DeleteAccountResult, payload, idempotency_key, metadata)
+
+    async def list_sessions(
+        self,
+        account_id: str,
+        *,
+        limit: int | None = None,
+        cursor: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> ListSessionsResult:
+        """One page of the account's live sessions; pass `next_cursor` back for the next."""
+        fields: dict[str, Any] = {"account_id": account_id, "cursor": cursor}
+        if limit is not None:
+            fields["limit"] = limit
+        payload = ListSessions.model_validate(fields)
+        return await self._call(ListSessionsResult, payload, None, metadata)
+
+    async def revoke_session(
+        self,
+        session_id: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> RevokeSessionResult:
+        payload = RevokeSession(session_id=session_id)
+        return await self._call(RevokeSessionResult, payload, idempotency_key, metadata)
 
     # -- recovery and verification (contract v2) --------------------------------------------
 

@@ -46,6 +46,22 @@ class SessionEndedData(Model):
     reason: SessionEndReason
 
 
+class AccountDisabledData(Model):
+    account_id: AccountId
+    reason: str
+    sessions_ended: int = Field(ge=0)
+
+
+class AccountEnabledData(Model):
+    account_id: AccountId
+
+
+class AccountDeletedData(Model):
+    """Nothing but the id: the account was erased, and so is what the event could say."""
+
+    account_id: AccountId
+
+
 class AccountRecoveryRequestedData(Model):
     account_id: AccountId
 
@@ -91,6 +107,21 @@ class SessionEnded(_EventBase):
     data: SessionEndedData
 
 
+class AccountDisabled(_EventBase):
+    type: Literal["account.disabled"] = "account.disabled"
+    data: AccountDisabledData
+
+
+class AccountEnabled(_EventBase):
+    type: Literal["account.enabled"] = "account.enabled"
+    data: AccountEnabledData
+
+
+class AccountDeleted(_EventBase):
+    type: Literal["account.deleted"] = "account.deleted"
+    data: AccountDeletedData
+
+
 class AccountRecoveryRequested(_EventBase):
     type: Literal["account.recovery_requested"] = "account.recovery_requested"
     data: AccountRecoveryRequestedData
@@ -112,6 +143,9 @@ AnyEvent = (
     | AccountPasswordChanged
     | SessionStarted
     | SessionEnded
+    | AccountDisabled
+    | AccountEnabled
+    | AccountDeleted
     | AccountRecoveryRequested
     | AccountPasswordReset
     | AccountEmailVerified
@@ -125,6 +159,9 @@ EVENT_TYPES: dict[str, type[_EventBase]] = {
     "account.password_changed": AccountPasswordChanged,
     "session.started": SessionStarted,
     "session.ended": SessionEnded,
+    "account.disabled": AccountDisabled,
+    "account.enabled": AccountEnabled,
+    "account.deleted": AccountDeleted,
     "account.recovery_requested": AccountRecoveryRequested,
     "account.password_reset": AccountPasswordReset,
     "account.email_verified": AccountEmailVerified,

@@ -75,6 +75,10 @@ SessionId = Annotated[str, Field(pattern=r"^ses_[0-9a-z]{32}$")]
 EventId = Annotated[str, Field(pattern=r"^evt_[0-9a-z]{26}$")]
 AccountStatus = Literal["active", "disabled"]
 RoleName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.:-]{0,63}$")]
+# Why an operator disabled an account: free text for people, carried by the event.
+DisableReason = Annotated[
+    str, Field(min_length=1, max_length=200), AfterValidator(_no_control_chars)
+]
 
 
 class Account(Model):
@@ -101,3 +105,36 @@ class Session(Model):
     account_id: AccountId
     created_at: UtcDatetime
     expires_at: UtcDatetime
+
+
+class SessionInfo(Model):
+    """A session as `session.list` shows it: when and from where it was opened (as the caller
+    of `session.start` reported it), never its token."""
+
+    id: SessionId
+    account_id: AccountId
+    created_at: UtcDatetime
+    expires_at: UtcDatetime
+    # Written at most once per touch interval by `session.verify`: approximate by that much.
+    last_seen_at: UtcDatetime
+    client_ip: str | None = None
+    user_agent: str | None = None
+
+
+def about_account(model: BaseModel) -> str | None:
+    """The id of the account a result or an event's data is about: its `account`'s id, its
+    `account_id`, or its `session`'s account; None when it names none.
+
+    Erasure finds stored replies and outbox rows by this id (written beside them), so a result
+    or an event that holds an account's data names the account in one of these fields. The
+    erasure tests walk every stored value, so one that does not is caught."""
+    account = getattr(model, "account", None)
+    if isinstance(account, Account):
+        return account.id
+    account_id = getattr(model, "account_id", None)
+    if isinstance(account_id, str):
+        return account_id
+    session = getattr(model, "session", None)
+    if isinstance(session, Session):
+        return session.account_id
+    return None

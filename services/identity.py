@@ -45,11 +45,12 @@ from messages.events import (
     SessionStarted,
     SessionStartedData,
 )
-from services.accounts import context_words, to_account, to_session
+from services.accounts import context_words
 from services.clock import Clock
 from services.codes import CodeKeys, CodePolicy, Codes
 from services.emails import canonical_email
 from services.errors import (
+    AccountDisabledError,
     EmailNotVerifiedError,
     EmailTakenError,
     InvalidInputError,
@@ -59,9 +60,12 @@ from services.errors import (
     VersionConflictError,
 )
 from services.ids import new_account_id, new_session_id
+from services.lifecycle import AccountLifecycle
 from services.operations import NO_CONTEXT, CommandContext, Operation, OperationRunner
 from services.passwords import HashingPool, PasswordPolicy, normalize_password
 from services.recovery import AccountFlows
+from services.sessions_admin import SessionAdmin
+from services.shapes import to_account, to_session
 from services.signin import Authenticated, Authenticator
 from services.tokens import TokenSigner
 from stores import (
@@ -157,6 +161,10 @@ class IdentityService:
             codes=self._codes,
             ops=self._ops,
         )
+        # Disable, enable, erase; list and revoke sessions (services.lifecycle,
+        # services.sessions_admin).
+        self.lifecycle = AccountLifecycle(store, self._ops, clock, self._auth.throttle_key)
+        self.sessions_admin = SessionAdmin(store, self._ops, clock, self._sessions.idle_timeout)
 
     # -- accounts ---------------------------------------------------------------------------
 
@@ -224,6 +232,9 @@ class IdentityService:
             # Nothing differs: no new version, no event; the reply is the account as it is.
             result = AccountResult(account=to_account(record))
             async with self._store.unit_of_work() as uow:
+                # An erasure that committed since the read leaves nothing to echo back.
+                if await uow.get_account(record.id, for_update=True) is None:
+                    raise NotFoundError()
                 await self._ops.finish(uow, op, result)
             return result
         new_hash = None
@@ -354,7 +365,9 @@ class IdentityService:
         now = self._clock.now()
         op.compensations.append(lambda: self._auth.refund(canonical))
         checked = await self._auth.check(canonical, password, now)
-        if self._codes.policy.require_verified_email and not checked.account.email_verified:
+        # A disabled account is told so (below) whatever its address.
+        unproven = checked.account.status == "active" and not checked.account.email_verified
+        if self._codes.policy.require_verified_email and unproven:
             await self._unverified(canonical)
         return await _against_the_stored_hash(
             checked,
@@ -377,6 +390,7 @@ class IdentityService:
         stays locked until commit, so a password change either comes first (and is seen here)
         or waits, and then ends this session with the others."""
         account = checked.account
+        client = op.context.metadata
         session = SessionRecord(
             id=new_session_id(),
             account_id=account.id,
@@ -384,11 +398,16 @@ class IdentityService:
             created_at=now,
             expires_at=now + self._sessions.lifetime,
             last_seen_at=now,
+            client_ip=client.client_ip if client is not None else None,
+            user_agent=client.user_agent if client is not None else None,
         )
         async with self._store.unit_of_work() as uow:
             locked = await uow.get_account(account.id, for_update=True)
             if locked is None or locked.password_hash != account.password_hash:
                 return None
+            # Only now, with the password found right: the status is no oracle for it.
+            if locked.status != "active":
+                raise AccountDisabledError()
             await uow.insert_session(session)
             await uow.reset_signin_failures(canonical)
             if checked.new_hash is not None:
@@ -419,7 +438,9 @@ class IdentityService:
             raise SessionExpiredError()
         session, account = found
         now = self._clock.now()
-        if not self._is_live(session, now):
+        # A disabled account's sessions ended with the change; a token of one that somehow
+        # did not is refused all the same.
+        if not self._is_live(session, now) or account.status != "active":
             raise SessionExpiredError()
         if now - session.last_seen_at >= self._sessions.touch_interval:
             await self._store.touch_session(session.id, now)

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from messages import Metadata, Result, StoredReply, fingerprint_material, spec_of
 from messages.events import AnyEvent
-from messages.models import Model
+from messages.models import Model, about_account
 from services.clock import Clock
 from services.errors import IdempotencyKeyReusedError, IdentityError, error_from_body
 from services.ids import new_event_id
@@ -89,7 +89,8 @@ class Operation:
             data=data,
         )
         body = event.model_dump_json().encode()
-        self.events.append(NewEvent(event.event_id, event.type, body, now))
+        about = about_account(data)
+        self.events.append(NewEvent(event.event_id, event.type, body, now, account_id=about))
 
 
 class OperationRunner:
@@ -119,7 +120,7 @@ class OperationRunner:
 
     async def finish(self, uow: UnitOfWork, op: Operation, result: Result) -> None:
         """Write the events and the idempotency record in the caller's unit of work."""
-        record = self._record(op, StoredReply.of_result(result))
+        record = self._record(op, StoredReply.of_result(result), about_account(result))
         await uow.record_outcome(op.events, record)
 
     async def execute(
@@ -187,8 +188,11 @@ class OperationRunner:
         async with self._store.unit_of_work() as uow:
             await uow.record_outcome((), record)
 
-    def _record(self, op: Operation, reply: StoredReply) -> IdempotencyRecord | None:
-        """The idempotency record of `op` with `reply`; None if it has no key."""
+    def _record(
+        self, op: Operation, reply: StoredReply, account_id: str | None = None
+    ) -> IdempotencyRecord | None:
+        """The idempotency record of `op` with `reply` (about `account_id`, which erasure
+        finds it by); None if it has no key. An error reply holds no account's data."""
         if op.key is None:
             return None
         return IdempotencyRecord(
@@ -197,4 +201,5 @@ class OperationRunner:
             fingerprint=self._signer.fingerprint(op.material),
             reply=reply.to_json(),
             created_at=self._clock.now(),
+            account_id=account_id,
         )

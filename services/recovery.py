@@ -42,13 +42,14 @@ from messages.events import (
     AccountRecoveryRequested,
     AccountRecoveryRequestedData,
 )
-from services.accounts import context_words, emit_ended, to_account
+from services.accounts import context_words
 from services.clock import Clock
 from services.codes import Codes
 from services.emails import canonical_email
 from services.errors import InvalidCodeError, NotFoundError, VersionConflictError
 from services.operations import NO_CONTEXT, CommandContext, Operation, OperationRunner
 from services.passwords import HashingPool, PasswordPolicy
+from services.shapes import announce_ended, to_account
 from stores import (
     RECOVERY,
     VERIFICATION,
@@ -200,7 +201,7 @@ class AccountFlows:
             await uow.reset_signin_failures(locked.email_canonical)
             notice = self._codes.notice("password_changed_notice", updated.email, updated, now)
             await uow.add_mail([notice])
-            emit_ended(op, ended, "password_reset", now)
+            announce_ended(op, ended, "password_reset", now)
             data = AccountPasswordResetData(account_id=locked.id, sessions_ended=len(ended))
             op.emit(AccountPasswordReset, data, now)
             result = RecoveryResult(account=to_account(updated), sessions_ended=len(ended))

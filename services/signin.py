@@ -80,6 +80,11 @@ class Authenticator:
     async def refund(self, email_canonical: str) -> None:
         await self._store.refund_signin_attempt(email_canonical)
 
+    def throttle_key(self, email_canonical: str) -> str:
+        """The key the throttle counts `email_canonical`'s attempts under (erasure deletes
+        the rows of it)."""
+        return email_canonical
+
     @staticmethod
     def _audit(
         event: str, email: str, purpose: str, account_id: str | None, reason: str | None = None

@@ -3,7 +3,8 @@
     CommandStore   the service's commands: units of work, the idempotency look-up, account
                    reads and the sign-in throttle (also what OperationRunner and
                    Authenticator take)
-    SessionReads   session.verify's read, and its `last_seen` write outside a unit
+    SessionReads   session.verify's read, and its `last_seen` write outside a unit;
+                   session.list's page of live sessions
     ServiceStore   both of the above: what IdentityService takes
     OutboxStore    the outbox relay: claim unpublished rows, measure the backlog
     CourierStore   the courier relay: the same for courier rows (stores.codes)
@@ -26,16 +27,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from stores.codes import CodeHousekeeping, CodeReads, CodeUnit, CourierStore
 from stores.records import (
     AccountChanges,
     AccountRecord,
+    ErasureCounts,
     IdempotencyRecord,
     NewEvent,
     PendingEvent,
     PurgeCounts,
+    SessionPosition,
     SessionRecord,
     ThrottleDecision,
     ThrottleSchedule,
@@ -89,6 +92,30 @@ class UnitOfWork(CodeUnit, Protocol):
 
     async def reset_signin_failures(self, email_canonical: str) -> None:
         """A successful sign-in forgets earlier failures."""
+        ...
+
+    async def erase_account(
+        self,
+        account_id: str,
+        *,
+        erased_at: datetime,
+        throttle_key: str,
+        erased_reply: dict[str, Any],
+    ) -> ErasureCounts:
+        """Erase the account and what is kept about it, leaving a tombstone of its id (an
+        erased id is never inserted again: `insert_account` raises StoreError):
+
+        - its sessions (ended ones too) and its row are deleted;
+        - stored replies about it (`IdempotencyRecord.account_id`) get `erased_reply`
+          instead, keeping key and fingerprint, so a replay answers that;
+        - its unpublished outbox rows are deleted (nobody has seen them; what they held is
+          what must go), its published ones keep event id and type only;
+        - the sign-in throttle's rows for `throttle_key` (the key the throttle counts the
+          account's email under) are deleted.
+
+        Writes this unit made before the call are erased with the rest; records and events
+        written after it (the erasure's own) are kept. Every table that holds an account's
+        data takes part here."""
         ...
 
     async def record_outcome(
@@ -148,6 +175,20 @@ class SessionReads(Protocol):
 
     async def touch_session(self, session_id: str, seen_at: datetime) -> None:
         """Move `last_seen_at` forward (never backward)."""
+        ...
+
+    async def list_live_sessions(
+        self,
+        account_id: str,
+        *,
+        now: datetime,
+        idle_since: datetime,
+        after: SessionPosition | None,
+        limit: int,
+    ) -> list[SessionRecord]:
+        """Up to `limit` sessions of the account that are live at `now` (not ended, not
+        expired, seen after `idle_since`), ordered by (created_at, id), starting after
+        `after`."""
         ...
 
 

@@ -57,6 +57,10 @@ class SessionRecord:
     last_seen_at: datetime  # for the idle timeout
     ended_at: datetime | None = None
     end_reason: str | None = None
+    # Contract v2: what the caller of `session.start` reported about the client (personal
+    # data: erased with the account, purged with the session).
+    client_ip: str | None = None
+    user_agent: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +70,8 @@ class IdempotencyRecord:
     fingerprint: str  # keyed hash of (command, payload); see services
     reply: dict[str, Any]  # the reply body to replay, never with a secret in it
     created_at: datetime
+    # The account the reply is about, if any: how erasure finds the replies to blank out.
+    account_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +82,8 @@ class NewEvent:
     type: str
     body: bytes  # the serialised event, published verbatim (so a republish is identical)
     created_at: datetime
+    # The account the event is about, if any: how erasure finds the rows to drop or scrub.
+    account_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +122,21 @@ class ThrottleDecision:
     allowed: bool
     failures: int
     retry_after_s: float = 0.0
+
+
+# Where a page of `list_live_sessions` starts: after the session with this (created_at, id).
+SessionPosition = tuple[datetime, str]
+
+
+@dataclass(frozen=True, slots=True)
+class ErasureCounts:
+    """What `erase_account` removed or blanked, for the operator's log line."""
+
+    sessions: int  # session rows deleted (ended ones included)
+    replies: int  # stored replies replaced by the erased reply
+    events_dropped: int  # unpublished outbox rows deleted
+    events_scrubbed: int  # published outbox rows whose body was cut down to id and type
+    throttle: int  # sign-in throttle rows deleted
 
 
 @dataclass(frozen=True, slots=True)

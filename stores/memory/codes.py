@@ -67,6 +67,16 @@ class CodeTables:
             self.message_ids.add(mail.message_id)
 
 
+def erase_codes(tables: CodeTables, account_id: str) -> None:
+    """Erasure: the account's codes and courier rows (relayed or not) go."""
+    for purpose in PURPOSES:
+        tables.codes.pop((account_id, purpose), None)
+    for seq, row in list(tables.mail.items()):
+        if row.mail.account_id == account_id:
+            del tables.mail[seq]
+            tables.message_ids.discard(row.mail.message_id)
+
+
 def _mail_values(mail: NewMail) -> tuple[Any, ...]:
     return (
         mail.message_id,
@@ -282,7 +292,7 @@ class MemoryCodeStore:
 def _with_account(event: NewEvent, account_id: str) -> NewEvent:
     body = orjson.loads(event.body)
     body["data"]["account_id"] = account_id
-    return replace(event, body=orjson.dumps(body))
+    return replace(event, body=orjson.dumps(body), account_id=account_id)
 
 
 def _mail_of(issue: CodeIssue, account: AccountRecord) -> NewMail:

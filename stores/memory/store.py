@@ -24,6 +24,7 @@ from stores.records import (
     IdempotencyRecord,
     PendingEvent,
     PurgeCounts,
+    SessionPosition,
     SessionRecord,
     ThrottleDecision,
     ThrottleSchedule,
@@ -93,6 +94,29 @@ class MemoryIdentityStore(MemoryCodeStore):
         if session is not None and session.last_seen_at < seen_at:
             self._tables.sessions[session_id] = replace(session, last_seen_at=seen_at)
 
+    async def list_live_sessions(
+        self,
+        account_id: str,
+        *,
+        now: datetime,
+        idle_since: datetime,
+        after: SessionPosition | None,
+        limit: int,
+    ) -> list[SessionRecord]:
+        live = sorted(
+            (
+                s
+                for s in self._tables.sessions.values()
+                if s.account_id == account_id
+                and s.ended_at is None
+                and s.expires_at > now
+                and s.last_seen_at > idle_since
+                and (after is None or (s.created_at, s.id) > after)
+            ),
+            key=lambda s: (s.created_at, s.id),
+        )
+        return live[:limit]
+
     async def get_idempotency(self, key: str) -> IdempotencyRecord | None:
         record = self._tables.idempotency.get(key)
         # A fresh dict per read, as decoding a jsonb column gives.
@@ -133,8 +157,9 @@ class MemoryIdentityStore(MemoryCodeStore):
             yield batch
             published_at = datetime.now(UTC)
             for seq in batch.marked.intersection(seqs):
-                row = self._tables.outbox[seq]
-                row.published_at = row.published_at or published_at
+                # An erasure may have dropped the row meanwhile: nothing left to mark.
+                if (row := self._tables.outbox.get(seq)) is not None:
+                    row.published_at = row.published_at or published_at
         finally:
             self._claimed.difference_update(seqs)
 

@@ -14,7 +14,7 @@ from stores.postgres.edge import Instrument
 from stores.records import AccountRecord, IdempotencyRecord
 
 _NO_EVENT = (None, None, None)
-_NO_RECORD = (None, None, None, None, None)
+_NO_RECORD = (None, None, None, None, None, None)
 
 
 class PostgresCodeUnit:
@@ -110,6 +110,7 @@ class PostgresCodeStore:
                 idempotency.fingerprint,
                 idempotency.reply,
                 idempotency.created_at,
+                idempotency.account_id,
             )
         )
         with self._timed("issue_code"):

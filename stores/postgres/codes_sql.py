@@ -36,7 +36,8 @@ HIT_LIMITS = _HITS.format(now="$2::timestamptz", tags="$1", reset="$3::timestamp
 # modifying CTEs all run to completion whether or not the main statement reads them.
 #   $1 email_canonical  $2 purpose  $3 mac  $4 now  $5 expires_at  $6 tags  $7 limits
 #   $8 window reset before  $9 unverified_only  $10 message_id  $11 kind  $12 sealed code
-#   $13-$15 event (id, type, body; id NULL: none)  $16-$20 idempotency record (key NULL: none)
+#   $13-$15 event (id, type, body; id NULL: none; its account_id is the account's)
+#   $16-$21 idempotency record (key NULL: none)
 ISSUE_CODE = f"""
 WITH hits AS ({_HITS.format(now="$4::timestamptz", tags="$6", reset="$8::timestamptz")}),
 within AS (
@@ -62,16 +63,16 @@ mail AS (
     SELECT $10::text, $11::text, email, id, display_name, $12::bytea, $5, $4 FROM target
 ),
 events AS (
-    INSERT INTO outbox (event_id, type, body, created_at)
+    INSERT INTO outbox (event_id, type, body, created_at, account_id)
     SELECT $13::text, $14::text,
         convert_to(jsonb_set(convert_from($15::bytea, 'UTF8')::jsonb,
                              '{{data,account_id}}', to_jsonb(id))::text, 'UTF8'),
-        $4
+        $4, id
     FROM target WHERE $13::text IS NOT NULL
 ),
 record AS (
-    INSERT INTO idempotency (key, command, fingerprint, reply, created_at)
-    SELECT $16::text, $17::text, $18::text, $19::jsonb, $20::timestamptz
+    INSERT INTO idempotency (key, command, fingerprint, reply, created_at, account_id)
+    SELECT $16::text, $17::text, $18::text, $19::jsonb, $20::timestamptz, $21::text
     WHERE $16::text IS NOT NULL
 )
 SELECT count(*) FROM code
@@ -126,6 +127,9 @@ UPDATE courier_outbox SET relayed_at = now(), sealed_code = NULL
 WHERE seq = ANY($1::bigint[]) AND relayed_at IS NULL
 """
 MAIL_BACKLOG = "SELECT count(*), min(created_at) FROM courier_outbox WHERE relayed_at IS NULL"
+
+# Erasure: the account's courier rows go, relayed or not (its codes go with the account row).
+ERASE_MAIL = "DELETE FROM courier_outbox WHERE account_id = $1"
 
 PURGE_CODES = """
 WITH c AS (DELETE FROM one_time_codes WHERE expires_at < $1 OR used_at < $1 RETURNING 1),

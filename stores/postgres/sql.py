@@ -78,26 +78,35 @@ WITH ended AS (
 SELECT {SESSION} FROM ended ORDER BY created_at, id
 """
 TOUCH_SESSION = "UPDATE sessions SET last_seen_at = $2 WHERE id = $1 AND last_seen_at < $2"
+# One page of an account's live sessions ($2 now, $3 idle since), after the position ($4, $5)
+# when one is given, in the order of the index sessions_by_account.
+LIST_LIVE_SESSIONS = f"""
+SELECT {SESSION} FROM sessions
+WHERE account_id = $1 AND ended_at IS NULL AND expires_at > $2 AND last_seen_at > $3
+    AND ($4::timestamptz IS NULL OR (created_at, id) > ($4::timestamptz, $5::text))
+ORDER BY created_at, id
+LIMIT $6
+"""
 
 GET_IDEMPOTENCY_RECORDS = (
     f"SELECT {IDEMPOTENCY} FROM idempotency WHERE key = ANY($1::text[])"  # batched, as above
 )
 
-# A command's outcome in one statement: its events ($1-$4, one array per column) and its
-# idempotency record ($5-$9; skipped when the key is NULL). A data-modifying CTE always runs to
+# A command's outcome in one statement: its events ($1-$4 and $11, one array per column) and
+# its idempotency record ($5-$10; skipped when the key is NULL). A data-modifying CTE always runs to
 # completion, whether or not the main statement reads it. Rows are inserted in ORDER BY order,
 # so the outbox seqs follow the events' order. The casts give every parameter its column's
 # type, so the reply goes through the connection's jsonb codec.
 RECORD_OUTCOME = f"""
 WITH events AS (
-    INSERT INTO outbox (event_id, type, body, created_at)
-    SELECT event_id, type, body, created_at
-    FROM unnest($1::text[], $2::text[], $3::bytea[], $4::timestamptz[])
-        WITH ORDINALITY AS e (event_id, type, body, created_at, n)
+    INSERT INTO outbox (event_id, type, body, created_at, account_id)
+    SELECT event_id, type, body, created_at, account_id
+    FROM unnest($1::text[], $2::text[], $3::bytea[], $4::timestamptz[], $11::text[])
+        WITH ORDINALITY AS e (event_id, type, body, created_at, account_id, n)
     ORDER BY n
 )
 INSERT INTO idempotency ({IDEMPOTENCY})
-SELECT $5::text, $6::text, $7::text, $8::jsonb, $9::timestamptz
+SELECT $5::text, $6::text, $7::text, $8::jsonb, $9::timestamptz, $10::text
 WHERE $5::text IS NOT NULL
 """
 # SKIP LOCKED: a row another relay holds is passed over rather than waited for; the row locks
@@ -162,3 +171,23 @@ WITH i AS (DELETE FROM idempotency WHERE created_at < $1 RETURNING 1),
 SELECT (SELECT count(*) FROM i), (SELECT count(*) FROM o),
        (SELECT count(*) FROM t), (SELECT count(*) FROM s)
 """
+
+# Erasure (UnitOfWork.erase_account): one statement per table that holds an account's data, run
+# in this order inside the unit. A table added later with such data adds its statement here;
+# the erasure tests walk every column of every table, so one left out fails them.
+ERASE_SESSIONS = "DELETE FROM sessions WHERE account_id = $1"
+ERASE_ACCOUNT = "DELETE FROM accounts WHERE id = $1"
+INSERT_TOMBSTONE = """
+INSERT INTO account_tombstones (id, erased_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING
+"""
+ERASE_REPLIES = "UPDATE idempotency SET reply = $2::jsonb WHERE account_id = $1"
+# Unpublished first: a row a relay holds is waited for, then re-checked; if the relay marked it
+# published meanwhile, it is left for the next statement, whose snapshot sees it published.
+DROP_UNPUBLISHED_EVENTS = "DELETE FROM outbox WHERE account_id = $1 AND published_at IS NULL"
+SCRUB_PUBLISHED_EVENTS = """
+UPDATE outbox
+SET body = convert_to(jsonb_build_object('event_id', event_id, 'type', type, 'erased', true)::text,
+                      'UTF8')
+WHERE account_id = $1 AND published_at IS NOT NULL
+"""
+ERASE_THROTTLE = "DELETE FROM signin_throttle WHERE email_canonical = $1"

@@ -32,6 +32,7 @@ from stores.records import (
     IdempotencyRecord,
     PendingEvent,
     PurgeCounts,
+    SessionPosition,
     SessionRecord,
     ThrottleDecision,
     ThrottleSchedule,
@@ -192,6 +193,22 @@ class PostgresIdentityStore(PostgresCodeStore):
     async def touch_session(self, session_id: str, seen_at: datetime) -> None:
         with self._timed("touch_session"):
             await self._pool.execute(sql.TOUCH_SESSION, session_id, seen_at)
+
+    async def list_live_sessions(
+        self,
+        account_id: str,
+        *,
+        now: datetime,
+        idle_since: datetime,
+        after: SessionPosition | None,
+        limit: int,
+    ) -> list[SessionRecord]:
+        after_created, after_id = after if after is not None else (None, None)
+        with self._timed("list_live_sessions"):
+            rows = await self._pool.fetch(
+                sql.LIST_LIVE_SESSIONS, account_id, now, idle_since, after_created, after_id, limit
+            )
+        return [SessionRecord(*row) for row in rows]
 
     async def get_idempotency(self, key: str) -> IdempotencyRecord | None:
         with self._timed("get_idempotency"):

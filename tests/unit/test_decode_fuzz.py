@@ -79,6 +79,15 @@ VALID_PAYLOADS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
     "account.verification.confirm": st.fixed_dictionaries(
         {"email": st.just("ada@example.com"), "code": secrets_}
     ),
+    "account.disable": st.fixed_dictionaries(
+        {"account_id": st.just(ACCOUNT_ID), "reason": st.just("abuse report 42")}
+    ),
+    "account.enable": st.just({"account_id": ACCOUNT_ID}),
+    "account.delete": st.just({"account_id": ACCOUNT_ID}),
+    "session.list": st.fixed_dictionaries(
+        {"account_id": st.just(ACCOUNT_ID)}, optional={"limit": st.integers(1, 200)}
+    ),
+    "session.revoke": st.just({"session_id": "ses_" + "0" * 32}),
 }
 assert set(VALID_PAYLOADS) == set(COMMANDS)
 
