@@ -2,6 +2,9 @@
 # Debian 12 (glibc 2.36): the release the worker is measured on (BENCHMARKS.md).
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
+# Pinned dependencies, each checked against its hashes (requirements.lock, `make lock`).
+COPY requirements.lock ./
+RUN pip install --no-cache-dir --require-hashes --prefix=/install -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY messages ./messages
 COPY services ./services
@@ -9,7 +12,7 @@ COPY stores ./stores
 COPY worker ./worker
 COPY client ./client
 COPY tools ./tools
-RUN pip install --no-cache-dir --prefix=/install .
+RUN pip install --no-cache-dir --no-deps --prefix=/install .
 
 FROM python:3.11-slim-bookworm
 RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin identity

@@ -3,23 +3,40 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test check bench venv services asyncapi clean
+.PHONY: run test check bench venv services asyncapi lock clean
 
-$(BIN)/identity-worker: pyproject.toml
+# Dependencies come from the lock file, each checked against its hashes; the project itself is
+# installed on top without resolving anything again.
+$(BIN)/identity-worker: pyproject.toml requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/pip install --quiet --require-hashes -r requirements-dev.lock
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
 venv: $(BIN)/identity-worker
 
+## Pin every dependency, with hashes, after changing pyproject.toml: requirements.lock is what
+## the image installs, requirements-dev.lock adds the test, benchmark and lock tools.
+lock: venv
+	$(BIN)/uv pip compile pyproject.toml --universal --generate-hashes --python-version 3.11 \
+		-q -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --universal --generate-hashes --python-version 3.11 \
+		--extra test --extra bench --extra lock -q -o requirements-dev.lock
+
 services:
 	./scripts/ensure-services.sh
 
-## Run the worker against the local RabbitMQ and PostgreSQL (creates the database).
+## Run the worker against the local RabbitMQ and PostgreSQL (creates the database), in dev mode:
+## keys made on the spot and kept in the database, the open caller policy, loud warnings.
+## The database has two roles (scripts/ensure-roles.sh): identity_owner migrates, the worker
+## runs as identity_worker, which may only read and write rows.
 # GLIBC_TUNABLES: argon2's memory on huge pages, as in the Dockerfile (services.passwords).
 # What the caller sets comes last, and glibc takes the last value: glibc.malloc.hugetlb=0 wins.
 run: venv services
+	./scripts/ensure-roles.sh
+	IDENTITY_DEV_MODE=true \
+	IDENTITY_DATABASE_URL=$${IDENTITY_DATABASE_URL:-postgresql://identity_worker@127.0.0.1:5432/identity} \
+	IDENTITY_MIGRATION_DATABASE_URL=$${IDENTITY_MIGRATION_DATABASE_URL:-postgresql://identity_owner@127.0.0.1:5432/identity} \
 	GLIBC_TUNABLES=glibc.malloc.hugetlb=1$${GLIBC_TUNABLES:+:$$GLIBC_TUNABLES} $(BIN)/identity-worker run
 
 ## Every test: unit, store contract (memory + PostgreSQL), integration and faults.

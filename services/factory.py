@@ -1,5 +1,5 @@
 """The one way an `IdentityService` is put together: from a `ServiceConfig` (what settings, or
-a test, decide) plus the store, the signing keys and the clock.
+a test, decide) plus the store, the signing keys, the HMAC key and the clock.
 
 The worker's composition root (worker/bootstrap.py) fills the config from its settings; the
 tests fill it with cheap argon2 (tests/support/factory.py). Both then call
@@ -8,22 +8,23 @@ tests fill it with cheap argon2 (tests/support/factory.py). Both then call
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from services.clock import Clock
 from services.codes import CodeKeys, CodePolicy, Codes
 from services.identity import IdentityService, SessionPolicy
+from services.keys import HmacKey
 from services.passwords import HashingPool, PasswordPolicy, make_hasher
 from services.tokens import SigningKey, TokenSigner
-from stores import ServiceStore, ThrottleSchedule
+from stores import HashBudget, ServiceStore, ThrottleRules
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServiceConfig:
-    """The service's knobs: argon2's cost and threads, and its password, session and sign-in
-    throttling rules (each defaulting to its own class's defaults)."""
+    """The service's knobs: argon2's cost and threads, and its password, session and
+    password-attempt throttling rules, and the argon2 budget per source (each defaulting to
+    its own class's defaults)."""
 
     argon2_time_cost: int
     argon2_memory_kib: int
@@ -31,7 +32,8 @@ class ServiceConfig:
     hash_workers: int
     passwords: PasswordPolicy = field(default_factory=PasswordPolicy)
     sessions: SessionPolicy = field(default_factory=SessionPolicy)
-    throttle: ThrottleSchedule = field(default_factory=ThrottleSchedule)
+    throttle: ThrottleRules = field(default_factory=ThrottleRules)
+    budget: HashBudget = field(default_factory=HashBudget)
     codes: CodePolicy = field(default_factory=CodePolicy)
 
 
@@ -40,15 +42,14 @@ def make_identity_service(
     config: ServiceConfig,
     *,
     keys: Sequence[SigningKey],
+    hmac_key: bytes,
     clock: Clock,
     on_hash_timing: Callable[[str, float], None] | None = None,
     hashing_niceness: int = 0,
     on_replay: Callable[[str], None] | None = None,
-    hmac_key: bytes | None = None,
 ) -> tuple[IdentityService, HashingPool]:
     """The service and its hashing pool. The pool is not started: the caller awaits
-    `start()` before the first command and calls `close()` when done. `hmac_key` keys the
-    one-time codes (a key of the service's own lifetime when None: fine for one process)."""
+    `start()` before the first command and calls `close()` when done."""
     hasher = make_hasher(
         config.argon2_time_cost, config.argon2_memory_kib, config.argon2_parallelism
     )
@@ -58,17 +59,18 @@ def make_identity_service(
         on_timing=on_hash_timing,
         niceness=hashing_niceness,
     )
-    # Without a key given (tests), codes are keyed by one that lives as long as the service.
-    key = hmac_key if hmac_key is not None else secrets.token_bytes(32)
     service = IdentityService(
         store,
         passwords=passwords,
         signer=TokenSigner(keys),
+        hmac_key=HmacKey(hmac_key),
         clock=clock,
         policy=config.passwords,
         sessions=config.sessions,
         throttle=config.throttle,
+        budget=config.budget,
         on_replay=on_replay,
-        codes=Codes(CodeKeys(key), config.codes),
+        # One-time codes are keyed (and sealed for the courier) by subkeys of the HMAC key.
+        codes=Codes(CodeKeys(hmac_key), config.codes),
     )
     return service, passwords

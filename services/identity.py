@@ -60,6 +60,7 @@ from services.errors import (
     VersionConflictError,
 )
 from services.ids import new_account_id, new_session_id
+from services.keys import Fingerprints, HmacKey
 from services.lifecycle import AccountLifecycle
 from services.operations import NO_CONTEXT, CommandContext, Operation, OperationRunner
 from services.passwords import HashingPool, PasswordPolicy, normalize_password
@@ -73,12 +74,17 @@ from stores import (
     AccountChanges,
     AccountRecord,
     DuplicateEmailError,
+    HashBudget,
     ServiceStore,
     SessionRecord,
-    ThrottleSchedule,
+    ThrottleRules,
     TransientStoreError,
     UnitOfWork,
 )
+
+# Argon2 computations a command may make, taken from its source's budget before the first.
+_ONE_HASH = 1
+_VERIFY_AND_HASH = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,9 +122,8 @@ async def _against_the_stored_hash(
     The hash then changed meanwhile: the password was changed (and every session ended with
     it), or a sign-in or an email change stored a new hash of the same password. The password
     is checked again, against the stored hash, and `act` tried once more; a hash that changed
-    again by then fails the command as transient, to be retried. Nothing is given back to the
-    throttle: each of those changes also cleared the email's failure count, the attempt
-    reserved by the first check with it, so a refund could only forgive someone else's.
+    again by then fails the command as transient, to be retried. Each check reserves its own
+    attempt and settles it when the password verifies, so neither counts as a failure.
     """
     result = await act(checked)
     if result is None:
@@ -135,10 +140,12 @@ class IdentityService:
         *,
         passwords: HashingPool,
         signer: TokenSigner,
+        hmac_key: HmacKey,
         clock: Clock,
         policy: PasswordPolicy | None = None,
         sessions: SessionPolicy | None = None,
-        throttle: ThrottleSchedule | None = None,
+        throttle: ThrottleRules | None = None,
+        budget: HashBudget | None = None,
         on_replay: Callable[[str], None] | None = None,
         codes: Codes | None = None,
     ) -> None:
@@ -148,8 +155,11 @@ class IdentityService:
         self._clock = clock
         self._policy = policy or PasswordPolicy()
         self._sessions = sessions or SessionPolicy()
-        self._auth = Authenticator(store, passwords, throttle or ThrottleSchedule())
-        self._ops = OperationRunner(store, signer, clock, on_replay)
+        self._auth = Authenticator(
+            store, passwords, throttle or ThrottleRules(), budget or HashBudget(), hmac_key
+        )
+        fingerprints = Fingerprints(hmac_key, signer.fingerprint_matches)
+        self._ops = OperationRunner(store, fingerprints, clock, on_replay)
         # Without a key of its own (tests), codes are keyed by one that lives as long as it.
         self._codes = codes or Codes(CodeKeys(secrets.token_bytes(32)), CodePolicy())
         # Recovery and verification (services.recovery), on the same store, pool and runner.
@@ -160,7 +170,10 @@ class IdentityService:
             policy=self._policy,
             codes=self._codes,
             ops=self._ops,
+            spend=self._auth.spend,
+            on_recovered=self._recovered,
         )
+        self._hmac_key = hmac_key
         # Disable, enable, erase; list and revoke sessions (services.lifecycle,
         # services.sessions_admin).
         self.lifecycle = AccountLifecycle(store, self._ops, clock, self._auth.throttle_key)
@@ -180,8 +193,9 @@ class IdentityService:
         self._policy.check_new(
             password, field="payload.password", context=context_words(canonical, cmd.display_name)
         )
-        password_hash = await self._passwords.hash(password)
         now = self._clock.now()
+        await self._auth.spend(op.context.source, _ONE_HASH, now)
+        password_hash = await self._passwords.hash(password)
         record = AccountRecord(
             id=new_account_id(now),
             email=cmd.email.strip(),
@@ -252,7 +266,6 @@ class IdentityService:
         async with self._store.unit_of_work() as uow:
             updated = await self._apply(uow, record.id, cmd.expected_version, changes)
             if "email" in changed:
-                await uow.reset_signin_failures(record.email_canonical)
                 await self._email_changed(uow, record, updated, now)
             result = AccountResult(account=to_account(updated))
             op.emit(
@@ -278,8 +291,9 @@ class IdentityService:
             raise InvalidInputError.for_field(
                 "payload.current_password", "is required when the email changes"
             )
-        op.compensations.append(lambda: self._auth.refund(record.email_canonical))
+        await self._auth.spend(op.context.source, _ONE_HASH, now)
         checked = await self._auth.check(
+            op,
             record.email_canonical,
             cmd.current_password.get_secret_value(),
             now,
@@ -301,10 +315,10 @@ class IdentityService:
         current = cmd.current_password.get_secret_value()
         new = cmd.new_password.get_secret_value()
         now = self._clock.now()
-        email = record.email_canonical
-        # Late-bound: check_again reserves on the account's email as it is then.
-        op.compensations.append(lambda: self._auth.refund(email))
-        await self._auth.check(email, current, now, account=record, purpose="change_password")
+        await self._auth.spend(op.context.source, _VERIFY_AND_HASH, now)
+        await self._auth.check(
+            op, record.email_canonical, current, now, account=record, purpose="change_password"
+        )
         if normalize_password(new) == normalize_password(current):
             raise PasswordPolicyError("payload.new_password", "must differ from the current one")
         self._policy.check_new(
@@ -315,10 +329,10 @@ class IdentityService:
         new_hash = await self._passwords.hash(new)
 
         async def check_again() -> AccountRecord:
-            nonlocal email
             fresh = await self._existing_account(cmd.account_id)
-            email = fresh.email_canonical
-            await self._auth.check(email, current, now, account=fresh, purpose="change_password")
+            await self._auth.check(
+                op, fresh.email_canonical, current, now, account=fresh, purpose="change_password"
+            )
             return fresh
 
         return await _against_the_stored_hash(
@@ -338,7 +352,6 @@ class IdentityService:
             changes = AccountChanges(updated_at=now, password_hash=new_hash)
             updated = await self._apply(uow, checked.id, locked.version, changes)
             ended = await uow.end_all_sessions(checked.id, now, "password_changed")
-            await uow.reset_signin_failures(checked.email_canonical)
             notice = self._codes.notice("password_changed_notice", updated.email, updated, now)
             await uow.add_mail([notice])
             self._emit_ended(op, ended, "password_changed", now)
@@ -363,27 +376,27 @@ class IdentityService:
         password = cmd.password.get_secret_value()
         self._policy.check_verifiable(password, field="payload.password")
         now = self._clock.now()
-        op.compensations.append(lambda: self._auth.refund(canonical))
-        checked = await self._auth.check(canonical, password, now)
+        await self._auth.spend(op.context.source, _ONE_HASH, now)
+        checked = await self._auth.check(op, canonical, password, now)
         # A disabled account is told so (below) whatever its address.
         unproven = checked.account.status == "active" and not checked.account.email_verified
         if self._codes.policy.require_verified_email and unproven:
-            await self._unverified(canonical)
+            raise EmailNotVerifiedError()  # the right password was settled: no failed guess
         return await _against_the_stored_hash(
             checked,
-            lambda checked: self._open_session(op, canonical, checked, now),
-            lambda: self._auth.check(canonical, password, now),
+            lambda checked: self._open_session(op, checked, now),
+            lambda: self._auth.check(op, canonical, password, now),
         )
 
-    async def _unverified(self, canonical: str) -> None:
-        """The password was right but the address is not proven: the attempt is not a failed
-        guess (the count is reset as a sign-in would), and the answer says what is missing."""
-        async with self._store.unit_of_work() as uow:
-            await uow.reset_signin_failures(canonical)
-        raise EmailNotVerifiedError()
+    async def _recovered(self, email_canonical: str, source: str, now: datetime) -> None:
+        """A source that completed recovery proved it holds the mailbox: like a sign-in with
+        the right password, it is known-good for the email from now on."""
+        await self._store.settle_password_attempt(
+            self._hmac_key.email_tag(email_canonical), self._hmac_key.source_tag(source), now
+        )
 
     async def _open_session(
-        self, op: Operation, canonical: str, checked: Authenticated, now: datetime
+        self, op: Operation, checked: Authenticated, now: datetime
     ) -> StartSessionResult | None:
         """Insert the session and record the outcome; None, with nothing written, if the
         stored hash is no longer the one the password was checked against. The account's row
@@ -409,7 +422,6 @@ class IdentityService:
             if locked.status != "active":
                 raise AccountDisabledError()
             await uow.insert_session(session)
-            await uow.reset_signin_failures(canonical)
             if checked.new_hash is not None:
                 await uow.replace_password_hash(account.id, account.password_hash, checked.new_hash)
             result = StartSessionResult(

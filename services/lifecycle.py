@@ -58,15 +58,15 @@ ERASED_REPLY = StoredReply.of_error(NotFoundError().to_error_body()).to_json()
 class AccountLifecycle:
     """`account.disable`, `account.enable` and `account.delete`.
 
-    `throttle_key` gives the key the sign-in throttle counts an email under, so erasure
-    deletes the account's throttle rows whatever form that key takes."""
+    `throttle_key` gives the keyed tag the throttle counts an email under, so erasure
+    deletes the account's throttle rows."""
 
     def __init__(
         self,
         store: CommandStore,
         ops: OperationRunner,
         clock: Clock,
-        throttle_key: Callable[[str], str],
+        throttle_key: Callable[[str], bytes],
     ) -> None:
         self._store = store
         self._ops = ops
@@ -130,7 +130,8 @@ class AccountLifecycle:
             counts = await uow.erase_account(
                 record.id,
                 erased_at=now,
-                throttle_key=self._throttle_key(record.email_canonical),
+                email_canonical=record.email_canonical,
+                email_tag=self._throttle_key(record.email_canonical),
                 erased_reply=ERASED_REPLY,
             )
             # Written after the erasure, so they are kept: they name ids, nothing else.

@@ -27,7 +27,7 @@ from messages.models import Model, about_account
 from services.clock import Clock
 from services.errors import IdempotencyKeyReusedError, IdentityError, error_from_body
 from services.ids import new_event_id
-from services.tokens import TokenSigner
+from services.keys import Fingerprints
 from stores import (
     CommandStore,
     DuplicateKeyError,
@@ -71,8 +71,9 @@ class Operation:
     material: bytes
     context: CommandContext
     events: list[NewEvent] = field(default_factory=list)
-    # Undo work done outside the transaction (e.g. a counted sign-in attempt) when the
-    # operation turns out to be a duplicate of one that already committed.
+    # Undo work done outside the transaction (a reserved password attempt) when the operation
+    # turns out to be a duplicate of one that already committed. Registered only once the
+    # work was done, so a duplicate undoes what it did and nothing else.
     compensations: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     @property
@@ -94,17 +95,18 @@ class Operation:
 
 
 class OperationRunner:
-    """Runs operations against one store; the fingerprint key comes from the token signer."""
+    """Runs operations against one store; fingerprints are keyed with the HMAC key (so they
+    survive signing-key rotation, see services.keys)."""
 
     def __init__(
         self,
         store: CommandStore,
-        signer: TokenSigner,
+        fingerprints: Fingerprints,
         clock: Clock,
         on_replay: Callable[[str], None] | None = None,
     ) -> None:
         self._store = store
-        self._signer = signer
+        self._fingerprints = fingerprints
         self._clock = clock
         self._on_replay = on_replay
 
@@ -159,7 +161,7 @@ class OperationRunner:
         record = await self._store.get_idempotency(op.key)
         if record is None:
             return None
-        same = record.command == op.command and self._signer.fingerprint_matches(
+        same = record.command == op.command and self._fingerprints.matches(
             op.material, record.fingerprint
         )
         if not same:
@@ -198,7 +200,7 @@ class OperationRunner:
         return IdempotencyRecord(
             key=op.key,
             command=op.command,
-            fingerprint=self._signer.fingerprint(op.material),
+            fingerprint=self._fingerprints.of(op.material),
             reply=reply.to_json(),
             created_at=self._clock.now(),
             account_id=account_id,

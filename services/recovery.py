@@ -63,9 +63,11 @@ from stores import (
 # knows whose email it is, writes the real one (stores.codes.CodeIssue).
 PLACEHOLDER_ACCOUNT_ID = "acct_" + "0" * 26
 
-# Called once a recovery completed, with the email and the source it came from: where sign-in
-# throttling keeps "known-good" sources, a source that proved it holds the mailbox is one.
+# Called once a recovery completed, with the email and the source it came from: sign-in
+# throttling keeps "known-good" sources, and a source that proved it holds the mailbox is one.
 OnRecovered = Callable[[str, str, datetime], Awaitable[None]]
+# Takes argon2 work from a source's budget (source, hashes, now), or raises RateLimitedError.
+Spend = Callable[[str, int, datetime], Awaitable[None]]
 
 
 class AccountFlows:
@@ -78,6 +80,7 @@ class AccountFlows:
         policy: PasswordPolicy,
         codes: Codes,
         ops: OperationRunner,
+        spend: Spend | None = None,
         on_recovered: OnRecovered | None = None,
     ) -> None:
         self._store = store
@@ -86,6 +89,7 @@ class AccountFlows:
         self._policy = policy
         self._codes = codes
         self._ops = ops
+        self._spend = spend
         self._on_recovered = on_recovered
 
     # -- requests ---------------------------------------------------------------------------
@@ -190,7 +194,10 @@ class AccountFlows:
             field="payload.new_password",
             context=context_words(checked.email_canonical, checked.display_name),
         )
-        # Password work only for someone who holds a live code, outside any transaction.
+        # Password work only for someone who holds a live code, outside any transaction, and
+        # out of the source's argon2 budget like every other hash.
+        if self._spend is not None:
+            await self._spend(op.context.source, 1, now)
         new_hash = await self._passwords.hash(new)
         async with self._store.unit_of_work() as uow:
             locked = await self._use(uow, RECOVERY, checked, mac, now)
@@ -198,7 +205,6 @@ class AccountFlows:
             changes = AccountChanges(updated_at=now, password_hash=new_hash, email_verified=True)
             updated = await _apply(uow, locked, changes)
             ended = await uow.end_all_sessions(locked.id, now, "password_reset")
-            await uow.reset_signin_failures(locked.email_canonical)
             notice = self._codes.notice("password_changed_notice", updated.email, updated, now)
             await uow.add_mail([notice])
             announce_ended(op, ended, "password_reset", now)

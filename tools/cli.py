@@ -3,6 +3,7 @@
 identity-worker [run] [--no-migrate]   consume commands (the default)
 identity-worker migrate                create the database if needed, apply migrations
 identity-worker keys new               print a new signing key for IDENTITY_SIGNING_KEYS
+identity-worker keys hmac              print a new key for IDENTITY_HMAC_KEY
 identity-worker asyncapi               print the AsyncAPI document of contract v1
 identity-worker send COMMAND --FIELD V send one command, print its reply as JSON
 identity-worker demo                   run a sign-up/sign-in story against a running worker
@@ -20,9 +21,9 @@ from tools.arguments import positive_seconds
 from worker.settings import Settings, SettingsError, load_settings
 
 
-def _settings_or_exit() -> Settings:
+def _settings_or_exit(*, keys_needed: bool = True) -> Settings:
     try:
-        return load_settings()
+        return load_settings(keys_needed=keys_needed)
     except SettingsError as exc:
         print(f"identity-worker: bad settings: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -38,16 +39,25 @@ def _run(args: argparse.Namespace) -> int:
         import uvloop
 
         uvloop.install()
-    return asyncio.run(
-        run_worker(settings, migrate_first=settings.migrate_on_start and not args.no_migrate)
-    )
+    try:
+        return asyncio.run(
+            run_worker(settings, migrate_first=settings.migrate_on_start and not args.no_migrate)
+        )
+    except SettingsError as exc:  # found at start, e.g. a database role with too much power
+        print(f"identity-worker: bad settings: {exc}", file=sys.stderr)
+        return 2
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    settings = _settings_or_exit()
+    # A migration job needs the database URLs and the mode, never the worker's keys.
+    settings = _settings_or_exit(keys_needed=False)
     from stores.postgres import migrate
 
-    applied = asyncio.run(migrate(settings.database_url.get_secret_value()))
+    applied = asyncio.run(
+        migrate(
+            settings.migration_dsn, worker_role=settings.worker_role, dev_mode=settings.dev_mode
+        )
+    )
     print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
     return 0
 
@@ -56,6 +66,13 @@ def _keys_new(args: argparse.Namespace) -> int:
     from services.tokens import format_signing_key, new_signing_key
 
     print(format_signing_key(new_signing_key()))
+    return 0
+
+
+def _keys_hmac(args: argparse.Namespace) -> int:
+    from services.keys import new_hmac_key
+
+    print(new_hmac_key())
     return 0
 
 
@@ -139,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="signing keys").add_subparsers(dest="keys_command")
     keys.required = True
     keys.add_parser("new", help="print a new signing key").set_defaults(func=_keys_new)
+    keys.add_parser("hmac", help="print a new HMAC key").set_defaults(func=_keys_hmac)
     sub.add_parser("asyncapi", help="print the AsyncAPI document").set_defaults(func=_asyncapi)
     _add_tool_parsers(sub)
     return parser

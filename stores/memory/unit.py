@@ -25,6 +25,7 @@ from stores.records import (
     NewEvent,
     PendingEvent,
     SessionRecord,
+    ThrottleCounter,
 )
 
 
@@ -33,13 +34,6 @@ class OutboxRow:
     event: PendingEvent
     published_at: datetime | None = None
     account_id: str | None = None
-
-
-@dataclass
-class Throttle:
-    failures: int
-    locked_until: datetime | None
-    updated_at: datetime
 
 
 @dataclass
@@ -52,7 +46,12 @@ class Tables:
     idempotency: dict[str, IdempotencyRecord] = field(default_factory=dict)
     outbox: dict[int, OutboxRow] = field(default_factory=dict)
     event_ids: set[str] = field(default_factory=set)
-    throttle: dict[str, Throttle] = field(default_factory=dict)
+    # Keyed tags, as in PostgreSQL: (email, source) counters, email counters, known-good
+    # sources and their last sign-in, argon2 budgets as (tokens, updated_at).
+    pairs: dict[tuple[bytes, bytes], ThrottleCounter] = field(default_factory=dict)
+    email_counters: dict[bytes, ThrottleCounter] = field(default_factory=dict)
+    known_sources: dict[tuple[bytes, bytes], datetime] = field(default_factory=dict)
+    budgets: dict[bytes, tuple[float, datetime]] = field(default_factory=dict)
     secrets: dict[str, bytes] = field(default_factory=dict)
     tombstones: dict[str, datetime] = field(default_factory=dict)  # erased account id -> when
     last_seq: int = 0
@@ -79,9 +78,9 @@ class MemoryUnitOfWork(MemoryCodeUnit):
         self._session_ends: dict[str, tuple[datetime, str]] = {}
         self._idempotency: dict[str, IdempotencyRecord] = {}
         self._events: list[NewEvent] = []
-        self._throttle_resets: set[str] = set()
-        # (account id, erased at, erased reply) of each erase_account, applied first on commit.
-        self._erasures: list[tuple[str, datetime, dict[str, Any]]] = []
+        # (account id, erased at, erased reply, email tag) of each erase_account, applied
+        # first on commit.
+        self._erasures: list[tuple[str, datetime, dict[str, Any], bytes]] = []
 
     async def get_account(
         self, account_id: str, *, for_update: bool = False
@@ -92,7 +91,7 @@ class MemoryUnitOfWork(MemoryCodeUnit):
 
     def _erased(self, account_id: str) -> bool:
         return account_id in self._tables.tombstones or any(
-            erased == account_id for erased, _, _ in self._erasures
+            erased == account_id for erased, *_ in self._erasures
         )
 
     async def insert_account(self, account: AccountRecord) -> None:
@@ -186,15 +185,13 @@ class MemoryUnitOfWork(MemoryCodeUnit):
                     ended.append(record)
         return ended
 
-    async def reset_signin_failures(self, email_canonical: str) -> None:
-        self._throttle_resets.add(email_canonical)
-
     async def erase_account(
         self,
         account_id: str,
         *,
         erased_at: datetime,
-        throttle_key: str,
+        email_canonical: str,
+        email_tag: bytes,
         erased_reply: dict[str, Any],
     ) -> ErasureCounts:
         tables = self._tables
@@ -211,8 +208,7 @@ class MemoryUnitOfWork(MemoryCodeUnit):
             if record.account_id == account_id:
                 self._idempotency[key] = replace(record, reply=reply)
                 replied_here += 1
-        self._throttle_resets.add(throttle_key)
-        self._erasures.append((account_id, erased_at, reply))
+        self._erasures.append((account_id, erased_at, reply, email_tag))
         rows = [r for r in tables.outbox.values() if r.account_id == account_id]
         return ErasureCounts(
             sessions=sessions_here
@@ -224,7 +220,7 @@ class MemoryUnitOfWork(MemoryCodeUnit):
             ),
             events_dropped=dropped_here + sum(r.published_at is None for r in rows),
             events_scrubbed=sum(r.published_at is not None for r in rows),
-            throttle=int(throttle_key in tables.throttle),
+            throttle=len(_throttle_rows(tables, email_tag)),
         )
 
     async def record_outcome(
@@ -258,8 +254,8 @@ class MemoryUnitOfWork(MemoryCodeUnit):
     def commit(self) -> None:
         """Apply every write at once (no await: nothing can interleave)."""
         tables = self._tables
-        for account_id, erased_at, reply in self._erasures:
-            _erase(tables, account_id, erased_at, reply)
+        for account_id, erased_at, reply, email_tag in self._erasures:
+            _erase(tables, account_id, erased_at, reply, email_tag)
         for account_id in self._accounts:
             if (previous := tables.accounts.get(account_id)) is not None:
                 del tables.emails[previous.email_canonical]
@@ -280,12 +276,25 @@ class MemoryUnitOfWork(MemoryCodeUnit):
             )
             tables.outbox[tables.last_seq] = OutboxRow(pending, account_id=event.account_id)
             tables.event_ids.add(event.event_id)
-        for email_canonical in self._throttle_resets:
-            tables.throttle.pop(email_canonical, None)
         self._commit_codes()
 
 
-def _erase(tables: Tables, account_id: str, erased_at: datetime, reply: dict[str, Any]) -> None:
+def _throttle_rows(tables: Tables, email_tag: bytes) -> list[tuple[str, object]]:
+    """(table, key) of every throttle row counting `email_tag`."""
+    rows: list[tuple[str, object]] = [
+        (name, key)
+        for name, table in (("pairs", tables.pairs), ("known_sources", tables.known_sources))
+        for key in table
+        if key[0] == email_tag
+    ]
+    if email_tag in tables.email_counters:
+        rows.append(("email_counters", email_tag))
+    return rows
+
+
+def _erase(
+    tables: Tables, account_id: str, erased_at: datetime, reply: dict[str, Any], email_tag: bytes
+) -> None:
     """`erase_account` on the committed tables, one table at a time as PostgreSQL does it. An
     outbox row a relay holds claimed is dropped like any unpublished one (the relay already
     has its body, as in PostgreSQL, where erasure waits for the relay to finish with it)."""
@@ -308,3 +317,5 @@ def _erase(tables: Tables, account_id: str, erased_at: datetime, reply: dict[str
             event = row.event
             body = orjson.dumps({"event_id": event.event_id, "type": event.type, "erased": True})
             row.event = replace(event, body=body)
+    for table, row_key in _throttle_rows(tables, email_tag):
+        del getattr(tables, table)[row_key]

@@ -129,16 +129,13 @@ class PostgresUnitOfWork(PostgresCodeUnit):
             rows = await self._conn.fetch(sql.END_ALL_SESSIONS, account_id, ended_at, reason)
         return [SessionRecord(*row) for row in rows]
 
-    async def reset_signin_failures(self, email_canonical: str) -> None:
-        with self._timed("uow.reset_signin_failures"):
-            await self._conn.execute(sql.RESET_SIGNIN, email_canonical)
-
     async def erase_account(
         self,
         account_id: str,
         *,
         erased_at: datetime,
-        throttle_key: str,
+        email_canonical: str,
+        email_tag: bytes,
         erased_reply: dict[str, Any],
     ) -> ErasureCounts:
         with self._timed("uow.erase_account"):
@@ -148,7 +145,7 @@ class PostgresUnitOfWork(PostgresCodeUnit):
             replies = _count(await self._conn.execute(sql.ERASE_REPLIES, account_id, erased_reply))
             dropped = _count(await self._conn.execute(sql.DROP_UNPUBLISHED_EVENTS, account_id))
             scrubbed = _count(await self._conn.execute(sql.SCRUB_PUBLISHED_EVENTS, account_id))
-            throttle = _count(await self._conn.execute(sql.ERASE_THROTTLE, throttle_key))
+            throttle = await self._conn.fetchval(sql.ERASE_THROTTLE, email_tag, email_canonical)
             await self._conn.execute(codes_sql.ERASE_MAIL, account_id)
         return ErasureCounts(
             sessions=sessions,

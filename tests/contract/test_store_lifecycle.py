@@ -23,7 +23,7 @@ from stores import (
     MemoryIdentityStore,
     PostgresIdentityStore,
     StoreError,
-    ThrottleSchedule,
+    ThrottleRules,
 )
 from stores.postgres import migrate
 from stores.postgres.migrate import _CREATE_LEDGER, ensure_database, migration_files
@@ -33,7 +33,8 @@ from tests.support.eventually import eventually
 from tests.support.postgres import lock_waiters
 
 ERASED_REPLY: dict[str, Any] = {"ok": False, "error": {"code": "not_found", "message": "gone"}}
-SCHEDULE = ThrottleSchedule()
+RULES = ThrottleRules()
+SOURCE = b"source-tag"
 
 
 async def outbox_body(store: IdentityStore, event_id: str) -> bytes | None:
@@ -51,12 +52,18 @@ async def publish_all(store: IdentityStore) -> None:
         batch.mark_published([e.seq for e in batch.events])
 
 
-async def erase(store: IdentityStore, account_id: str, throttle_key: str) -> ErasureCounts:
+def tag(email: str) -> bytes:
+    """A stand-in for the keyed tag the throttle counts an email under (opaque to stores)."""
+    return b"tag:" + email.encode()
+
+
+async def erase(store: IdentityStore, account_id: str, email: str) -> ErasureCounts:
     async with store.unit_of_work() as uow:
         return await uow.erase_account(
             account_id,
             erased_at=T0 + timedelta(days=1),
-            throttle_key=throttle_key,
+            email_canonical=email,
+            email_tag=tag(email),
             erased_reply=ERASED_REPLY,
         )
 
@@ -255,14 +262,17 @@ async def test_erasure_forgets_the_throttle_rows_of_its_key_only(store: Identity
         await uow.insert_account(owner)
     other = unique("other") + "@example.com"
     for email in (owner.email_canonical, other):
-        await store.reserve_signin_attempt(email, T0, SCHEDULE)
+        await store.reserve_password_attempt(tag(email), SOURCE, T0, RULES)
 
     counts = await erase(store, owner.id, owner.email_canonical)
 
-    assert counts.throttle == 1
-    # Counted from one again for the erased key; the other key keeps its count.
-    assert (await store.reserve_signin_attempt(owner.email_canonical, T0, SCHEDULE)).failures == 1
-    assert (await store.reserve_signin_attempt(other, T0, SCHEDULE)).failures == 2
+    # The (email, source) counter and the email's counter.
+    assert counts.throttle == 2
+    # Counted from one again for the erased email; the other keeps its count.
+    again = await store.reserve_password_attempt(tag(owner.email_canonical), SOURCE, T0, RULES)
+    assert (again.failures, again.email_failures) == (1, 1)
+    other_again = await store.reserve_password_attempt(tag(other), SOURCE, T0, RULES)
+    assert (other_again.failures, other_again.email_failures) == (2, 2)
 
 
 async def test_writes_before_the_erasure_in_its_unit_go_with_it_and_later_ones_stay(
@@ -280,7 +290,8 @@ async def test_writes_before_the_erasure_in_its_unit_go_with_it_and_later_ones_s
         counts = await uow.erase_account(
             owner.id,
             erased_at=T0,
-            throttle_key=owner.email_canonical,
+            email_canonical=owner.email_canonical,
+            email_tag=tag(owner.email_canonical),
             erased_reply=ERASED_REPLY,
         )
         assert await uow.get_account(owner.id) is None
@@ -313,7 +324,8 @@ async def test_an_erasure_in_a_unit_that_raises_erases_nothing(store: IdentitySt
             await uow.erase_account(
                 owner.id,
                 erased_at=T0,
-                throttle_key=owner.email_canonical,
+                email_canonical=owner.email_canonical,
+                email_tag=tag(owner.email_canonical),
                 erased_reply=ERASED_REPLY,
             )
             raise Boom

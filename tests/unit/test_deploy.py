@@ -195,3 +195,28 @@ def test_the_image_healthcheck_asks_the_sidecar_on_the_configured_port() -> None
         assert check() != 0
     finally:
         sidecar.stop()
+
+
+def test_only_make_run_and_compose_set_dev_mode_and_compose_ships_no_key() -> None:
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    services = compose["services"]
+    worker, migrate = services["worker"]["environment"], services["migrate"]["environment"]
+    assert worker["IDENTITY_DEV_MODE"] == "true"
+    assert migrate["IDENTITY_DEV_MODE"] == "true"
+    assert not any(name.endswith("_KEYS") or name.endswith("_KEY") for name in worker)
+    run_target = (ROOT / "Makefile").read_text().partition("\nrun:")[2].partition("\n\n")[0]
+    assert "IDENTITY_DEV_MODE=true" in run_target
+    assert "IDENTITY_DEV_MODE" not in (ROOT / "Dockerfile").read_text()
+
+
+def test_compose_runs_the_worker_as_its_own_role_and_migrates_as_the_owner() -> None:
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    worker, migrate = services["worker"], services["migrate"]
+    assert "identity_worker:" in worker["environment"]["IDENTITY_DATABASE_URL"]
+    assert "IDENTITY_MIGRATION_DATABASE_URL" not in worker["environment"]
+    assert worker["environment"]["IDENTITY_MIGRATE_ON_START"] == "false"
+    assert migrate["command"] == ["migrate"]
+    assert "identity_owner:" in migrate["environment"]["IDENTITY_MIGRATION_DATABASE_URL"]
+    assert worker["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    init = " ".join(services["postgres"]["volumes"])
+    assert "deploy/postgres/init-roles.sh:/docker-entrypoint-initdb.d/" in init
