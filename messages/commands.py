@@ -11,6 +11,7 @@ from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_vali
 
 from messages.models import (
     AccountId,
+    CodeField,
     DisableReason,
     DisplayName,
     EmailField,
@@ -21,6 +22,7 @@ from messages.models import (
     wire_form,
 )
 from messages.replies import (
+    AcceptedResult,
     AccountResult,
     ChangePasswordResult,
     DeleteAccountResult,
@@ -28,6 +30,7 @@ from messages.replies import (
     EndAllSessionsResult,
     EndSessionResult,
     ListSessionsResult,
+    RecoveryResult,
     Result,
     RevokeSessionResult,
     StartSessionResult,
@@ -170,6 +173,33 @@ class RevokeSession(Model):
     session_id: SessionId
 
 
+class RequestRecovery(Model):
+    """Ask for a recovery code by email (`account.recovery.request`); always accepted."""
+
+    email: EmailField
+
+
+class CompleteRecovery(Model):
+    """Set a new password with a recovery code (`account.recovery.complete`)."""
+
+    email: EmailField
+    code: CodeField
+    new_password: PasswordField
+
+
+class RequestVerification(Model):
+    """Send a new verification code to the account's address (`account.verification.request`)."""
+
+    account_id: AccountId
+
+
+class ConfirmVerification(Model):
+    """Prove the address with the code sent to it (`account.verification.confirm`)."""
+
+    email: EmailField
+    code: CodeField
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CommandSpec:
     """What the worker, the client and the AsyncAPI document need to know about a command.
@@ -291,6 +321,39 @@ _SPECS = (
         changes_state=True,
         password_work=False,
         summary="End one session by id; ending an ended session is not an error.",
+    ),
+    # Contract v2, section 2: recovery and verification by one-time codes.
+    CommandSpec(
+        name="account.recovery.request",
+        payload=RequestRecovery,
+        result=AcceptedResult,
+        changes_state=True,
+        password_work=False,
+        summary="Mail a recovery code if the email has an active account; always accepted.",
+    ),
+    CommandSpec(
+        name="account.recovery.complete",
+        payload=CompleteRecovery,
+        result=RecoveryResult,
+        changes_state=True,
+        password_work=True,
+        summary="Set a new password with a recovery code; every session ends.",
+    ),
+    CommandSpec(
+        name="account.verification.request",
+        payload=RequestVerification,
+        result=AcceptedResult,
+        changes_state=True,
+        password_work=False,
+        summary="Mail a new verification code to the account's email address.",
+    ),
+    CommandSpec(
+        name="account.verification.confirm",
+        payload=ConfirmVerification,
+        result=AccountResult,
+        changes_state=True,
+        password_work=False,
+        summary="Mark the email address verified with the code mailed to it.",
     ),
 )
 

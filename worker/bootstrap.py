@@ -11,11 +11,13 @@ import contextlib
 import logging
 import secrets
 from dataclasses import dataclass
+from datetime import timedelta
 
 import aio_pika
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
 from services.clock import Clock, SystemClock
+from services.codes import CodeKeys, CodePolicy
 from services.factory import ServiceConfig, make_identity_service
 from services.identity import IdentityService, SessionPolicy
 from services.keys import HmacKey
@@ -32,6 +34,7 @@ from stores import (
 from stores.postgres import PostgresIdentityStore
 from worker.acks import Acknowledger
 from worker.broker import DeadLetters, ReplySender, StoppableRobustConnection
+from worker.courier_relay import CourierRelay, CourierRelayMetrics, broker_user, declare_courier
 from worker.handlers import handler_table
 from worker.metrics import Metrics, create_metrics, observer
 from worker.outbox import OutboxRelay
@@ -68,6 +71,7 @@ class Components:
     topology: Topology
     processor: CommandProcessor
     relay: OutboxRelay
+    courier: CourierRelay
     acks: Acknowledger
 
 
@@ -130,6 +134,21 @@ def service_config(settings: Settings) -> ServiceConfig:
         budget=HashBudget(
             rate_per_s=settings.source_hash_rate_per_s, burst=settings.source_hash_burst
         ),
+        codes=code_policy(settings),
+    )
+
+
+def code_policy(settings: Settings) -> CodePolicy:
+    return CodePolicy(
+        lifetime=timedelta(seconds=settings.code_lifetime_s),
+        max_attempts=settings.code_max_attempts,
+        window=timedelta(seconds=settings.code_throttle_window_s),
+        requests_per_email=settings.code_requests_per_email,
+        requests_per_source=settings.code_requests_per_source,
+        attempts_per_email=settings.code_attempts_per_email,
+        attempts_per_source=settings.code_attempts_per_source,
+        send_verification_on_create=settings.send_verification_on_create,
+        require_verified_email=settings.require_verified_email,
     )
 
 
@@ -201,7 +220,17 @@ async def build(
         await pool.start()
         if connection is None:
             connection = await connect_broker(settings)
-        return await _assemble(settings, clock, metrics, store, service, hmac_key, pool, connection)
+        return await _assemble(
+            settings,
+            clock,
+            metrics,
+            store,
+            service,
+            hmac_key,
+            pool,
+            connection,
+            CodeKeys(keys.hmac),
+        )
     except BaseException:
         # A failed or cancelled start (SIGTERM) closes what it opened: a robust connection
         # left open keeps reconnecting, and its task would keep the process from exiting.
@@ -269,6 +298,7 @@ async def _assemble(
     hmac_key: HmacKey,
     passwords: HashingPool,
     connection: AbstractRobustConnection,
+    code_keys: CodeKeys,
 ) -> Components:
     fast_channel = await connection.channel()
     await fast_channel.set_qos(prefetch_count=settings.fast_prefetch)
@@ -285,6 +315,22 @@ async def _assemble(
         batch=settings.outbox_batch,
         poll_s=settings.outbox_poll_s,
     )
+    await declare_courier(publish_channel)
+    courier = CourierRelay(
+        store,
+        publish_channel,
+        code_keys,
+        CourierRelayMetrics.on(metrics.registry),
+        clock.now,
+        user_id=broker_user(settings.amqp_url.get_secret_value()),
+        batch=settings.courier_batch,
+        poll_s=settings.outbox_poll_s,
+    )
+
+    def committed() -> None:  # its events and courier rows are in: publish without waiting
+        relay.wake()
+        courier.wake()
+
     acks = Acknowledger()
     processor = CommandProcessor(
         handler_table(service),
@@ -295,7 +341,7 @@ async def _assemble(
         RetryPolicy(settings.retry_attempts, settings.retry_max_delay_s),
         max_message_bytes=settings.max_message_bytes,
         worker_delivery_limit=settings.worker_delivery_limit,
-        on_committed=relay.wake,
+        on_committed=committed,
         log_queries=settings.log_queries,
         gateways=settings.gateway_users,
     )
@@ -314,5 +360,6 @@ async def _assemble(
         topology=topology,
         processor=processor,
         relay=relay,
+        courier=courier,
         acks=acks,
     )
