@@ -47,9 +47,12 @@ from client._wire import (
 )
 from client.errors import NotDeployed, ReplyTimeout, Unroutable
 from messages import (
+    AcceptedResult,
     AccountResult,
     ChangePassword,
     ChangePasswordResult,
+    CompleteRecovery,
+    ConfirmVerification,
     CreateAccount,
     DeleteAccount,
     DeleteAccountResult,
@@ -63,7 +66,10 @@ from messages import (
     GetAccount,
     ListSessions,
     ListSessionsResult,
+    RecoveryResult,
     Reply,
+    RequestRecovery,
+    RequestVerification,
     RevokeSession,
     RevokeSessionResult,
     StartSession,
@@ -407,6 +413,61 @@ class IdentityClient:
     ) -> RevokeSessionResult:
         payload = validated(RevokeSession, {"session_id": session_id})
         return await self._call(RevokeSessionResult, payload, idempotency_key, metadata)
+
+    # -- recovery and verification (contract v2) --------------------------------------------
+
+    async def request_recovery(
+        self,
+        email: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> AcceptedResult:
+        """Ask for a recovery code to be mailed. Always accepted: whether the email has an
+        account is not told, here or anywhere."""
+        payload = validated(RequestRecovery, {"email": email})
+        return await self._call(AcceptedResult, payload, idempotency_key, metadata)
+
+    async def complete_recovery(
+        self,
+        email: str,
+        code: SecretArg,
+        new_password: SecretArg,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> RecoveryResult:
+        """Set a new password with the mailed code; every session of the account ends.
+        Raises `InvalidCode` (wrong, expired, used, voided, unknown email), `RateLimited`,
+        `ValidationFailed` (the new password)."""
+        payload = validated(
+            CompleteRecovery, {"email": email, "code": code, "new_password": new_password}
+        )
+        return await self._call(RecoveryResult, payload, idempotency_key, metadata)
+
+    async def request_verification(
+        self,
+        account_id: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> AcceptedResult:
+        """Mail a new verification code to the account's address (`NotFound` if no such
+        account)."""
+        payload = validated(RequestVerification, {"account_id": account_id})
+        return await self._call(AcceptedResult, payload, idempotency_key, metadata)
+
+    async def confirm_verification(
+        self,
+        email: str,
+        code: SecretArg,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> AccountResult:
+        """Prove the address with the mailed code (`InvalidCode`, `RateLimited`)."""
+        payload = validated(ConfirmVerification, {"email": email, "code": code})
+        return await self._call(AccountResult, payload, idempotency_key, metadata)
 
 
 def connection_user(connection: AbstractConnection) -> str | None:

@@ -12,6 +12,7 @@ from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_vali
 
 from messages.models import (
     AccountId,
+    CodeField,
     DisableReason,
     DisplayName,
     EmailField,
@@ -22,6 +23,7 @@ from messages.models import (
     wire_form,
 )
 from messages.replies import (
+    AcceptedResult,
     AccountResult,
     ChangePasswordResult,
     DeleteAccountResult,
@@ -29,6 +31,7 @@ from messages.replies import (
     EndAllSessionsResult,
     EndSessionResult,
     ListSessionsResult,
+    RecoveryResult,
     Result,
     RevokeSessionResult,
     StartSessionResult,
@@ -169,6 +172,33 @@ class RevokeSession(Model):
     """End one session by its id (`session.revoke`); it acts on the session's account."""
 
     session_id: SessionId
+
+
+class RequestRecovery(Model):
+    """Ask for a recovery code by email (`account.recovery.request`); always accepted."""
+
+    email: EmailField
+
+
+class CompleteRecovery(Model):
+    """Set a new password with a recovery code (`account.recovery.complete`)."""
+
+    email: EmailField
+    code: CodeField
+    new_password: PasswordField
+
+
+class RequestVerification(Model):
+    """Send a new verification code to the account's address (`account.verification.request`)."""
+
+    account_id: AccountId
+
+
+class ConfirmVerification(Model):
+    """Prove the address with the code sent to it (`account.verification.confirm`)."""
+
+    email: EmailField
+    code: CodeField
 
 
 class ActsOn(StrEnum):
@@ -343,6 +373,43 @@ _SPECS = (
         password_work=False,
         acts_on=ActsOn.SESSION_ACCOUNT,
         summary="End one session by id; ending an ended session is not an error.",
+    ),
+    # Contract v2, section 2: recovery and verification by one-time codes.
+    CommandSpec(
+        name="account.recovery.request",
+        payload=RequestRecovery,
+        result=AcceptedResult,
+        changes_state=True,
+        password_work=False,
+        acts_on=ActsOn.NO_ACCOUNT,
+        summary="Mail a recovery code if the email has an active account; always accepted.",
+    ),
+    CommandSpec(
+        name="account.recovery.complete",
+        payload=CompleteRecovery,
+        result=RecoveryResult,
+        changes_state=True,
+        password_work=True,
+        acts_on=ActsOn.NO_ACCOUNT,
+        summary="Set a new password with a recovery code; every session ends.",
+    ),
+    CommandSpec(
+        name="account.verification.request",
+        payload=RequestVerification,
+        result=AcceptedResult,
+        changes_state=True,
+        password_work=False,
+        acts_on=ActsOn.PAYLOAD_ACCOUNT,
+        summary="Mail a new verification code to the account's email address.",
+    ),
+    CommandSpec(
+        name="account.verification.confirm",
+        payload=ConfirmVerification,
+        result=AccountResult,
+        changes_state=True,
+        password_work=False,
+        acts_on=ActsOn.NO_ACCOUNT,
+        summary="Mark the email address verified with the code mailed to it.",
     ),
 )
 

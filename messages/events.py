@@ -62,6 +62,19 @@ class AccountDeletedData(Model):
     account_id: AccountId
 
 
+class AccountRecoveryRequestedData(Model):
+    account_id: AccountId
+
+
+class AccountPasswordResetData(Model):
+    account_id: AccountId
+    sessions_ended: int = Field(ge=0)
+
+
+class AccountEmailVerifiedData(Model):
+    account_id: AccountId
+
+
 class _EventBase(Model):
     event_id: EventId
     occurred_at: UtcDatetime
@@ -109,6 +122,21 @@ class AccountDeleted(_EventBase):
     data: AccountDeletedData
 
 
+class AccountRecoveryRequested(_EventBase):
+    type: Literal["account.recovery_requested"] = "account.recovery_requested"
+    data: AccountRecoveryRequestedData
+
+
+class AccountPasswordReset(_EventBase):
+    type: Literal["account.password_reset"] = "account.password_reset"
+    data: AccountPasswordResetData
+
+
+class AccountEmailVerified(_EventBase):
+    type: Literal["account.email_verified"] = "account.email_verified"
+    data: AccountEmailVerifiedData
+
+
 AnyEvent = (
     AccountCreated
     | AccountUpdated
@@ -118,6 +146,9 @@ AnyEvent = (
     | AccountDisabled
     | AccountEnabled
     | AccountDeleted
+    | AccountRecoveryRequested
+    | AccountPasswordReset
+    | AccountEmailVerified
 )
 
 Event = Annotated[AnyEvent, Field(discriminator="type")]
@@ -131,6 +162,9 @@ EVENT_TYPES: dict[str, type[_EventBase]] = {
     "account.disabled": AccountDisabled,
     "account.enabled": AccountEnabled,
     "account.deleted": AccountDeleted,
+    "account.recovery_requested": AccountRecoveryRequested,
+    "account.password_reset": AccountPasswordReset,
+    "account.email_verified": AccountEmailVerified,
 }
 
 _EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)

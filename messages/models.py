@@ -107,6 +107,8 @@ def _displayable(value: str) -> str:
 Secret = Annotated[SecretStr, PlainSerializer(_reveal_if_asked, when_used="always")]
 PasswordField = Annotated[Secret, Field(min_length=1, max_length=1024)]
 TokenField = Annotated[Secret, Field(min_length=1, max_length=512)]
+# A one-time code as a person types it (`ABCD-EFGH`, any case, spaces and dashes ignored).
+CodeField = Annotated[Secret, Field(min_length=1, max_length=64)]
 EmailField = Annotated[str, Field(min_length=3, max_length=320)]
 DisplayName = Annotated[str, Field(min_length=1, max_length=100), AfterValidator(_displayable)]
 AccountId = Annotated[str, Field(pattern=r"^acct_[0-9a-z]{26}$")]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Any, ClassVar, Self, get_args
+from typing import Any, ClassVar, Literal, Self, get_args
 
 from pydantic import Field, SecretStr, model_validator
 
@@ -191,6 +191,20 @@ class EndSessionResult(Result):
 
 class EndAllSessionsResult(Result):
     account_id: AccountId
+    sessions_ended: int = Field(ge=0)
+
+
+class AcceptedResult(Result):
+    """Result of `account.recovery.request` and `account.verification.request`: the same
+    whether or not anything was sent."""
+
+    accepted: Literal[True] = True
+
+
+class RecoveryResult(Result):
+    """Result of `account.recovery.complete`."""
+
+    account: Account
     sessions_ended: int = Field(ge=0)
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from services.clock import Clock
+from services.codes import CodeKeys, CodePolicy, Codes
 from services.identity import IdentityService, SessionPolicy
 from services.keys import HmacKey
 from services.passwords import HashingPool, PasswordPolicy, make_hasher
@@ -33,6 +34,7 @@ class ServiceConfig:
     sessions: SessionPolicy = field(default_factory=SessionPolicy)
     throttle: ThrottleRules = field(default_factory=ThrottleRules)
     budget: HashBudget = field(default_factory=HashBudget)
+    codes: CodePolicy = field(default_factory=CodePolicy)
 
 
 def make_identity_service(
@@ -68,5 +70,7 @@ def make_identity_service(
         throttle=config.throttle,
         budget=config.budget,
         on_replay=on_replay,
+        # One-time codes are keyed (and sealed for the courier) by subkeys of the HMAC key.
+        codes=Codes(CodeKeys(hmac_key), config.codes),
     )
     return service, passwords

@@ -8,6 +8,7 @@ happens before any transaction opens, in the bounded hashing pool.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -45,10 +46,13 @@ from messages.events import (
     SessionStarted,
     SessionStartedData,
 )
+from services.accounts import context_words
 from services.clock import Clock
+from services.codes import CodeKeys, CodePolicy, Codes
 from services.emails import canonical_email
 from services.errors import (
     AccountDisabledError,
+    EmailNotVerifiedError,
     EmailTakenError,
     InvalidInputError,
     NotFoundError,
@@ -61,11 +65,13 @@ from services.keys import Fingerprints, HmacKey
 from services.lifecycle import AccountLifecycle
 from services.operations import NO_CONTEXT, CommandContext, Operation, OperationRunner
 from services.passwords import HashingPool, PasswordPolicy, normalize_password
+from services.recovery import AccountFlows
 from services.sessions_admin import SessionAdmin
 from services.shapes import to_account, to_session
 from services.signin import Authenticated, Authenticator
 from services.tokens import TokenSigner
 from stores import (
+    VERIFICATION,
     AccountChanges,
     AccountRecord,
     DuplicateEmailError,
@@ -80,8 +86,6 @@ from stores import (
 # Argon2 computations a command may make, taken from its source's budget before the first.
 _ONE_HASH = 1
 _VERIFY_AND_HASH = 2
-
-SERVICE_NAME = "identity"
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +148,7 @@ class IdentityService:
         throttle: ThrottleRules | None = None,
         budget: HashBudget | None = None,
         on_replay: Callable[[str], None] | None = None,
+        codes: Codes | None = None,
     ) -> None:
         self._store = store
         self._passwords = passwords
@@ -156,6 +161,20 @@ class IdentityService:
         )
         fingerprints = Fingerprints(hmac_key, signer.fingerprint_matches)
         self._ops = OperationRunner(store, fingerprints, clock, on_replay)
+        # Without a key of its own (tests), codes are keyed by one that lives as long as it.
+        self._codes = codes or Codes(CodeKeys(secrets.token_bytes(32)), CodePolicy())
+        # Recovery and verification (services.recovery), on the same store, pool and runner.
+        self.flows = AccountFlows(
+            store,
+            passwords=passwords,
+            clock=clock,
+            policy=self._policy,
+            codes=self._codes,
+            ops=self._ops,
+            spend=self._auth.spend,
+            on_recovered=self._recovered,
+        )
+        self._hmac_key = hmac_key
         # Disable, enable, erase; list and revoke sessions (services.lifecycle,
         # services.sessions_admin).
         self.lifecycle = AccountLifecycle(store, self._ops, clock, self._auth.throttle_key)
@@ -173,7 +192,7 @@ class IdentityService:
         canonical = canonical_email(cmd.email, field="payload.email")
         password = cmd.password.get_secret_value()
         self._policy.check_new(
-            password, field="payload.password", context=_context_words(canonical, cmd.display_name)
+            password, field="payload.password", context=context_words(canonical, cmd.display_name)
         )
         now = self._clock.now()
         await self._auth.spend(op.context.source, _ONE_HASH, now)
@@ -193,6 +212,8 @@ class IdentityService:
                 await uow.insert_account(record)
             except DuplicateEmailError as exc:
                 raise EmailTakenError() from exc
+            if self._codes.policy.send_verification_on_create:
+                await self._codes.send_code(uow, record, VERIFICATION, now)
             result = AccountResult(account=to_account(record))
             op.emit(AccountCreated, AccountCreatedData(account=result.account), now)
             await self._ops.finish(uow, op, result)
@@ -240,15 +261,28 @@ class IdentityService:
             email_canonical=canonical,
             display_name=cmd.display_name if "display_name" in changed else None,
             password_hash=new_hash,
+            # A new address is not proven yet.
+            email_verified=False if "email" in changed else None,
         )
         async with self._store.unit_of_work() as uow:
             updated = await self._apply(uow, record.id, cmd.expected_version, changes)
+            if "email" in changed:
+                await self._email_changed(uow, record, updated, now)
             result = AccountResult(account=to_account(updated))
             op.emit(
                 AccountUpdated, AccountUpdatedData(account=result.account, changed=changed), now
             )
             await self._ops.finish(uow, op, result)
         return result
+
+    async def _email_changed(
+        self, uow: UnitOfWork, before: AccountRecord, after: AccountRecord, now: datetime
+    ) -> None:
+        """Codes sent to the old address are void; the new one gets a verification code, the
+        old one a notice (someone who took over the account is seen by its owner)."""
+        await uow.drop_codes(after.id)
+        await self._codes.send_code(uow, after, VERIFICATION, now)
+        await uow.add_mail([self._codes.notice("email_changed_notice", before.email, after, now)])
 
     async def _reauthenticate(
         self, op: Operation, record: AccountRecord, cmd: UpdateAccount, now: datetime
@@ -291,7 +325,7 @@ class IdentityService:
         self._policy.check_new(
             new,
             field="payload.new_password",
-            context=_context_words(record.email_canonical, record.display_name),
+            context=context_words(record.email_canonical, record.display_name),
         )
         new_hash = await self._passwords.hash(new)
 
@@ -319,6 +353,8 @@ class IdentityService:
             changes = AccountChanges(updated_at=now, password_hash=new_hash)
             updated = await self._apply(uow, checked.id, locked.version, changes)
             ended = await uow.end_all_sessions(checked.id, now, "password_changed")
+            notice = self._codes.notice("password_changed_notice", updated.email, updated, now)
+            await uow.add_mail([notice])
             self._emit_ended(op, ended, "password_changed", now)
             data = AccountPasswordChangedData(account_id=checked.id, sessions_ended=len(ended))
             op.emit(AccountPasswordChanged, data, now)
@@ -342,10 +378,22 @@ class IdentityService:
         self._policy.check_verifiable(password, field="payload.password")
         now = self._clock.now()
         await self._auth.spend(op.context.source, _ONE_HASH, now)
+        checked = await self._auth.check(op, canonical, password, now)
+        # A disabled account is told so (below) whatever its address.
+        unproven = checked.account.status == "active" and not checked.account.email_verified
+        if self._codes.policy.require_verified_email and unproven:
+            raise EmailNotVerifiedError()  # the right password was settled: no failed guess
         return await _against_the_stored_hash(
-            await self._auth.check(op, canonical, password, now),
+            checked,
             lambda checked: self._open_session(op, checked, now),
             lambda: self._auth.check(op, canonical, password, now),
+        )
+
+    async def _recovered(self, email_canonical: str, source: str, now: datetime) -> None:
+        """A source that completed recovery proved it holds the mailbox: like a sign-in with
+        the right password, it is known-good for the email from now on."""
+        await self._store.settle_password_attempt(
+            self._hmac_key.email_tag(email_canonical), self._hmac_key.source_tag(source), now
         )
 
     async def _open_session(
@@ -504,9 +552,3 @@ class IdentityService:
                 session_id=session.id, account_id=session.account_id, reason=reason
             )
             op.emit(SessionEnded, data, now)
-
-
-def _context_words(email_canonical: str, display_name: str) -> list[str]:
-    """Words a password must not be built from: who the account is, and what this is."""
-    local, _, domain = email_canonical.partition("@")
-    return [local, domain.split(".")[0], display_name, SERVICE_NAME]

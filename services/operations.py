@@ -115,6 +115,11 @@ class OperationRunner:
         command = spec_of(type(payload)).name
         return Operation(command, fingerprint_material(payload), context)
 
+    def record_of(self, op: Operation, result: Result) -> IdempotencyRecord | None:
+        """The idempotency record of `op` answered with `result`, for a store method that
+        writes it together with the change in one statement (None when `op` has no key)."""
+        return self._record(op, StoredReply.of_result(result))
+
     async def finish(self, uow: UnitOfWork, op: Operation, result: Result) -> None:
         """Write the events and the idempotency record in the caller's unit of work."""
         record = self._record(op, StoredReply.of_result(result), about_account(result))

@@ -16,6 +16,18 @@ from stores.base import (
     SessionReads,
     UnitOfWork,
 )
+from stores.codes import (
+    RECOVERY,
+    VERIFICATION,
+    CodeIssue,
+    CodePurgeCounts,
+    CourierStore,
+    Limit,
+    MailBatch,
+    NewCode,
+    NewMail,
+    PendingMail,
+)
 from stores.errors import DuplicateEmailError, DuplicateKeyError, StoreError, TransientStoreError
 from stores.memory import MemoryIdentityStore
 from stores.postgres import PostgresIdentityStore, migrate
@@ -38,10 +50,15 @@ from stores.records import (
 )
 
 __all__ = [
+    "RECOVERY",
+    "VERIFICATION",
     "AccountChanges",
     "AccountRecord",
     "BudgetDecision",
+    "CodeIssue",
+    "CodePurgeCounts",
     "CommandStore",
+    "CourierStore",
     "DuplicateEmailError",
     "DuplicateKeyError",
     "ErasureCounts",
@@ -50,10 +67,15 @@ __all__ = [
     "Housekeeping",
     "IdempotencyRecord",
     "IdentityStore",
+    "Limit",
+    "MailBatch",
     "MemoryIdentityStore",
+    "NewCode",
     "NewEvent",
+    "NewMail",
     "OutboxStore",
     "PendingEvent",
+    "PendingMail",
     "Pingable",
     "PostgresIdentityStore",
     "PurgeCounts",

@@ -7,6 +7,7 @@
                    session.list's page of live sessions
     ServiceStore   both of the above: what IdentityService takes
     OutboxStore    the outbox relay: claim unpublished rows, measure the backlog
+    CourierStore   the courier relay: the same for courier rows (stores.codes)
     Housekeeping   deleting what has expired
     Pingable       readiness: does the database answer
     SecretStore    start-up: a secret every worker process agrees on
@@ -28,6 +29,7 @@ from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import Any, Protocol
 
+from stores.codes import CodeHousekeeping, CodeReads, CodeUnit, CourierStore
 from stores.records import (
     AccountChanges,
     AccountRecord,
@@ -45,8 +47,8 @@ from stores.records import (
 )
 
 
-class UnitOfWork(Protocol):
-    """Reads and writes inside one transaction."""
+class UnitOfWork(CodeUnit, Protocol):
+    """Reads and writes inside one transaction (the code flows' part: stores.codes)."""
 
     async def get_account(
         self, account_id: str, *, for_update: bool = False
@@ -136,9 +138,9 @@ class EventBatch(Protocol):
         ...
 
 
-class CommandStore(Protocol):
+class CommandStore(CodeReads, Protocol):
     """What a command needs: a unit of work for its change, and the reads made before one
-    opens (the idempotency look-up, the account, the sign-in throttle)."""
+    opens (the idempotency look-up, the account, the sign-in throttle, the code checks)."""
 
     def unit_of_work(self) -> AbstractAsyncContextManager[UnitOfWork]: ...
 
@@ -260,7 +262,16 @@ class SecretStore(Protocol):
         ...
 
 
-class IdentityStore(ServiceStore, OutboxStore, Housekeeping, Pingable, SecretStore, Protocol):
+class IdentityStore(
+    ServiceStore,
+    OutboxStore,
+    CourierStore,
+    Housekeeping,
+    CodeHousekeeping,
+    Pingable,
+    SecretStore,
+    Protocol,
+):
     """The whole store: what each implementation is, and what its owner closes."""
 
     async def close(self, force_after_s: float | None = None) -> None:

@@ -80,6 +80,7 @@ class Worker:
         self._heartbeat = asyncio.create_task(run_heartbeat(self.health), name="heartbeat")
         self._tasks = [
             asyncio.create_task(self.parts.relay.run(), name="outbox-relay"),
+            asyncio.create_task(self.parts.courier.run(), name="courier-relay"),
             asyncio.create_task(self._housekeeping(), name="housekeeping"),
         ]
         if settings.dev_mode:
@@ -200,11 +201,18 @@ class Worker:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        try:
-            flushed = await asyncio.wait_for(self.parts.relay.drain(), timeout=FLUSH_OUTBOX_S)
-            log.info("outbox flushed", extra={"published": flushed})
-        except Exception as exc:  # whatever is left is published by the next relay to run
-            log.warning("outbox not flushed", extra={"error": type(exc).__name__})
+        # Both outboxes at once, within the one bound: whatever is left is published by the
+        # next relay to run.
+        flushes = {"outbox": self.parts.relay.drain(), "courier outbox": self.parts.courier.drain()}
+        done = await asyncio.gather(
+            *(asyncio.wait_for(flush, timeout=FLUSH_OUTBOX_S) for flush in flushes.values()),
+            return_exceptions=True,
+        )
+        for name, outcome in zip(flushes, done, strict=True):
+            if isinstance(outcome, BaseException):
+                log.warning(f"{name} not flushed", extra={"error": type(outcome).__name__})
+            else:
+                log.info(f"{name} flushed", extra={"published": outcome})
         await self._close()
         log.info("identity worker stopped")
 
@@ -232,6 +240,8 @@ class Worker:
         while True:
             with contextlib.suppress(Exception):
                 await self.parts.relay.report_backlog()
+            with contextlib.suppress(Exception):
+                await self.parts.courier.report_backlog()
             if since_purge >= PURGE_EVERY_S:
                 since_purge = 0.0
                 with contextlib.suppress(Exception):
@@ -259,6 +269,12 @@ class Worker:
             budgets_before=now - timedelta(seconds=s.source_hash_burst / s.source_hash_rate_per_s),
         )
         log.info("purged expired rows", extra={"purged": asdict(counts)})
+        codes = await self.parts.store.purge_codes(
+            codes_before=now,
+            mail_before=now - timedelta(seconds=s.outbox_retention_s),
+            throttle_before=now - timedelta(seconds=s.code_throttle_window_s),
+        )
+        log.info("purged expired codes", extra={"purged": asdict(codes)})
 
     def _broker_lost(self, *_: object) -> None:
         """The connection dropped: unready now, not at the next probe. The robust connection

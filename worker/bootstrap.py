@@ -11,11 +11,13 @@ import contextlib
 import logging
 import secrets
 from dataclasses import dataclass
+from datetime import timedelta
 
 import aio_pika
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
 from services.clock import Clock, SystemClock
+from services.codes import CodeKeys, CodePolicy
 from services.factory import ServiceConfig, make_identity_service
 from services.identity import IdentityService, SessionPolicy
 from services.keys import HmacKey
@@ -33,6 +35,7 @@ from stores.postgres import PostgresIdentityStore
 from worker.acks import Acknowledger
 from worker.authorise import Authoriser
 from worker.broker import DeadLetters, ReplySender, StoppableRobustConnection
+from worker.courier_relay import CourierRelay, CourierRelayMetrics, declare_courier
 from worker.forwarder import DeadLetterForwarder
 from worker.handlers import handler_table
 from worker.metrics import Metrics, create_metrics, observer
@@ -72,6 +75,7 @@ class Components:
     processor: CommandProcessor
     forwarder: DeadLetterForwarder
     relay: OutboxRelay
+    courier: CourierRelay
     acks: Acknowledger
 
 
@@ -137,6 +141,21 @@ def service_config(settings: Settings) -> ServiceConfig:
         budget=HashBudget(
             rate_per_s=settings.source_hash_rate_per_s, burst=settings.source_hash_burst
         ),
+        codes=code_policy(settings),
+    )
+
+
+def code_policy(settings: Settings) -> CodePolicy:
+    return CodePolicy(
+        lifetime=timedelta(seconds=settings.code_lifetime_s),
+        max_attempts=settings.code_max_attempts,
+        window=timedelta(seconds=settings.code_throttle_window_s),
+        requests_per_email=settings.code_requests_per_email,
+        requests_per_source=settings.code_requests_per_source,
+        attempts_per_email=settings.code_attempts_per_email,
+        attempts_per_source=settings.code_attempts_per_source,
+        send_verification_on_create=settings.send_verification_on_create,
+        require_verified_email=settings.require_verified_email,
     )
 
 
@@ -208,7 +227,17 @@ async def build(
         await pool.start()
         if connection is None:
             connection = await connect_broker(settings)
-        return await _assemble(settings, clock, metrics, store, service, hmac_key, pool, connection)
+        return await _assemble(
+            settings,
+            clock,
+            metrics,
+            store,
+            service,
+            hmac_key,
+            pool,
+            connection,
+            CodeKeys(keys.hmac),
+        )
     except BaseException:
         # A failed or cancelled start (SIGTERM) closes what it opened: a robust connection
         # left open keeps reconnecting, and its task would keep the process from exiting.
@@ -276,6 +305,7 @@ async def _assemble(
     hmac_key: HmacKey,
     passwords: HashingPool,
     connection: AbstractRobustConnection,
+    code_keys: CodeKeys,
 ) -> Components:
     fast_channel = await connection.channel()
     await fast_channel.set_qos(prefetch_count=settings.fast_prefetch)
@@ -297,6 +327,22 @@ async def _assemble(
         poll_s=settings.outbox_poll_s,
         user_id=user_id,
     )
+    await declare_courier(publish_channel)
+    courier = CourierRelay(
+        store,
+        publish_channel,
+        code_keys,
+        CourierRelayMetrics.on(metrics.registry),
+        clock.now,
+        user_id=user_id,
+        batch=settings.courier_batch,
+        poll_s=settings.outbox_poll_s,
+    )
+
+    def committed() -> None:  # its events and courier rows are in: publish without waiting
+        relay.wake()
+        courier.wake()
+
     acks = Acknowledger()
     dead_letters = DeadLetters(
         publish_channel, topology.dead_exchange.name, metrics, clock, user_id=user_id
@@ -313,7 +359,7 @@ async def _assemble(
         ),
         max_message_bytes=settings.max_message_bytes,
         worker_delivery_limit=settings.worker_delivery_limit,
-        on_committed=relay.wake,
+        on_committed=committed,
         log_queries=settings.log_queries,
         gateways=settings.gateway_users,
     )
@@ -340,5 +386,6 @@ async def _assemble(
         processor=processor,
         forwarder=forwarder,
         relay=relay,
+        courier=courier,
         acks=acks,
     )

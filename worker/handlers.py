@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from messages import (
     ChangePassword,
+    CompleteRecovery,
+    ConfirmVerification,
     CreateAccount,
     DeleteAccount,
     DisableAccount,
@@ -13,6 +15,8 @@ from messages import (
     EndSession,
     GetAccount,
     ListSessions,
+    RequestRecovery,
+    RequestVerification,
     RevokeSession,
     StartSession,
     UpdateAccount,
@@ -32,6 +36,10 @@ def handler_table(service: IdentityService) -> Handlers:
         VerifySession: service.verify_session,
         EndSession: service.end_session,
         EndAllSessions: service.end_all_sessions,
+        RequestRecovery: service.flows.request_recovery,
+        CompleteRecovery: service.flows.complete_recovery,
+        RequestVerification: service.flows.request_verification,
+        ConfirmVerification: service.flows.confirm_verification,
         DisableAccount: service.lifecycle.disable_account,
         EnableAccount: service.lifecycle.enable_account,
         DeleteAccount: service.lifecycle.delete_account,

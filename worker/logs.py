@@ -36,6 +36,7 @@ SECRET_KEYS = frozenset(
         "passwd",
         "token",
         "actor_token",
+        "code",  # a one-time code (never an error code: those are logged as `outcome`)
         "access_token",
         "refresh_token",
         "id_token",
@@ -47,8 +48,6 @@ SECRET_KEYS = frozenset(
         "signing_key",
         "signing_keys",
         "authorization",
-        # A one-time code (the courier's messages, the commands that confirm one).
-        "code",
     }
 )
 # Broad on purpose: anything that starts like a token is masked to its end, valid or not.

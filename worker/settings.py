@@ -124,6 +124,20 @@ class Settings(BaseSettings):
     source_hash_rate_per_s: float = Field(default=0.5, gt=0)
     source_hash_burst: int = Field(default=30, ge=2)
 
+    # One-time codes (contract v2, section 2): lifetime, and the limits on asking for codes
+    # and trying them, per email and per source, counted in fixed windows.
+    code_lifetime_s: int = Field(default=900, ge=60, le=86400)
+    code_max_attempts: int = Field(default=5, ge=1, le=20)
+    code_throttle_window_s: int = Field(default=900, ge=1)
+    code_requests_per_email: int = Field(default=3, ge=1)
+    code_requests_per_source: int = Field(default=50, ge=1)
+    code_attempts_per_email: int = Field(default=10, ge=1)
+    code_attempts_per_source: int = Field(default=50, ge=1)
+    send_verification_on_create: bool = True
+    # `session.start` answers `email_not_verified` (after the right password) until verified.
+    require_verified_email: bool = False
+    courier_batch: int = Field(default=100, ge=1)
+
     # The contract promises idempotency keys are kept at least 24 hours.
     idempotency_retention_s: int = Field(default=86400, ge=86400)
     outbox_retention_s: int = Field(default=604800, ge=1)

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 from stores.errors import StoreError, TransientStoreError
+from stores.memory.codes import MemoryCodeStore
 from stores.memory.unit import MemoryUnitOfWork, Tables, as_jsonb
 from stores.records import (
     AccountRecord,
@@ -62,9 +63,11 @@ class MemoryEventBatch:
         self.marked.update(seqs)
 
 
-class MemoryIdentityStore:
+class MemoryIdentityStore(MemoryCodeStore):
     def __init__(self) -> None:
         self._tables = Tables()
+        self._code_tables = self._tables.codes
+        self._mail_claimed: set[int] = set()
         self._units = asyncio.Lock()
         self._claimed: set[int] = set()
         self._closed = False
@@ -80,6 +83,9 @@ class MemoryIdentityStore:
         return self._tables.accounts.get(account_id)
 
     async def get_account_by_email(self, email_canonical: str) -> AccountRecord | None:
+        return self._account_by_email(email_canonical)
+
+    def _account_by_email(self, email_canonical: str) -> AccountRecord | None:
         account_id = self._tables.emails.get(email_canonical)
         return None if account_id is None else self._tables.accounts[account_id]
 

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from stores.errors import DuplicateEmailError, DuplicateKeyError, StoreError
+from stores.memory.codes import CodeTables, MemoryCodeUnit, erase_codes
 from stores.records import (
     AccountChanges,
     AccountRecord,
@@ -54,6 +55,7 @@ class Tables:
     secrets: dict[str, bytes] = field(default_factory=dict)
     tombstones: dict[str, datetime] = field(default_factory=dict)  # erased account id -> when
     last_seq: int = 0
+    codes: CodeTables = field(default_factory=CodeTables)
 
 
 def as_jsonb(reply: dict[str, Any]) -> dict[str, Any]:
@@ -65,11 +67,12 @@ def as_jsonb(reply: dict[str, Any]) -> dict[str, Any]:
     return decoded
 
 
-class MemoryUnitOfWork:
+class MemoryUnitOfWork(MemoryCodeUnit):
     """`UnitOfWork` over `Tables`; `MemoryIdentityStore` serialises units with one lock."""
 
     def __init__(self, tables: Tables) -> None:
         self._tables = tables
+        self._code_tables = tables.codes
         self._accounts: dict[str, AccountRecord] = {}
         self._new_sessions: dict[str, SessionRecord] = {}
         self._session_ends: dict[str, tuple[datetime, str]] = {}
@@ -273,6 +276,7 @@ class MemoryUnitOfWork:
             )
             tables.outbox[tables.last_seq] = OutboxRow(pending, account_id=event.account_id)
             tables.event_ids.add(event.event_id)
+        self._commit_codes()
 
 
 def _throttle_rows(tables: Tables, email_tag: bytes) -> list[tuple[str, object]]:
@@ -296,6 +300,7 @@ def _erase(
     has its body, as in PostgreSQL, where erasure waits for the relay to finish with it)."""
     for session_id in [k for k, s in tables.sessions.items() if s.account_id == account_id]:
         del tables.sessions[session_id]
+    erase_codes(tables.codes, account_id)
     if (account := tables.accounts.pop(account_id, None)) is not None:
         tables.emails.pop(account.email_canonical, None)
     tables.tombstones.setdefault(account_id, erased_at)

@@ -21,6 +21,7 @@ import orjson
 from stores.errors import StoreError
 from stores.postgres import sql
 from stores.postgres.batching import KeyedBatcher
+from stores.postgres.codes import PostgresCodeStore
 from stores.postgres.edge import Instrument, Observe
 from stores.postgres.unit import (
     PostgresEventBatch,
@@ -98,7 +99,7 @@ def _caused_by_a_key(exc: Exception) -> bool:
     )
 
 
-class PostgresIdentityStore:
+class PostgresIdentityStore(PostgresCodeStore):
     """The store on `pool`, which must run `configure_connection` on every connection
     (`connect()` builds such a pool)."""
 

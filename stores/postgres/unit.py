@@ -18,7 +18,8 @@ from datetime import datetime
 from operator import attrgetter
 from typing import Any
 
-from stores.postgres import sql
+from stores.postgres import codes_sql, sql
+from stores.postgres.codes import PostgresCodeUnit
 from stores.postgres.edge import Instrument
 from stores.records import (
     AccountChanges,
@@ -58,7 +59,7 @@ def session_from(row: Any) -> SessionRecord | None:
     return None if row is None else SessionRecord(*row)
 
 
-class PostgresUnitOfWork:
+class PostgresUnitOfWork(PostgresCodeUnit):
     """`UnitOfWork` on a connection whose transaction the store opened."""
 
     __slots__ = ("_conn", "_timed")
@@ -145,6 +146,7 @@ class PostgresUnitOfWork:
             dropped = _count(await self._conn.execute(sql.DROP_UNPUBLISHED_EVENTS, account_id))
             scrubbed = _count(await self._conn.execute(sql.SCRUB_PUBLISHED_EVENTS, account_id))
             throttle = await self._conn.fetchval(sql.ERASE_THROTTLE, email_tag, email_canonical)
+            await self._conn.execute(codes_sql.ERASE_MAIL, account_id)
         return ErasureCounts(
             sessions=sessions,
             replies=replies,

@@ -46,6 +46,10 @@ RESULTS: dict[str, dict[str, Any]] = {
     "session.verify": {"session": SESSION, "account": ACCOUNT},
     "session.end": {"session_id": SESSION_ID},
     "session.end_all": {"account_id": ACCOUNT_ID, "sessions_ended": 3},
+    "account.recovery.request": {"accepted": True},
+    "account.recovery.complete": {"account": ACCOUNT, "sessions_ended": 2},
+    "account.verification.request": {"accepted": True},
+    "account.verification.confirm": {"account": ACCOUNT},
     "account.disable": {"account": ACCOUNT | {"status": "disabled"}, "sessions_ended": 2},
     "account.enable": {"account": ACCOUNT},
     "account.delete": {"account_id": ACCOUNT_ID, "sessions_ended": 1},
@@ -65,6 +69,12 @@ CALLS: dict[str, Callable[[IdentityClient], Any]] = {
     "session.verify": lambda c: c.verify_session("tok-123"),
     "session.end": lambda c: c.end_session("tok-123"),
     "session.end_all": lambda c: c.end_all_sessions(ACCOUNT_ID),
+    "account.recovery.request": lambda c: c.request_recovery("ada@example.com"),
+    "account.recovery.complete": lambda c: c.complete_recovery(
+        "ada@example.com", "ABCD-EFGH", "new-pw"
+    ),
+    "account.verification.request": lambda c: c.request_verification(ACCOUNT_ID),
+    "account.verification.confirm": lambda c: c.confirm_verification("ada@example.com", "ABCD"),
     "account.disable": lambda c: c.disable_account(ACCOUNT_ID, "abuse report 42"),
     "account.enable": lambda c: c.enable_account(ACCOUNT_ID),
     "account.delete": lambda c: c.delete_account(ACCOUNT_ID),
