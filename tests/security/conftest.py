@@ -15,6 +15,7 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractRobustConnection
 
+from tests.conftest import worker_role
 from tests.support import workers
 from tests.support.deployment import Deployment, shipped_deployment
 from tests.support.security import OPERATOR, Connector, Observer, WorkerControl
@@ -43,12 +44,26 @@ def policy(deployment: Deployment) -> str:
 
 
 @pytest.fixture(scope="session")
+async def pg_worker_dsn(pg_dsn: str) -> AsyncIterator[str]:
+    """The session database as the worker's own role sees it: rows only, no DDL."""
+    async with worker_role(pg_dsn) as dsn:
+        yield dsn
+
+
+@pytest.fixture(scope="session")
 def worker_control(
-    deployment: Deployment, policy: str, pg_dsn: str, tmp_path_factory: pytest.TempPathFactory
+    deployment: Deployment,
+    policy: str,
+    pg_dsn: str,
+    pg_worker_dsn: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[WorkerControl]:
-    """The worker as `identity-worker`, with IDENTITY_CALLERS over the deployment's users;
-    a test may stop and start it (the next test finds it running again)."""
-    env = workers.worker_env(deployment.url("identity-worker"), pg_dsn, IDENTITY_CALLERS=policy)
+    """The worker as `identity-worker` (production mode, its own database role), with
+    IDENTITY_CALLERS over the deployment's users; a test may stop and start it (the next test
+    finds it running again)."""
+    env = workers.worker_env(
+        deployment.url("identity-worker"), pg_worker_dsn, pg_dsn, IDENTITY_CALLERS=policy
+    )
     control = WorkerControl(env, tmp_path_factory.mktemp("security-worker"))
     try:
         yield control

@@ -137,6 +137,7 @@ async def test_a_forged_delivery_count_on_a_first_delivery_is_not_believed() -> 
                     content_type="application/json",
                     correlation_id=correlation_id,
                     reply_to=bus.reply_queue,
+                    user_id=bus.user,
                     headers={"x-delivery-count": 99},
                 ),
                 routing_key="account.get",
