@@ -35,13 +35,14 @@ PURGE_EVERY_S = 600.0
 # running in dev mode cannot go unnoticed in its logs.
 DEV_MODE_REMINDER_S = 600.0
 # The bounds of a stop's steps besides the grace period: consumers cancelled, then commands
-# that outlived the grace, the outbox flushed once, four channels, the connection and the
-# pool closed. A stop takes at most IDENTITY_SHUTDOWN_GRACE_S + STOP_STEPS_S, and the hash a
-# thread may still be running (a fraction of a second).
+# that outlived the grace, the outbox flushed once, the v1 queues' channels (all at once),
+# four channels, the connection and the pool closed. A stop takes at most
+# IDENTITY_SHUTDOWN_GRACE_S + STOP_STEPS_S, and the hash a thread may still be running (a
+# fraction of a second).
 CANCEL_CONSUMERS_S = 5.0
 FLUSH_OUTBOX_S = 5.0
 CLOSE_EACH_S = 2.0
-STOP_STEPS_S = 2 * CANCEL_CONSUMERS_S + FLUSH_OUTBOX_S + 6 * CLOSE_EACH_S
+STOP_STEPS_S = 2 * CANCEL_CONSUMERS_S + FLUSH_OUTBOX_S + 7 * CLOSE_EACH_S
 
 
 class Worker:
@@ -186,9 +187,9 @@ class Worker:
                 asyncio.wait_for(queue.cancel(tag), timeout=CANCEL_CONSUMERS_S)
                 for queue, tag in self._consumers
             ),
+            self._retirement.cancel(),  # the v1 queues' consumers, bounded the same
             return_exceptions=True,
         )
-        await self._retirement.cancel()
         if self._in_flight:
             _, late = await asyncio.wait(set(self._in_flight), timeout=settings.shutdown_grace_s)
             if late:

@@ -48,7 +48,9 @@ Handle = Callable[[str, AbstractIncomingMessage], Awaitable[None]]
 
 RETRY_S = 5.0
 IDLE_S = 60.0
+# The bounds of a stop's two steps here (worker.app counts them in its STOP_STEPS_S).
 CANCEL_S = 5.0
+CLOSE_S = 2.0
 # What a step may meet: the broker refusing (the channel closes), or the connection down.
 _STEP_FAULTS = (
     aiormq.exceptions.AMQPError,
@@ -99,16 +101,21 @@ class V1Retirement:
         """Stop consuming the v1 queues (for a stop: deliveries under way may still be
         acked), and start no new consumer."""
         self._stopped = True
-        for _, queue, tag in self._consuming.values():
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(queue.cancel(tag), CANCEL_S)
+        await asyncio.gather(
+            *(
+                asyncio.wait_for(queue.cancel(tag), CANCEL_S)
+                for _, queue, tag in self._consuming.values()
+            ),
+            return_exceptions=True,
+        )
 
     async def close(self) -> None:
         """Close the consuming channels (what is unacked goes back to the v1 queues)."""
         consuming, self._consuming = self._consuming, {}
-        for channel, _, _ in consuming.values():
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(channel.close(), CANCEL_S)
+        await asyncio.gather(
+            *(asyncio.wait_for(channel.close(), CLOSE_S) for channel, _, _ in consuming.values()),
+            return_exceptions=True,
+        )
 
     async def _retire(self, name: str) -> bool:
         """One step of retiring `name`; True once it no longer exists."""
