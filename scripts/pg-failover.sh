@@ -110,11 +110,14 @@ EOF
 }
 
 await_streaming() {
-  # The standby shows up in the primary's pg_stat_replication as streaming.
-  local node="$1" source="$2"
+  # The standby shows up in the primary's pg_stat_replication as streaming, and in
+  # synchronous mode as the standby commits wait for (a reload takes effect asynchronously).
+  local node="$1" source="$2" sync_state=''
+  [ "$SYNC" = 1 ] && sync_state="AND sync_state = 'sync'"
   for _ in $(seq 1 300); do
     if [ "$(sql "$source" "SELECT count(*) FROM pg_stat_replication
-        WHERE application_name = 'node_$node' AND state = 'streaming'" 2>/dev/null)" = 1 ]; then
+        WHERE application_name = 'node_$node' AND state = 'streaming' $sync_state" \
+        2>/dev/null)" = 1 ]; then
       return 0
     fi
     sleep 0.1
@@ -266,11 +269,11 @@ cmd_rejoin() {
   # Slots the node held as a primary would pin its WAL as a standby.
   sql "$node" "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots" \
     >/dev/null || true
-  await_streaming "$node" "$source"
   if [ "$SYNC" = 1 ]; then
     sql "$source" "ALTER SYSTEM RESET synchronous_standby_names" >/dev/null
     sql "$source" "SELECT pg_reload_conf()" >/dev/null
   fi
+  await_streaming "$node" "$source"
   say "node $node follows node $source"
 }
 
