@@ -47,6 +47,7 @@ import secrets
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -56,6 +57,7 @@ from typing import Any
 import asyncpg
 import orjson
 import uvloop
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -116,6 +118,7 @@ async def measure(
     gen = LoadGenerator(sandbox.amqp_url)
     await gen.open()
     out: dict[str, Any] = {}
+    before_io = await table_io(sandbox.database_url)
     try:
         plan: list[tuple[str, MakeRequest, int, float]] = [
             ("session.verify", state.maker("session.verify"), FAST_WINDOW, spans.fast)
@@ -139,12 +142,60 @@ async def measure(
                 out[name]["open_loop"] = {"rate_per_s": VERIFY_OPEN_RATE, **slow.summary()}
             log(f"  {label} {name}: {out[name]['throughput']}/s, p99 {out[name]['p99_ms']} ms")
         out["peak_rss_mib"] = round(worker.peak_rss_mib(), 1)
+        out["db_query_ms"] = db_query_means(worker.port)
+        out["buffers"] = buffer_deltas(before_io, await table_io(sandbox.database_url))
     finally:
         with contextlib.suppress(Exception):
             await gen.close()
         worker.stop()
     out["purges"] = purges_logged(worker.log_path)
     return out
+
+
+def db_query_means(port: int) -> dict[str, dict[str, float]]:
+    """The worker's own timing of each database operation (identity_db_query_seconds):
+    count and mean in ms, over the worker's life."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "identity_db_query_seconds":
+            continue
+        for sample in family.samples:
+            operation = sample.labels.get("operation", "")
+            if sample.name.endswith("_sum"):
+                sums[operation] = sample.value
+            elif sample.name.endswith("_count"):
+                counts[operation] = sample.value
+    return {
+        op: {"count": int(counts[op]), "mean_ms": round(1000 * sums[op] / counts[op], 3)}
+        for op in sorted(counts)
+        if counts[op]
+    }
+
+
+async def table_io(database_url: str) -> dict[str, dict[str, int]]:
+    """Blocks each table and its indexes found in shared buffers (hit) or had to read."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT relname, heap_blks_hit, heap_blks_read, idx_blks_hit, idx_blks_read"
+            " FROM pg_statio_user_tables WHERE relname = ANY($1::text[])",
+            list(TABLES),
+        )
+    finally:
+        await conn.close()
+    return {r["relname"]: {k: int(r[k] or 0) for k in list(r.keys())[1:]} for r in rows}
+
+
+def buffer_deltas(
+    before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]
+) -> dict[str, dict[str, int]]:
+    return {
+        table: {k: v - before.get(table, {}).get(k, 0) for k, v in counters.items()}
+        for table, counters in after.items()
+        if any(v - before.get(table, {}).get(k, 0) for k, v in counters.items())
+    }
 
 
 def purges_logged(path: Path) -> list[dict[str, Any]]:
@@ -275,7 +326,9 @@ async def grow(
         wide: list[str] = []
         started = time.perf_counter()
         third = sessions // 3
-        wide_every = max(1, (sessions - third) // 2 // WIDE_TOKENS)
+        two_thirds = sessions - third
+        # Every wide_every-th open session of the last 23 h gives the wide set a token.
+        wide_every = max(1, two_thirds * 23 // 24 // 2 // WIDE_TOKENS)
         rng = random.Random(17)
 
         async def session_rows() -> AsyncIterator[tuple[Any, ...]]:
@@ -300,8 +353,13 @@ async def grow(
                         ended = created + lived
                         yield (session_id, account_id, kid, created, created + day,
                                ended, ended, "sign_out")  # fmt: skip
-                    elif (j // 2) % wide_every == 0 and len(wide) < WIDE_TOKENS:
-                        # open and seen in the last five minutes: a token the wide set uses
+                    elif (
+                        (j // 2) % wide_every == 0
+                        and len(wide) < WIDE_TOKENS
+                        and j > two_thirds // 24
+                    ):
+                        # open, created within the last 23 h (an hour before it expires) and seen in
+                        # the last five minutes: a token the wide set uses
                         seen = now - timedelta(seconds=300 * rng.random())
                         wide.append(session_id)
                         yield (session_id, account_id, kid, created, created + day, seen,
@@ -448,6 +506,20 @@ def ratios(empty: list[dict[str, Any]], grown: list[dict[str, Any]]) -> dict[str
     return out
 
 
+def db_query_ratios(
+    empty: list[dict[str, Any]], grown: list[dict[str, Any]]
+) -> dict[str, dict[str, float]]:
+    """Each database operation's mean time as the worker measured it: the mean over the
+    grown rounds, over the empty ones, and their ratio."""
+    out = {}
+    operations = set.intersection(*(set(m["db_query_ms"]) for m in empty + grown))
+    for op in sorted(operations):
+        e = sum(m["db_query_ms"][op]["mean_ms"] for m in empty) / len(empty)
+        g = sum(m["db_query_ms"][op]["mean_ms"] for m in grown) / len(grown)
+        out[op] = {"empty_ms": round(e, 3), "grown_ms": round(g, 3), "ratio": round(g / e, 3)}
+    return out
+
+
 async def growth(args: argparse.Namespace) -> dict[str, Any]:
     spans = Spans.pick(args.quick)
     logs = Path(tempfile.mkdtemp(prefix="identity-growth-"))
@@ -513,6 +585,7 @@ async def growth(args: argparse.Namespace) -> dict[str, Any]:
         out["sizes_after_rounds"] = await table_sizes(grown.database_url)
         out["empty"], out["grown"] = runs["empty"], runs["grown"]
         out["ratios"] = ratios(runs["empty"], runs["grown"])
+        out["db_query_ratios"] = db_query_ratios(runs["empty"], runs["grown"])
     finally:
         await empty.close()
         await grown.close()
@@ -647,6 +720,9 @@ def summary(result: dict[str, Any]) -> str:
                 parts.append(part)
             rows.append(f"{kind} {n}: " + "; ".join(parts))
     rows.append(f"ratios (grown / empty): {result['ratios']}")
+    for op, r in result.get("db_query_ratios", {}).items():
+        rows.append(f"  db {op:<32} empty {r['empty_ms']:>8} ms  grown {r['grown_ms']:>8} ms"
+                    f"  x{r['ratio']}")  # fmt: skip
     return "\n".join(rows)
 
 
