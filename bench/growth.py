@@ -214,7 +214,8 @@ async def table_sizes(database_url: str) -> dict[str, dict[str, int]]:
     try:
         rows = await conn.fetch(
             "SELECT c.relname, pg_total_relation_size(c.oid) AS total,"
-            " pg_indexes_size(c.oid) AS indexes, s.n_live_tup, s.n_dead_tup"
+            " pg_indexes_size(c.oid) AS indexes, s.n_live_tup, s.n_dead_tup,"
+            " s.n_tup_upd, s.n_tup_hot_upd, s.autovacuum_count"
             " FROM pg_class c JOIN pg_stat_user_tables s ON s.relid = c.oid"
             " WHERE c.relname = ANY($1::text[])",
             list(TABLES),
@@ -227,6 +228,9 @@ async def table_sizes(database_url: str) -> dict[str, dict[str, int]]:
             "index_bytes": r["indexes"],
             "live_rows": r["n_live_tup"],
             "dead_rows": r["n_dead_tup"],
+            "updates": r["n_tup_upd"],
+            "hot_updates": r["n_tup_hot_upd"],
+            "autovacuums": r["autovacuum_count"],
         }
         for r in rows
     }
