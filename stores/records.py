@@ -57,6 +57,10 @@ class SessionRecord:
     last_seen_at: datetime  # for the idle timeout
     ended_at: datetime | None = None
     end_reason: str | None = None
+    # Contract v2, refresh tokens: the generation whose refresh token is the live one (a
+    # token is derived from it, never stored), and when it last moved.
+    refresh_generation: int = 0
+    refreshed_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
