@@ -42,7 +42,8 @@ ERROR_CODE_MEANINGS: dict[ErrorCode, str] = {
     ErrorCode.EMAIL_TAKEN: "Another account has this email (letter case ignored).",
     ErrorCode.INVALID_CREDENTIALS: "Unknown email or wrong password (not told apart).",
     ErrorCode.RATE_LIMITED: "Too many failed attempts; wait `retry_after_s` seconds.",
-    ErrorCode.INVALID_TOKEN: "The session token is not one this service issued.",
+    ErrorCode.INVALID_TOKEN: "The session or refresh token is not one this service issued, "
+    "or the refresh token was used already (which ends its session).",
     ErrorCode.SESSION_EXPIRED: "The session has ended or expired; sign in again.",
     ErrorCode.NOT_FOUND: "No such account.",
     ErrorCode.VERSION_CONFLICT: "`expected_version` is not the account's current version.",
@@ -57,8 +58,9 @@ EVENT_SUMMARIES: dict[str, str] = {
     "account.created": "An account was created.",
     "account.updated": "The email and/or display name changed; `changed` lists which.",
     "account.password_changed": "The password changed and the account's sessions ended.",
+    "account.roles_changed": "A role was granted or revoked; `roles` is the whole new set.",
     "session.started": "Someone signed in (never carries the token).",
-    "session.ended": "A session ended: sign-out, sign-out everywhere or password change.",
+    "session.ended": "A session ended; `reason` says why (a reused refresh token included).",
 }
 
 _DESCRIPTION = (

@@ -6,7 +6,16 @@ from typing import Annotated, Literal
 
 from pydantic import Field, TypeAdapter
 
-from messages.models import Account, AccountId, EventId, Model, Session, SessionId, UtcDatetime
+from messages.models import (
+    Account,
+    AccountId,
+    EventId,
+    Model,
+    RoleName,
+    Session,
+    SessionId,
+    UtcDatetime,
+)
 
 SessionEndReason = Literal[
     "sign_out",
@@ -34,6 +43,11 @@ class AccountUpdatedData(Model):
 class AccountPasswordChangedData(Model):
     account_id: AccountId
     sessions_ended: int = Field(ge=0)
+
+
+class AccountRolesChangedData(Model):
+    account_id: AccountId
+    roles: list[RoleName]  # all of them, sorted: what the account holds now
 
 
 class SessionStartedData(Model):
@@ -68,6 +82,11 @@ class AccountPasswordChanged(_EventBase):
     data: AccountPasswordChangedData
 
 
+class AccountRolesChanged(_EventBase):
+    type: Literal["account.roles_changed"] = "account.roles_changed"
+    data: AccountRolesChangedData
+
+
 class SessionStarted(_EventBase):
     type: Literal["session.started"] = "session.started"
     data: SessionStartedData
@@ -78,7 +97,14 @@ class SessionEnded(_EventBase):
     data: SessionEndedData
 
 
-AnyEvent = AccountCreated | AccountUpdated | AccountPasswordChanged | SessionStarted | SessionEnded
+AnyEvent = (
+    AccountCreated
+    | AccountUpdated
+    | AccountPasswordChanged
+    | AccountRolesChanged
+    | SessionStarted
+    | SessionEnded
+)
 
 Event = Annotated[AnyEvent, Field(discriminator="type")]
 
@@ -86,6 +112,7 @@ EVENT_TYPES: dict[str, type[_EventBase]] = {
     "account.created": AccountCreated,
     "account.updated": AccountUpdated,
     "account.password_changed": AccountPasswordChanged,
+    "account.roles_changed": AccountRolesChanged,
     "session.started": SessionStarted,
     "session.ended": SessionEnded,
 }
