@@ -16,11 +16,12 @@ venv: $(BIN)/identity-worker
 services:
 	./scripts/ensure-services.sh
 
-## Run the worker against the local RabbitMQ and PostgreSQL (creates the database).
+## Run the worker against the local RabbitMQ and PostgreSQL (creates the database), in dev
+## mode: keys it is not given are made and kept in the database, with a warning.
 # GLIBC_TUNABLES: argon2's memory on huge pages, as in the Dockerfile (services.passwords).
 # What the caller sets comes last, and glibc takes the last value: glibc.malloc.hugetlb=0 wins.
 run: venv services
-	GLIBC_TUNABLES=glibc.malloc.hugetlb=1$${GLIBC_TUNABLES:+:$$GLIBC_TUNABLES} $(BIN)/identity-worker run
+	IDENTITY_DEV_MODE=true GLIBC_TUNABLES=glibc.malloc.hugetlb=1$${GLIBC_TUNABLES:+:$$GLIBC_TUNABLES} $(BIN)/identity-worker run
 
 ## Every test: unit, store contract (memory + PostgreSQL), integration and faults.
 # pytest exits 5 when it collected nothing: that is a failure, not a pass.

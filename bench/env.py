@@ -20,6 +20,7 @@ from typing import Any
 
 import asyncpg
 
+from services.access_tokens import format_jwt_key, new_jwt_key
 from services.passwords import HUGE_PAGES_TUNABLE, malloc_hugetlb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,12 +240,17 @@ class WorkerProcess:
             self.process.wait()
 
 
+# One access-token key per benchmark process: every worker of a run signs with it.
+_JWT_KEYS = format_jwt_key(new_jwt_key())
+
+
 def worker_env(sandbox: Sandbox, signing_keys: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IDENTITY_")}
     env.update(
         IDENTITY_AMQP_URL=sandbox.amqp_url,
         IDENTITY_DATABASE_URL=sandbox.database_url,
         IDENTITY_SIGNING_KEYS=signing_keys,
+        IDENTITY_JWT_KEYS=_JWT_KEYS,
         IDENTITY_HTTP_HOST="127.0.0.1",
         IDENTITY_LOG_LEVEL="INFO",
     )

@@ -1,5 +1,6 @@
 """The one way an `IdentityService` is put together: from a `ServiceConfig` (what settings, or
-a test, decide) plus the store, the signing keys and the clock.
+a test, decide) plus the store, the signing keys (session and refresh tokens), the JWT keys
+(access tokens) and the clock.
 
 The worker's composition root (worker/bootstrap.py) fills the config from its settings; the
 tests fill it with cheap argon2 (tests/support/factory.py). Both then call
@@ -11,9 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from services.access_tokens import AccessTokenSigner, JwtKey
 from services.clock import Clock
 from services.identity import IdentityService, SessionPolicy
 from services.passwords import HashingPool, PasswordPolicy, make_hasher
+from services.refresh import RefreshTokenCodec, SessionTokens, TokenPolicy
 from services.tokens import SigningKey, TokenSigner
 from stores import ServiceStore, ThrottleSchedule
 
@@ -30,6 +33,7 @@ class ServiceConfig:
     passwords: PasswordPolicy = field(default_factory=PasswordPolicy)
     sessions: SessionPolicy = field(default_factory=SessionPolicy)
     throttle: ThrottleSchedule = field(default_factory=ThrottleSchedule)
+    tokens: TokenPolicy = field(default_factory=TokenPolicy)
 
 
 def make_identity_service(
@@ -37,6 +41,7 @@ def make_identity_service(
     config: ServiceConfig,
     *,
     keys: Sequence[SigningKey],
+    jwt_keys: Sequence[JwtKey],
     clock: Clock,
     on_hash_timing: Callable[[str, float], None] | None = None,
     hashing_niceness: int = 0,
@@ -57,6 +62,11 @@ def make_identity_service(
         store,
         passwords=passwords,
         signer=TokenSigner(keys),
+        tokens=SessionTokens(
+            AccessTokenSigner(jwt_keys, issuer=config.tokens.issuer),
+            RefreshTokenCodec(keys),
+            config.tokens,
+        ),
         clock=clock,
         policy=config.passwords,
         sessions=config.sessions,

@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 from pydantic import SecretStr
 
 from messages import (
-    Account,
     AccountResult,
     ChangePassword,
     ChangePasswordResult,
@@ -26,7 +25,6 @@ from messages import (
     EndSession,
     EndSessionResult,
     GetAccount,
-    Session,
     StartSession,
     StartSessionResult,
     UpdateAccount,
@@ -59,8 +57,11 @@ from services.errors import (
 from services.ids import new_account_id, new_session_id
 from services.operations import NO_CONTEXT, CommandContext, Operation, OperationRunner
 from services.passwords import HashingPool, PasswordPolicy, normalize_password
+from services.refresh import SessionTokens, TokenIssue, TokenService
+from services.roles import RoleService
 from services.signin import Authenticated, Authenticator
 from services.tokens import TokenSigner
+from services.views import session_is_live, to_account, to_session
 from stores import (
     AccountChanges,
     AccountRecord,
@@ -92,29 +93,6 @@ class SessionPolicy:
             timedelta(seconds=idle_timeout),
             timedelta(seconds=touch_interval),
         )
-
-
-def to_account(record: AccountRecord) -> Account:
-    return Account(
-        id=record.id,
-        email=record.email,
-        display_name=record.display_name,
-        created_at=record.created_at,
-        updated_at=record.updated_at,
-        version=record.version,
-        email_verified=record.email_verified,
-        status="disabled" if record.status == "disabled" else "active",
-        roles=sorted(record.roles),
-    )
-
-
-def to_session(record: SessionRecord) -> Session:
-    return Session(
-        id=record.id,
-        account_id=record.account_id,
-        created_at=record.created_at,
-        expires_at=record.expires_at,
-    )
 
 
 _Checked = TypeVar("_Checked")
@@ -152,6 +130,7 @@ class IdentityService:
         *,
         passwords: HashingPool,
         signer: TokenSigner,
+        tokens: SessionTokens,
         clock: Clock,
         policy: PasswordPolicy | None = None,
         sessions: SessionPolicy | None = None,
@@ -166,6 +145,12 @@ class IdentityService:
         self._sessions = sessions or SessionPolicy()
         self._auth = Authenticator(store, passwords, throttle or ThrottleSchedule())
         self._ops = OperationRunner(store, signer, clock, on_replay)
+        self._tokens = tokens
+        # Contract v2's token and role commands, in modules of their own.
+        self.tokens = TokenService(
+            store, self._ops, clock, tokens, idle_timeout=self._sessions.idle_timeout
+        )
+        self.roles = RoleService(store, self._ops, clock)
 
     # -- accounts ---------------------------------------------------------------------------
 
@@ -376,22 +361,46 @@ class IdentityService:
             await uow.reset_signin_failures(canonical)
             if checked.new_hash is not None:
                 await uow.replace_password_hash(account.id, account.password_hash, checked.new_hash)
-            result = StartSessionResult(
-                session=to_session(session),
-                token=SecretStr(self._signer.sign(session.id, session.key_id)),
-                account=to_account(locked),
-            )
+            issue = self._tokens.issue(session, locked.roles, now)
+            result = self._started(session, locked, issue)
             op.emit(SessionStarted, SessionStartedData(session=result.session), now)
-            await self._ops.finish(uow, op, result)
+            await self._ops.finish(uow, op, result, derive=issue.to_json())
         return result
 
-    async def _replayed_start(self, stored: Mapping[str, Any]) -> StartSessionResult:
-        """A replayed sign-in returns the same token: re-derived from the stored session id,
-        with the key it was first signed with while that key is still configured."""
+    def _started(
+        self, session: SessionRecord, account: AccountRecord, issue: TokenIssue
+    ) -> StartSessionResult:
+        tokens = self._tokens.derive(account.id, session.id, issue)
+        return StartSessionResult(
+            session=to_session(session),
+            token=SecretStr(self._signer.sign(session.id, session.key_id)),
+            account=to_account(account),
+            access_token=tokens.access_token,
+            access_token_expires_at=tokens.access_token_expires_at,
+            refresh_token=tokens.refresh_token,
+        )
+
+    async def _replayed_start(
+        self, stored: Mapping[str, Any], derive: Mapping[str, Any] | None
+    ) -> StartSessionResult:
+        """A replayed sign-in returns the same tokens: the session token re-derived from the
+        stored session id, with the key it was first signed with while that key is still
+        configured; the access and refresh tokens from the facts kept with the reply."""
         session_id = StartSessionResult.stored_session_id(stored)
         found = await self._store.get_session_with_account(session_id)
         kid = found[0].key_id if found is not None else None
-        return StartSessionResult.from_stored(stored, token=self._signer.sign(session_id, kid))
+        account_id = str(stored["account"]["id"])
+        if derive is not None:
+            issue = TokenIssue.from_json(derive)
+        else:  # a sign-in stored before access tokens existed: tokens as of its start
+            issue = self._tokens.issue_at_start(stored)
+        tokens = self._tokens.derive(account_id, session_id, issue)
+        return StartSessionResult.from_stored(
+            {**stored, "access_token_expires_at": tokens.access_token_expires_at},
+            token=self._signer.sign(session_id, kid),
+            access_token=tokens.access_token.get_secret_value(),
+            refresh_token=tokens.refresh_token.get_secret_value(),
+        )
 
     async def verify_session(
         self, cmd: VerifySession, ctx: CommandContext = NO_CONTEXT
@@ -409,11 +418,7 @@ class IdentityService:
         return VerifySessionResult(session=to_session(session), account=to_account(account))
 
     def _is_live(self, session: SessionRecord, now: datetime) -> bool:
-        return (
-            session.ended_at is None
-            and now < session.expires_at
-            and now - session.last_seen_at < self._sessions.idle_timeout
-        )
+        return session_is_live(session, now, self._sessions.idle_timeout)
 
     async def end_session(
         self, cmd: EndSession, ctx: CommandContext = NO_CONTEXT

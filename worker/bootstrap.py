@@ -11,14 +11,19 @@ import contextlib
 import logging
 import secrets
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
+from messages import GetJwks
+from services.access_tokens import JwtKey
 from services.clock import Clock, SystemClock
 from services.factory import ServiceConfig, make_identity_service
 from services.identity import IdentityService, SessionPolicy
 from services.passwords import HashingPool, PasswordPolicy
+from services.refresh import TokenPolicy
 from services.tokens import SigningKey, parse_signing_keys
 from stores import IdentityStore, SecretStore, ServiceStore, ThrottleSchedule
 from stores.postgres import PostgresIdentityStore
@@ -39,6 +44,8 @@ log = logging.getLogger("identity.worker")
 
 DEV_KEY_NAME = "development-signing-key"
 DEV_KEY_ID = "dev"
+DEV_JWT_KEY_NAME = "development-jwt-key"
+DEV_JWT_KEY_ID = "dev-jwt"
 
 
 @dataclass(kw_only=True)
@@ -59,6 +66,8 @@ class Components:
     processor: CommandProcessor
     relay: OutboxRelay
     acks: Acknowledger
+    # The JWKS the sidecar publishes: the public halves of the access-token keys.
+    jwks: dict[str, Any]
 
 
 async def signing_keys(settings: Settings, store: SecretStore) -> list[SigningKey]:
@@ -73,6 +82,20 @@ async def signing_keys(settings: Settings, store: SecretStore) -> list[SigningKe
     )
     encoded = base64.urlsafe_b64encode(secret).decode().rstrip("=")
     return parse_signing_keys(f"{DEV_KEY_ID}:{encoded}")
+
+
+async def jwt_keys(settings: Settings, store: SecretStore) -> list[JwtKey]:
+    """The configured access-token keys, or else (dev mode only: production refuses to start
+    without them, see worker.settings) a development key shared through the database, so
+    that several local workers sign with one key and publish it alike."""
+    if settings.jwt_keys is not None:
+        return settings.parsed_jwt_keys()
+    seed = await store.shared_secret(DEV_JWT_KEY_NAME, secrets.token_bytes(32))
+    log.warning(
+        "IDENTITY_JWT_KEYS is not set: signing access tokens with a development key stored in "
+        "the database. Production MUST set its own keys (identity-worker keys jwt)."
+    )
+    return [JwtKey(DEV_JWT_KEY_ID, seed)]
 
 
 # The hashing threads' nice value: see services.passwords (cheap commands come first).
@@ -102,6 +125,11 @@ def service_config(settings: Settings) -> ServiceConfig:
             max_delay_s=settings.throttle_max_delay_s,
             reset_after_s=settings.throttle_reset_after_s,
         ),
+        tokens=TokenPolicy(
+            issuer=settings.issuer,
+            access_ttl=timedelta(seconds=settings.access_token_ttl_s),
+            reuse_grace=timedelta(seconds=settings.refresh_reuse_grace_s),
+        ),
     )
 
 
@@ -109,6 +137,7 @@ def build_service(
     settings: Settings,
     store: ServiceStore,
     keys: list[SigningKey],
+    jwt: list[JwtKey],
     clock: Clock,
     metrics: Metrics,
 ) -> tuple[IdentityService, HashingPool]:
@@ -116,6 +145,7 @@ def build_service(
         store,
         service_config(settings),
         keys=keys,
+        jwt_keys=jwt,
         clock=clock,
         on_hash_timing=observer(metrics.hash_seconds),
         hashing_niceness=HASHING_NICENESS,
@@ -142,7 +172,8 @@ async def build(
     passwords: HashingPool | None = None
     try:
         keys = await signing_keys(settings, store)
-        service, pool = build_service(settings, store, keys, clock, metrics)
+        jwt = await jwt_keys(settings, store)
+        service, pool = build_service(settings, store, keys, jwt, clock, metrics)
         passwords = pool
         metrics.hash_pool_pending.set_function(lambda: pool.pending)
         await pool.start()
@@ -232,4 +263,5 @@ async def _assemble(
         processor=processor,
         relay=relay,
         acks=acks,
+        jwks=(await service.tokens.jwks(GetJwks())).to_wire(),
     )

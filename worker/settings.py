@@ -25,7 +25,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-# One parser for signing keys, the one the token signer uses, so a key that loads also signs.
+# One parser per kind of key, the one the service uses, so a key that loads also signs.
+from services.access_tokens import DEFAULT_ISSUER, MAX_TTL_S, JwtKey, parse_jwt_keys
 from services.tokens import SigningKey, parse_signing_keys
 
 ENV_PREFIX = "IDENTITY_"
@@ -81,6 +82,14 @@ class Settings(BaseSettings):
     gateways: str = ""
     # base64url, >= 32 bytes: keys the HMACs that must outlive signing-key rotation.
     hmac_key: SecretStr | None = None
+    # Contract v2, section 4: access tokens. `kid:base64url-seed,...` (Ed25519 seeds); the
+    # first signs, all are published. Production requires them; dev mode makes one.
+    jwt_keys: SecretStr | None = None
+    issuer: str = Field(default=DEFAULT_ISSUER, min_length=1, max_length=200)
+    access_token_ttl_s: int = Field(default=600, ge=10, le=MAX_TTL_S)
+    # A refresh token used up this recently and presented again is a client racing itself
+    # (invalid_token), not theft (which ends the session).
+    refresh_reuse_grace_s: float = Field(default=10.0, ge=0, le=60)
 
     # AMQP prefetch is a 16-bit field.
     fast_prefetch: int = Field(default=64, ge=1, le=65535)
@@ -148,6 +157,13 @@ class Settings(BaseSettings):
             parse_signing_keys(value.get_secret_value())
         return value
 
+    @field_validator("jwt_keys")
+    @classmethod
+    def _jwt_keys_format(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_jwt_keys(value.get_secret_value())
+        return value
+
     @field_validator("amqp_url", "database_url")
     @classmethod
     def _url_scheme(cls, value: SecretStr, info: ValidationInfo) -> SecretStr:
@@ -177,6 +193,17 @@ class Settings(BaseSettings):
                 raise ValueError(f"{env_name(low)} must be {relation} {env_name(high)}")
         return self
 
+    @model_validator(mode="after")
+    def _production_has_jwt_keys(self) -> Settings:
+        """Production (the default) signs access tokens with keys of its own; dev mode makes
+        one and keeps it in the database (worker.bootstrap), and says so loudly."""
+        if not self.dev_mode and self.jwt_keys is None:
+            raise ValueError(
+                f"production mode (IDENTITY_DEV_MODE is false) needs {env_name('jwt_keys')}"
+                " (identity-worker keys jwt makes one; IDENTITY_DEV_MODE=true runs without)"
+            )
+        return self
+
     @property
     def effective_hash_workers(self) -> int:
         """Threads in the argon2 pool: as configured, else one per CPU."""
@@ -193,6 +220,12 @@ class Settings(BaseSettings):
         if self.signing_keys is None:
             return []
         return parse_signing_keys(self.signing_keys.get_secret_value())
+
+    def parsed_jwt_keys(self) -> list[JwtKey]:
+        """The parsed JWT keys, the signing one first; empty when none are configured."""
+        if self.jwt_keys is None:
+            return []
+        return parse_jwt_keys(self.jwt_keys.get_secret_value())
 
 
 # (lower, upper, "strict" or "loose"): lower must be below (strict) or at most (loose) upper.

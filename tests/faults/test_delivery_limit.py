@@ -40,7 +40,7 @@ async def test_a_message_that_keeps_killing_workers_is_dead_lettered(
     fault_env: Environment, figures: dict[str, dict[str, Any]]
 ) -> None:
     env = fault_env
-    limit = Settings().worker_delivery_limit
+    limit = Settings(dev_mode=True).worker_delivery_limit
     first = await env.start_worker()  # declares the topology
     await asyncio.to_thread(first.terminate)
     bus = await Bus.open(env.amqp_url, durable="faults.delivery-limit")

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
+from services.access_tokens import JwtKey
 from services.clock import Clock, FakeClock
 from services.factory import ServiceConfig, make_identity_service
 from services.identity import IdentityService
@@ -20,6 +21,8 @@ TEST_CONFIG = ServiceConfig(
 )
 # The signing key first, then one that still verifies.
 TEST_KEYS = (SigningKey("k2", b"n" * 32), SigningKey("k1", b"o" * 32))
+# Access-token keys: the signing one first, then one that is still published.
+TEST_JWT_KEYS = (JwtKey("j2", b"j" * 32), JwtKey("j1", b"i" * 32))
 TEST_START = datetime(2026, 11, 22, 9, 0, tzinfo=UTC)
 
 
@@ -29,6 +32,7 @@ async def running_service(
     *,
     clock: Clock | None = None,
     keys: Sequence[SigningKey] = TEST_KEYS,
+    jwt_keys: Sequence[JwtKey] = TEST_JWT_KEYS,
     config: ServiceConfig = TEST_CONFIG,
     on_hash_timing: Callable[[str, float], None] | None = None,
 ) -> AsyncIterator[tuple[IdentityService, HashingPool]]:
@@ -38,6 +42,7 @@ async def running_service(
         store,
         config,
         keys=keys,
+        jwt_keys=jwt_keys,
         clock=clock or FakeClock(TEST_START),
         on_hash_timing=on_hash_timing,
     )

@@ -18,7 +18,7 @@ from aio_pika.abc import AbstractRobustConnection
 
 from stores import MemoryIdentityStore
 from tests.support.memory_broker import MemoryBroker
-from tests.support.workers import TEST_SIGNING_KEYS
+from tests.support.workers import TEST_JWT_KEYS, TEST_SIGNING_KEYS
 from worker.app import Worker
 from worker.bootstrap import build
 from worker.settings import Settings
@@ -58,6 +58,7 @@ def worker_settings(amqp_url: str, **overrides: Any) -> Settings:
         "http_host": "127.0.0.1",
         "http_port": 0,
         "signing_keys": TEST_SIGNING_KEYS,
+        "jwt_keys": TEST_JWT_KEYS,
         "argon2_time_cost": 1,
         "argon2_memory_kib": 8192,
         "argon2_parallelism": 1,

@@ -22,6 +22,8 @@ WORKER_BIN = Path(sys.executable).with_name("identity-worker")
 
 # One key for every worker of a test session, so they accept each other's tokens.
 TEST_SIGNING_KEYS = "test-k1:" + "dGVzdC1zaWduaW5nLWtleS0wMTIzNDU2Nzg5YWJjZGVmZ2hpams"
+# And one access-token (Ed25519) key.
+TEST_JWT_KEYS = "test-j1:" + "dGVzdC1qd3Qtc2VlZC0wMTIzNDU2Nzg5YWJjZGVmZ2g"
 # Cheap argon2id: the tests are about delivery guarantees, not hash strength.
 FAST_ARGON2 = {
     "IDENTITY_ARGON2_TIME_COST": "1",
@@ -43,6 +45,7 @@ def worker_env(amqp_url: str, database_url: str, **extra: str) -> dict[str, str]
         IDENTITY_AMQP_URL=amqp_url,
         IDENTITY_DATABASE_URL=database_url,
         IDENTITY_SIGNING_KEYS=TEST_SIGNING_KEYS,
+        IDENTITY_JWT_KEYS=TEST_JWT_KEYS,
         IDENTITY_HTTP_HOST="127.0.0.1",
         IDENTITY_READINESS_PROBE_S="0.5",
         IDENTITY_OUTBOX_POLL_S="0.5",

@@ -14,8 +14,12 @@ def _key(size: int, fill: bytes = b"k") -> str:
     return base64.urlsafe_b64encode(fill * size).decode().rstrip("=")
 
 
-def test_defaults_load_from_an_empty_environment() -> None:
-    settings = load_settings({})
+# Dev mode: the defaults run without any key (production requires them).
+DEV = {"IDENTITY_DEV_MODE": "true"}
+
+
+def test_defaults_load_from_an_environment_that_only_asks_for_dev_mode() -> None:
+    settings = load_settings(DEV)
 
     assert settings.http_port == 8080
     assert settings.amqp_url.get_secret_value() == "amqp://guest:guest@127.0.0.1:5672/"
@@ -27,7 +31,8 @@ def test_defaults_load_from_an_empty_environment() -> None:
 
 def test_values_come_from_identity_prefixed_variables() -> None:
     settings = load_settings(
-        {"IDENTITY_HTTP_PORT": "9090", "IDENTITY_HASH_WORKERS": "3", "IDENTITY_USE_UVLOOP": "false"}
+        DEV
+        | {"IDENTITY_HTTP_PORT": "9090", "IDENTITY_HASH_WORKERS": "3", "IDENTITY_USE_UVLOOP": "false"}
     )
 
     assert settings.http_port == 9090
@@ -37,11 +42,11 @@ def test_values_come_from_identity_prefixed_variables() -> None:
 
 
 def test_blank_variable_keeps_the_default() -> None:
-    assert load_settings({"IDENTITY_HTTP_PORT": " "}).http_port == 8080
+    assert load_settings(DEV | {"IDENTITY_HTTP_PORT": " "}).http_port == 8080
 
 
 def test_settings_are_frozen() -> None:
-    settings = load_settings({})
+    settings = load_settings(DEV)
 
     with pytest.raises(ValueError, match="frozen"):
         settings.http_port = 1  # type: ignore[misc]
@@ -85,7 +90,9 @@ def test_bad_signing_keys_are_rejected_without_echoing_them(raw: str, why: str) 
 
 
 def test_good_signing_keys_parse_with_the_signing_key_first() -> None:
-    settings = load_settings({"IDENTITY_SIGNING_KEYS": f"new:{_key(32, b'n')}, old:{_key(48)}"})
+    settings = load_settings(
+        DEV | {"IDENTITY_SIGNING_KEYS": f"new:{_key(32, b'n')}, old:{_key(48)}"}
+    )
 
     keys = settings.parsed_signing_keys()
     assert [key.kid for key in keys] == ["new", "old"]
@@ -123,3 +130,53 @@ def test_bad_url_is_rejected_without_its_password() -> None:
 def test_redacted_url_masks_the_password(url: str, shown: str) -> None:
     assert shown in redacted_url(url)
     assert "pw1" not in redacted_url(url)
+
+
+def test_production_refuses_to_start_without_jwt_keys_and_names_the_variable() -> None:
+    with pytest.raises(SettingsError, match="IDENTITY_JWT_KEYS") as caught:
+        load_settings({})
+    assert "IDENTITY_DEV_MODE" in str(caught.value)
+    production = load_settings({"IDENTITY_JWT_KEYS": f"j1:{_key(32, b'j')}"})
+    assert production.dev_mode is False
+    assert load_settings(DEV).jwt_keys is None
+
+
+def test_jwt_keys_parse_with_the_signing_key_first_and_access_tokens_have_their_defaults() -> None:
+    settings = load_settings({"IDENTITY_JWT_KEYS": f"new:{_key(32, b'n')}, old:{_key(32, b'o')}"})
+
+    keys = settings.parsed_jwt_keys()
+    assert [key.kid for key in keys] == ["new", "old"]
+    assert keys[0].seed == b"n" * 32
+    assert "nnnn" not in repr(settings) and "nnnn" not in repr(keys)
+    assert settings.access_token_ttl_s == 600
+    assert settings.issuer == "identity-worker"
+    assert settings.refresh_reuse_grace_s == 10
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (f"j1:{_key(16, b's')}", "must be 32 bytes"),
+        (f"j1:{_key(48, b's')}", "must be 32 bytes"),
+        (f"J 1:{_key(32, b's')}", "key id is not valid"),
+        (_key(32, b"s"), "kid:base64url-seed"),
+        (f"j1:{_key(32, b's')}+/", "not base64url"),
+        (f"j1:{_key(32, b's')},j1:{_key(32, b't')}", "listed twice"),
+    ],
+)
+def test_bad_jwt_keys_are_rejected_without_echoing_them(raw: str, why: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"IDENTITY_JWT_KEYS": raw})
+
+    message = str(caught.value)
+    assert message.startswith("IDENTITY_JWT_KEYS: ")
+    assert why in message
+    assert _key(16, b"s")[:8] not in message
+    assert caught.value.__context__ is None
+
+
+@pytest.mark.parametrize("ttl", ["3601", "9", "0"])
+def test_the_access_token_lifetime_stays_within_an_hour(ttl: str) -> None:
+    with pytest.raises(SettingsError, match="^IDENTITY_ACCESS_TOKEN_TTL_S: "):
+        load_settings(DEV | {"IDENTITY_ACCESS_TOKEN_TTL_S": ttl})
+    assert load_settings(DEV | {"IDENTITY_ACCESS_TOKEN_TTL_S": "3600"}).access_token_ttl_s == 3600
