@@ -356,7 +356,8 @@ async def test_the_session_token_comes_back_as_a_secret() -> None:
     assert "tok-123" not in repr(result)
     assert result.access_token.get_secret_value() == "eyJ.access"
     assert result.refresh_token.get_secret_value() == "r1.refresh"
-    assert "eyJ.access" not in repr(result) and "r1.refresh" not in repr(result)
+    assert "eyJ.access" not in repr(result)
+    assert "r1.refresh" not in repr(result)
 
 
 async def test_a_refresh_keeps_one_idempotency_key_across_calls_that_got_no_reply() -> None:
@@ -372,7 +373,8 @@ async def test_a_refresh_keeps_one_idempotency_key_across_calls_that_got_no_repl
     assert result.refresh_token.get_secret_value() == "r1.refresh-2"
     assert len(channel.published) == 5
     keys = {p.body["idempotency_key"] for p in channel.published}
-    assert len(keys) == 1 and is_uuid4(keys.pop())
+    assert len(keys) == 1
+    assert is_uuid4(keys.pop())
 
     api, channel = make_client(silent, timeout=0.02, retries=0)
     async with api:

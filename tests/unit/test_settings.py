@@ -32,7 +32,11 @@ def test_defaults_load_from_an_environment_that_only_asks_for_dev_mode() -> None
 def test_values_come_from_identity_prefixed_variables() -> None:
     settings = load_settings(
         DEV
-        | {"IDENTITY_HTTP_PORT": "9090", "IDENTITY_HASH_WORKERS": "3", "IDENTITY_USE_UVLOOP": "false"}
+        | {
+            "IDENTITY_HTTP_PORT": "9090",
+            "IDENTITY_HASH_WORKERS": "3",
+            "IDENTITY_USE_UVLOOP": "false",
+        }
     )
 
     assert settings.http_port == 9090
@@ -147,7 +151,8 @@ def test_jwt_keys_parse_with_the_signing_key_first_and_access_tokens_have_their_
     keys = settings.parsed_jwt_keys()
     assert [key.kid for key in keys] == ["new", "old"]
     assert keys[0].seed == b"n" * 32
-    assert "nnnn" not in repr(settings) and "nnnn" not in repr(keys)
+    assert "nnnn" not in repr(settings)
+    assert "nnnn" not in repr(keys)
     assert settings.access_token_ttl_s == 600
     assert settings.issuer == "identity-worker"
     assert settings.refresh_reuse_grace_s == 10
@@ -177,6 +182,6 @@ def test_bad_jwt_keys_are_rejected_without_echoing_them(raw: str, why: str) -> N
 
 @pytest.mark.parametrize("ttl", ["3601", "9", "0"])
 def test_the_access_token_lifetime_stays_within_an_hour(ttl: str) -> None:
-    with pytest.raises(SettingsError, match="^IDENTITY_ACCESS_TOKEN_TTL_S: "):
+    with pytest.raises(SettingsError, match=r"^IDENTITY_ACCESS_TOKEN_TTL_S: "):
         load_settings(DEV | {"IDENTITY_ACCESS_TOKEN_TTL_S": ttl})
     assert load_settings(DEV | {"IDENTITY_ACCESS_TOKEN_TTL_S": "3600"}).access_token_ttl_s == 3600
