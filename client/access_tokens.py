@@ -13,7 +13,10 @@ future beyond the leeway; and the claims the contract pins (`sub`, `sid`, `roles
 The JWKS is fetched once (over the broker with `keys.jwks`, or over HTTP from the sidecar)
 and fetched again when a token names a kid it does not hold: the worker started signing with
 a new key. Those refetches are rate-limited (`refetch_interval_s`), so a flood of tokens with
-made-up kids costs one fetch per interval, not one per token.
+made-up kids costs one fetch per interval, not one per token. Keys held for `max_age_s` (five
+minutes, the sidecar's `max-age`) are fetched again before the next verification, so a key the
+worker stopped publishing stops being trusted; if that fetch fails, the keys held go on
+being used until the next try.
 
 Revocation: a verified access token proves the session was live when the token was issued,
 at most its lifetime ago (`IDENTITY_ACCESS_TOKEN_TTL_S`, 10 minutes by default). A service
@@ -39,6 +42,9 @@ ALGORITHM = "EdDSA"
 DEFAULT_ISSUER = "identity-worker"
 DEFAULT_LEEWAY_S = 30.0
 DEFAULT_REFETCH_INTERVAL_S = 30.0
+# Keys held longer than this are fetched again before the next verification, so that a key
+# the worker retired (a leaked one) stops being trusted: the sidecar's max-age.
+DEFAULT_MAX_AGE_S = 300.0
 _REQUIRED = ["iss", "sub", "sid", "roles", "iat", "exp"]
 # Signature, alg and iss by PyJWT; the times by this module, on its own (injectable) clock.
 _OPTIONS: Any = {
@@ -96,15 +102,17 @@ class AccessTokenVerifier:
         issuer: str = DEFAULT_ISSUER,
         leeway_s: float = DEFAULT_LEEWAY_S,
         refetch_interval_s: float = DEFAULT_REFETCH_INTERVAL_S,
+        max_age_s: float = DEFAULT_MAX_AGE_S,
         now: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        if leeway_s < 0 or refetch_interval_s < 0:
-            raise ValueError("leeway_s and refetch_interval_s must not be negative")
+        if leeway_s < 0 or refetch_interval_s < 0 or max_age_s <= 0:
+            raise ValueError("leeway_s, refetch_interval_s and max_age_s must be positive")
         self._fetch = fetch_jwks
         self._issuer = issuer
         self._leeway = leeway_s
         self._refetch_interval = refetch_interval_s
+        self._max_age = max_age_s
         self._now = now
         self._monotonic = monotonic
         self._keys: dict[str, jwt.PyJWK] = {}
@@ -176,11 +184,15 @@ class AccessTokenVerifier:
         otherwise. Fetches the keys the first time, and again (rate-limited) for a kid it
         does not hold."""
         kid = self._kid_of(token)
-        if kid not in self._keys:
+        stale = self._fetched_at is not None and (
+            self._monotonic() - self._fetched_at >= self._max_age
+        )
+        if kid not in self._keys or stale:
             try:
-                await self.load_keys()
+                await self.load_keys(force=stale)
             except Exception as exc:
-                raise InvalidAccessToken("the signing keys could not be fetched") from exc
+                if kid not in self._keys:
+                    raise InvalidAccessToken("the signing keys could not be fetched") from exc
         return self.verify_with_held_keys(token)
 
     def verify_with_held_keys(self, token: str) -> AccessClaims:

@@ -264,3 +264,34 @@ async def test_keys_that_cannot_be_fetched_refuse_the_token_without_raising_anyt
     for garbage in ("", "a.b.c", "not a token", "x" * 9000):
         with pytest.raises(InvalidAccessToken):
             await check.verify_access_token(garbage)
+
+
+async def test_keys_held_past_their_max_age_are_fetched_again_and_a_retired_key_is_dropped() -> (
+    None
+):
+    source = Keys(AccessTokenSigner([NEW, OLD]))
+    old_token = AccessTokenSigner([OLD]).sign(CLAIMS)
+    check, _ = verifier(source, max_age_s=300)
+    await check.verify_access_token(old_token)
+    source.signer = AccessTokenSigner([NEW])  # the worker retired j1 (leaked)
+    check.monotonic[0] = 299.0  # type: ignore[attr-defined]
+    await check.verify_access_token(old_token)  # still within the cache's age
+    check.monotonic[0] = 300.0  # type: ignore[attr-defined]
+    with pytest.raises(InvalidAccessToken):
+        await check.verify_access_token(old_token)
+    assert source.fetches == 2
+    assert check.kids == ("j2",)
+
+
+async def test_a_failed_refetch_of_stale_keys_keeps_verifying_with_the_keys_held() -> None:
+    source = Keys(AccessTokenSigner([NEW]))
+    check, _ = verifier(source, max_age_s=300)
+    token = source.signer.sign(CLAIMS)
+    await check.verify_access_token(token)
+
+    async def down() -> Mapping[str, Any]:
+        raise OSError("the worker is restarting")
+
+    check._fetch = down  # type: ignore[method-assign]
+    check.monotonic[0] = 400.0  # type: ignore[attr-defined]
+    assert (await check.verify_access_token(token)).kid == "j2"
