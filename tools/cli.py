@@ -21,9 +21,9 @@ from tools.arguments import positive_seconds
 from worker.settings import Settings, SettingsError, load_settings
 
 
-def _settings_or_exit() -> Settings:
+def _settings_or_exit(*, for_worker: bool = True) -> Settings:
     try:
-        return load_settings()
+        return load_settings(for_worker=for_worker)
     except SettingsError as exc:
         print(f"identity-worker: bad settings: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -45,7 +45,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    settings = _settings_or_exit()
+    settings = _settings_or_exit(for_worker=False)  # a migration job needs no worker keys
     from stores.postgres import migrate
 
     applied = asyncio.run(migrate(settings.database_url.get_secret_value()))

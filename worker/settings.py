@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -32,6 +33,11 @@ from services.tokens import SigningKey, parse_signing_keys
 ENV_PREFIX = "IDENTITY_"
 _URL_SCHEMES = {"amqp_url": ("amqp", "amqps"), "database_url": ("postgresql", "postgres")}
 _LOG_LEVELS = frozenset({"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"})
+
+
+# Whether the settings being validated are a worker's (its production requirements apply) or
+# a tool's (`load_settings(for_worker=False)`).
+_FOR_WORKER: ContextVar[bool] = ContextVar("identity_settings_for_worker", default=True)
 
 
 class SettingsError(ValueError):
@@ -196,7 +202,11 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _production_has_jwt_keys(self) -> Settings:
         """Production (the default) signs access tokens with keys of its own; dev mode makes
-        one and keeps it in the database (worker.bootstrap), and says so loudly."""
+        one and keeps it in the database (worker.bootstrap), and says so loudly. Only a
+        worker needs keys: the tools that read a setting or two (the broker URL for `send`,
+        the database URL for `migrate`) load the settings with `for_worker=False`."""
+        if not _FOR_WORKER.get():
+            return self
         if not self.dev_mode and self.jwt_keys is None:
             raise ValueError(
                 f"production mode (IDENTITY_DEV_MODE is false) needs {env_name('jwt_keys')}"
@@ -241,18 +251,23 @@ _ORDERED_PAIRS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def load_settings(env: Mapping[str, str] | None = None) -> Settings:
-    """Read the settings from `env` (default: the process environment), once, at start-up."""
+def load_settings(env: Mapping[str, str] | None = None, *, for_worker: bool = True) -> Settings:
+    """Read the settings from `env` (default: the process environment), once, at start-up.
+    `for_worker=False`: for a tool, which runs no worker and needs none of its keys (the
+    production requirements are not checked; every value given is)."""
     source: Mapping[str, str] = os.environ if env is None else env
     values: dict[str, Any] = {}
     for field in Settings.model_fields:
         raw = source.get(env_name(field))
         if raw is not None and raw.strip() != "":
             values[field] = raw.strip()
+    token = _FOR_WORKER.set(for_worker)
     try:
         return Settings(**values)
     except ValidationError as exc:
         problems = _describe(exc)
+    finally:
+        _FOR_WORKER.reset(token)
     # Raised outside the handler so the ValidationError, whose text quotes the input values,
     # is not even chained as context.
     raise SettingsError(problems)

@@ -143,6 +143,11 @@ def test_production_refuses_to_start_without_jwt_keys_and_names_the_variable() -
     production = load_settings({"IDENTITY_JWT_KEYS": f"j1:{_key(32, b'j')}"})
     assert production.dev_mode is False
     assert load_settings(DEV).jwt_keys is None
+    # A tool that only reads the broker or database URL runs no worker and needs no keys,
+    # but every value it is given is still checked.
+    assert load_settings({}, for_worker=False).jwt_keys is None
+    with pytest.raises(SettingsError, match="IDENTITY_JWT_KEYS"):
+        load_settings({"IDENTITY_JWT_KEYS": "j1:short"}, for_worker=False)
 
 
 def test_jwt_keys_parse_with_the_signing_key_first_and_access_tokens_have_their_defaults() -> None:
