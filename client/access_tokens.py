@@ -18,6 +18,12 @@ minutes, the sidecar's `max-age`) are fetched again before the next verification
 worker stopped publishing stops being trusted; if that fetch fails, the keys held go on
 being used until the next try.
 
+A token verified once is remembered (its claims, up to `cache_size` tokens): presented
+again, as it is on every request for its lifetime, it costs a dictionary look-up and the time
+checks, which are made on every call. Only the exact string that verified is remembered, and
+only while the key that signed it is held: a key that leaves the JWKS takes its tokens out of
+the cache with it.
+
 Revocation: a verified access token proves the session was live when the token was issued,
 at most its lifetime ago (`IDENTITY_ACCESS_TOKEN_TTL_S`, 10 minutes by default). A service
 that must know at once (an admin action, a payment) asks `session.verify`, or subscribes to
@@ -42,6 +48,9 @@ ALGORITHM = "EdDSA"
 DEFAULT_ISSUER = "identity-worker"
 DEFAULT_LEEWAY_S = 30.0
 DEFAULT_REFETCH_INTERVAL_S = 30.0
+# Verified tokens remembered (their claims), so that a token presented again (on every request
+# of its lifetime) costs a look-up and the time checks, not a signature verification.
+DEFAULT_CACHE_SIZE = 10_000
 # Keys held longer than this are fetched again before the next verification, so that a key
 # the worker retired (a leaked one) stops being trusted: the sidecar's max-age.
 DEFAULT_MAX_AGE_S = 300.0
@@ -92,6 +101,14 @@ def _keys_of(jwks: Mapping[str, Any]) -> dict[str, jwt.PyJWK]:
     return keys
 
 
+def _material(jwks: Mapping[str, Any], kid: str) -> str:
+    """The public key (`x`) that `kid` names in `jwks`."""
+    for jwk in jwks.get("keys", []):
+        if isinstance(jwk, Mapping) and jwk.get("kid") == kid:
+            return str(jwk.get("x"))
+    return ""
+
+
 class AccessTokenVerifier:
     """Verifies access tokens against the worker's published keys, kept in memory."""
 
@@ -103,16 +120,22 @@ class AccessTokenVerifier:
         leeway_s: float = DEFAULT_LEEWAY_S,
         refetch_interval_s: float = DEFAULT_REFETCH_INTERVAL_S,
         max_age_s: float = DEFAULT_MAX_AGE_S,
+        cache_size: int = DEFAULT_CACHE_SIZE,
         now: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        if leeway_s < 0 or refetch_interval_s < 0 or max_age_s <= 0:
-            raise ValueError("leeway_s, refetch_interval_s and max_age_s must be positive")
+        if leeway_s < 0 or refetch_interval_s < 0 or max_age_s <= 0 or cache_size < 0:
+            raise ValueError("leeway_s, refetch_interval_s, max_age_s, cache_size: not negative")
         self._fetch = fetch_jwks
         self._issuer = issuer
         self._leeway = leeway_s
         self._refetch_interval = refetch_interval_s
         self._max_age = max_age_s
+        self._cache_size = cache_size
+        self._verified: dict[str, AccessClaims] = {}
+        self._material: dict[str, str] = {}  # kid -> the public key (x) it names
+        # A token's first segment (its header) -> its kid, for headers already checked.
+        self._kid_by_header: dict[str, str] = {}
         self._now = now
         self._monotonic = monotonic
         self._keys: dict[str, jwt.PyJWK] = {}
@@ -165,7 +188,16 @@ class AccessTokenVerifier:
         self._fetching = asyncio.get_running_loop().create_future()
         try:
             jwks = await self._fetch()
-            self._keys = _keys_of(jwks)
+            keys = _keys_of(jwks)
+            material = {kid: _material(jwks, kid) for kid in keys}
+            # Tokens remembered under a key that is no longer published (or whose kid now
+            # names other key material) are forgotten.
+            self._verified = {
+                token: claims
+                for token, claims in self._verified.items()
+                if claims.kid in keys and material[claims.kid] == self._material.get(claims.kid)
+            }
+            self._keys, self._material = keys, material
             self._fetching.set_result(None)
         except Exception as exc:
             self._fetching.set_exception(exc)
@@ -198,6 +230,10 @@ class AccessTokenVerifier:
     def verify_with_held_keys(self, token: str) -> AccessClaims:
         """`verify_access_token` without any fetch (an unknown kid is refused): for code
         that cannot await, once the keys are loaded."""
+        known = self._verified.get(token) if isinstance(token, str) else None
+        if known is not None and known.kid in self._keys:
+            self._check_times(known.issued_at, known.expires_at)
+            return known
         kid = self._kid_of(token)
         key = self._keys.get(kid)
         if key is None:
@@ -208,11 +244,21 @@ class AccessTokenVerifier:
             )
         except jwt.PyJWTError as exc:
             raise InvalidAccessToken(f"the token is not valid: {type(exc).__name__}") from None
-        return self._checked(claims, kid)
+        verified = self._checked(claims, kid)
+        if self._cache_size:
+            if len(self._verified) >= self._cache_size:
+                # Forget the oldest (dicts keep insertion order): a bound, not an LRU.
+                del self._verified[next(iter(self._verified))]
+            self._verified[token] = verified
+        return verified
 
     def _kid_of(self, token: str) -> str:
         if not isinstance(token, str) or len(token) > 8192:
             raise InvalidAccessToken("not a token")
+        segment = token.partition(".")[0]
+        kid = self._kid_by_header.get(segment)
+        if kid is not None:
+            return kid
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -220,7 +266,16 @@ class AccessTokenVerifier:
         kid = header.get("kid")
         if not isinstance(kid, str) or header.get("alg") != ALGORITHM:
             raise InvalidAccessToken("the token is not an EdDSA token with a kid")
+        if len(self._kid_by_header) < 64:  # a worker has a handful of keys
+            self._kid_by_header[segment] = kid
         return kid
+
+    def _check_times(self, issued_at: int, expires_at: int) -> None:
+        now = self._now()
+        if issued_at > now + self._leeway:
+            raise InvalidAccessToken("the token was issued in the future")
+        if now >= expires_at + self._leeway:
+            raise AccessTokenExpired("the access token has expired")
 
     def _checked(self, claims: Mapping[str, Any], kid: str) -> AccessClaims:
         issued_at, expires_at = claims["iat"], claims["exp"]
@@ -231,11 +286,7 @@ class AccessTokenVerifier:
             raise InvalidAccessToken("sub, sid or roles is malformed")
         if not all(isinstance(role, str) for role in roles):
             raise InvalidAccessToken("roles is malformed")
-        now = self._now()
-        if issued_at > now + self._leeway:
-            raise InvalidAccessToken("the token was issued in the future")
-        if now >= expires_at + self._leeway:
-            raise AccessTokenExpired("the access token has expired")
+        self._check_times(issued_at, expires_at)
         return AccessClaims(
             account_id=sub,
             session_id=sid,

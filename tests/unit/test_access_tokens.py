@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import jwt
@@ -295,3 +296,29 @@ async def test_a_failed_refetch_of_stale_keys_keeps_verifying_with_the_keys_held
     check._fetch = down  # type: ignore[method-assign]
     check.monotonic[0] = 400.0  # type: ignore[attr-defined]
     assert (await check.verify_access_token(token)).kid == "j2"
+
+
+async def test_a_remembered_token_is_still_checked_for_expiry_and_for_its_key() -> None:
+    source = Keys(AccessTokenSigner([NEW]))
+    token = source.signer.sign(CLAIMS)
+    check, clock = verifier(source)
+    first = await check.verify_access_token(token)
+    assert await check.verify_access_token(token) is first  # remembered, not verified again
+    clock[0] = NOW + 600 + 30
+    with pytest.raises(AccessTokenExpired):
+        await check.verify_access_token(token)
+    clock[0] = NOW + 1
+    # The same kid now names another key: what the old key signed is verified again, and fails.
+    source.signer = AccessTokenSigner([JwtKey("j2", b"z" * 32)])
+    await check.load_keys(force=True)
+    with pytest.raises(InvalidAccessToken):
+        await check.verify_access_token(token)
+
+
+async def test_the_memory_of_verified_tokens_is_bounded() -> None:
+    source = Keys(AccessTokenSigner([NEW]))
+    check, _ = verifier(source, cache_size=3)
+    tokens = [source.signer.sign(replace(CLAIMS, expires_at=NOW + 600 + n)) for n in range(5)]
+    for token in tokens:
+        await check.verify_access_token(token)
+    assert list(check._verified) == tokens[2:]
