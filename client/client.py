@@ -41,6 +41,11 @@ from messages import (
     ChangePassword,
     ChangePasswordResult,
     CreateAccount,
+    DeleteAccount,
+    DeleteAccountResult,
+    DisableAccount,
+    DisableAccountResult,
+    EnableAccount,
     EndAllSessions,
     EndAllSessionsResult,
     EndSession,
@@ -49,10 +54,14 @@ from messages import (
     GetJwks,
     GrantRole,
     JwksResult,
+    ListSessions,
+    ListSessionsResult,
     RefreshSession,
     RefreshSessionResult,
     Reply,
     RevokeRole,
+    RevokeSession,
+    RevokeSessionResult,
     StartSession,
     StartSessionResult,
     UpdateAccount,
@@ -298,8 +307,71 @@ class IdentityClient:
         payload = EndAllSessions(account_id=account_id)
         return await self._call(EndAllSessionsResult, payload, idempotency_key)
 
+    async def disable_account(
+        self,
+        account_id: str,
+        reason: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> DisableAccountResult:
+        """Stop the account now: its live sessions end, sign-in answers `account_disabled`."""
+        payload = DisableAccount(account_id=account_id, reason=reason)
+        return await self._call(DisableAccountResult, payload, idempotency_key, metadata)
+
+    async def enable_account(
+        self,
+        account_id: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> AccountResult:
+        payload = EnableAccount(account_id=account_id)
+        return await self._call(AccountResult, payload, idempotency_key, metadata)
+
+    async def delete_account(
+        self,
+        account_id: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> DeleteAccountResult:
+        """Erase the account (irreversible): see the contract's "Erasure"."""
+        payload = DeleteAccount(account_id=account_id)
+        return await self._call(DeleteAccountResult, payload, idempotency_key, metadata)
+
+    async def list_sessions(
+        self,
+        account_id: str,
+        *,
+        limit: int | None = None,
+        cursor: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> ListSessionsResult:
+        """One page of the account's live sessions; pass `next_cursor` back for the next."""
+        fields: dict[str, Any] = {"account_id": account_id, "cursor": cursor}
+        if limit is not None:
+            fields["limit"] = limit
+        payload = ListSessions.model_validate(fields)
+        return await self._call(ListSessionsResult, payload, None, metadata)
+
+    async def revoke_session(
+        self,
+        session_id: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> RevokeSessionResult:
+        payload = RevokeSession(session_id=session_id)
+        return await self._call(RevokeSessionResult, payload, idempotency_key, metadata)
+
     async def refresh_session(
-        self, refresh_token: SecretArg, *, idempotency_key: str | None = None, attempts: int = 3
+        self,
+        refresh_token: SecretArg,
+        *,
+        idempotency_key: str | None = None,
+        attempts: int = 3,
+        metadata: MetadataArg = None,
     ) -> RefreshSessionResult:
         """New access and refresh tokens for `refresh_token`, which is used up.
 
@@ -316,7 +388,7 @@ class IdentityClient:
         payload = RefreshSession.model_validate({"refresh_token": refresh_token})
         for attempt in range(1, attempts + 1):
             try:
-                return await self._call(RefreshSessionResult, payload, key)
+                return await self._call(RefreshSessionResult, payload, key, metadata)
             except TransportError:
                 if attempt == attempts:
                     raise
@@ -327,13 +399,23 @@ class IdentityClient:
         return await self._call(JwksResult, GetJwks())
 
     async def grant_role(
-        self, account_id: str, role: str, *, idempotency_key: str | None = None
+        self,
+        account_id: str,
+        role: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
     ) -> AccountResult:
         payload = GrantRole(account_id=account_id, role=role)
-        return await self._call(AccountResult, payload, idempotency_key)
+        return await self._call(AccountResult, payload, idempotency_key, metadata)
 
     async def revoke_role(
-        self, account_id: str, role: str, *, idempotency_key: str | None = None
+        self,
+        account_id: str,
+        role: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
     ) -> AccountResult:
         payload = RevokeRole(account_id=account_id, role=role)
-        return await self._call(AccountResult, payload, idempotency_key)
+        return await self._call(AccountResult, payload, idempotency_key, metadata)

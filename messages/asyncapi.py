@@ -45,7 +45,7 @@ ERROR_CODE_MEANINGS: dict[ErrorCode, str] = {
     ErrorCode.INVALID_TOKEN: "The session or refresh token is not one this service issued, "
     "or the refresh token was used already (which ends its session).",
     ErrorCode.SESSION_EXPIRED: "The session has ended or expired; sign in again.",
-    ErrorCode.NOT_FOUND: "No such account.",
+    ErrorCode.NOT_FOUND: "No such account (or session, for `session.revoke`); erased ones too.",
     ErrorCode.VERSION_CONFLICT: "`expected_version` is not the account's current version.",
     ErrorCode.INTERNAL_ERROR: "The worker could not process the command after its retries.",
     ErrorCode.FORBIDDEN: "The caller (AMQP `user_id`) may not send this command; nothing ran.",
@@ -60,7 +60,10 @@ EVENT_SUMMARIES: dict[str, str] = {
     "account.password_changed": "The password changed and the account's sessions ended.",
     "account.roles_changed": "A role was granted or revoked; `roles` is the whole new set.",
     "session.started": "Someone signed in (never carries the token).",
-    "session.ended": "A session ended; `reason` says why (a reused refresh token included).",
+    "session.ended": "A session ended; `reason` says why (sign-out, a reused refresh token, ...).",
+    "account.disabled": "An operator disabled the account; its live sessions ended.",
+    "account.enabled": "A disabled account was enabled: it may sign in again.",
+    "account.deleted": "The account was erased: delete what you keep about it.",
 }
 
 _DESCRIPTION = (

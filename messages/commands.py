@@ -11,22 +11,28 @@ from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_vali
 
 from messages.models import (
     AccountId,
+    DisableReason,
     DisplayName,
     EmailField,
     Model,
     PasswordField,
     RoleName,
+    SessionId,
     TokenField,
     wire_form,
 )
 from messages.replies import (
     AccountResult,
     ChangePasswordResult,
+    DeleteAccountResult,
+    DisableAccountResult,
     EndAllSessionsResult,
     EndSessionResult,
     JwksResult,
+    ListSessionsResult,
     RefreshSessionResult,
     Result,
+    RevokeSessionResult,
     StartSessionResult,
     VerifySessionResult,
 )
@@ -126,6 +132,45 @@ class EndAllSessions(Model):
     """Sign out everywhere (`session.end_all`)."""
 
     account_id: AccountId
+
+
+class DisableAccount(Model):
+    """Stop an account at once (`account.disable`): its sessions end, sign-in is refused."""
+
+    account_id: AccountId
+    reason: DisableReason
+
+
+class EnableAccount(Model):
+    """Let a disabled account sign in again (`account.enable`)."""
+
+    account_id: AccountId
+
+
+class DeleteAccount(Model):
+    """Erase an account and the personal data kept about it (`account.delete`)."""
+
+    account_id: AccountId
+
+
+# Opaque to callers: handed out as `next_cursor`, given back as it was.
+PageCursor = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_-]+$")]
+SESSIONS_PAGE_DEFAULT = 50
+SESSIONS_PAGE_MAX = 200
+
+
+class ListSessions(Model):
+    """An account's live sessions, a page at a time (`session.list`)."""
+
+    account_id: AccountId
+    limit: int = Field(default=SESSIONS_PAGE_DEFAULT, ge=1, le=SESSIONS_PAGE_MAX)
+    cursor: PageCursor | None = None
+
+
+class RevokeSession(Model):
+    """End one session by its id (`session.revoke`); it acts on the session's account."""
+
+    session_id: SessionId
 
 
 class RefreshSession(Model):
@@ -234,6 +279,46 @@ _SPECS = (
         changes_state=True,
         password_work=False,
         summary="Sign out everywhere.",
+    ),
+    CommandSpec(
+        name="account.disable",
+        payload=DisableAccount,
+        result=DisableAccountResult,
+        changes_state=True,
+        password_work=False,
+        summary="Disable an account: every live session ends, sign-in is refused.",
+    ),
+    CommandSpec(
+        name="account.enable",
+        payload=EnableAccount,
+        result=AccountResult,
+        changes_state=True,
+        password_work=False,
+        summary="Enable a disabled account: sign-in works again (old sessions stay ended).",
+    ),
+    CommandSpec(
+        name="account.delete",
+        payload=DeleteAccount,
+        result=DeleteAccountResult,
+        changes_state=True,
+        password_work=False,
+        summary="Erase an account: its personal data, sessions and stored replies.",
+    ),
+    CommandSpec(
+        name="session.list",
+        payload=ListSessions,
+        result=ListSessionsResult,
+        changes_state=False,
+        password_work=False,
+        summary="List an account's live sessions, oldest first, a page at a time.",
+    ),
+    CommandSpec(
+        name="session.revoke",
+        payload=RevokeSession,
+        result=RevokeSessionResult,
+        changes_state=True,
+        password_work=False,
+        summary="End one session by id; ending an ended session is not an error.",
     ),
     CommandSpec(
         name="session.refresh",

@@ -60,6 +60,22 @@ class SessionEndedData(Model):
     reason: SessionEndReason
 
 
+class AccountDisabledData(Model):
+    account_id: AccountId
+    reason: str
+    sessions_ended: int = Field(ge=0)
+
+
+class AccountEnabledData(Model):
+    account_id: AccountId
+
+
+class AccountDeletedData(Model):
+    """Nothing but the id: the account was erased, and so is what the event could say."""
+
+    account_id: AccountId
+
+
 class _EventBase(Model):
     event_id: EventId
     occurred_at: UtcDatetime
@@ -97,13 +113,31 @@ class SessionEnded(_EventBase):
     data: SessionEndedData
 
 
+class AccountDisabled(_EventBase):
+    type: Literal["account.disabled"] = "account.disabled"
+    data: AccountDisabledData
+
+
+class AccountEnabled(_EventBase):
+    type: Literal["account.enabled"] = "account.enabled"
+    data: AccountEnabledData
+
+
+class AccountDeleted(_EventBase):
+    type: Literal["account.deleted"] = "account.deleted"
+    data: AccountDeletedData
+
+
 AnyEvent = (
     AccountCreated
     | AccountUpdated
     | AccountPasswordChanged
-    | AccountRolesChanged
     | SessionStarted
     | SessionEnded
+    | AccountDisabled
+    | AccountEnabled
+    | AccountDeleted
+    | AccountRolesChanged
 )
 
 Event = Annotated[AnyEvent, Field(discriminator="type")]
@@ -115,6 +149,9 @@ EVENT_TYPES: dict[str, type[_EventBase]] = {
     "account.roles_changed": AccountRolesChanged,
     "session.started": SessionStarted,
     "session.ended": SessionEnded,
+    "account.disabled": AccountDisabled,
+    "account.enabled": AccountEnabled,
+    "account.deleted": AccountDeleted,
 }
 
 _EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)

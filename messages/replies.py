@@ -21,6 +21,7 @@ from messages.models import (
     Secret,
     Session,
     SessionId,
+    SessionInfo,
     UtcDatetime,
     wire_form,
 )
@@ -235,3 +236,30 @@ class EndSessionResult(Result):
 class EndAllSessionsResult(Result):
     account_id: AccountId
     sessions_ended: int = Field(ge=0)
+
+
+class DisableAccountResult(Result):
+    """Result of `account.disable`: the account, and how many live sessions ended with it."""
+
+    account: Account
+    sessions_ended: int = Field(ge=0)
+
+
+class DeleteAccountResult(Result):
+    """Result of `account.delete`: only the id, since what it named is gone."""
+
+    account_id: AccountId
+    sessions_ended: int = Field(ge=0)
+
+
+class ListSessionsResult(Result):
+    """One page of an account's live sessions, oldest first; `next_cursor` asks for the next
+    page, and is null on the last one."""
+
+    sessions: list[SessionInfo]
+    next_cursor: str | None
+
+
+class RevokeSessionResult(Result):
+    session_id: SessionId
+    account_id: AccountId

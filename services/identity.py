@@ -47,6 +47,7 @@ from messages.events import (
 from services.clock import Clock
 from services.emails import canonical_email
 from services.errors import (
+    AccountDisabledError,
     EmailTakenError,
     InvalidInputError,
     NotFoundError,
@@ -55,23 +56,31 @@ from services.errors import (
     VersionConflictError,
 )
 from services.ids import new_account_id, new_session_id
+from services.keys import Fingerprints, HmacKey
+from services.lifecycle import AccountLifecycle
 from services.operations import NO_CONTEXT, CommandContext, Operation, OperationRunner
 from services.passwords import HashingPool, PasswordPolicy, normalize_password
 from services.refresh import SessionTokens, TokenIssue, TokenService
 from services.roles import RoleService
+from services.sessions_admin import SessionAdmin
+from services.shapes import session_is_live, to_account, to_session
 from services.signin import Authenticated, Authenticator
 from services.tokens import TokenSigner
-from services.views import session_is_live, to_account, to_session
 from stores import (
     AccountChanges,
     AccountRecord,
     DuplicateEmailError,
+    HashBudget,
     ServiceStore,
     SessionRecord,
-    ThrottleSchedule,
+    ThrottleRules,
     TransientStoreError,
     UnitOfWork,
 )
+
+# Argon2 computations a command may make, taken from its source's budget before the first.
+_ONE_HASH = 1
+_VERIFY_AND_HASH = 2
 
 SERVICE_NAME = "identity"
 
@@ -111,9 +120,8 @@ async def _against_the_stored_hash(
     The hash then changed meanwhile: the password was changed (and every session ended with
     it), or a sign-in or an email change stored a new hash of the same password. The password
     is checked again, against the stored hash, and `act` tried once more; a hash that changed
-    again by then fails the command as transient, to be retried. Nothing is given back to the
-    throttle: each of those changes also cleared the email's failure count, the attempt
-    reserved by the first check with it, so a refund could only forgive someone else's.
+    again by then fails the command as transient, to be retried. Each check reserves its own
+    attempt and settles it when the password verifies, so neither counts as a failure.
     """
     result = await act(checked)
     if result is None:
@@ -130,11 +138,13 @@ class IdentityService:
         *,
         passwords: HashingPool,
         signer: TokenSigner,
+        hmac_key: HmacKey,
         tokens: SessionTokens,
         clock: Clock,
         policy: PasswordPolicy | None = None,
         sessions: SessionPolicy | None = None,
-        throttle: ThrottleSchedule | None = None,
+        throttle: ThrottleRules | None = None,
+        budget: HashBudget | None = None,
         on_replay: Callable[[str], None] | None = None,
     ) -> None:
         self._store = store
@@ -143,10 +153,17 @@ class IdentityService:
         self._clock = clock
         self._policy = policy or PasswordPolicy()
         self._sessions = sessions or SessionPolicy()
-        self._auth = Authenticator(store, passwords, throttle or ThrottleSchedule())
-        self._ops = OperationRunner(store, signer, clock, on_replay)
+        self._auth = Authenticator(
+            store, passwords, throttle or ThrottleRules(), budget or HashBudget(), hmac_key
+        )
+        fingerprints = Fingerprints(hmac_key, signer.fingerprint_matches)
+        self._ops = OperationRunner(store, fingerprints, clock, on_replay)
+        # Disable, enable, erase; list and revoke sessions (services.lifecycle,
+        # services.sessions_admin).
+        self.lifecycle = AccountLifecycle(store, self._ops, clock, self._auth.throttle_key)
+        self.sessions_admin = SessionAdmin(store, self._ops, clock, self._sessions.idle_timeout)
         self._tokens = tokens
-        # Contract v2's token and role commands, in modules of their own.
+        # Contract v2's token and role commands (services.refresh, services.roles).
         self.tokens = TokenService(
             store, self._ops, clock, tokens, idle_timeout=self._sessions.idle_timeout
         )
@@ -166,8 +183,9 @@ class IdentityService:
         self._policy.check_new(
             password, field="payload.password", context=_context_words(canonical, cmd.display_name)
         )
-        password_hash = await self._passwords.hash(password)
         now = self._clock.now()
+        await self._auth.spend(op.context.source, _ONE_HASH, now)
+        password_hash = await self._passwords.hash(password)
         record = AccountRecord(
             id=new_account_id(now),
             email=cmd.email.strip(),
@@ -216,6 +234,9 @@ class IdentityService:
             # Nothing differs: no new version, no event; the reply is the account as it is.
             result = AccountResult(account=to_account(record))
             async with self._store.unit_of_work() as uow:
+                # An erasure that committed since the read leaves nothing to echo back.
+                if await uow.get_account(record.id, for_update=True) is None:
+                    raise NotFoundError()
                 await self._ops.finish(uow, op, result)
             return result
         new_hash = None
@@ -230,8 +251,6 @@ class IdentityService:
         )
         async with self._store.unit_of_work() as uow:
             updated = await self._apply(uow, record.id, cmd.expected_version, changes)
-            if "email" in changed:
-                await uow.reset_signin_failures(record.email_canonical)
             result = AccountResult(account=to_account(updated))
             op.emit(
                 AccountUpdated, AccountUpdatedData(account=result.account, changed=changed), now
@@ -247,8 +266,9 @@ class IdentityService:
             raise InvalidInputError.for_field(
                 "payload.current_password", "is required when the email changes"
             )
-        op.compensations.append(lambda: self._auth.refund(record.email_canonical))
+        await self._auth.spend(op.context.source, _ONE_HASH, now)
         checked = await self._auth.check(
+            op,
             record.email_canonical,
             cmd.current_password.get_secret_value(),
             now,
@@ -270,10 +290,10 @@ class IdentityService:
         current = cmd.current_password.get_secret_value()
         new = cmd.new_password.get_secret_value()
         now = self._clock.now()
-        email = record.email_canonical
-        # Late-bound: check_again reserves on the account's email as it is then.
-        op.compensations.append(lambda: self._auth.refund(email))
-        await self._auth.check(email, current, now, account=record, purpose="change_password")
+        await self._auth.spend(op.context.source, _VERIFY_AND_HASH, now)
+        await self._auth.check(
+            op, record.email_canonical, current, now, account=record, purpose="change_password"
+        )
         if normalize_password(new) == normalize_password(current):
             raise PasswordPolicyError("payload.new_password", "must differ from the current one")
         self._policy.check_new(
@@ -284,10 +304,10 @@ class IdentityService:
         new_hash = await self._passwords.hash(new)
 
         async def check_again() -> AccountRecord:
-            nonlocal email
             fresh = await self._existing_account(cmd.account_id)
-            email = fresh.email_canonical
-            await self._auth.check(email, current, now, account=fresh, purpose="change_password")
+            await self._auth.check(
+                op, fresh.email_canonical, current, now, account=fresh, purpose="change_password"
+            )
             return fresh
 
         return await _against_the_stored_hash(
@@ -307,7 +327,6 @@ class IdentityService:
             changes = AccountChanges(updated_at=now, password_hash=new_hash)
             updated = await self._apply(uow, checked.id, locked.version, changes)
             ended = await uow.end_all_sessions(checked.id, now, "password_changed")
-            await uow.reset_signin_failures(checked.email_canonical)
             self._emit_ended(op, ended, "password_changed", now)
             data = AccountPasswordChangedData(account_id=checked.id, sessions_ended=len(ended))
             op.emit(AccountPasswordChanged, data, now)
@@ -330,21 +349,22 @@ class IdentityService:
         password = cmd.password.get_secret_value()
         self._policy.check_verifiable(password, field="payload.password")
         now = self._clock.now()
-        op.compensations.append(lambda: self._auth.refund(canonical))
+        await self._auth.spend(op.context.source, _ONE_HASH, now)
         return await _against_the_stored_hash(
-            await self._auth.check(canonical, password, now),
-            lambda checked: self._open_session(op, canonical, checked, now),
-            lambda: self._auth.check(canonical, password, now),
+            await self._auth.check(op, canonical, password, now),
+            lambda checked: self._open_session(op, checked, now),
+            lambda: self._auth.check(op, canonical, password, now),
         )
 
     async def _open_session(
-        self, op: Operation, canonical: str, checked: Authenticated, now: datetime
+        self, op: Operation, checked: Authenticated, now: datetime
     ) -> StartSessionResult | None:
         """Insert the session and record the outcome; None, with nothing written, if the
         stored hash is no longer the one the password was checked against. The account's row
         stays locked until commit, so a password change either comes first (and is seen here)
         or waits, and then ends this session with the others."""
         account = checked.account
+        client = op.context.metadata
         session = SessionRecord(
             id=new_session_id(),
             account_id=account.id,
@@ -352,13 +372,17 @@ class IdentityService:
             created_at=now,
             expires_at=now + self._sessions.lifetime,
             last_seen_at=now,
+            client_ip=client.client_ip if client is not None else None,
+            user_agent=client.user_agent if client is not None else None,
         )
         async with self._store.unit_of_work() as uow:
             locked = await uow.get_account(account.id, for_update=True)
             if locked is None or locked.password_hash != account.password_hash:
                 return None
+            # Only now, with the password found right: the status is no oracle for it.
+            if locked.status != "active":
+                raise AccountDisabledError()
             await uow.insert_session(session)
-            await uow.reset_signin_failures(canonical)
             if checked.new_hash is not None:
                 await uow.replace_password_hash(account.id, account.password_hash, checked.new_hash)
             issue = self._tokens.issue(session, locked.roles, now)
@@ -411,7 +435,9 @@ class IdentityService:
             raise SessionExpiredError()
         session, account = found
         now = self._clock.now()
-        if not self._is_live(session, now):
+        # A disabled account's sessions ended with the change; a token of one that somehow
+        # did not is refused all the same.
+        if not self._is_live(session, now) or account.status != "active":
             raise SessionExpiredError()
         if now - session.last_seen_at >= self._sessions.touch_interval:
             await self._store.touch_session(session.id, now)

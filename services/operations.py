@@ -23,11 +23,11 @@ from typing import Any, TypeVar
 
 from messages import Metadata, Result, StoredReply, fingerprint_material, spec_of
 from messages.events import AnyEvent
-from messages.models import Model
+from messages.models import Model, about_account
 from services.clock import Clock
 from services.errors import IdempotencyKeyReusedError, IdentityError, error_from_body
 from services.ids import new_event_id
-from services.tokens import TokenSigner
+from services.keys import Fingerprints
 from stores import (
     CommandStore,
     DuplicateKeyError,
@@ -72,8 +72,9 @@ class Operation:
     material: bytes
     context: CommandContext
     events: list[NewEvent] = field(default_factory=list)
-    # Undo work done outside the transaction (e.g. a counted sign-in attempt) when the
-    # operation turns out to be a duplicate of one that already committed.
+    # Undo work done outside the transaction (a reserved password attempt) when the operation
+    # turns out to be a duplicate of one that already committed. Registered only once the
+    # work was done, so a duplicate undoes what it did and nothing else.
     compensations: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # Set once the outcome (a result, or an error that changed state) is written in the
     # operation's unit of work: an error raised after that is not remembered a second time.
@@ -93,21 +94,23 @@ class Operation:
             data=data,
         )
         body = event.model_dump_json().encode()
-        self.events.append(NewEvent(event.event_id, event.type, body, now))
+        about = about_account(data)
+        self.events.append(NewEvent(event.event_id, event.type, body, now, account_id=about))
 
 
 class OperationRunner:
-    """Runs operations against one store; the fingerprint key comes from the token signer."""
+    """Runs operations against one store; fingerprints are keyed with the HMAC key (so they
+    survive signing-key rotation, see services.keys)."""
 
     def __init__(
         self,
         store: CommandStore,
-        signer: TokenSigner,
+        fingerprints: Fingerprints,
         clock: Clock,
         on_replay: Callable[[str], None] | None = None,
     ) -> None:
         self._store = store
-        self._signer = signer
+        self._fingerprints = fingerprints
         self._clock = clock
         self._on_replay = on_replay
 
@@ -125,7 +128,7 @@ class OperationRunner:
     ) -> None:
         """Write the events and the idempotency record in the caller's unit of work.
         `derive`: the facts a replay derives the result's secrets from (no secret itself)."""
-        record = self._record(op, StoredReply.of_result(result, derive))
+        record = self._record(op, StoredReply.of_result(result, derive), about_account(result))
         await uow.record_outcome(op.events, record)
         op.recorded = True
 
@@ -173,7 +176,7 @@ class OperationRunner:
         record = await self._store.get_idempotency(op.key)
         if record is None:
             return None
-        same = record.command == op.command and self._signer.fingerprint_matches(
+        same = record.command == op.command and self._fingerprints.matches(
             op.material, record.fingerprint
         )
         if not same:
@@ -202,14 +205,18 @@ class OperationRunner:
         async with self._store.unit_of_work() as uow:
             await uow.record_outcome((), record)
 
-    def _record(self, op: Operation, reply: StoredReply) -> IdempotencyRecord | None:
-        """The idempotency record of `op` with `reply`; None if it has no key."""
+    def _record(
+        self, op: Operation, reply: StoredReply, account_id: str | None = None
+    ) -> IdempotencyRecord | None:
+        """The idempotency record of `op` with `reply` (about `account_id`, which erasure
+        finds it by); None if it has no key. An error reply holds no account's data."""
         if op.key is None:
             return None
         return IdempotencyRecord(
             key=op.key,
             command=op.command,
-            fingerprint=self._signer.fingerprint(op.material),
+            fingerprint=self._fingerprints.of(op.material),
             reply=reply.to_json(),
             created_at=self._clock.now(),
+            account_id=account_id,
         )

@@ -40,7 +40,6 @@ from typing import Any
 from pydantic import SecretStr
 
 from messages import GetJwks, JwksResult, RefreshSession, RefreshSessionResult
-from messages.events import SessionEnded, SessionEndedData
 from services.access_tokens import (
     DEFAULT_ISSUER,
     DEFAULT_TTL_S,
@@ -52,8 +51,8 @@ from services.access_tokens import (
 from services.clock import Clock
 from services.errors import InvalidTokenError, SessionExpiredError
 from services.operations import NO_CONTEXT, CommandContext, Operation, OperationRunner
+from services.shapes import announce_ended, session_is_live, to_session
 from services.tokens import SigningKey
-from services.views import session_is_live, to_session
 from stores import ServiceStore, SessionRecord, TransientStoreError
 
 MAX_REFRESH_TOKEN_LENGTH = 256
@@ -314,11 +313,7 @@ class TokenService:
             # A used-up token came back: someone else holds a copy. End the session, and
             # commit that together with the answer.
             ended = await uow.end_session(session.id, now, "refresh_token_reused")
-            if ended is not None:
-                data = SessionEndedData(
-                    session_id=ended.id, account_id=ended.account_id, reason="refresh_token_reused"
-                )
-                op.emit(SessionEnded, data, now)
+            announce_ended(op, [ended] if ended is not None else [], "refresh_token_reused", now)
             error = InvalidTokenError(REUSED_MESSAGE)
             await self._ops.fail(uow, op, error)
         raise error

@@ -17,7 +17,7 @@ from messages.events import AccountRolesChanged, AccountRolesChangedData
 from services.clock import Clock
 from services.errors import InvalidInputError, NotFoundError
 from services.operations import NO_CONTEXT, CommandContext, Operation, OperationRunner
-from services.views import to_account
+from services.shapes import to_account
 from stores import AccountChanges, CommandStore, TransientStoreError
 
 # Every role travels in every access token: a bound keeps tokens small.

@@ -22,10 +22,18 @@ from services.access_tokens import JwtKey
 from services.clock import Clock, SystemClock
 from services.factory import ServiceConfig, make_identity_service
 from services.identity import IdentityService, SessionPolicy
+from services.keys import HmacKey
 from services.passwords import HashingPool, PasswordPolicy
 from services.refresh import TokenPolicy
 from services.tokens import SigningKey, parse_signing_keys
-from stores import IdentityStore, SecretStore, ServiceStore, ThrottleSchedule
+from stores import (
+    HashBudget,
+    IdentityStore,
+    SecretStore,
+    ServiceStore,
+    ThrottleRules,
+    ThrottleSchedule,
+)
 from stores.postgres import PostgresIdentityStore
 from worker.acks import Acknowledger
 from worker.broker import DeadLetters, ReplySender, StoppableRobustConnection
@@ -34,7 +42,7 @@ from worker.metrics import Metrics, create_metrics, observer
 from worker.outbox import OutboxRelay
 from worker.policy import RetryPolicy
 from worker.processor import CommandProcessor
-from worker.settings import Settings
+from worker.settings import Settings, SettingsError
 from worker.topology import Topology, declare_topology
 
 # How long a failed start waits for each thing it opened to close.
@@ -44,6 +52,7 @@ log = logging.getLogger("identity.worker")
 
 DEV_KEY_NAME = "development-signing-key"
 DEV_KEY_ID = "dev"
+DEV_HMAC_KEY_NAME = "development-hmac-key"
 DEV_JWT_KEY_NAME = "development-jwt-key"
 DEV_JWT_KEY_ID = "dev-jwt"
 
@@ -58,6 +67,7 @@ class Components:
     store: IdentityStore
     passwords: HashingPool
     service: IdentityService
+    hmac_key: HmacKey
     connection: AbstractRobustConnection
     fast_channel: AbstractRobustChannel
     password_channel: AbstractRobustChannel
@@ -70,32 +80,44 @@ class Components:
     jwks: dict[str, Any]
 
 
-async def signing_keys(settings: Settings, store: SecretStore) -> list[SigningKey]:
-    """The configured keys, or else a development key shared through the database, so that
-    several local workers accept each other's tokens without any configuration."""
-    if settings.signing_keys is not None:
-        return settings.parsed_signing_keys()
-    secret = await store.shared_secret(DEV_KEY_NAME, secrets.token_bytes(32))
-    log.warning(
-        "IDENTITY_SIGNING_KEYS is not set: using a development signing key stored in the "
-        "database. Production MUST set its own keys (identity-worker keys new)."
-    )
-    encoded = base64.urlsafe_b64encode(secret).decode().rstrip("=")
-    return parse_signing_keys(f"{DEV_KEY_ID}:{encoded}")
+@dataclass(frozen=True, repr=False)
+class WorkerKeys:
+    signing: list[SigningKey]
+    hmac: bytes
+    jwt: list[JwtKey]  # access tokens' (Ed25519), the signing one first
 
 
-async def jwt_keys(settings: Settings, store: SecretStore) -> list[JwtKey]:
-    """The configured access-token keys, or else (dev mode only: production refuses to start
-    without them, see worker.settings) a development key shared through the database, so
-    that several local workers sign with one key and publish it alike."""
-    if settings.jwt_keys is not None:
-        return settings.parsed_jwt_keys()
-    seed = await store.shared_secret(DEV_JWT_KEY_NAME, secrets.token_bytes(32))
-    log.warning(
-        "IDENTITY_JWT_KEYS is not set: signing access tokens with a development key stored in "
-        "the database. Production MUST set its own keys (identity-worker keys jwt)."
-    )
-    return [JwtKey(DEV_JWT_KEY_ID, seed)]
+async def worker_keys(settings: Settings, store: SecretStore) -> WorkerKeys:
+    """The configured keys. In production (settings guarantee they are configured) nothing
+    else: no key is ever read from or written to the database. In dev mode, what is not
+    configured is generated once and shared through the database, so that several local
+    workers accept each other's tokens and agree on fingerprints without configuration."""
+    if not settings.dev_mode:
+        hmac_key = settings.parsed_hmac_key()
+        jwt = settings.parsed_jwt_keys()
+        if hmac_key is None or not jwt:  # unreachable: the settings refuse production so
+            raise ValueError("production needs IDENTITY_HMAC_KEY and IDENTITY_JWT_KEYS")
+        return WorkerKeys(settings.parsed_signing_keys(), hmac_key, jwt)
+    signing = settings.parsed_signing_keys()
+    if not signing:
+        secret = await store.shared_secret(DEV_KEY_NAME, secrets.token_bytes(32))
+        encoded = base64.urlsafe_b64encode(secret).decode().rstrip("=")
+        signing = parse_signing_keys(f"{DEV_KEY_ID}:{encoded}")
+    hmac_key = settings.parsed_hmac_key()
+    if hmac_key is None:
+        hmac_key = await store.shared_secret(DEV_HMAC_KEY_NAME, secrets.token_bytes(32))
+    jwt = settings.parsed_jwt_keys()
+    if not jwt:
+        seed = await store.shared_secret(DEV_JWT_KEY_NAME, secrets.token_bytes(32))
+        jwt = [JwtKey(DEV_JWT_KEY_ID, seed)]
+    return WorkerKeys(signing, hmac_key, jwt)
+
+
+DEV_MODE_WARNING = (
+    "IDENTITY_DEV_MODE is true: keys not configured are kept in the database, any broker user"
+    " may send any command unless IDENTITY_CALLERS is set, and keys published with the code"
+    " are accepted. Never run this in production."
+)
 
 
 # The hashing threads' nice value: see services.passwords (cheap commands come first).
@@ -119,11 +141,9 @@ def service_config(settings: Settings) -> ServiceConfig:
             settings.session_idle_timeout_s,
             settings.session_touch_interval_s,
         ),
-        throttle=ThrottleSchedule(
-            free_failures=settings.throttle_free_failures,
-            base_delay_s=settings.throttle_base_delay_s,
-            max_delay_s=settings.throttle_max_delay_s,
-            reset_after_s=settings.throttle_reset_after_s,
+        throttle=throttle_rules(settings),
+        budget=HashBudget(
+            rate_per_s=settings.source_hash_rate_per_s, burst=settings.source_hash_burst
         ),
         tokens=TokenPolicy(
             issuer=settings.issuer,
@@ -133,19 +153,35 @@ def service_config(settings: Settings) -> ServiceConfig:
     )
 
 
+def throttle_rules(settings: Settings) -> ThrottleRules:
+    def schedule(free_failures: int) -> ThrottleSchedule:
+        return ThrottleSchedule(
+            free_failures=free_failures,
+            base_delay_s=settings.throttle_base_delay_s,
+            max_delay_s=settings.throttle_max_delay_s,
+            reset_after_s=settings.throttle_reset_after_s,
+        )
+
+    return ThrottleRules(
+        pair=schedule(settings.throttle_free_failures),
+        email=schedule(settings.throttle_email_free_failures),
+        known_source_s=settings.throttle_known_source_s,
+    )
+
+
 def build_service(
     settings: Settings,
     store: ServiceStore,
-    keys: list[SigningKey],
-    jwt: list[JwtKey],
+    keys: WorkerKeys,
     clock: Clock,
     metrics: Metrics,
 ) -> tuple[IdentityService, HashingPool]:
     return make_identity_service(
         store,
         service_config(settings),
-        keys=keys,
-        jwt_keys=jwt,
+        keys=keys.signing,
+        hmac_key=keys.hmac,
+        jwt_keys=keys.jwt,
         clock=clock,
         on_hash_timing=observer(metrics.hash_seconds),
         hashing_niceness=HASHING_NICENESS,
@@ -171,15 +207,22 @@ async def build(
         store = await connect_store(settings, metrics)
     passwords: HashingPool | None = None
     try:
-        keys = await signing_keys(settings, store)
-        jwt = await jwt_keys(settings, store)
-        service, pool = build_service(settings, store, keys, jwt, clock, metrics)
+        if isinstance(store, PostgresIdentityStore):
+            await check_database_role(settings, store)
+        metrics.dev_mode.set(1 if settings.dev_mode else 0)
+        if settings.dev_mode:
+            log.warning(DEV_MODE_WARNING)
+        keys = await worker_keys(settings, store)
+        hmac_key = HmacKey(keys.hmac)
+        # Counters of the previous schema name emails in plain text: re-key them now.
+        await store.adopt_legacy_throttle(hmac_key.email_tag)
+        service, pool = build_service(settings, store, keys, clock, metrics)
         passwords = pool
         metrics.hash_pool_pending.set_function(lambda: pool.pending)
         await pool.start()
         if connection is None:
             connection = await connect_broker(settings)
-        return await _assemble(settings, clock, metrics, store, service, pool, connection)
+        return await _assemble(settings, clock, metrics, store, service, hmac_key, pool, connection)
     except BaseException:
         # A failed or cancelled start (SIGTERM) closes what it opened: a robust connection
         # left open keeps reconnecting, and its task would keep the process from exiting.
@@ -190,6 +233,33 @@ async def build(
             passwords.close()
         await store.close(force_after_s=CLOSE_TIMEOUT_S)
         raise
+
+
+class DatabaseRoleRefused(SettingsError):
+    """The worker's database role could change the schema: production does not run so."""
+
+
+async def check_database_role(settings: Settings, store: PostgresIdentityStore) -> None:
+    """Least privilege: the worker's role reads and writes rows, nothing more. A superuser,
+    or a role that owns the tables (and so may alter or drop them), is refused in production
+    and warned about in dev mode; one that may create objects in the schema is warned about
+    (PostgreSQL before 15 grants that to every role unless revoked)."""
+    powers = await store.role_powers()
+    if powers.superuser or powers.owns_tables:
+        what = "a superuser" if powers.superuser else "the owner of the tables"
+        message = (
+            f"IDENTITY_DATABASE_URL: the worker's role is {what}, which may change the schema;"
+            " run the worker as a role with row access only and migrate as the owner"
+            " (IDENTITY_MIGRATION_DATABASE_URL; docs/runbook.md, database roles)"
+        )
+        if not settings.dev_mode:
+            raise DatabaseRoleRefused(message)
+        log.warning(message)
+    elif powers.creates:
+        log.warning(
+            "the worker's database role may create objects in the schema:"
+            " REVOKE CREATE ON SCHEMA public FROM it (docs/runbook.md, database roles)"
+        )
 
 
 async def connect_store(settings: Settings, metrics: Metrics) -> IdentityStore:
@@ -217,6 +287,7 @@ async def _assemble(
     metrics: Metrics,
     store: IdentityStore,
     service: IdentityService,
+    hmac_key: HmacKey,
     passwords: HashingPool,
     connection: AbstractRobustConnection,
 ) -> Components:
@@ -247,6 +318,7 @@ async def _assemble(
         worker_delivery_limit=settings.worker_delivery_limit,
         on_committed=relay.wake,
         log_queries=settings.log_queries,
+        gateways=settings.gateway_users,
     )
     return Components(
         settings=settings,
@@ -255,6 +327,7 @@ async def _assemble(
         store=store,
         passwords=passwords,
         service=service,
+        hmac_key=hmac_key,
         connection=connection,
         fast_channel=fast_channel,
         password_channel=password_channel,

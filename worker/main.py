@@ -38,7 +38,11 @@ async def run_worker(settings: Settings, *, migrate_first: bool = True) -> int:
         loop.add_signal_handler(signum, on_signal, signum)
     try:
         if migrate_first:
-            await migrate(settings.database_url.get_secret_value())
+            await migrate(
+                settings.migration_dsn,
+                worker_role=settings.worker_role,
+                dev_mode=settings.dev_mode,
+            )
         parts = await build(settings)  # closes what it opened if cancelled
     except asyncio.CancelledError:
         if not stopped_by:

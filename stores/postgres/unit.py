@@ -23,6 +23,7 @@ from stores.postgres.edge import Instrument
 from stores.records import (
     AccountChanges,
     AccountRecord,
+    ErasureCounts,
     IdempotencyRecord,
     NewEvent,
     PendingEvent,
@@ -42,6 +43,11 @@ _VALUES = {
 def _values(record: AccountRecord | SessionRecord | IdempotencyRecord) -> tuple[Any, ...]:
     values: tuple[Any, ...] = _VALUES[type(record)](record)
     return values
+
+
+def _count(status: str) -> int:
+    """The row count of a command status such as `DELETE 3` or `UPDATE 0`."""
+    return int(status.rsplit(" ", 1)[-1])
 
 
 def account_from(row: Any) -> AccountRecord | None:
@@ -135,9 +141,30 @@ class PostgresUnitOfWork:
             )
         return session_from(row)
 
-    async def reset_signin_failures(self, email_canonical: str) -> None:
-        with self._timed("uow.reset_signin_failures"):
-            await self._conn.execute(sql.RESET_SIGNIN, email_canonical)
+    async def erase_account(
+        self,
+        account_id: str,
+        *,
+        erased_at: datetime,
+        email_canonical: str,
+        email_tag: bytes,
+        erased_reply: dict[str, Any],
+    ) -> ErasureCounts:
+        with self._timed("uow.erase_account"):
+            sessions = _count(await self._conn.execute(sql.ERASE_SESSIONS, account_id))
+            await self._conn.execute(sql.ERASE_ACCOUNT, account_id)
+            await self._conn.execute(sql.INSERT_TOMBSTONE, account_id, erased_at)
+            replies = _count(await self._conn.execute(sql.ERASE_REPLIES, account_id, erased_reply))
+            dropped = _count(await self._conn.execute(sql.DROP_UNPUBLISHED_EVENTS, account_id))
+            scrubbed = _count(await self._conn.execute(sql.SCRUB_PUBLISHED_EVENTS, account_id))
+            throttle = await self._conn.fetchval(sql.ERASE_THROTTLE, email_tag, email_canonical)
+        return ErasureCounts(
+            sessions=sessions,
+            replies=replies,
+            events_dropped=dropped,
+            events_scrubbed=scrubbed,
+            throttle=throttle,
+        )
 
     async def record_outcome(
         self, events: Sequence[NewEvent], idempotency: IdempotencyRecord | None
@@ -153,6 +180,7 @@ class PostgresUnitOfWork:
                 [bytes(e.body) for e in events],
                 [e.created_at for e in events],
                 *record,
+                [e.account_id for e in events],
             )
 
 

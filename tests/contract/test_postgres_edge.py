@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
+from hashlib import sha256
 
 import asyncpg
 import pytest
 
-from stores import PostgresIdentityStore, StoreError, TransientStoreError, migrate
+from stores import PostgresIdentityStore, StoreError, ThrottleRules, TransientStoreError, migrate
 from stores.postgres.migrate import migration_files
-from tests.contract.builders import account, idempotency
+from tests.contract.builders import T0, account, idempotency, unique
 
 
 async def test_concurrent_migrators_create_the_database_and_apply_each_file_once(
@@ -133,3 +135,47 @@ async def test_close_cuts_off_a_connection_still_in_use_after_its_deadline(pg_ds
     release.set()
     with pytest.raises(Exception):  # noqa: B017, PT011 - whatever a terminated pool raises
         await work
+
+
+async def test_the_plain_email_counters_of_schema_0001_move_to_keyed_tags(
+    pg_store: PostgresIdentityStore, pg_dsn: str
+) -> None:
+    """Migration 0002 cannot re-key them (the key is not in the database): the worker does,
+    keeping a lock in force and the larger count, and nothing names an email afterwards."""
+
+    def tag(email: str) -> bytes:
+        return sha256(b"test-key" + email.encode()).digest()[:16]
+
+    locked, counted, merged = (unique("legacy") + "@example.com" for _ in range(3))
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.executemany(
+            "INSERT INTO signin_throttle VALUES ($1, $2, $3, $4)",
+            [
+                (locked, 7, T0 + timedelta(seconds=120), T0),
+                (counted, 3, None, T0),
+                (merged, 2, None, T0),
+            ],
+        )
+        await pg_store.reserve_password_attempt(tag(merged), b"source", T0, ThrottleRules())
+
+        assert await pg_store.adopt_legacy_throttle(tag) >= 3
+
+        left = await conn.fetchval(
+            "SELECT count(*) FROM signin_throttle WHERE email_canonical = ANY($1)",
+            [locked, counted, merged],
+        )
+        rows = {
+            bytes(r["email_tag"]): (r["failures"], r["locked_until"])
+            for r in await conn.fetch("SELECT * FROM throttle_emails")
+        }
+    finally:
+        await conn.close()
+    assert left == 0
+    assert rows[tag(locked)] == (7, T0 + timedelta(seconds=120))
+    assert rows[tag(counted)] == (3, None)
+    assert rows[tag(merged)] == (2, None)  # the larger of 2 (legacy) and 1 (new)
+    # The lock carried over refuses a new source (the email counter's lock), as it did.
+    refused = await pg_store.reserve_password_attempt(tag(locked), b"new", T0, ThrottleRules())
+    assert (refused.allowed, refused.locked) == (False, "email")
+    assert await pg_store.adopt_legacy_throttle(tag) == 0

@@ -18,12 +18,9 @@ from stores import (
     DuplicateKeyError,
     IdentityStore,
     StoreError,
-    ThrottleSchedule,
     TransientStoreError,
 )
 from tests.contract.builders import T0, account, event, idempotency, session, unique
-
-SCHEDULE = ThrottleSchedule(free_failures=3, base_delay_s=2.0, max_delay_s=10.0, reset_after_s=3600)
 
 
 class Boom(Exception):
@@ -636,111 +633,6 @@ async def test_backlog_counts_unpublished_rows_and_the_oldest_age(store: Identit
     assert await store.outbox_backlog(T0 + timedelta(seconds=61)) == (2, 60.0)
 
 
-# Sign-in throttle
-
-
-async def reserve(store: IdentityStore, email: str, seconds: float = 0) -> tuple[bool, int, float]:
-    decision = await store.reserve_signin_attempt(email, T0 + timedelta(seconds=seconds), SCHEDULE)
-    return decision.allowed, decision.failures, decision.retry_after_s
-
-
-async def test_free_failures_pass_then_the_next_attempt_locks(store: IdentityStore) -> None:
-    email = unique("throttled")
-    results = [await reserve(store, email) for _ in range(5)]
-    assert results == [
-        (True, 1, 0.0),
-        (True, 2, 0.0),
-        (True, 3, 0.0),
-        (True, 4, 0.0),  # counted up front: the fourth failure locks the account for 2s
-        (False, 4, 2.0),
-    ]
-
-
-async def test_lock_doubles_up_to_the_maximum_and_expires(store: IdentityStore) -> None:
-    email = unique("throttled")
-    for _ in range(4):
-        await reserve(store, email)
-    now, locks = 0.0, []
-    for _ in range(4):
-        refused = await reserve(store, email, now)
-        now += refused[2]
-        locks.append(refused)
-        assert (await reserve(store, email, now))[0]
-    assert locks == [(False, 4, 2.0), (False, 5, 4.0), (False, 6, 8.0), (False, 7, 10.0)]
-
-
-async def test_refused_attempt_reports_the_remaining_lock(store: IdentityStore) -> None:
-    email = unique("throttled")
-    for _ in range(4):
-        await reserve(store, email)
-    assert await reserve(store, email, 0.5) == (False, 4, 1.5)
-    assert await reserve(store, email, 2.0) == (True, 5, 0.0)
-
-
-async def test_counter_restarts_only_when_older_than_reset_after(store: IdentityStore) -> None:
-    email, other = unique("throttled"), unique("throttled")
-    await reserve(store, email)
-    await reserve(store, other)
-    assert await reserve(store, email, 3600) == (True, 2, 0.0)
-    assert await reserve(store, other, 3600.001) == (True, 1, 0.0)
-
-
-async def test_concurrent_reservations_are_counted_once_each(store: IdentityStore) -> None:
-    email = unique("throttled")
-    lenient = replace(SCHEDULE, free_failures=100)
-    decisions = await asyncio.gather(
-        *(store.reserve_signin_attempt(email, T0, lenient) for _ in range(20))
-    )
-    assert all(d.allowed for d in decisions)
-    assert sorted(d.failures for d in decisions) == list(range(1, 21))
-
-
-async def test_concurrent_reservations_cannot_race_past_the_lock(store: IdentityStore) -> None:
-    email = unique("throttled")
-    decisions = await asyncio.gather(
-        *(store.reserve_signin_attempt(email, T0, SCHEDULE) for _ in range(20))
-    )
-    allowed = sorted(d.failures for d in decisions if d.allowed)
-    refused = [(d.failures, d.retry_after_s) for d in decisions if not d.allowed]
-    assert allowed == [1, 2, 3, 4]
-    assert refused == [(4, 2.0)] * 16
-
-
-async def test_refund_uncounts_one_reserved_attempt(store: IdentityStore) -> None:
-    email = unique("throttled")
-    await reserve(store, email)
-    await reserve(store, email)
-    await store.refund_signin_attempt(email)
-    assert await reserve(store, email) == (True, 2, 0.0)
-    for _ in range(3):
-        await store.refund_signin_attempt(email)
-    await store.refund_signin_attempt(unique("never_seen"))
-    assert await reserve(store, email) == (True, 1, 0.0)
-
-
-async def test_successful_sign_in_forgets_failures_and_lock(store: IdentityStore) -> None:
-    email = unique("throttled")
-    for _ in range(4):
-        await reserve(store, email)
-    async with store.unit_of_work() as uow:
-        await uow.reset_signin_failures(email)
-    assert await reserve(store, email) == (True, 1, 0.0)
-
-
-async def test_reset_in_a_unit_that_raises_forgets_nothing(store: IdentityStore) -> None:
-    email = unique("throttled")
-    await reserve(store, email)
-
-    async def doomed() -> None:
-        async with store.unit_of_work() as uow:
-            await uow.reset_signin_failures(email)
-            raise Boom
-
-    with pytest.raises(Boom):
-        await doomed()
-    assert await reserve(store, email) == (True, 2, 0.0)
-
-
 # Purge, shared secrets, health
 
 
@@ -764,10 +656,6 @@ async def test_purge_deletes_only_what_is_old_enough(store: IdentityStore) -> No
         )
     async with store.claim_events(2) as batch:
         batch.mark_published([batch.events[0].seq])
-    stale_email, fresh_email = unique("throttled"), unique("throttled")
-    await store.reserve_signin_attempt(stale_email, old, SCHEDULE)
-    await store.reserve_signin_attempt(fresh_email, young, SCHEDULE)
-
     counts = await store.purge(
         idempotency_before=cutoff,
         outbox_before=cutoff,
@@ -775,15 +663,13 @@ async def test_purge_deletes_only_what_is_old_enough(store: IdentityStore) -> No
         sessions_before=cutoff,
     )
 
-    assert (counts.idempotency, counts.outbox, counts.throttle, counts.sessions) >= (1, 1, 1, 2)
+    assert (counts.idempotency, counts.outbox, counts.sessions) >= (1, 1, 2)
     assert await store.get_idempotency(old_key.key) is None
     assert await store.get_idempotency(young_key.key) == young_key
     assert await store.get_session_with_account(expired.id) is None
     assert await store.get_session_with_account(ended.id) is None
     assert await store.get_session_with_account(live.id) is not None
     assert await store.outbox_backlog(young) == (2, 2 * 86400.0)
-    assert (await store.reserve_signin_attempt(stale_email, young, SCHEDULE)).failures == 1
-    assert (await store.reserve_signin_attempt(fresh_email, young, SCHEDULE)).failures == 2
 
 
 async def test_shared_secret_keeps_the_first_writers_value(store: IdentityStore) -> None:

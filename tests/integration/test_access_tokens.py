@@ -18,7 +18,7 @@ from tests.integration.conftest import Isolated
 from tests.integration.scenarios import Person, assert_free_of, key
 from tests.support.bus import Bus
 from tests.support.eventually import eventually
-from tests.support.workers import WorkerProcess
+from tests.support.workers import TEST_JWT_KEYS, WorkerProcess
 
 pytestmark = pytest.mark.integration
 
@@ -57,7 +57,7 @@ async def test_sign_in_refresh_and_verify_locally_over_the_broker_and_over_http(
         assert claims.session_id == started.session.id
         assert claims.roles == ()
     assert int(started.access_token_expires_at.timestamp()) == claims.expires_at
-    assert over_broker.kids == over_http.kids == ("test-j1",)
+    assert over_broker.kids == over_http.kids == (TEST_JWT_KEYS.partition(":")[0],)
     status, body = worker.http_get("/.well-known/jwks.json")
     assert status == 200
     assert orjson.loads(body) == (await client.get_jwks()).model_dump(mode="json")

@@ -124,7 +124,7 @@ async def test_send_exits_1_with_the_error_reply_printed(
 @pytest.mark.parametrize(
     "args",
     [
-        ["send", "account.delete", "--account-id=acct_x"],
+        ["send", "account.erase", "--account-id=acct_x"],
         ["send", "account.get"],
         ["send", "account.update", "--account-id=acct_x", "--expected-version=three"],
         ["send", "account.update", f"--account-id=acct_{'0' * 26}", "--expected-version=1"],

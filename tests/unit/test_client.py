@@ -58,6 +58,14 @@ RESULTS: dict[str, dict[str, Any]] = {
     "session.verify": {"session": SESSION, "account": ACCOUNT},
     "session.end": {"session_id": SESSION_ID},
     "session.end_all": {"account_id": ACCOUNT_ID, "sessions_ended": 3},
+    "account.disable": {"account": ACCOUNT | {"status": "disabled"}, "sessions_ended": 2},
+    "account.enable": {"account": ACCOUNT},
+    "account.delete": {"account_id": ACCOUNT_ID, "sessions_ended": 1},
+    "session.list": {
+        "sessions": [SESSION | {"last_seen_at": NOW, "client_ip": None, "user_agent": "web/4.2"}],
+        "next_cursor": None,
+    },
+    "session.revoke": {"session_id": SESSION_ID, "account_id": ACCOUNT_ID},
     "session.refresh": {
         "session": SESSION,
         "access_token": "eyJ.access-2",
@@ -82,6 +90,11 @@ CALLS: dict[str, Callable[[IdentityClient], Any]] = {
     "session.verify": lambda c: c.verify_session("tok-123"),
     "session.end": lambda c: c.end_session("tok-123"),
     "session.end_all": lambda c: c.end_all_sessions(ACCOUNT_ID),
+    "account.disable": lambda c: c.disable_account(ACCOUNT_ID, "abuse report 42"),
+    "account.enable": lambda c: c.enable_account(ACCOUNT_ID),
+    "account.delete": lambda c: c.delete_account(ACCOUNT_ID),
+    "session.list": lambda c: c.list_sessions(ACCOUNT_ID, limit=10),
+    "session.revoke": lambda c: c.revoke_session(SESSION_ID),
     "session.refresh": lambda c: c.refresh_session("r1.refresh"),
     "keys.jwks": lambda c: c.get_jwks(),
     "account.grant_role": lambda c: c.grant_role(ACCOUNT_ID, "admin"),
@@ -242,6 +255,12 @@ async def test_a_command_is_published_persistent_json_with_direct_reply_to() -> 
         lambda c: c.send("account.get", {"account_id": ACCOUNT_ID, "extra": 1}),
         lambda c: c.end_all_sessions(ACCOUNT_ID, idempotency_key="nul\x00key"),
         lambda c: c.end_all_sessions(ACCOUNT_ID, idempotency_key="k" * 201),
+        lambda c: c.disable_account(ACCOUNT_ID, "r" * 201),
+        lambda c: c.disable_account(ACCOUNT_ID, ""),
+        lambda c: c.list_sessions(ACCOUNT_ID, limit=201),
+        lambda c: c.list_sessions(ACCOUNT_ID, limit=0),
+        lambda c: c.list_sessions(ACCOUNT_ID, cursor="not a cursor!"),
+        lambda c: c.revoke_session("ses_short"),
     ],
 )
 async def test_an_invalid_payload_fails_locally_before_anything_is_sent(call: Any) -> None:
@@ -256,7 +275,7 @@ async def test_an_unknown_command_is_refused_locally() -> None:
     api, channel = make_client()
     async with api:
         with pytest.raises(ValueError, match="unknown command"):
-            await api.send("account.delete", {"account_id": ACCOUNT_ID})
+            await api.send("account.erase", {"account_id": ACCOUNT_ID})
     assert channel.published == []
 
 
@@ -297,6 +316,16 @@ async def test_a_given_idempotency_key_is_sent_as_is() -> None:
         await api.end_all_sessions(ACCOUNT_ID, idempotency_key="signout-42")
         await api.send("session.verify", {"token": "tok-123"}, idempotency_key="q-1")
     assert [p.body["idempotency_key"] for p in channel.published] == ["signout-42", "q-1"]
+
+
+async def test_list_sessions_sends_only_what_it_was_given() -> None:
+    api, channel = make_client()
+    async with api:
+        await api.list_sessions(ACCOUNT_ID)
+        await api.list_sessions(ACCOUNT_ID, limit=5, cursor="abc_-1")
+    first, second = (p.body["payload"] for p in channel.published)
+    assert first == {"account_id": ACCOUNT_ID, "limit": 50}
+    assert second == {"account_id": ACCOUNT_ID, "limit": 5, "cursor": "abc_-1"}
 
 
 async def test_update_omits_the_fields_it_does_not_change() -> None:

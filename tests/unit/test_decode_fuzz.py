@@ -71,6 +71,15 @@ VALID_PAYLOADS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
     "session.verify": st.fixed_dictionaries({"token": secrets_}),
     "session.end": st.fixed_dictionaries({"token": secrets_}),
     "session.end_all": st.just({"account_id": ACCOUNT_ID}),
+    "account.disable": st.fixed_dictionaries(
+        {"account_id": st.just(ACCOUNT_ID), "reason": st.just("abuse report 42")}
+    ),
+    "account.enable": st.just({"account_id": ACCOUNT_ID}),
+    "account.delete": st.just({"account_id": ACCOUNT_ID}),
+    "session.list": st.fixed_dictionaries(
+        {"account_id": st.just(ACCOUNT_ID)}, optional={"limit": st.integers(1, 200)}
+    ),
+    "session.revoke": st.just({"session_id": "ses_" + "0" * 32}),
     "session.refresh": st.fixed_dictionaries({"refresh_token": secrets_}),
     "keys.jwks": st.just({}),
     "account.grant_role": st.just({"account_id": ACCOUNT_ID, "role": "admin"}),

@@ -16,6 +16,8 @@ import pytest
 import yaml
 from prometheus_client import generate_latest
 
+from courier.metrics import CourierMetrics, create_courier_metrics
+from courier.settings import CourierSettings
 from services.passwords import HUGE_PAGES_TUNABLE
 from worker.health import LIVE_SILENCE_S, HealthState
 from worker.metrics import Metrics, create_metrics
@@ -28,13 +30,13 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "dashboard.json"
 RUNBOOK = ROOT / "docs" / "runbook.md"
 METRIC_NAME = re.compile(r"\bidentity_[a-z_]+")
 JOB = "identity-worker"
+COURIER_JOB = "identity-courier"
 
 
-def exposed_names() -> set[str]:
-    """Sample names of a fresh worker's /metrics text, every labelled metric touched once
-    (a labelled metric shows no series until a label set is used)."""
-    metrics = create_metrics()
-    for name in Metrics.__dataclass_fields__:
+def _exposition_names(metrics: Metrics | CourierMetrics) -> set[str]:
+    """Sample names of a fresh /metrics text, every labelled metric touched once (a labelled
+    metric shows no series until a label set is used)."""
+    for name in type(metrics).__dataclass_fields__:
         metric = getattr(metrics, name)
         # prometheus_client has no public accessor for a metric's label names.
         labels = getattr(metric, "_labelnames", ())
@@ -44,9 +46,20 @@ def exposed_names() -> set[str]:
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1].isalpha()}
 
 
+def exposed_names() -> set[str]:
+    """Sample names of a fresh worker's /metrics text."""
+    return _exposition_names(create_metrics())
+
+
 @pytest.fixture(scope="module")
 def exposed() -> set[str]:
     return exposed_names()
+
+
+@pytest.fixture(scope="module")
+def exposed_by_courier() -> set[str]:
+    """Sample names of the mail sender's /metrics text (its own sidecar and scrape job)."""
+    return _exposition_names(create_courier_metrics())
 
 
 def load_rules() -> list[dict[str, Any]]:
@@ -101,10 +114,14 @@ def test_every_alert_has_an_expression_a_duration_a_severity_and_a_runbook() -> 
         assert anchor in anchors, f"{name}: no runbook section #{anchor}"
 
 
-def test_alert_expressions_name_only_metrics_the_worker_exposes(exposed: set[str]) -> None:
+def test_alert_expressions_name_only_metrics_the_worker_exposes(
+    exposed: set[str], exposed_by_courier: set[str]
+) -> None:
     named = {name for rule in load_rules() for name in METRIC_NAME.findall(rule["expr"])}
     assert named, "no alert looks at a worker metric"
-    assert named <= exposed, f"unknown metrics in alerts.yml: {sorted(named - exposed)}"
+    known = exposed | exposed_by_courier
+    assert named <= known, f"unknown metrics in alerts.yml: {sorted(named - known)}"
+    assert named & exposed_by_courier, "no alert looks at the mail sender"
 
 
 def test_the_alerts_cover_the_states_an_operator_must_hear_about() -> None:
@@ -118,6 +135,13 @@ def test_the_alerts_cover_the_states_an_operator_must_hear_about() -> None:
         "histogram_quantile(0.99",
         "identity_broker_connected == 0",
         "identity_database_up == 0",
+        # The mail sender: down, its SMTP server, its failures, the courier queue's backlog.
+        f'up{{job="{COURIER_JOB}"}} == 0',
+        "identity_courier_smtp_up == 0",
+        "identity_courier_ready == 0",
+        "rate(identity_courier_failed_total",
+        'identity_courier_failed_total{reason="expired"}',
+        "max(identity_courier_queue_messages)",
     ):
         assert needed in exprs, needed
 
@@ -127,6 +151,9 @@ def test_the_scrape_config_loads_the_rules_under_the_job_they_expect() -> None:
     assert "alerts.yml" in config["rule_files"]
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert jobs[JOB]["metrics_path"] == "/metrics"
+    assert jobs[COURIER_JOB]["metrics_path"] == "/metrics"
+    courier_port = str(CourierSettings.model_fields["http_port"].default)
+    assert jobs[COURIER_JOB]["static_configs"][0]["targets"][0].endswith(":" + courier_port)
 
 
 def test_dashboard_queries_name_only_metrics_the_worker_exposes(exposed: set[str]) -> None:
@@ -192,3 +219,28 @@ def test_the_image_healthcheck_asks_the_sidecar_on_the_configured_port() -> None
         assert check() != 0
     finally:
         sidecar.stop()
+
+
+def test_only_make_run_and_compose_set_dev_mode_and_compose_ships_no_key() -> None:
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    services = compose["services"]
+    worker, migrate = services["worker"]["environment"], services["migrate"]["environment"]
+    assert worker["IDENTITY_DEV_MODE"] == "true"
+    assert migrate["IDENTITY_DEV_MODE"] == "true"
+    assert not any(name.endswith("_KEYS") or name.endswith("_KEY") for name in worker)
+    run_target = (ROOT / "Makefile").read_text().partition("\nrun:")[2].partition("\n\n")[0]
+    assert "IDENTITY_DEV_MODE=true" in run_target
+    assert "IDENTITY_DEV_MODE" not in (ROOT / "Dockerfile").read_text()
+
+
+def test_compose_runs_the_worker_as_its_own_role_and_migrates_as_the_owner() -> None:
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    worker, migrate = services["worker"], services["migrate"]
+    assert "identity_worker:" in worker["environment"]["IDENTITY_DATABASE_URL"]
+    assert "IDENTITY_MIGRATION_DATABASE_URL" not in worker["environment"]
+    assert worker["environment"]["IDENTITY_MIGRATE_ON_START"] == "false"
+    assert migrate["command"] == ["migrate"]
+    assert "identity_owner:" in migrate["environment"]["IDENTITY_MIGRATION_DATABASE_URL"]
+    assert worker["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    init = " ".join(services["postgres"]["volumes"])
+    assert "deploy/postgres/init-roles.sh:/docker-entrypoint-initdb.d/" in init

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import replace
 from datetime import timedelta
 
@@ -19,7 +20,7 @@ from services.identity import IdentityService
 from services.passwords import HashingPool
 from services.tokens import SigningKey, TokenSigner
 from stores.memory import MemoryIdentityStore
-from tests.support.factory import TEST_CONFIG, running_service
+from tests.support.factory import TEST_CONFIG, TEST_KEYS, running_service
 from tests.unit.helpers import create_cmd, ctx, pending_events, start_cmd
 
 
@@ -154,7 +155,7 @@ async def test_idle_sessions_expire_and_last_seen_writes_are_throttled(
 async def test_forged_and_tampered_tokens_are_invalid(service: IdentityService) -> None:
     await service.create_account(create_cmd(), ctx())
     token = (await service.start_session(start_cmd(), ctx())).token.get_secret_value()
-    forged = TokenSigner([SigningKey("k2", b"x" * 32)]).sign(token.split(".")[2])
+    forged = TokenSigner([SigningKey("k2", secrets.token_bytes(32))]).sign(token.split(".")[2])
     for bad in (forged, token[:-2] + "AA", "not-a-token", token + "x"):
         with pytest.raises(InvalidTokenError):
             await service.verify_session(verify_cmd(bad))
@@ -165,7 +166,7 @@ async def test_tokens_survive_key_rotation(
 ) -> None:
     await service.create_account(create_cmd(), ctx())
     token = (await service.start_session(start_cmd(), ctx())).token.get_secret_value()
-    new_key, old_key = SigningKey("k3", b"r" * 32), SigningKey("k2", b"n" * 32)
+    new_key, old_key = SigningKey("k3", secrets.token_bytes(32)), TEST_KEYS[0]
     async with running_service(store, clock=clock, keys=[new_key, old_key]) as (rotated, _):
         await rotated.verify_session(verify_cmd(token))
         fresh = (await rotated.start_session(start_cmd(), ctx())).token.get_secret_value()
