@@ -17,6 +17,7 @@ from messages.models import (
     EmailField,
     Model,
     PasswordField,
+    RoleName,
     SessionId,
     TokenField,
     wire_form,
@@ -29,8 +30,10 @@ from messages.replies import (
     DisableAccountResult,
     EndAllSessionsResult,
     EndSessionResult,
+    JwksResult,
     ListSessionsResult,
     RecoveryResult,
+    RefreshSessionResult,
     Result,
     RevokeSessionResult,
     StartSessionResult,
@@ -200,6 +203,31 @@ class ConfirmVerification(Model):
     code: CodeField
 
 
+class RefreshSession(Model):
+    """Trade a refresh token for a new access token and a new refresh token
+    (`session.refresh`); the presented refresh token is used up."""
+
+    refresh_token: TokenField
+
+
+class GetJwks(Model):
+    """The public keys access tokens are signed with (`keys.jwks`); no fields."""
+
+
+class GrantRole(Model):
+    """Give the account a role (`account.grant_role`); a role it holds already is fine."""
+
+    account_id: AccountId
+    role: RoleName
+
+
+class RevokeRole(Model):
+    """Take a role from the account (`account.revoke_role`); one it lacks is fine."""
+
+    account_id: AccountId
+    role: RoleName
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CommandSpec:
     """What the worker, the client and the AsyncAPI document need to know about a command.
@@ -354,6 +382,39 @@ _SPECS = (
         changes_state=True,
         password_work=False,
         summary="Mark the email address verified with the code mailed to it.",
+    ),
+    CommandSpec(
+        name="session.refresh",
+        payload=RefreshSession,
+        result=RefreshSessionResult,
+        changes_state=True,
+        password_work=False,
+        summary="New access and refresh tokens for a refresh token, which is used up; a used "
+        "one presented again ends the session.",
+    ),
+    CommandSpec(
+        name="keys.jwks",
+        payload=GetJwks,
+        result=JwksResult,
+        changes_state=False,
+        password_work=False,
+        summary="The JWKS (RFC 7517) of the keys that sign access tokens.",
+    ),
+    CommandSpec(
+        name="account.grant_role",
+        payload=GrantRole,
+        result=AccountResult,
+        changes_state=True,
+        password_work=False,
+        summary="Give the account a role (granting a held role changes nothing).",
+    ),
+    CommandSpec(
+        name="account.revoke_role",
+        payload=RevokeRole,
+        result=AccountResult,
+        changes_state=True,
+        password_work=False,
+        summary="Take a role from the account (revoking a missing role changes nothing).",
     ),
 )
 
