@@ -20,6 +20,7 @@ from typing import Any
 
 import asyncpg
 
+from services.access_tokens import format_jwt_key, new_jwt_key
 from services.keys import new_hmac_key
 from services.passwords import HUGE_PAGES_TUNABLE, malloc_hugetlb
 
@@ -259,6 +260,8 @@ class WorkerProcess:
 # policy that lets guest send everything, and an argon2 budget per source it never reaches.
 BENCH_CALLERS = "guest=*"
 BENCH_HMAC_KEY = new_hmac_key()
+# One access-token key per benchmark process: every worker of a run signs with it.
+_JWT_KEYS = format_jwt_key(new_jwt_key())
 
 
 def worker_env(sandbox: Sandbox, signing_keys: str, **extra: str) -> dict[str, str]:
@@ -272,6 +275,7 @@ def worker_env(sandbox: Sandbox, signing_keys: str, **extra: str) -> dict[str, s
         IDENTITY_CALLERS=BENCH_CALLERS,
         IDENTITY_SOURCE_HASH_RATE_PER_S="1000000",
         IDENTITY_SOURCE_HASH_BURST="1000000",
+        IDENTITY_JWT_KEYS=_JWT_KEYS,
         IDENTITY_HTTP_HOST="127.0.0.1",
         IDENTITY_LOG_LEVEL="INFO",
     )

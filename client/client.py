@@ -45,7 +45,7 @@ from client._wire import (
     read_result,
     validated,
 )
-from client.errors import NotDeployed, ReplyTimeout, Unroutable
+from client.errors import NotDeployed, ReplyTimeout, TransportError, Unroutable
 from messages import (
     AcceptedResult,
     AccountResult,
@@ -64,12 +64,18 @@ from messages import (
     EndSession,
     EndSessionResult,
     GetAccount,
+    GetJwks,
+    GrantRole,
+    JwksResult,
     ListSessions,
     ListSessionsResult,
     RecoveryResult,
+    RefreshSession,
+    RefreshSessionResult,
     Reply,
     RequestRecovery,
     RequestVerification,
+    RevokeRole,
     RevokeSession,
     RevokeSessionResult,
     StartSession,
@@ -467,6 +473,61 @@ class IdentityClient:
     ) -> AccountResult:
         """Prove the address with the mailed code (`InvalidCode`, `RateLimited`)."""
         payload = validated(ConfirmVerification, {"email": email, "code": code})
+        return await self._call(AccountResult, payload, idempotency_key, metadata)
+
+    async def refresh_session(
+        self,
+        refresh_token: SecretArg,
+        *,
+        idempotency_key: str | None = None,
+        attempts: int = 3,
+        metadata: MetadataArg = None,
+    ) -> RefreshSessionResult:
+        """New access and refresh tokens for `refresh_token`, which is used up.
+
+        Every attempt (the client's own re-publishes, and up to `attempts` calls after a
+        `TransportError`) goes under ONE idempotency key: a retry of a refresh whose reply was
+        lost gets that reply again. Under a fresh key it would present a used-up token,
+        which the worker takes for theft and answers by ending the session. After the last
+        attempt the `ReplyTimeout` carries the key (`.idempotency_key`): pass it back in to
+        try again later.
+        """
+        if attempts < 1:
+            raise ValueError("attempts must be at least 1")
+        key = idempotency_key or str(uuid.uuid4())
+        payload = validated(RefreshSession, {"refresh_token": refresh_token})
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self._call(RefreshSessionResult, payload, key, metadata)
+            except TransportError:
+                if attempt == attempts:
+                    raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def get_jwks(self) -> JwksResult:
+        """The public keys access tokens are signed with (`keys.jwks`)."""
+        return await self._call(JwksResult, GetJwks())
+
+    async def grant_role(
+        self,
+        account_id: str,
+        role: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> AccountResult:
+        payload = validated(GrantRole, {"account_id": account_id, "role": role})
+        return await self._call(AccountResult, payload, idempotency_key, metadata)
+
+    async def revoke_role(
+        self,
+        account_id: str,
+        role: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> AccountResult:
+        payload = validated(RevokeRole, {"account_id": account_id, "role": role})
         return await self._call(AccountResult, payload, idempotency_key, metadata)
 
 

@@ -18,10 +18,12 @@
     │   ├── InvalidCode             invalid_code
     │   ├── EmailNotVerified        email_not_verified
     │   └── AccountDisabled         account_disabled
-    └── TransportError              no reply to read: .command
-        ├── ReplyTimeout            no reply within the timeout, after every retry
-        ├── Unroutable              the broker has no queue for the command (worker not up)
-        └── NotDeployed             the vhost has no identity.commands exchange
+    ├── TransportError              no reply to read: .command
+    │   ├── ReplyTimeout            no reply within the timeout, after every retry
+    │   ├── Unroutable              the broker has no queue for the command (worker not up)
+    │   └── NotDeployed             the vhost has no identity.commands exchange
+    └── InvalidAccessToken          an access token verified locally is not good (no round trip)
+        └── AccessTokenExpired      ... only because it expired: refresh it
 
     InvalidRequest (a ValueError)   refused locally, nothing sent: .fields
 
@@ -183,6 +185,17 @@ class Unroutable(TransportError):
         super().__init__(
             f"no queue is bound for {command}: is the worker running?", command=command
         )
+
+
+class InvalidAccessToken(IdentityClientError):
+    """An access token that `AccessTokenVerifier` refused: not signed by a published key,
+    not EdDSA, another issuer, a claim missing or malformed. Treat the request as
+    unauthenticated."""
+
+
+class AccessTokenExpired(InvalidAccessToken):
+    """A genuine access token past its `exp` (beyond the clock-skew leeway): get a new one
+    with the refresh token."""
 
 
 _BY_CODE: dict[ErrorCode, type[ErrorReply]] = {

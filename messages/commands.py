@@ -18,6 +18,7 @@ from messages.models import (
     EmailField,
     Model,
     PasswordField,
+    RoleName,
     SessionId,
     TokenField,
     wire_form,
@@ -30,8 +31,10 @@ from messages.replies import (
     DisableAccountResult,
     EndAllSessionsResult,
     EndSessionResult,
+    JwksResult,
     ListSessionsResult,
     RecoveryResult,
+    RefreshSessionResult,
     Result,
     RevokeSessionResult,
     StartSessionResult,
@@ -199,6 +202,31 @@ class ConfirmVerification(Model):
 
     email: EmailField
     code: CodeField
+
+
+class RefreshSession(Model):
+    """Trade a refresh token for a new access token and a new refresh token
+    (`session.refresh`); the presented refresh token is used up."""
+
+    refresh_token: TokenField
+
+
+class GetJwks(Model):
+    """The public keys access tokens are signed with (`keys.jwks`); no fields."""
+
+
+class GrantRole(Model):
+    """Give the account a role (`account.grant_role`); a role it holds already is fine."""
+
+    account_id: AccountId
+    role: RoleName
+
+
+class RevokeRole(Model):
+    """Take a role from the account (`account.revoke_role`); one it lacks is fine."""
+
+    account_id: AccountId
+    role: RoleName
 
 
 class ActsOn(StrEnum):
@@ -410,6 +438,47 @@ _SPECS = (
         password_work=False,
         acts_on=ActsOn.NO_ACCOUNT,
         summary="Mark the email address verified with the code mailed to it.",
+    ),
+    CommandSpec(
+        name="session.refresh",
+        payload=RefreshSession,
+        result=RefreshSessionResult,
+        changes_state=True,
+        password_work=False,
+        acts_on=ActsOn.NO_ACCOUNT,
+        summary="New access and refresh tokens for a refresh token, which is used up; a used "
+        "one presented again ends the session.",
+    ),
+    CommandSpec(
+        name="keys.jwks",
+        payload=GetJwks,
+        result=JwksResult,
+        changes_state=False,
+        password_work=False,
+        acts_on=ActsOn.NO_ACCOUNT,
+        summary="The JWKS (RFC 7517) of the keys that sign access tokens.",
+    ),
+    CommandSpec(
+        name="account.grant_role",
+        payload=GrantRole,
+        result=AccountResult,
+        changes_state=True,
+        password_work=False,
+        acts_on=ActsOn.PAYLOAD_ACCOUNT,
+        # Nobody grants themselves a role: `@self` on it is a settings error.
+        self_grantable=False,
+        summary="Give the account a role (granting a held role changes nothing).",
+    ),
+    CommandSpec(
+        name="account.revoke_role",
+        payload=RevokeRole,
+        result=AccountResult,
+        changes_state=True,
+        password_work=False,
+        acts_on=ActsOn.PAYLOAD_ACCOUNT,
+        # Nobody grants themselves a role: `@self` on it is a settings error.
+        self_grantable=False,
+        summary="Take a role from the account (revoking a missing role changes nothing).",
     ),
 )
 

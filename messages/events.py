@@ -6,7 +6,16 @@ from typing import Annotated, Literal
 
 from pydantic import Field, TypeAdapter
 
-from messages.models import Account, AccountId, EventId, Model, Session, SessionId, UtcDatetime
+from messages.models import (
+    Account,
+    AccountId,
+    EventId,
+    Model,
+    RoleName,
+    Session,
+    SessionId,
+    UtcDatetime,
+)
 
 SessionEndReason = Literal[
     "sign_out",
@@ -34,6 +43,11 @@ class AccountUpdatedData(Model):
 class AccountPasswordChangedData(Model):
     account_id: AccountId
     sessions_ended: int = Field(ge=0)
+
+
+class AccountRolesChangedData(Model):
+    account_id: AccountId
+    roles: list[RoleName]  # all of them, sorted: what the account holds now
 
 
 class SessionStartedData(Model):
@@ -97,6 +111,11 @@ class AccountPasswordChanged(_EventBase):
     data: AccountPasswordChangedData
 
 
+class AccountRolesChanged(_EventBase):
+    type: Literal["account.roles_changed"] = "account.roles_changed"
+    data: AccountRolesChangedData
+
+
 class SessionStarted(_EventBase):
     type: Literal["session.started"] = "session.started"
     data: SessionStartedData
@@ -149,6 +168,7 @@ AnyEvent = (
     | AccountRecoveryRequested
     | AccountPasswordReset
     | AccountEmailVerified
+    | AccountRolesChanged
 )
 
 Event = Annotated[AnyEvent, Field(discriminator="type")]
@@ -157,6 +177,7 @@ EVENT_TYPES: dict[str, type[_EventBase]] = {
     "account.created": AccountCreated,
     "account.updated": AccountUpdated,
     "account.password_changed": AccountPasswordChanged,
+    "account.roles_changed": AccountRolesChanged,
     "session.started": SessionStarted,
     "session.ended": SessionEnded,
     "account.disabled": AccountDisabled,

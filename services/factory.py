@@ -1,5 +1,6 @@
 """The one way an `IdentityService` is put together: from a `ServiceConfig` (what settings, or
-a test, decide) plus the store, the signing keys, the HMAC key and the clock.
+a test, decide) plus the store, the signing keys (session and refresh tokens), the HMAC
+key, the JWT keys (access tokens) and the clock.
 
 The worker's composition root (worker/bootstrap.py) fills the config from its settings; the
 tests fill it with cheap argon2 (tests/support/factory.py). Both then call
@@ -11,11 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from services.access_tokens import AccessTokenSigner, JwtKey
 from services.clock import Clock
 from services.codes import CodeKeys, CodePolicy, Codes
 from services.identity import IdentityService, SessionPolicy
 from services.keys import HmacKey
 from services.passwords import HashingPool, PasswordPolicy, make_hasher
+from services.refresh import RefreshTokenCodec, SessionTokens, TokenPolicy
 from services.tokens import SigningKey, TokenSigner
 from stores import HashBudget, ServiceStore, ThrottleRules
 
@@ -35,6 +38,7 @@ class ServiceConfig:
     throttle: ThrottleRules = field(default_factory=ThrottleRules)
     budget: HashBudget = field(default_factory=HashBudget)
     codes: CodePolicy = field(default_factory=CodePolicy)
+    tokens: TokenPolicy = field(default_factory=TokenPolicy)
 
 
 def make_identity_service(
@@ -43,6 +47,7 @@ def make_identity_service(
     *,
     keys: Sequence[SigningKey],
     hmac_key: bytes,
+    jwt_keys: Sequence[JwtKey],
     clock: Clock,
     on_hash_timing: Callable[[str, float], None] | None = None,
     hashing_niceness: int = 0,
@@ -64,6 +69,11 @@ def make_identity_service(
         passwords=passwords,
         signer=TokenSigner(keys),
         hmac_key=HmacKey(hmac_key),
+        tokens=SessionTokens(
+            AccessTokenSigner(jwt_keys, issuer=config.tokens.issuer),
+            RefreshTokenCodec(keys),
+            config.tokens,
+        ),
         clock=clock,
         policy=config.passwords,
         sessions=config.sessions,

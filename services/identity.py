@@ -66,8 +66,10 @@ from services.lifecycle import AccountLifecycle
 from services.operations import NO_CONTEXT, CommandContext, Operation, OperationRunner
 from services.passwords import HashingPool, PasswordPolicy, normalize_password
 from services.recovery import AccountFlows
+from services.refresh import SessionTokens, TokenIssue, TokenService
+from services.roles import RoleService
 from services.sessions_admin import SessionAdmin
-from services.shapes import to_account, to_session
+from services.shapes import session_is_live, to_account, to_session
 from services.signin import Authenticated, Authenticator
 from services.tokens import TokenSigner
 from stores import (
@@ -142,6 +144,7 @@ class IdentityService:
         passwords: HashingPool,
         signer: TokenSigner,
         hmac_key: HmacKey,
+        tokens: SessionTokens,
         clock: Clock,
         policy: PasswordPolicy | None = None,
         sessions: SessionPolicy | None = None,
@@ -179,6 +182,12 @@ class IdentityService:
         # services.sessions_admin).
         self.lifecycle = AccountLifecycle(store, self._ops, clock, self._auth.throttle_key)
         self.sessions_admin = SessionAdmin(store, self._ops, clock, self._sessions.idle_timeout)
+        self._tokens = tokens
+        # Contract v2's token and role commands (services.refresh, services.roles).
+        self.tokens = TokenService(
+            store, self._ops, clock, tokens, idle_timeout=self._sessions.idle_timeout
+        )
+        self.roles = RoleService(store, self._ops, clock)
 
     # -- accounts ---------------------------------------------------------------------------
 
@@ -425,22 +434,46 @@ class IdentityService:
             await uow.insert_session(session)
             if checked.new_hash is not None:
                 await uow.replace_password_hash(account.id, account.password_hash, checked.new_hash)
-            result = StartSessionResult(
-                session=to_session(session),
-                token=SecretStr(self._signer.sign(session.id, session.key_id)),
-                account=to_account(locked),
-            )
+            issue = self._tokens.issue(session, locked.roles, now)
+            result = self._started(session, locked, issue)
             op.emit(SessionStarted, SessionStartedData(session=result.session), now)
-            await self._ops.finish(uow, op, result)
+            await self._ops.finish(uow, op, result, derive=issue.to_json())
         return result
 
-    async def _replayed_start(self, stored: Mapping[str, Any]) -> StartSessionResult:
-        """A replayed sign-in returns the same token: re-derived from the stored session id,
-        with the key it was first signed with while that key is still configured."""
+    def _started(
+        self, session: SessionRecord, account: AccountRecord, issue: TokenIssue
+    ) -> StartSessionResult:
+        tokens = self._tokens.derive(account.id, session.id, issue)
+        return StartSessionResult(
+            session=to_session(session),
+            token=SecretStr(self._signer.sign(session.id, session.key_id)),
+            account=to_account(account),
+            access_token=tokens.access_token,
+            access_token_expires_at=tokens.access_token_expires_at,
+            refresh_token=tokens.refresh_token,
+        )
+
+    async def _replayed_start(
+        self, stored: Mapping[str, Any], derive: Mapping[str, Any] | None
+    ) -> StartSessionResult:
+        """A replayed sign-in returns the same tokens: the session token re-derived from the
+        stored session id, with the key it was first signed with while that key is still
+        configured; the access and refresh tokens from the facts kept with the reply."""
         session_id = StartSessionResult.stored_session_id(stored)
         found = await self._store.get_session_with_account(session_id)
         kid = found[0].key_id if found is not None else None
-        return StartSessionResult.from_stored(stored, token=self._signer.sign(session_id, kid))
+        account_id = str(stored["account"]["id"])
+        if derive is not None:
+            issue = TokenIssue.from_json(derive)
+        else:  # a sign-in stored before access tokens existed: tokens as of its start
+            issue = self._tokens.issue_at_start(stored)
+        tokens = self._tokens.derive(account_id, session_id, issue)
+        return StartSessionResult.from_stored(
+            {**stored, "access_token_expires_at": tokens.access_token_expires_at},
+            token=self._signer.sign(session_id, kid),
+            access_token=tokens.access_token.get_secret_value(),
+            refresh_token=tokens.refresh_token.get_secret_value(),
+        )
 
     async def verify_session(
         self, cmd: VerifySession, ctx: CommandContext = NO_CONTEXT
@@ -480,11 +513,7 @@ class IdentityService:
         return session, account, now
 
     def _is_live(self, session: SessionRecord, now: datetime) -> bool:
-        return (
-            session.ended_at is None
-            and now < session.expires_at
-            and now - session.last_seen_at < self._sessions.idle_timeout
-        )
+        return session_is_live(session, now, self._sessions.idle_timeout)
 
     async def end_session(
         self, cmd: EndSession, ctx: CommandContext = NO_CONTEXT

@@ -39,9 +39,10 @@ from stores import (
 
 R = TypeVar("R", bound=Result)
 
-# Gives back what a stored result left out (its secret fields): the stored result in, the
+# Gives back what a stored result left out (its secret fields): the stored result and the
+# facts its secrets were derived from (`StoredReply.derive`, None if none were kept) in, the
 # whole result out.
-Restore = Callable[[Mapping[str, Any]], Awaitable[R]]
+Restore = Callable[[Mapping[str, Any], Mapping[str, Any] | None], Awaitable[R]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +76,9 @@ class Operation:
     # turns out to be a duplicate of one that already committed. Registered only once the
     # work was done, so a duplicate undoes what it did and nothing else.
     compensations: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Set once the outcome (a result, or an error that changed state) is written in the
+    # operation's unit of work: an error raised after that is not remembered a second time.
+    recorded: bool = False
 
     @property
     def key(self) -> str | None:
@@ -120,10 +124,26 @@ class OperationRunner:
         writes it together with the change in one statement (None when `op` has no key)."""
         return self._record(op, StoredReply.of_result(result))
 
-    async def finish(self, uow: UnitOfWork, op: Operation, result: Result) -> None:
-        """Write the events and the idempotency record in the caller's unit of work."""
-        record = self._record(op, StoredReply.of_result(result), about_account(result))
+    async def finish(
+        self,
+        uow: UnitOfWork,
+        op: Operation,
+        result: Result,
+        derive: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Write the events and the idempotency record in the caller's unit of work.
+        `derive`: the facts a replay derives the result's secrets from (no secret itself)."""
+        record = self._record(op, StoredReply.of_result(result, derive), about_account(result))
         await uow.record_outcome(op.events, record)
+        op.recorded = True
+
+    async def fail(self, uow: UnitOfWork, op: Operation, error: IdentityError) -> None:
+        """Write the events and `error` as the key's reply in the caller's unit of work: for
+        the rare error that changes state too (a reused refresh token ends its session). The
+        caller raises `error` once the unit has committed."""
+        record = self._record(op, StoredReply.of_error(error.to_error_body()))
+        await uow.record_outcome(op.events, record)
+        op.recorded = True
 
     async def execute(
         self,
@@ -144,7 +164,7 @@ class OperationRunner:
             try:
                 return await run(op)
             except IdentityError as error:
-                if op.key is not None:
+                if op.key is not None and not op.recorded:
                     await self._remember_failure(op, error)
                 raise
         except DuplicateKeyError:
@@ -181,7 +201,7 @@ class OperationRunner:
             raise error_from_body(reply.error)
         stored = reply.result or {}
         if restore is not None:
-            return await restore(stored)
+            return await restore(stored, reply.derive)
         return result_type.from_stored(stored)
 
     async def _remember_failure(self, op: Operation, error: IdentityError) -> None:

@@ -1,11 +1,12 @@
 """How stored records are shown: the contract's Account, Session and SessionInfo built from
-the store's records, and the `session.ended` events of sessions a command ended. Shared by
+the store's records, the one rule of a live session, and the `session.ended` events of
+sessions a command ended. Shared by
 every service module, so each shows an account the same way."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from messages import Account, Session, SessionInfo
 from messages.events import SessionEnded, SessionEndedData, SessionEndReason
@@ -45,6 +46,15 @@ def to_session_info(record: SessionRecord) -> SessionInfo:
         last_seen_at=record.last_seen_at,
         client_ip=record.client_ip,
         user_agent=record.user_agent,
+    )
+
+
+def session_is_live(session: SessionRecord, now: datetime, idle_timeout: timedelta) -> bool:
+    """Not ended, not past its absolute lifetime, not idle for `idle_timeout` or longer."""
+    return (
+        session.ended_at is None
+        and now < session.expires_at
+        and now - session.last_seen_at < idle_timeout
     )
 
 

@@ -92,6 +92,19 @@ class UnitOfWork(CodeUnit, Protocol):
         """End every not-yet-ended session of the account; the records ended now."""
         ...
 
+    async def lock_session(self, session_id: str) -> SessionRecord | None:
+        """The session, locked against concurrent writers until the unit ends."""
+        ...
+
+    async def rotate_refresh_token(
+        self, session_id: str, expected_generation: int, now: datetime
+    ) -> SessionRecord | None:
+        """If the session has not ended and is at `expected_generation`: move it to the next
+        generation, set `refreshed_at` to `now` and `last_seen_at` forward to `now`; the
+        updated record. None (and nothing changed) otherwise: a compare-and-set, so of two
+        rotations from one generation only one succeeds."""
+        ...
+
     async def erase_account(
         self,
         account_id: str,

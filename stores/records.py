@@ -61,6 +61,10 @@ class SessionRecord:
     # data: erased with the account, purged with the session).
     client_ip: str | None = None
     user_agent: str | None = None
+    # Contract v2, refresh tokens: the generation whose refresh token is the live one (a
+    # token is derived from it, never stored), and when it last moved.
+    refresh_generation: int = 0
+    refreshed_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

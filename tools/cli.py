@@ -4,6 +4,7 @@ identity-worker [run] [--no-migrate]   consume commands (the default)
 identity-worker migrate                create the database if needed, apply migrations
 identity-worker keys new               print a new signing key for IDENTITY_SIGNING_KEYS
 identity-worker keys hmac              print a new key for IDENTITY_HMAC_KEY
+identity-worker keys jwt               print a new access-token key for IDENTITY_JWT_KEYS
 identity-worker asyncapi               print the AsyncAPI document of contract v1
 identity-worker send COMMAND --FIELD V send one command, print its reply as JSON
 identity-worker demo                   run a sign-up/sign-in story against a running worker
@@ -96,6 +97,13 @@ def _keys_hmac(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_jwt(args: argparse.Namespace) -> int:
+    from services.access_tokens import format_jwt_key, new_jwt_key
+
+    print(format_jwt_key(new_jwt_key()))
+    return 0
+
+
 def _asyncapi(args: argparse.Namespace) -> int:
     from messages.asyncapi import render_asyncapi
 
@@ -177,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     keys.required = True
     keys.add_parser("new", help="print a new signing key").set_defaults(func=_keys_new)
     keys.add_parser("hmac", help="print a new HMAC key").set_defaults(func=_keys_hmac)
+    keys.add_parser("jwt", help="print a new access-token (Ed25519) key").set_defaults(
+        func=_keys_jwt
+    )
     sub.add_parser("asyncapi", help="print the AsyncAPI document").set_defaults(func=_asyncapi)
     sub.add_parser(
         "courier",

@@ -50,7 +50,11 @@ class Worker:
         self.parts = parts
         self.health = HealthState()
         self.sidecar = Sidecar(
-            parts.settings.http_host, parts.settings.http_port, parts.metrics.registry, self.health
+            parts.settings.http_host,
+            parts.settings.http_port,
+            parts.metrics.registry,
+            self.health,
+            jwks=parts.jwks,
         )
         export_readiness(self.health, parts.metrics)
         self.http_port = 0

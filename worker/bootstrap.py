@@ -12,16 +12,20 @@ import logging
 import secrets
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
+from messages import GetJwks
+from services.access_tokens import JwtKey
 from services.clock import Clock, SystemClock
 from services.codes import CodeKeys, CodePolicy
 from services.factory import ServiceConfig, make_identity_service
 from services.identity import IdentityService, SessionPolicy
 from services.keys import HmacKey
 from services.passwords import HashingPool, PasswordPolicy
+from services.refresh import TokenPolicy
 from services.tokens import SigningKey, parse_signing_keys
 from stores import (
     HashBudget,
@@ -53,6 +57,8 @@ log = logging.getLogger("identity.worker")
 DEV_KEY_NAME = "development-signing-key"
 DEV_KEY_ID = "dev"
 DEV_HMAC_KEY_NAME = "development-hmac-key"
+DEV_JWT_KEY_NAME = "development-jwt-key"
+DEV_JWT_KEY_ID = "dev-jwt"
 
 
 @dataclass(kw_only=True)
@@ -77,12 +83,15 @@ class Components:
     relay: OutboxRelay
     courier: CourierRelay
     acks: Acknowledger
+    # The JWKS the sidecar publishes: the public halves of the access-token keys.
+    jwks: dict[str, Any]
 
 
 @dataclass(frozen=True, repr=False)
 class WorkerKeys:
     signing: list[SigningKey]
     hmac: bytes
+    jwt: list[JwtKey]  # access tokens' (Ed25519), the signing one first
 
 
 async def worker_keys(settings: Settings, store: SecretStore) -> WorkerKeys:
@@ -92,9 +101,10 @@ async def worker_keys(settings: Settings, store: SecretStore) -> WorkerKeys:
     workers accept each other's tokens and agree on fingerprints without configuration."""
     if not settings.dev_mode:
         hmac_key = settings.parsed_hmac_key()
-        if hmac_key is None:  # unreachable: the settings refuse production without it
-            raise ValueError("production needs IDENTITY_HMAC_KEY")
-        return WorkerKeys(settings.parsed_signing_keys(), hmac_key)
+        jwt = settings.parsed_jwt_keys()
+        if hmac_key is None or not jwt:  # unreachable: the settings refuse production so
+            raise ValueError("production needs IDENTITY_HMAC_KEY and IDENTITY_JWT_KEYS")
+        return WorkerKeys(settings.parsed_signing_keys(), hmac_key, jwt)
     signing = settings.parsed_signing_keys()
     if not signing:
         secret = await store.shared_secret(DEV_KEY_NAME, secrets.token_bytes(32))
@@ -103,7 +113,11 @@ async def worker_keys(settings: Settings, store: SecretStore) -> WorkerKeys:
     hmac_key = settings.parsed_hmac_key()
     if hmac_key is None:
         hmac_key = await store.shared_secret(DEV_HMAC_KEY_NAME, secrets.token_bytes(32))
-    return WorkerKeys(signing, hmac_key)
+    jwt = settings.parsed_jwt_keys()
+    if not jwt:
+        seed = await store.shared_secret(DEV_JWT_KEY_NAME, secrets.token_bytes(32))
+        jwt = [JwtKey(DEV_JWT_KEY_ID, seed)]
+    return WorkerKeys(signing, hmac_key, jwt)
 
 
 DEV_MODE_WARNING = (
@@ -142,6 +156,11 @@ def service_config(settings: Settings) -> ServiceConfig:
             rate_per_s=settings.source_hash_rate_per_s, burst=settings.source_hash_burst
         ),
         codes=code_policy(settings),
+        tokens=TokenPolicy(
+            issuer=settings.issuer,
+            access_ttl=timedelta(seconds=settings.access_token_ttl_s),
+            reuse_grace=timedelta(seconds=settings.refresh_reuse_grace_s),
+        ),
     )
 
 
@@ -187,6 +206,7 @@ def build_service(
         service_config(settings),
         keys=keys.signing,
         hmac_key=keys.hmac,
+        jwt_keys=keys.jwt,
         clock=clock,
         on_hash_timing=observer(metrics.hash_seconds),
         hashing_niceness=HASHING_NICENESS,
@@ -388,4 +408,5 @@ async def _assemble(
         relay=relay,
         courier=courier,
         acks=acks,
+        jwks=(await service.tokens.jwks(GetJwks())).to_wire(),
     )

@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 # One parser per key, the one the service uses, so a key that loads also works.
+from services.access_tokens import DEFAULT_ISSUER, MAX_TTL_S, JwtKey, parse_jwt_keys
 from services.keys import is_published, parse_hmac_key
 from services.tokens import SigningKey, parse_signing_keys
 from worker.callers import CallerPolicy
@@ -34,8 +35,8 @@ from worker.callers import CallerPolicy
 ENV_PREFIX = "IDENTITY_"
 _PG = ("postgresql", "postgres")
 _URL_SCHEMES = {"amqp_url": ("amqp", "amqps"), "database_url": _PG, "migration_database_url": _PG}
-# What production cannot run without (contract v2, section 1): keys and a caller policy.
-_PRODUCTION_NEEDS = ("signing_keys", "callers", "hmac_key")
+# What production cannot run without (contract v2, sections 1 and 4): keys and a caller policy.
+_PRODUCTION_NEEDS = ("signing_keys", "callers", "hmac_key", "jwt_keys")
 _LOG_LEVELS = frozenset({"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"})
 # Whether this load checks production's keys (load_settings(keys_needed=False) does not).
 _KEYS_NEEDED: ContextVar[bool] = ContextVar("keys_needed", default=True)
@@ -92,6 +93,14 @@ class Settings(BaseSettings):
     gateways: str = ""
     # base64url, >= 32 bytes: keys the HMACs that must outlive signing-key rotation.
     hmac_key: SecretStr | None = None
+    # Contract v2, section 4: access tokens. `kid:base64url-seed,...` (Ed25519 seeds); the
+    # first signs, all are published. Production requires them; dev mode makes one.
+    jwt_keys: SecretStr | None = None
+    issuer: str = Field(default=DEFAULT_ISSUER, min_length=1, max_length=200)
+    access_token_ttl_s: int = Field(default=600, ge=10, le=MAX_TTL_S)
+    # A refresh token used up this recently and presented again is a client racing itself
+    # (invalid_token), not theft (which ends the session).
+    refresh_reuse_grace_s: float = Field(default=10.0, ge=0, le=60)
 
     # AMQP prefetch is a 16-bit field.
     fast_prefetch: int = Field(default=64, ge=1, le=65535)
@@ -188,6 +197,13 @@ class Settings(BaseSettings):
             CallerPolicy.parse(value)  # a PolicyError is a ValueError: named IDENTITY_CALLERS
         return value
 
+    @field_validator("jwt_keys")
+    @classmethod
+    def _jwt_keys_format(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_jwt_keys(value.get_secret_value())
+        return value
+
     @field_validator("hmac_key")
     @classmethod
     def _hmac_key_format(cls, value: SecretStr | None) -> SecretStr | None:
@@ -237,7 +253,8 @@ class Settings(BaseSettings):
         if missing:
             raise ValueError(
                 f"production mode (IDENTITY_DEV_MODE is false) needs {', '.join(missing)}"
-                " (identity-worker keys new makes keys; IDENTITY_DEV_MODE=true runs without)"
+                " (identity-worker keys new, keys hmac and keys jwt make keys;"
+                " IDENTITY_DEV_MODE=true runs without)"
             )
         published = [
             f"{env_name('signing_keys')} (key {key.kid!r})"
@@ -246,6 +263,11 @@ class Settings(BaseSettings):
         ]
         if is_published(self.parsed_hmac_key() or b""):
             published.append(env_name("hmac_key"))
+        published += [
+            f"{env_name('jwt_keys')} (key {key.kid!r})"
+            for key in self.parsed_jwt_keys()
+            if is_published(key.seed)
+        ]
         if published:
             raise ValueError(
                 f"{', '.join(published)}: a key published in the identity worker's repository"
@@ -308,6 +330,12 @@ class Settings(BaseSettings):
         if self.signing_keys is None:
             return []
         return parse_signing_keys(self.signing_keys.get_secret_value())
+
+    def parsed_jwt_keys(self) -> list[JwtKey]:
+        """The parsed JWT keys, the signing one first; empty when none are configured."""
+        if self.jwt_keys is None:
+            return []
+        return parse_jwt_keys(self.jwt_keys.get_secret_value())
 
 
 # (lower, upper, "strict" or "loose"): lower must be below (strict) or at most (loose) upper.

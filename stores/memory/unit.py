@@ -75,6 +75,8 @@ class MemoryUnitOfWork(MemoryCodeUnit):
         self._code_tables = tables.codes
         self._accounts: dict[str, AccountRecord] = {}
         self._new_sessions: dict[str, SessionRecord] = {}
+        # Committed sessions this unit changed (a refresh-token rotation), as they are now.
+        self._changed_sessions: dict[str, SessionRecord] = {}
         self._session_ends: dict[str, tuple[datetime, str]] = {}
         self._idempotency: dict[str, IdempotencyRecord] = {}
         self._events: list[NewEvent] = []
@@ -156,7 +158,11 @@ class MemoryUnitOfWork(MemoryCodeUnit):
         self._new_sessions[session.id] = session
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
-        session = self._new_sessions.get(session_id) or self._tables.sessions.get(session_id)
+        session = (
+            self._new_sessions.get(session_id)
+            or self._changed_sessions.get(session_id)
+            or self._tables.sessions.get(session_id)
+        )
         if session is not None and self._erased(session.account_id):
             return None
         end = self._session_ends.get(session_id)
@@ -184,6 +190,32 @@ class MemoryUnitOfWork(MemoryCodeUnit):
                 if record is not None:
                     ended.append(record)
         return ended
+
+    async def lock_session(self, session_id: str) -> SessionRecord | None:
+        # Units run one at a time: holding the unit is holding every row.
+        return await self.get_session(session_id)
+
+    async def rotate_refresh_token(
+        self, session_id: str, expected_generation: int, now: datetime
+    ) -> SessionRecord | None:
+        session = await self.get_session(session_id)
+        if (
+            session is None
+            or session.ended_at is not None
+            or session.refresh_generation != expected_generation
+        ):
+            return None
+        rotated = replace(
+            session,
+            refresh_generation=expected_generation + 1,
+            refreshed_at=now,
+            last_seen_at=max(session.last_seen_at, now),
+        )
+        if session_id in self._new_sessions:
+            self._new_sessions[session_id] = rotated
+        else:
+            self._changed_sessions[session_id] = rotated
+        return rotated
 
     async def erase_account(
         self,
@@ -263,6 +295,12 @@ class MemoryUnitOfWork(MemoryCodeUnit):
             tables.accounts[account.id] = account
             tables.emails[account.email_canonical] = account.id
         tables.sessions.update(self._new_sessions)
+        for session_id, changed in self._changed_sessions.items():
+            # Applied over the committed row (a purge may have removed it, or `touch_session`
+            # moved `last_seen_at` on meanwhile: never backwards).
+            if (current := tables.sessions.get(session_id)) is not None:
+                seen = max(current.last_seen_at, changed.last_seen_at)
+                tables.sessions[session_id] = replace(changed, last_seen_at=seen)
         for session_id, (ended_at, reason) in self._session_ends.items():
             # A purge may have removed the row meanwhile; the end then has nothing to apply to.
             if (session := tables.sessions.get(session_id)) is not None:

@@ -78,6 +78,17 @@ WITH ended AS (
 SELECT {SESSION} FROM ended ORDER BY created_at, id
 """
 TOUCH_SESSION = "UPDATE sessions SET last_seen_at = $2 WHERE id = $1 AND last_seen_at < $2"
+LOCK_SESSION = GET_SESSION + " FOR UPDATE"
+# Under READ COMMITTED a second rotation waits for the first one's row lock, then re-checks the
+# generation against the committed row: only one rotation from a generation succeeds.
+ROTATE_REFRESH_TOKEN = f"""
+UPDATE sessions SET
+    refresh_generation = refresh_generation + 1,
+    refreshed_at = $3,
+    last_seen_at = GREATEST(last_seen_at, $3)
+WHERE id = $1 AND refresh_generation = $2 AND ended_at IS NULL
+RETURNING {SESSION}
+"""
 # One page of an account's live sessions ($2 now, $3 idle since), after the position ($4, $5)
 # when one is given, in the order of the index sessions_by_account.
 LIST_LIVE_SESSIONS = f"""

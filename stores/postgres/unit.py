@@ -129,6 +129,19 @@ class PostgresUnitOfWork(PostgresCodeUnit):
             rows = await self._conn.fetch(sql.END_ALL_SESSIONS, account_id, ended_at, reason)
         return [SessionRecord(*row) for row in rows]
 
+    async def lock_session(self, session_id: str) -> SessionRecord | None:
+        with self._timed("uow.lock_session"):
+            return session_from(await self._conn.fetchrow(sql.LOCK_SESSION, session_id))
+
+    async def rotate_refresh_token(
+        self, session_id: str, expected_generation: int, now: datetime
+    ) -> SessionRecord | None:
+        with self._timed("uow.rotate_refresh_token"):
+            row = await self._conn.fetchrow(
+                sql.ROTATE_REFRESH_TOKEN, session_id, expected_generation, now
+            )
+        return session_from(row)
+
     async def erase_account(
         self,
         account_id: str,

@@ -359,6 +359,98 @@ async def test_unit_that_raises_ends_no_session(store: IdentityStore) -> None:
         assert await uow.get_session(record.id) == record
 
 
+async def test_a_new_session_starts_at_refresh_generation_zero(store: IdentityStore) -> None:
+    record = session(await commit_account(store))
+    async with store.unit_of_work() as uow:
+        await uow.insert_session(record)
+    found = await store.get_session_with_account(record.id)
+    assert found is not None
+    assert (found[0].refresh_generation, found[0].refreshed_at) == (0, None)
+
+
+async def test_a_locked_session_reads_as_the_unit_sees_it(store: IdentityStore) -> None:
+    record = session(await commit_account(store))
+    async with store.unit_of_work() as uow:
+        await uow.insert_session(record)
+    async with store.unit_of_work() as uow:
+        assert await uow.lock_session(record.id) == record
+        await uow.end_session(record.id, T0, "sign_out")
+        locked = await uow.lock_session(record.id)
+        assert locked is not None
+        assert locked.end_reason == "sign_out"
+        assert await uow.lock_session(unique("ses")) is None
+
+
+async def test_rotating_a_refresh_token_is_a_compare_and_set_on_the_generation(
+    store: IdentityStore,
+) -> None:
+    record = session(await commit_account(store))
+    async with store.unit_of_work() as uow:
+        await uow.insert_session(record)
+    later = T0 + timedelta(minutes=5)
+    async with store.unit_of_work() as uow:
+        rotated = await uow.rotate_refresh_token(record.id, 0, later)
+        assert rotated == replace(
+            record, refresh_generation=1, refreshed_at=later, last_seen_at=later
+        )
+        assert await uow.rotate_refresh_token(record.id, 0, later) is None  # used up
+        assert await uow.get_session(record.id) == rotated
+    found = await store.get_session_with_account(record.id)
+    assert found is not None
+    assert found[0] == rotated
+    async with store.unit_of_work() as uow:
+        assert await uow.rotate_refresh_token(record.id, 5, later) is None
+        assert await uow.rotate_refresh_token(unique("ses"), 0, later) is None
+
+
+async def test_a_rotation_never_moves_last_seen_back_and_never_touches_an_ended_session(
+    store: IdentityStore,
+) -> None:
+    record = session(await commit_account(store))
+    async with store.unit_of_work() as uow:
+        await uow.insert_session(record)
+    await store.touch_session(record.id, T0 + timedelta(minutes=10))
+    async with store.unit_of_work() as uow:
+        rotated = await uow.rotate_refresh_token(record.id, 0, T0 + timedelta(minutes=5))
+    assert rotated is not None
+    assert rotated.last_seen_at == T0 + timedelta(minutes=10)
+    assert rotated.refreshed_at == T0 + timedelta(minutes=5)
+    async with store.unit_of_work() as uow:
+        await uow.end_session(record.id, T0 + timedelta(minutes=11), "sign_out")
+        assert await uow.rotate_refresh_token(record.id, 1, T0 + timedelta(minutes=12)) is None
+    found = await store.get_session_with_account(record.id)
+    assert found is not None
+    assert found[0].refresh_generation == 1
+
+
+async def test_a_unit_that_raises_rotates_nothing(store: IdentityStore) -> None:
+    record = session(await commit_account(store))
+    async with store.unit_of_work() as uow:
+        await uow.insert_session(record)
+
+    async def doomed() -> None:
+        async with store.unit_of_work() as uow:
+            assert await uow.rotate_refresh_token(record.id, 0, T0) is not None
+            raise Boom
+
+    with pytest.raises(Boom):
+        await doomed()
+    async with store.unit_of_work() as uow:
+        assert await uow.get_session(record.id) == record
+
+
+async def test_a_session_inserted_and_rotated_in_one_unit_commits_rotated(
+    store: IdentityStore,
+) -> None:
+    record = session(await commit_account(store))
+    async with store.unit_of_work() as uow:
+        await uow.insert_session(record)
+        rotated = await uow.rotate_refresh_token(record.id, 0, T0)
+    found = await store.get_session_with_account(record.id)
+    assert found is not None
+    assert found[0] == rotated
+
+
 # A command's outcome: its events and its idempotency record in one write
 
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
+from services.access_tokens import JwtKey
 from services.clock import Clock, FakeClock
 from services.factory import ServiceConfig, make_identity_service
 from services.identity import IdentityService
@@ -28,6 +29,8 @@ TEST_CONFIG = ServiceConfig(
 # The signing key first, then one that still verifies; and the HMAC key.
 TEST_KEYS = (SigningKey("k2", secrets.token_bytes(32)), SigningKey("k1", secrets.token_bytes(32)))
 TEST_HMAC_KEY = secrets.token_bytes(32)
+# Access-token keys: the signing one first, then one that is still published.
+TEST_JWT_KEYS = (JwtKey("j2", secrets.token_bytes(32)), JwtKey("j1", secrets.token_bytes(32)))
 TEST_START = datetime(2026, 11, 22, 9, 0, tzinfo=UTC)
 
 
@@ -38,6 +41,7 @@ async def running_service(
     clock: Clock | None = None,
     keys: Sequence[SigningKey] = TEST_KEYS,
     hmac_key: bytes = TEST_HMAC_KEY,
+    jwt_keys: Sequence[JwtKey] = TEST_JWT_KEYS,
     config: ServiceConfig = TEST_CONFIG,
     on_hash_timing: Callable[[str, float], None] | None = None,
 ) -> AsyncIterator[tuple[IdentityService, HashingPool]]:
@@ -48,6 +52,7 @@ async def running_service(
         config,
         keys=keys,
         hmac_key=hmac_key,
+        jwt_keys=jwt_keys,
         clock=clock or FakeClock(TEST_START),
         on_hash_timing=on_hash_timing,
     )

@@ -18,7 +18,12 @@ from aio_pika.abc import AbstractRobustConnection
 
 from stores import MemoryIdentityStore
 from tests.support.memory_broker import MemoryBroker
-from tests.support.workers import TEST_CALLERS, TEST_HMAC_KEY, TEST_SIGNING_KEYS
+from tests.support.workers import (
+    TEST_CALLERS,
+    TEST_HMAC_KEY,
+    TEST_JWT_KEYS,
+    TEST_SIGNING_KEYS,
+)
 from worker.app import Worker
 from worker.bootstrap import build
 from worker.settings import Settings
@@ -63,6 +68,7 @@ def worker_settings(amqp_url: str, **overrides: Any) -> Settings:
         "callers": TEST_CALLERS,
         "source_hash_rate_per_s": 1e6,
         "source_hash_burst": 1_000_000,
+        "jwt_keys": TEST_JWT_KEYS,
         "argon2_time_cost": 1,
         "argon2_memory_kib": 8192,
         "argon2_parallelism": 1,

@@ -15,6 +15,7 @@ from typing import IO, Any
 
 import orjson
 
+from services.access_tokens import format_jwt_key, new_jwt_key
 from services.keys import new_hmac_key
 from services.tokens import format_signing_key, new_signing_key
 from tests.support.eventually import eventually_sync
@@ -26,6 +27,7 @@ WORKER_BIN = Path(sys.executable).with_name("identity-worker")
 # of the session so that they accept each other's tokens.
 TEST_SIGNING_KEYS = format_signing_key(new_signing_key())
 TEST_HMAC_KEY = new_hmac_key()
+TEST_JWT_KEYS = format_jwt_key(new_jwt_key())
 # The tests publish as the broker's guest user, and may send everything.
 TEST_CALLERS = "guest=*"
 # Cheap argon2id: the tests are about delivery guarantees, not hash strength.
@@ -45,6 +47,7 @@ PRODUCTION = {
     "IDENTITY_SIGNING_KEYS": TEST_SIGNING_KEYS,
     "IDENTITY_HMAC_KEY": TEST_HMAC_KEY,
     "IDENTITY_CALLERS": TEST_CALLERS,
+    "IDENTITY_JWT_KEYS": TEST_JWT_KEYS,
 }
 
 

@@ -84,14 +84,23 @@ def test_a_bad_policy_is_refused_naming_what_is_wrong(text: str, problem: str) -
         CallerPolicy.parse(text)
 
 
-def test_every_command_that_acts_on_an_account_may_be_granted_at_self() -> None:
+def test_every_command_that_acts_on_an_account_may_be_granted_at_self_but_roles() -> None:
     for spec in COMMANDS.values():
         grant = f"u={spec.name}@self"
-        if spec.acts_on is ActsOn.NO_ACCOUNT:
+        if spec.acts_on is ActsOn.NO_ACCOUNT or not spec.self_grantable:
             with pytest.raises(PolicyError):
                 CallerPolicy.parse(grant)
         else:
             assert CallerPolicy.parse(grant).access("u", spec.name) is Access.SELF
+
+
+@pytest.mark.parametrize("command", ["account.grant_role", "account.revoke_role"])
+def test_nobody_may_be_granted_a_role_of_their_own(command: str) -> None:
+    with pytest.raises(PolicyError, match=rf"{command}@self"):
+        CallerPolicy.parse(f"web={command}@self")
+    with pytest.raises(PolicyError, match=r"account\.\*@self"):
+        CallerPolicy.parse("web=account.*@self")
+    assert CallerPolicy.parse(f"admin={command}").access("admin", command) is Access.ALLOWED
 
 
 def test_a_bad_policy_is_a_settings_error_naming_the_variable() -> None:

@@ -42,7 +42,14 @@ RESULTS: dict[str, dict[str, Any]] = {
     "account.get": {"account": ACCOUNT},
     "account.update": {"account": ACCOUNT},
     "account.change_password": {"account": ACCOUNT, "sessions_ended": 2},
-    "session.start": {"session": SESSION, "token": "tok-123", "account": ACCOUNT},
+    "session.start": {
+        "session": SESSION,
+        "token": "tok-123",
+        "account": ACCOUNT,
+        "access_token": "eyJ.access",
+        "access_token_expires_at": NOW,
+        "refresh_token": "r1.refresh",
+    },
     "session.verify": {"session": SESSION, "account": ACCOUNT},
     "session.end": {"session_id": SESSION_ID},
     "session.end_all": {"account_id": ACCOUNT_ID, "sessions_ended": 3},
@@ -58,6 +65,19 @@ RESULTS: dict[str, dict[str, Any]] = {
         "next_cursor": None,
     },
     "session.revoke": {"session_id": SESSION_ID, "account_id": ACCOUNT_ID},
+    "session.refresh": {
+        "session": SESSION,
+        "access_token": "eyJ.access-2",
+        "access_token_expires_at": NOW,
+        "refresh_token": "r1.refresh-2",
+    },
+    "keys.jwks": {
+        "keys": [
+            {"kty": "OKP", "crv": "Ed25519", "x": "AAAA", "kid": "j1", "use": "sig", "alg": "EdDSA"}
+        ]
+    },
+    "account.grant_role": {"account": ACCOUNT | {"roles": ["admin"]}},
+    "account.revoke_role": {"account": ACCOUNT},
 }
 # One valid call per command, through the typed method.
 CALLS: dict[str, Callable[[IdentityClient], Any]] = {
@@ -80,6 +100,10 @@ CALLS: dict[str, Callable[[IdentityClient], Any]] = {
     "account.delete": lambda c: c.delete_account(ACCOUNT_ID),
     "session.list": lambda c: c.list_sessions(ACCOUNT_ID, limit=10),
     "session.revoke": lambda c: c.revoke_session(SESSION_ID),
+    "session.refresh": lambda c: c.refresh_session("r1.refresh"),
+    "keys.jwks": lambda c: c.get_jwks(),
+    "account.grant_role": lambda c: c.grant_role(ACCOUNT_ID, "admin"),
+    "account.revoke_role": lambda c: c.revoke_role(ACCOUNT_ID, "admin"),
 }
 
 Responder = Callable[[str, dict[str, Any], int], "dict[str, Any] | None"]
@@ -449,6 +473,34 @@ async def test_the_session_token_comes_back_as_a_secret() -> None:
     assert isinstance(result.token, SecretStr)
     assert result.token.get_secret_value() == "tok-123"
     assert "tok-123" not in repr(result)
+    assert result.access_token.get_secret_value() == "eyJ.access"
+    assert result.refresh_token.get_secret_value() == "r1.refresh"
+    assert "eyJ.access" not in repr(result)
+    assert "r1.refresh" not in repr(result)
+
+
+async def test_a_refresh_keeps_one_idempotency_key_across_calls_that_got_no_reply() -> None:
+    """A refresh retried under a fresh key would present a used-up refresh token, which the
+    worker takes for theft: every attempt goes under the first attempt's key."""
+
+    def answers_the_fifth(command: str, body: dict[str, Any], attempt: int) -> Any:
+        return ok(command, body, attempt) if attempt == 5 else None
+
+    api, channel = make_client(answers_the_fifth, timeout=0.02, retries=1)
+    async with api:
+        result = await api.refresh_session("r1.refresh", attempts=3)
+    assert result.refresh_token.get_secret_value() == "r1.refresh-2"
+    assert len(channel.published) == 5
+    keys = {p.body["idempotency_key"] for p in channel.published}
+    assert len(keys) == 1
+    assert is_uuid4(keys.pop())
+
+    api, channel = make_client(silent, timeout=0.02, retries=0)
+    async with api:
+        with pytest.raises(ReplyTimeout) as raised:
+            await api.refresh_session("r1.refresh", attempts=2, idempotency_key="refresh-1")
+    assert raised.value.idempotency_key == "refresh-1"
+    assert [p.body["idempotency_key"] for p in channel.published] == ["refresh-1"] * 2
 
 
 async def test_sending_on_a_client_that_is_not_open_is_an_error() -> None:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from messages import COMMANDS, Reply
 from worker.decode import Command, Rejected, decode_command
 
-SECRET_FIELDS = ("password", "current_password", "new_password", "token", "code")
+SECRET_FIELDS = ("password", "current_password", "new_password", "token", "code", "refresh_token")
 MARKER = "S3cr3tMarker"
 NAMES = st.sampled_from([*COMMANDS, "account.delete", "", "session.verify.extra"])
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -88,6 +88,10 @@ VALID_PAYLOADS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
         {"account_id": st.just(ACCOUNT_ID)}, optional={"limit": st.integers(1, 200)}
     ),
     "session.revoke": st.just({"session_id": "ses_" + "0" * 32}),
+    "session.refresh": st.fixed_dictionaries({"refresh_token": secrets_}),
+    "keys.jwks": st.just({}),
+    "account.grant_role": st.just({"account_id": ACCOUNT_ID, "role": "admin"}),
+    "account.revoke_role": st.just({"account_id": ACCOUNT_ID, "role": "billing:read"}),
 }
 assert set(VALID_PAYLOADS) == set(COMMANDS)
 

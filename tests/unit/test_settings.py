@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from services.access_tokens import format_jwt_key, new_jwt_key
 from services.keys import new_hmac_key
 from services.tokens import format_signing_key, new_signing_key
 from worker.settings import Settings, SettingsError, load_settings, redacted_url
@@ -21,6 +22,7 @@ PRODUCTION = {
     "IDENTITY_SIGNING_KEYS": format_signing_key(new_signing_key()),
     "IDENTITY_HMAC_KEY": new_hmac_key(),
     "IDENTITY_CALLERS": "web=session.start",
+    "IDENTITY_JWT_KEYS": format_jwt_key(new_jwt_key()),
 }
 # Published in this repository once (compose.yaml, until contract v2), so refused.
 COMPOSE_KEY = "dev-compose:ZGV2ZWxvcG1lbnQtb25seS1rZXktZG8tbm90LXVzZS1pbi1wcm9k"
@@ -150,7 +152,12 @@ def test_production_is_the_default_and_names_every_missing_variable_at_once() ->
         load_settings({})
 
     message = str(caught.value)
-    for name in ("IDENTITY_SIGNING_KEYS", "IDENTITY_CALLERS", "IDENTITY_HMAC_KEY"):
+    for name in (
+        "IDENTITY_SIGNING_KEYS",
+        "IDENTITY_CALLERS",
+        "IDENTITY_HMAC_KEY",
+        "IDENTITY_JWT_KEYS",
+    ):
         assert name in message
 
 
@@ -180,7 +187,12 @@ def test_the_worker_exits_2_naming_the_missing_variables(tmp_path: Path) -> None
     )
 
     assert done.returncode == 2
-    for name in ("IDENTITY_SIGNING_KEYS", "IDENTITY_CALLERS", "IDENTITY_HMAC_KEY"):
+    for name in (
+        "IDENTITY_SIGNING_KEYS",
+        "IDENTITY_CALLERS",
+        "IDENTITY_HMAC_KEY",
+        "IDENTITY_JWT_KEYS",
+    ):
         assert name in done.stderr
 
 
@@ -204,6 +216,33 @@ def test_a_published_key_is_refused_whatever_its_kid_or_padding() -> None:
 def test_dev_mode_accepts_a_published_key_and_no_keys_at_all() -> None:
     assert dev({"IDENTITY_SIGNING_KEYS": COMPOSE_KEY}).dev_mode is True
     assert dev().signing_keys is None
+
+
+def test_production_needs_jwt_keys_and_tools_do_not() -> None:
+    without = {k: v for k, v in PRODUCTION.items() if k != "IDENTITY_JWT_KEYS"}
+    with pytest.raises(SettingsError, match="IDENTITY_JWT_KEYS") as caught:
+        load_settings(without)
+    assert "keys jwt" in str(caught.value)
+    assert dev().jwt_keys is None
+    # A tool that only reads the broker or database URL runs no worker and needs no keys,
+    # but every value it is given is still checked.
+    assert load_settings({}, keys_needed=False).jwt_keys is None
+    with pytest.raises(SettingsError, match="IDENTITY_JWT_KEYS"):
+        load_settings({"IDENTITY_JWT_KEYS": "j1:short"}, keys_needed=False)
+
+
+def test_jwt_keys_parse_with_the_signing_key_first_and_access_tokens_have_their_defaults() -> None:
+    given = f"new:{_key(32, b'n')}, old:{_key(32, b'o')}"
+    settings = load_settings({**PRODUCTION, "IDENTITY_JWT_KEYS": given})
+
+    keys = settings.parsed_jwt_keys()
+    assert [key.kid for key in keys] == ["new", "old"]
+    assert keys[0].seed == b"n" * 32
+    assert "nnnn" not in repr(settings)
+    assert "nnnn" not in repr(keys)
+    assert settings.access_token_ttl_s == 600
+    assert settings.issuer == "identity-worker"
+    assert settings.refresh_reuse_grace_s == 10
 
 
 @pytest.mark.parametrize(
@@ -246,3 +285,32 @@ def test_migrations_need_no_keys_and_grant_the_workers_role() -> None:
     assert alone.migration_dsn == env["IDENTITY_DATABASE_URL"]
     with pytest.raises(SettingsError, match="IDENTITY_HMAC_KEY"):
         load_settings(env)  # the worker itself still needs its keys
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (f"j1:{_key(16, b's')}", "must be 32 bytes"),
+        (f"j1:{_key(48, b's')}", "must be 32 bytes"),
+        (f"J 1:{_key(32, b's')}", "key id is not valid"),
+        (_key(32, b"s"), "kid:base64url-seed"),
+        (f"j1:{_key(32, b's')}+/", "not base64url"),
+        (f"j1:{_key(32, b's')},j1:{_key(32, b't')}", "listed twice"),
+    ],
+)
+def test_bad_jwt_keys_are_rejected_without_echoing_them(raw: str, why: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        dev({"IDENTITY_JWT_KEYS": raw})
+
+    message = str(caught.value)
+    assert message.startswith("IDENTITY_JWT_KEYS: ")
+    assert why in message
+    assert _key(16, b"s")[:8] not in message
+    assert caught.value.__context__ is None
+
+
+@pytest.mark.parametrize("ttl", ["3601", "9", "0"])
+def test_the_access_token_lifetime_stays_within_an_hour(ttl: str) -> None:
+    with pytest.raises(SettingsError, match=r"^IDENTITY_ACCESS_TOKEN_TTL_S: "):
+        dev({"IDENTITY_ACCESS_TOKEN_TTL_S": ttl})
+    assert dev({"IDENTITY_ACCESS_TOKEN_TTL_S": "3600"}).access_token_ttl_s == 3600
