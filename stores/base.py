@@ -100,13 +100,18 @@ class UnitOfWork(Protocol):
 
 
 class EventBatch(Protocol):
-    """Outbox rows claimed by one relay (others skip them) until the batch ends."""
+    """The outbox rows of whole commands, claimed by one relay (others skip those commands)
+    until the batch ends."""
 
     @property
-    def events(self) -> Sequence[PendingEvent]: ...
+    def events(self) -> Sequence[PendingEvent]:
+        """Command by command, oldest command first; each command's rows in order."""
+        ...
 
     def mark_published(self, seqs: Sequence[int]) -> None:
-        """Record which rows were confirmed by the broker; applied when the batch ends."""
+        """Record which rows were confirmed by the broker; applied when the batch ends. Of
+        each command, only the rows before its first unmarked one count: a command's events
+        are published in the order they happened, or not at all."""
         ...
 
 
@@ -156,9 +161,15 @@ class ServiceStore(CommandStore, SessionReads, Protocol):
 class OutboxStore(Protocol):
     """The outbox relay's side of the outbox."""
 
-    def claim_events(self, limit: int) -> AbstractAsyncContextManager[EventBatch]:
-        """Claim up to `limit` unpublished outbox rows, oldest first, skipping rows another
-        relay holds. Rows marked published are updated when the block exits normally."""
+    def claim_events(
+        self, limit: int, per_command: int | None = None
+    ) -> AbstractAsyncContextManager[EventBatch]:
+        """Claim the unpublished outbox rows of up to `limit` commands (the rows one
+        `record_outcome` wrote), oldest command first, skipping commands another relay holds:
+        a command is held by one batch at a time, whole. Of each command, its unpublished
+        rows in order: all of them, or the first `per_command`; the rest then goes to a later
+        claim, which cannot take the command before this batch ends. Rows marked published
+        are updated when the block exits normally."""
         ...
 
     async def outbox_backlog(self, now: datetime) -> tuple[int, float]:

@@ -52,6 +52,7 @@ class Tables:
     throttle: dict[str, Throttle] = field(default_factory=dict)
     secrets: dict[str, bytes] = field(default_factory=dict)
     last_seq: int = 0
+    last_command_seq: int = 0
 
 
 def as_jsonb(reply: dict[str, Any]) -> dict[str, Any]:
@@ -72,7 +73,7 @@ class MemoryUnitOfWork:
         self._new_sessions: dict[str, SessionRecord] = {}
         self._session_ends: dict[str, tuple[datetime, str]] = {}
         self._idempotency: dict[str, IdempotencyRecord] = {}
-        self._events: list[NewEvent] = []
+        self._commands: list[list[NewEvent]] = []  # the events of each record_outcome
         self._throttle_resets: set[str] = set()
 
     async def get_account(
@@ -172,7 +173,8 @@ class MemoryUnitOfWork:
         # fails as a whole.
         stored = None if idempotency is None else self._checked_record(idempotency)
         new_events = self._checked_events(events)
-        self._events.extend(new_events)
+        if new_events:
+            self._commands.append(new_events)
         if stored is not None:
             self._idempotency[stored.key] = stored
 
@@ -185,7 +187,7 @@ class MemoryUnitOfWork:
 
     def _checked_events(self, events: Sequence[NewEvent]) -> list[NewEvent]:
         """The events as the outbox would hold them; raises if one cannot be stored."""
-        known = self._tables.event_ids.union(e.event_id for e in self._events)
+        known = self._tables.event_ids.union(e.event_id for c in self._commands for e in c)
         for event in events:
             if event.event_id in known:
                 raise StoreError("unique constraint outbox_event_id_key violated")
@@ -208,12 +210,19 @@ class MemoryUnitOfWork:
                 ended = replace(session, ended_at=ended_at, end_reason=reason)
                 tables.sessions[session_id] = ended
         tables.idempotency.update(self._idempotency)
-        for event in self._events:
-            tables.last_seq += 1
-            pending = PendingEvent(
-                tables.last_seq, event.event_id, event.type, event.body, event.created_at
-            )
-            tables.outbox[tables.last_seq] = OutboxRow(pending)
-            tables.event_ids.add(event.event_id)
+        for events in self._commands:
+            tables.last_command_seq += 1
+            for event in events:
+                tables.last_seq += 1
+                pending = PendingEvent(
+                    tables.last_seq,
+                    event.event_id,
+                    event.type,
+                    event.body,
+                    event.created_at,
+                    tables.last_command_seq,
+                )
+                tables.outbox[tables.last_seq] = OutboxRow(pending)
+                tables.event_ids.add(event.event_id)
         for email_canonical in self._throttle_resets:
             tables.throttle.pop(email_canonical, None)

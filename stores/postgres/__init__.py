@@ -2,7 +2,7 @@
 schema migrations it needs.
 
     store.py      PostgresIdentityStore: reads outside a transaction, claims, purge, ping
-    unit.py       PostgresUnitOfWork and PostgresEventBatch: one connection, one transaction
+    unit.py       PostgresUnitOfWork: one connection, one transaction
     sql.py        every statement, as constants
     edge.py       asyncpg's exceptions become store errors; per-operation timing
     batching.py   KeyedBatcher: concurrent look-ups by key share one query

@@ -83,32 +83,71 @@ GET_IDEMPOTENCY_RECORDS = (
 # A command's outcome in one statement: its events ($1-$4, one array per column) and its
 # idempotency record ($5-$9; skipped when the key is NULL). A data-modifying CTE always runs to
 # completion, whether or not the main statement reads it. Rows are inserted in ORDER BY order,
-# so the outbox seqs follow the events' order. The casts give every parameter its column's
-# type, so the reply goes through the connection's jsonb codec.
+# so the outbox seqs follow the events' order; they share one `command_seq`, drawn once
+# (MATERIALIZED: evaluated once, not once per row), and the command gets its `outbox_pending`
+# row when it has events. The casts give every parameter its column's type, so the reply goes
+# through the connection's jsonb codec.
 RECORD_OUTCOME = f"""
-WITH events AS (
-    INSERT INTO outbox (event_id, type, body, created_at)
-    SELECT event_id, type, body, created_at
+WITH command AS MATERIALIZED (
+    SELECT nextval('outbox_command_seq') AS command_seq
+),
+events AS (
+    INSERT INTO outbox (event_id, type, body, created_at, command_seq)
+    SELECT e.event_id, e.type, e.body, e.created_at, command.command_seq
     FROM unnest($1::text[], $2::text[], $3::bytea[], $4::timestamptz[])
         WITH ORDINALITY AS e (event_id, type, body, created_at, n)
-    ORDER BY n
+    CROSS JOIN command
+    ORDER BY e.n
+    RETURNING seq, command_seq
+),
+pending AS (
+    INSERT INTO outbox_pending (command_seq, next_seq, last_seq)
+    SELECT command_seq, min(seq), max(seq) FROM events GROUP BY command_seq
 )
 INSERT INTO idempotency ({IDEMPOTENCY})
 SELECT $5::text, $6::text, $7::text, $8::jsonb, $9::timestamptz
 WHERE $5::text IS NOT NULL
 """
-# SKIP LOCKED: a row another relay holds is passed over rather than waited for; the row locks
-# last as long as the claiming transaction, i.e. the `async with claim_events(...)` block.
+# Whole commands, oldest first: a relay holds a command by locking its `outbox_pending` row,
+# so SKIP LOCKED passes over a command another relay holds, whole. A command that another
+# relay finished or moved on since this statement's snapshot is seen as it is now: READ
+# COMMITTED locks the newest version of the row (or skips it, deleted), so `next_seq` leaves
+# out what was published meanwhile, even where the snapshot still shows those outbox rows
+# unpublished. Of each command, its unpublished rows in order, found through the primary key:
+# all of them, or the first $2 (the store asks for one more, to know whether any is left).
+# A command without any (published by a relay of the previous version) comes back as one row
+# of NULLs, to be finished. The locks last as long as the claiming transaction, i.e. the
+# `async with claim_events(...)` block.
 CLAIM_EVENTS = """
-SELECT seq, event_id, type, body, created_at FROM outbox
-WHERE published_at IS NULL
-ORDER BY seq
-LIMIT $1
-FOR UPDATE SKIP LOCKED
+WITH held AS MATERIALIZED (
+    SELECT command_seq, next_seq, last_seq FROM outbox_pending
+    ORDER BY command_seq
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+SELECT held.command_seq, e.seq, e.event_id, e.type, e.body, e.created_at
+FROM held LEFT JOIN LATERAL (
+    SELECT seq, event_id, type, body, created_at FROM outbox
+    WHERE seq BETWEEN held.next_seq AND held.last_seq
+      AND command_seq = held.command_seq AND published_at IS NULL
+    ORDER BY seq
+    LIMIT $2
+) e ON true
+ORDER BY held.command_seq, e.seq
 """
-MARK_PUBLISHED = """
-UPDATE outbox SET published_at = now()
-WHERE seq = ANY($1::bigint[]) AND published_at IS NULL
+# The end of a claim, in one statement: the rows published ($1), the commands finished ($2),
+# and how far the others got ($3 command, $4 its first row not published).
+FINISH_CLAIM = """
+WITH published AS (
+    UPDATE outbox SET published_at = now()
+    WHERE seq = ANY($1::bigint[]) AND published_at IS NULL
+),
+finished AS (
+    DELETE FROM outbox_pending WHERE command_seq = ANY($2::bigint[])
+)
+UPDATE outbox_pending p SET next_seq = moved.next_seq
+FROM unnest($3::bigint[], $4::bigint[]) AS moved (command_seq, next_seq)
+WHERE p.command_seq = moved.command_seq
 """
 OUTBOX_BACKLOG = "SELECT count(*), min(created_at) FROM outbox WHERE published_at IS NULL"
 

@@ -1,4 +1,4 @@
-"""The PostgreSQL unit of work and outbox batch: statements on one connection inside one
+"""The PostgreSQL unit of work: statements on one connection inside one
 transaction, opened and closed by `PostgresIdentityStore`.
 
 READ COMMITTED is enough for what the port promises, because every guarantee rests on a row
@@ -25,7 +25,6 @@ from stores.records import (
     AccountRecord,
     IdempotencyRecord,
     NewEvent,
-    PendingEvent,
     SessionRecord,
 )
 
@@ -138,26 +137,3 @@ class PostgresUnitOfWork:
                 [e.created_at for e in events],
                 *record,
             )
-
-
-class PostgresEventBatch:
-    """`EventBatch` over rows locked by the store's claiming transaction."""
-
-    __slots__ = ("_events", "_marked")
-
-    def __init__(self, events: Sequence[PendingEvent]) -> None:
-        self._events = tuple(events)
-        self._marked: set[int] = set()
-
-    @property
-    def events(self) -> Sequence[PendingEvent]:
-        return self._events
-
-    def mark_published(self, seqs: Sequence[int]) -> None:
-        self._marked.update(seqs)
-
-    @property
-    def marked(self) -> list[int]:
-        """The claimed seqs marked published (others are ignored: this batch holds no lock
-        on them)."""
-        return sorted(self._marked.intersection(e.seq for e in self._events))

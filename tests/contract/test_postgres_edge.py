@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import asyncpg
 import pytest
 
 from stores import PostgresIdentityStore, StoreError, TransientStoreError, migrate
-from stores.postgres.migrate import migration_files
+from stores.postgres.migrate import ensure_database, migration_files
 from tests.contract.builders import account, idempotency
 
 
@@ -133,3 +134,50 @@ async def test_close_cuts_off_a_connection_still_in_use_after_its_deadline(pg_ds
     release.set()
     with pytest.raises(Exception):  # noqa: B017, PT011 - whatever a terminated pool raises
         await work
+
+
+async def test_the_store_never_compiles_a_statement_to_machine_code(pg_store: Any) -> None:
+    # A stale estimate would make a 1 ms claim take half a second compiling (store.py).
+    async with pg_store.unit_of_work() as uow:
+        assert await uow._conn.fetchval("SHOW jit") == "off"
+
+
+async def test_an_outbox_written_before_0003_is_published_after_it(pg_scratch_dsn: str) -> None:
+    # The schema as the previous version left it, with one row published and two not.
+    await ensure_database(pg_scratch_dsn)
+    earlier = [(name, text) for name, text in migration_files() if name < "0003"]
+    conn = await asyncpg.connect(pg_scratch_dsn)
+    try:
+        await conn.execute(
+            "CREATE TABLE schema_migrations (name text PRIMARY KEY,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for name, text in earlier:
+            await conn.execute(text)
+            await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
+        old = "INSERT INTO outbox (event_id, type, body, created_at, published_at) VALUES"
+        await conn.execute(
+            f"{old} ('evt_a', 'x', '', now(), now()), ('evt_b', 'x', '', now(), NULL)"
+        )
+        await conn.execute(f"{old} ('evt_c', 'x', '', now(), NULL)")
+
+        assert "0003_outbox_commands.sql" in await migrate(pg_scratch_dsn)
+        # A worker of the previous version, still running during a rolling upgrade.
+        await conn.execute(
+            f"{old} ('evt_d', 'x', '', now(), NULL), ('evt_e', 'x', '', now(), NULL)"
+        )
+    finally:
+        await conn.close()
+
+    store = await PostgresIdentityStore.connect(pg_scratch_dsn)
+    try:
+        async with store.claim_events(10) as batch:
+            claimed = [e.event_id for e in batch.events]
+            batch.mark_published([e.seq for e in batch.events])
+            commands = {e.command_seq for e in batch.events}
+        async with store.claim_events(10) as batch:
+            assert list(batch.events) == []
+    finally:
+        await store.close()
+    assert claimed == ["evt_b", "evt_c", "evt_d", "evt_e"]
+    assert len(commands) == 4  # each row a command of its own

@@ -479,11 +479,22 @@ async def test_events_are_claimed_oldest_first_until_published(store: IdentitySt
 
 async def test_events_left_unmarked_are_claimed_again(store: IdentityStore) -> None:
     await drain(store)
-    ids = await commit_events(store, 3)
+    ids = [await commit_events(store, 1) for _ in range(3)]
     async with store.claim_events(10) as batch:
         batch.mark_published([batch.events[1].seq])
     async with store.claim_events(10) as batch:
-        assert [e.event_id for e in batch.events] == [ids[0], ids[2]]
+        assert [e.event_id for e in batch.events] == ids[0] + ids[2]
+
+
+async def test_only_the_marked_prefix_of_a_command_is_published(store: IdentityStore) -> None:
+    await drain(store)
+    ids = await commit_events(store, 4)
+    async with store.claim_events(10) as batch:
+        # The third row without the second: published out of order, so not recorded.
+        batch.mark_published([batch.events[0].seq, batch.events[2].seq])
+    assert (await store.outbox_backlog(T0))[0] == 3
+    async with store.claim_events(10) as batch:
+        assert [e.event_id for e in batch.events] == ids[1:]
 
 
 async def test_batch_that_raises_publishes_nothing(store: IdentityStore) -> None:
@@ -501,19 +512,89 @@ async def test_batch_that_raises_publishes_nothing(store: IdentityStore) -> None
         assert [e.event_id for e in batch.events] == ids
 
 
-async def test_concurrent_batches_never_claim_the_same_row(store: IdentityStore) -> None:
+async def test_concurrent_batches_never_claim_the_same_command(store: IdentityStore) -> None:
     await drain(store)
-    ids = await commit_events(store, 10)
+    ids = [await commit_events(store, 1) for _ in range(5)]
     # A store that waited for the first batch's rows instead of skipping them would hang here.
     async with (
         asyncio.timeout(10),
-        store.claim_events(4) as first,
+        store.claim_events(2) as first,
         store.claim_events(10) as second,
     ):
         first_ids = [e.event_id for e in first.events]
         second_ids = [e.event_id for e in second.events]
-    assert first_ids == ids[:4]
-    assert second_ids == ids[4:]
+    assert first_ids == ids[0] + ids[1]
+    assert second_ids == ids[2] + ids[3] + ids[4]
+
+
+async def test_a_command_is_claimed_whole_by_one_batch_at_a_time(store: IdentityStore) -> None:
+    await drain(store)
+    wide = await commit_events(store, 10)
+    after = await commit_events(store, 1)
+    async with (
+        asyncio.timeout(10),
+        store.claim_events(1, per_command=4) as first,
+        store.claim_events(10) as second,
+    ):
+        # The second batch skips the whole command, not only the rows the first one took.
+        assert [e.event_id for e in first.events] == wide[:4]
+        assert [e.event_id for e in second.events] == after
+        first.mark_published([e.seq for e in first.events])
+        second.mark_published([e.seq for e in second.events])
+    async with store.claim_events(10) as batch:  # the rest, once the first batch has ended
+        assert [e.event_id for e in batch.events] == wide[4:]
+
+
+async def test_a_command_is_claimed_again_from_its_first_unpublished_row(
+    store: IdentityStore,
+) -> None:
+    await drain(store)
+    ids = await commit_events(store, 4)
+    async with store.claim_events(10) as batch:
+        assert len({e.command_seq for e in batch.events}) == 1
+        batch.mark_published([e.seq for e in batch.events[:2]])
+    async with store.claim_events(10, per_command=1) as batch:
+        assert [e.event_id for e in batch.events] == ids[2:3]
+
+
+async def test_each_outcome_is_a_command_of_its_own(store: IdentityStore) -> None:
+    await drain(store)
+    first, second = [event(), event()], [event()]
+    async with store.unit_of_work() as uow:
+        await uow.record_outcome(first, None)
+        await uow.record_outcome(second, None)
+    async with store.claim_events(1) as batch:
+        assert [e.event_id for e in batch.events] == [e.event_id for e in first]
+        async with store.claim_events(1) as other:
+            assert [e.event_id for e in other.events] == [e.event_id for e in second]
+            assert other.events[0].command_seq != batch.events[0].command_seq
+
+
+async def test_racing_relays_take_each_command_in_order_and_once(store: IdentityStore) -> None:
+    await drain(store)
+    sizes = [1, 7, 2, 12, 1, 1, 5, 3, 9, 1, 4, 1]
+    committed = [await commit_events(store, size) for size in sizes]
+    held: set[int] = set()
+    taken: list[list[str]] = []
+
+    async def relay() -> None:
+        while True:
+            async with store.claim_events(2, per_command=3) as batch:
+                commands = {e.command_seq for e in batch.events}
+                assert not commands & held, "two batches hold one command"
+                held.update(commands)
+                await asyncio.sleep(0)  # let the other relays claim meanwhile
+                taken.append([e.event_id for e in batch.events])
+                batch.mark_published([e.seq for e in batch.events])
+                held.difference_update(commands)
+            if not batch.events:
+                return
+
+    await asyncio.wait_for(asyncio.gather(*(relay() for _ in range(4))), timeout=30)
+    claimed_order = [event_id for ids in taken for event_id in ids]
+    assert sorted(claimed_order) == sorted(i for ids in committed for i in ids)
+    for ids in committed:  # every command's events came out in order, whatever the batch
+        assert [i for i in claimed_order if i in ids] == ids
 
 
 async def test_events_of_an_open_unit_are_not_claimable(store: IdentityStore) -> None:
