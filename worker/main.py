@@ -6,7 +6,8 @@ import asyncio
 import logging
 import signal
 
-from stores.postgres import migrate
+from services.emails import recanonicalised
+from stores.postgres import EmailReport, migrate, recanonicalise_emails
 from worker.app import Worker
 from worker.bootstrap import build
 from worker.settings import Settings
@@ -38,7 +39,7 @@ async def run_worker(settings: Settings, *, migrate_first: bool = True) -> int:
         loop.add_signal_handler(signum, on_signal, signum)
     try:
         if migrate_first:
-            await migrate(settings.database_url.get_secret_value())
+            await migrate_database(settings.database_url.get_secret_value())
         parts = await build(settings)  # closes what it opened if cancelled
     except asyncio.CancelledError:
         if not stopped_by:
@@ -50,3 +51,14 @@ async def run_worker(settings: Settings, *, migrate_first: bool = True) -> int:
         worker.request_stop()
     await worker.run()  # replaces the handlers with its own: drain, then exit
     return 0
+
+
+async def migrate_database(dsn: str) -> tuple[list[str], EmailReport]:
+    """Apply pending migrations, then move accounts whose canonical email changed with the
+    rules (`services.emails`) to their new form: the names applied, and what was moved and
+    what could not be."""
+    applied = await migrate(dsn)
+    report = await recanonicalise_emails(dsn, recanonicalised)
+    if report.moved:
+        log.info("accounts moved to their new canonical email", extra={"count": len(report.moved)})
+    return applied, report
