@@ -318,7 +318,9 @@ class IdentityService:
                 return None
             changes = AccountChanges(updated_at=now, password_hash=new_hash)
             updated = await self._apply(uow, checked.id, locked.version, changes)
-            ended = await uow.end_all_sessions(checked.id, now, "password_changed")
+            ended = await uow.end_all_sessions(
+                checked.id, now, "password_changed", idle_cutoff=self._idle_cutoff(now)
+            )
             await uow.reset_signin_failures(checked.email_canonical)
             self._emit_ended(op, ended, "password_changed", now)
             data = AccountPasswordChangedData(account_id=checked.id, sessions_ended=len(ended))
@@ -409,8 +411,13 @@ class IdentityService:
         return (
             session.ended_at is None
             and now < session.expires_at
-            and now - session.last_seen_at < self._sessions.idle_timeout
+            and session.last_seen_at > self._idle_cutoff(now)
         )
+
+    def _idle_cutoff(self, now: datetime) -> datetime:
+        """A session last seen at or before this has idled out (the stores end only live
+        sessions, by the same rule as `_is_live`)."""
+        return now - self._sessions.idle_timeout
 
     async def end_session(
         self, cmd: EndSession, ctx: CommandContext = NO_CONTEXT
@@ -423,8 +430,11 @@ class IdentityService:
     async def _end(self, op: Operation, session_id: str) -> EndSessionResult:
         now = self._clock.now()
         async with self._store.unit_of_work() as uow:
-            ended = await uow.end_session(session_id, now, "sign_out")
-            # Ending an ended (or long purged) session is not an error, and announces nothing.
+            ended = await uow.end_session(
+                session_id, now, "sign_out", idle_cutoff=self._idle_cutoff(now)
+            )
+            # Ending a session that is over (ended, expired, idled out, or long purged) is not
+            # an error, and announces nothing.
             self._emit_ended(op, [ended] if ended else [], "sign_out", now)
             result = EndSessionResult(session_id=session_id)
             await self._ops.finish(uow, op, result)
@@ -443,7 +453,9 @@ class IdentityService:
         async with self._store.unit_of_work() as uow:
             if await uow.get_account(account_id) is None:
                 raise NotFoundError()
-            ended = await uow.end_all_sessions(account_id, now, "sign_out_everywhere")
+            ended = await uow.end_all_sessions(
+                account_id, now, "sign_out_everywhere", idle_cutoff=self._idle_cutoff(now)
+            )
             self._emit_ended(op, ended, "sign_out_everywhere", now)
             result = EndAllSessionsResult(account_id=account_id, sessions_ended=len(ended))
             await self._ops.finish(uow, op, result)

@@ -73,16 +73,19 @@ class UnitOfWork(Protocol):
     async def get_session(self, session_id: str) -> SessionRecord | None: ...
 
     async def end_session(
-        self, session_id: str, ended_at: datetime, reason: str
+        self, session_id: str, ended_at: datetime, reason: str, *, idle_cutoff: datetime
     ) -> SessionRecord | None:
-        """End the session if it has not ended yet; the ended record, or None if it was
-        already ended or does not exist."""
+        """End the session if it is live at `ended_at`: not ended, not expired (`expires_at`
+        after `ended_at`), and not idled out (seen after `idle_cutoff`). The ended record, or
+        None when it was over already (ended, expired or idle: left as it is) or does not
+        exist."""
         ...
 
     async def end_all_sessions(
-        self, account_id: str, ended_at: datetime, reason: str
+        self, account_id: str, ended_at: datetime, reason: str, *, idle_cutoff: datetime
     ) -> list[SessionRecord]:
-        """End every not-yet-ended session of the account; the records ended now."""
+        """End every session of the account that is live at `ended_at` (as `end_session`
+        decides); the records ended now, oldest first."""
         ...
 
     async def reset_signin_failures(self, email_canonical: str) -> None:

@@ -55,6 +55,13 @@ class Tables:
     last_command_seq: int = 0
 
 
+def _live(session: SessionRecord, now: datetime, idle_cutoff: datetime) -> bool:
+    """As END_SESSION's condition: not ended, not expired at `now`, seen after the cutoff."""
+    return (
+        session.ended_at is None and session.expires_at > now and session.last_seen_at > idle_cutoff
+    )
+
+
 def as_jsonb(reply: dict[str, Any]) -> dict[str, Any]:
     """The value a jsonb column gives back: what survives a round trip through JSON."""
     try:
@@ -142,22 +149,24 @@ class MemoryUnitOfWork:
         return replace(session, ended_at=end[0], end_reason=end[1])
 
     async def end_session(
-        self, session_id: str, ended_at: datetime, reason: str
+        self, session_id: str, ended_at: datetime, reason: str, *, idle_cutoff: datetime
     ) -> SessionRecord | None:
         session = await self.get_session(session_id)
-        if session is None or session.ended_at is not None:
+        if session is None or not _live(session, ended_at, idle_cutoff):
             return None
         self._session_ends[session_id] = (ended_at, reason)
         return replace(session, ended_at=ended_at, end_reason=reason)
 
     async def end_all_sessions(
-        self, account_id: str, ended_at: datetime, reason: str
+        self, account_id: str, ended_at: datetime, reason: str, *, idle_cutoff: datetime
     ) -> list[SessionRecord]:
         candidates = {**self._tables.sessions, **self._new_sessions}.values()
         ended: list[SessionRecord] = []
         for session in sorted(candidates, key=lambda s: (s.created_at, s.id)):
             if session.account_id == account_id:
-                record = await self.end_session(session.id, ended_at, reason)
+                record = await self.end_session(
+                    session.id, ended_at, reason, idle_cutoff=idle_cutoff
+                )
                 if record is not None:
                     ended.append(record)
         return ended

@@ -59,17 +59,21 @@ SELECT {_columns(SessionRecord, "s.")}, {_columns(AccountRecord, "a.")}
 FROM sessions s JOIN accounts a ON a.id = s.account_id
 WHERE s.id = ANY($1::text[])
 """
-# Under READ COMMITTED a second writer waits for the first one's row lock, then re-checks
-# `ended_at IS NULL` against the committed row: only one of them ever ends a session.
+# Only a live session ends: not ended, not expired at $2 (now), not idle since $4 (the idle
+# cutoff); one that expired or idled out is over already, and stays as it is. Under READ
+# COMMITTED a second writer waits for the first one's row lock, then re-checks the condition
+# against the committed row: only one of them ever ends a session, and a `last_seen_at`
+# moved by a verify meanwhile counts.
+_LIVE = "ended_at IS NULL AND expires_at > $2 AND last_seen_at > $4"
 END_SESSION = f"""
 UPDATE sessions SET ended_at = $2, end_reason = $3
-WHERE id = $1 AND ended_at IS NULL
+WHERE id = $1 AND {_LIVE}
 RETURNING {SESSION}
 """
 END_ALL_SESSIONS = f"""
 WITH ended AS (
     UPDATE sessions SET ended_at = $2, end_reason = $3
-    WHERE account_id = $1 AND ended_at IS NULL
+    WHERE account_id = $1 AND {_LIVE}
     RETURNING {SESSION}
 )
 SELECT {SESSION} FROM ended ORDER BY created_at, id

@@ -4,10 +4,11 @@ transaction, opened and closed by `PostgresIdentityStore`.
 READ COMMITTED is enough for what the port promises, because every guarantee rests on a row
 lock or a unique constraint rather than on a snapshot: `update_account` is a compare-and-set
 on `version` in one UPDATE (a concurrent writer waits for the row lock, then re-checks the
-version against the committed row); `end_session(s)` re-checks `ended_at IS NULL` the same
-way; duplicate emails and idempotency keys are stopped by unique indexes, which wait for the
-other transaction and fail if it commits; callers that read-modify-write take
-`get_account(for_update=True)`. Nothing needs SERIALIZABLE's retries.
+version against the committed row); `end_session(s)` re-checks that the session is live
+(`ended_at IS NULL`, not expired, not idle) the same way; duplicate emails and idempotency
+keys are stopped by unique indexes, which wait for the other transaction and fail if it
+commits; callers that read-modify-write take `get_account(for_update=True)`. Nothing needs
+SERIALIZABLE's retries.
 """
 
 from __future__ import annotations
@@ -105,17 +106,21 @@ class PostgresUnitOfWork:
             return session_from(await self._conn.fetchrow(sql.GET_SESSION, session_id))
 
     async def end_session(
-        self, session_id: str, ended_at: datetime, reason: str
+        self, session_id: str, ended_at: datetime, reason: str, *, idle_cutoff: datetime
     ) -> SessionRecord | None:
         with self._timed("uow.end_session"):
-            row = await self._conn.fetchrow(sql.END_SESSION, session_id, ended_at, reason)
+            row = await self._conn.fetchrow(
+                sql.END_SESSION, session_id, ended_at, reason, idle_cutoff
+            )
         return session_from(row)
 
     async def end_all_sessions(
-        self, account_id: str, ended_at: datetime, reason: str
+        self, account_id: str, ended_at: datetime, reason: str, *, idle_cutoff: datetime
     ) -> list[SessionRecord]:
         with self._timed("uow.end_all_sessions"):
-            rows = await self._conn.fetch(sql.END_ALL_SESSIONS, account_id, ended_at, reason)
+            rows = await self._conn.fetch(
+                sql.END_ALL_SESSIONS, account_id, ended_at, reason, idle_cutoff
+            )
         return [SessionRecord(*row) for row in rows]
 
     async def reset_signin_failures(self, email_canonical: str) -> None:

@@ -23,6 +23,8 @@ from stores import (
 )
 from tests.contract.builders import T0, account, event, idempotency, session, unique
 
+# An idle cutoff before any session of these tests was seen: none has idled out.
+SEEN_BEFORE = T0 - timedelta(days=1)
 SCHEDULE = ThrottleSchedule(free_failures=3, base_delay_s=2.0, max_delay_s=10.0, reset_after_s=3600)
 
 
@@ -235,7 +237,7 @@ async def test_lookup_after_a_commit_sees_it_while_others_are_in_flight(
         await asked.wait()  # the askers are on their next round: in flight from here on
         ended_at = T0 + timedelta(hours=1)
         async with store.unit_of_work() as uow:
-            await uow.end_session(record.id, ended_at, "sign_out")
+            await uow.end_session(record.id, ended_at, "sign_out", idle_cutoff=SEEN_BEFORE)
         after = await store.get_session_with_account(record.id)
     finally:
         stop.set()
@@ -256,11 +258,18 @@ async def test_ending_a_session_returns_it_only_the_first_time(store: IdentitySt
         await uow.insert_session(record)
     ended_at = T0 + timedelta(hours=1)
     async with store.unit_of_work() as uow:
-        ended = await uow.end_session(record.id, ended_at, "sign_out")
-        assert await uow.end_session(record.id, ended_at, "sign_out") is None
-        assert await uow.end_session(unique("ses"), ended_at, "sign_out") is None
+        ended = await uow.end_session(record.id, ended_at, "sign_out", idle_cutoff=SEEN_BEFORE)
+        assert (
+            await uow.end_session(record.id, ended_at, "sign_out", idle_cutoff=SEEN_BEFORE) is None
+        )
+        assert (
+            await uow.end_session(unique("ses"), ended_at, "sign_out", idle_cutoff=SEEN_BEFORE)
+            is None
+        )
     async with store.unit_of_work() as uow:
-        assert await uow.end_session(record.id, ended_at, "sign_out") is None
+        assert (
+            await uow.end_session(record.id, ended_at, "sign_out", idle_cutoff=SEEN_BEFORE) is None
+        )
 
     assert ended == replace(record, ended_at=ended_at, end_reason="sign_out")
     found = await store.get_session_with_account(record.id)
@@ -277,12 +286,19 @@ async def test_ending_all_sessions_returns_only_those_ended_now(store: IdentityS
     async with store.unit_of_work() as uow:
         for record in (earlier, open_a, open_b, other):
             await uow.insert_session(record)
-        await uow.end_session(earlier.id, T0, "sign_out")
+        await uow.end_session(earlier.id, T0, "sign_out", idle_cutoff=SEEN_BEFORE)
     now = T0 + timedelta(hours=1)
     async with store.unit_of_work() as uow:
-        ended = await uow.end_all_sessions(account_id, now, "sign_out_everywhere")
+        ended = await uow.end_all_sessions(
+            account_id, now, "sign_out_everywhere", idle_cutoff=SEEN_BEFORE
+        )
     async with store.unit_of_work() as uow:
-        assert await uow.end_all_sessions(account_id, now, "sign_out_everywhere") == []
+        assert (
+            await uow.end_all_sessions(
+                account_id, now, "sign_out_everywhere", idle_cutoff=SEEN_BEFORE
+            )
+            == []
+        )
         assert await uow.get_session(other.id) == other
         still_first = await uow.get_session(earlier.id)
 
@@ -290,6 +306,29 @@ async def test_ending_all_sessions_returns_only_those_ended_now(store: IdentityS
     assert all(s.ended_at == now and s.end_reason == "sign_out_everywhere" for s in ended)
     assert still_first is not None
     assert still_first.end_reason == "sign_out"
+
+
+async def test_only_a_live_session_ends(store: IdentityStore) -> None:
+    account_id = await commit_account(store)
+    now, cutoff = T0 + timedelta(hours=2), T0 + timedelta(hours=1, minutes=30)
+    live = session(account_id, last_seen_at=T0 + timedelta(hours=1, minutes=45))
+    idle = session(account_id, last_seen_at=cutoff)  # seen at the cutoff: idled out
+    expired = session(account_id, last_seen_at=now, expires_at=now)  # over at its expiry
+    async with store.unit_of_work() as uow:
+        for record in (live, idle, expired):
+            await uow.insert_session(record)
+
+    async with store.unit_of_work() as uow:
+        for over in (idle, expired):
+            assert await uow.end_session(over.id, now, "sign_out", idle_cutoff=cutoff) is None
+        ended = await uow.end_all_sessions(
+            account_id, now, "sign_out_everywhere", idle_cutoff=cutoff
+        )
+    async with store.unit_of_work() as uow:
+        assert await uow.get_session(idle.id) == idle  # left as they were: over already
+        assert await uow.get_session(expired.id) == expired
+
+    assert [s.id for s in ended] == [live.id]
 
 
 async def test_touch_moves_last_seen_forward_never_backward(store: IdentityStore) -> None:
@@ -353,7 +392,9 @@ async def test_unit_that_raises_ends_no_session(store: IdentityStore) -> None:
 
     async def doomed() -> None:
         async with store.unit_of_work() as uow:
-            await uow.end_all_sessions(record.account_id, T0, "password_changed")
+            await uow.end_all_sessions(
+                record.account_id, T0, "password_changed", idle_cutoff=SEEN_BEFORE
+            )
             raise Boom
 
     with pytest.raises(Boom):
@@ -747,7 +788,7 @@ async def test_purge_deletes_only_what_is_old_enough(store: IdentityStore) -> No
         await uow.record_outcome([], young_key)
         for record in (expired, ended, live):
             await uow.insert_session(record)
-        await uow.end_session(ended.id, old, "sign_out")
+        await uow.end_session(ended.id, old, "sign_out", idle_cutoff=SEEN_BEFORE)
         await uow.record_outcome(
             [event(created_at=old), event(created_at=old), event(created_at=young)], None
         )

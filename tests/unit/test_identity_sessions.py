@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 
-from messages import EndAllSessions, EndSession, VerifySession
+from messages import ChangePassword, EndAllSessions, EndSession, VerifySession
 from services.clock import FakeClock
 from services.errors import (
     InvalidCredentialsError,
@@ -20,7 +20,7 @@ from services.passwords import HashingPool
 from services.tokens import SigningKey, TokenSigner
 from stores.memory import MemoryIdentityStore
 from tests.support.factory import TEST_CONFIG, running_service
-from tests.unit.helpers import create_cmd, ctx, pending_events, start_cmd
+from tests.unit.helpers import PASSWORD, create_cmd, ctx, pending_events, start_cmd
 
 
 def verify_cmd(token: str) -> VerifySession:
@@ -218,3 +218,72 @@ async def test_an_outdated_hash_is_upgraded_on_sign_in_without_a_new_version(
         assert not strong.needs_rehash(record.password_hash)
         assert record.version == 1
         await new.start_session(start_cmd(), ctx())
+
+
+async def _sessions_live_idle_and_expired(
+    service: IdentityService, clock: FakeClock
+) -> tuple[str, dict[str, str]]:
+    """An account with three sessions, as the clock now stands: one that expired (past its
+    lifetime), one that idled out, and one live; its id and the sessions' tokens by state."""
+    account = (await service.create_account(create_cmd(), ctx())).account
+    tokens = {}
+    tokens["expired"] = (await service.start_session(start_cmd(), ctx())).token.get_secret_value()
+    for _ in range(49):  # used every 29 minutes: it never idles, and outlives its 24 h
+        clock.advance(minutes=29)
+        await service.verify_session(verify_cmd(tokens["expired"]))
+    tokens["idle"] = (await service.start_session(start_cmd(), ctx())).token.get_secret_value()
+    clock.advance(minutes=31)
+    tokens["live"] = (await service.start_session(start_cmd(), ctx())).token.get_secret_value()
+    for state, token in tokens.items():
+        if state != "live":
+            with pytest.raises(SessionExpiredError):
+                await service.verify_session(verify_cmd(token))
+    return account.id, tokens
+
+
+def _ended(events: list[dict[str, object]]) -> list[object]:
+    return [e["data"]["session_id"] for e in events if e["type"] == "session.ended"]  # type: ignore[index]
+
+
+async def test_ending_all_sessions_ends_only_the_live_ones(
+    service: IdentityService, store: MemoryIdentityStore, clock: FakeClock
+) -> None:
+    account_id, tokens = await _sessions_live_idle_and_expired(service, clock)
+
+    result = await service.end_all_sessions(EndAllSessions(account_id=account_id), ctx())
+
+    # The expired and the idle one were over already: not counted, not announced again.
+    assert result.sessions_ended == 1
+    assert _ended(await pending_events(store)) == [tokens["live"].split(".")[2]]
+
+
+async def test_changing_the_password_ends_only_the_live_sessions(
+    service: IdentityService, store: MemoryIdentityStore, clock: FakeClock
+) -> None:
+    account_id, tokens = await _sessions_live_idle_and_expired(service, clock)
+    change = ChangePassword.model_validate(
+        {
+            "account_id": account_id,
+            "current_password": PASSWORD,
+            "new_password": "a different long passphrase",
+        }
+    )
+
+    result = await service.change_password(change, ctx())
+
+    assert result.sessions_ended == 1
+    events = await pending_events(store)
+    assert _ended(events) == [tokens["live"].split(".")[2]]
+    assert events[-1]["data"]["sessions_ended"] == 1  # account.password_changed
+
+
+@pytest.mark.parametrize("state", ["idle", "expired"])
+async def test_signing_out_of_a_session_that_is_over_announces_nothing(
+    service: IdentityService, store: MemoryIdentityStore, clock: FakeClock, state: str
+) -> None:
+    _, tokens = await _sessions_live_idle_and_expired(service, clock)
+    end = EndSession.model_validate({"token": tokens[state]})
+
+    assert (await service.end_session(end, ctx())).session_id == tokens[state].split(".")[2]
+
+    assert _ended(await pending_events(store)) == []
