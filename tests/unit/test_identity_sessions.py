@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,9 @@ from services.tokens import SigningKey, TokenSigner
 from stores.memory import MemoryIdentityStore
 from tests.support.factory import TEST_CONFIG, running_service
 from tests.unit.helpers import PASSWORD, create_cmd, ctx, pending_events, start_cmd
+from worker.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def verify_cmd(token: str) -> VerifySession:
@@ -93,6 +97,24 @@ async def test_repeated_failures_are_throttled_for_known_and_unknown_emails(
     with pytest.raises(RateLimitedError) as limited:
         await service.start_session(start_cmd(), ctx())
     assert limited.value.retry_after_s == 2
+
+
+def _one_line(path: Path) -> str:
+    return " ".join(path.read_text(encoding="utf-8").split())
+
+
+def test_the_docs_state_the_throttle_the_service_applies() -> None:
+    # The test above is the behaviour; this is what README.md and the contract say of it,
+    # with the numbers of the default settings. The sixth failure is checked, then locks.
+    defaults = Settings()
+    free, base = defaults.throttle_free_failures, defaults.throttle_base_delay_s
+    rule = f"the first {free} failures are free; from the {free + 1}th on, each failure locks"
+    readme = _one_line(ROOT / "README.md")
+    assert f"{rule} the email, for {base:g} s after the {free + 1}th, doubling" in readme
+    assert f"up to {defaults.throttle_max_delay_s / 60:g} minutes" in readme
+    assert f"The {free + 1}th guess is still checked" in readme
+    assert f"{defaults.throttle_reset_after_s / 3600:g} hours without a failure" in readme
+    assert rule in _one_line(ROOT / "docs" / "contract.md")
 
 
 async def test_a_successful_sign_in_forgets_earlier_failures(
