@@ -3,24 +3,57 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test check bench venv services asyncapi clean
+.PHONY: run mailbox courier test check bench venv services asyncapi lock clean
 
-$(BIN)/identity-worker: pyproject.toml
+# Dependencies come from the lock file, each checked against its hashes; the project itself is
+# installed on top without resolving anything again.
+$(BIN)/identity-worker: pyproject.toml requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/pip install --quiet --require-hashes -r requirements-dev.lock
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
 venv: $(BIN)/identity-worker
 
+## Pin every dependency, with hashes, after changing pyproject.toml: requirements.lock is what
+## the image installs, requirements-dev.lock adds the test, benchmark and lock tools.
+lock: venv
+	$(BIN)/uv pip compile pyproject.toml --universal --generate-hashes --python-version 3.11 \
+		-q -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --universal --generate-hashes --python-version 3.11 \
+		--extra test --extra bench --extra lock -q -o requirements-dev.lock
+
 services:
 	./scripts/ensure-services.sh
 
-## Run the worker against the local RabbitMQ and PostgreSQL (creates the database).
+## Run the worker against the local RabbitMQ and PostgreSQL (creates the database), in dev mode:
+## keys made on the spot and kept in the database, the open caller policy, loud warnings.
+## The database has two roles (scripts/ensure-roles.sh): identity_owner migrates, the worker
+## runs as identity_worker, which may only read and write rows. The codes and notices it mails
+## go to identity.courier: see `make mailbox` and `make courier` below.
 # GLIBC_TUNABLES: argon2's memory on huge pages, as in the Dockerfile (services.passwords).
 # What the caller sets comes last, and glibc takes the last value: glibc.malloc.hugetlb=0 wins.
 run: venv services
+	./scripts/ensure-roles.sh
+	IDENTITY_DEV_MODE=true \
+	IDENTITY_DATABASE_URL=$${IDENTITY_DATABASE_URL:-postgresql://identity_worker@127.0.0.1:5432/identity} \
+	IDENTITY_MIGRATION_DATABASE_URL=$${IDENTITY_MIGRATION_DATABASE_URL:-postgresql://identity_owner@127.0.0.1:5432/identity} \
 	GLIBC_TUNABLES=glibc.malloc.hugetlb=1$${GLIBC_TUNABLES:+:$$GLIBC_TUNABLES} $(BIN)/identity-worker run
+
+## See the mails (verification and recovery codes) locally, beside `make run`: `make mailbox`
+## in one terminal (an SMTP server on 127.0.0.1:1025 that prints every mail it gets), then
+## `make courier` in another (the mail sender, in dev mode, sending to it in plain text; its
+## sidecar on 8081). Mailpit works too: `make courier` sends to 127.0.0.1:1025 all the same,
+## and its inbox is on http://localhost:8025.
+mailbox: venv
+	exec $(BIN)/aiosmtpd -n -l 127.0.0.1:1025 -c aiosmtpd.handlers.Debugging
+
+courier: venv services
+	IDENTITY_DEV_MODE=true \
+	IDENTITY_SMTP_URL=$${IDENTITY_SMTP_URL:-smtp+insecure://127.0.0.1:1025} \
+	IDENTITY_MAIL_FROM="$${IDENTITY_MAIL_FROM:-Identity <no-reply@identity.localhost>}" \
+	IDENTITY_HTTP_PORT=$${IDENTITY_HTTP_PORT:-8081} \
+	exec $(BIN)/identity-worker courier
 
 ## Every test: unit, store contract (memory + PostgreSQL), integration and faults.
 # pytest exits 5 when it collected nothing: that is a failure, not a pass.

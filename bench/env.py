@@ -20,6 +20,8 @@ from typing import Any
 
 import asyncpg
 
+from services.access_tokens import format_jwt_key, new_jwt_key
+from services.keys import new_hmac_key
 from services.passwords import HUGE_PAGES_TUNABLE, malloc_hugetlb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +66,7 @@ class Sandbox:
     name: str = field(default_factory=lambda: "bench_" + secrets.token_hex(4))
     vhost_made: bool = False
     db_made: bool = False
+    role_made: bool = False
 
     @property
     def amqp_url(self) -> str:
@@ -71,7 +74,17 @@ class Sandbox:
 
     @property
     def database_url(self) -> str:
+        """The owner's (a superuser): migrations and the benchmark's own writes."""
         return f"postgresql://postgres@127.0.0.1:5432/{self.name}"
+
+    @property
+    def worker_role(self) -> str:
+        return f"{self.name}_worker"
+
+    @property
+    def worker_database_url(self) -> str:
+        """The worker's own role, rows only: production refuses to run it as a superuser."""
+        return f"postgresql://{self.worker_role}@127.0.0.1:5432/{self.name}"
 
     async def open(self) -> None:
         rabbitmqctl("add_vhost", self.name)
@@ -81,6 +94,8 @@ class Sandbox:
         try:
             await conn.execute(f'CREATE DATABASE "{self.name}"')
             self.db_made = True
+            await conn.execute(f'CREATE ROLE "{self.worker_role}" LOGIN')
+            self.role_made = True
         finally:
             await conn.close()
 
@@ -93,6 +108,8 @@ class Sandbox:
                 conn = await asyncpg.connect(PG_ADMIN)
                 try:
                     await conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+                    if self.role_made:
+                        await conn.execute(f'DROP ROLE IF EXISTS "{self.worker_role}"')
                 finally:
                     await conn.close()
 
@@ -239,12 +256,26 @@ class WorkerProcess:
             self.process.wait()
 
 
+# The load generator publishes as guest, every command from one source: production mode with a
+# policy that lets guest send everything, and an argon2 budget per source it never reaches.
+BENCH_CALLERS = "guest=*"
+BENCH_HMAC_KEY = new_hmac_key()
+# One access-token key per benchmark process: every worker of a run signs with it.
+_JWT_KEYS = format_jwt_key(new_jwt_key())
+
+
 def worker_env(sandbox: Sandbox, signing_keys: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IDENTITY_")}
     env.update(
         IDENTITY_AMQP_URL=sandbox.amqp_url,
-        IDENTITY_DATABASE_URL=sandbox.database_url,
+        IDENTITY_DATABASE_URL=sandbox.worker_database_url,
+        IDENTITY_MIGRATION_DATABASE_URL=sandbox.database_url,
         IDENTITY_SIGNING_KEYS=signing_keys,
+        IDENTITY_HMAC_KEY=BENCH_HMAC_KEY,
+        IDENTITY_CALLERS=BENCH_CALLERS,
+        IDENTITY_SOURCE_HASH_RATE_PER_S="1000000",
+        IDENTITY_SOURCE_HASH_BURST="1000000",
+        IDENTITY_JWT_KEYS=_JWT_KEYS,
         IDENTITY_HTTP_HOST="127.0.0.1",
         IDENTITY_LOG_LEVEL="INFO",
     )

@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import count
+from urllib.parse import unquote, urlsplit
 
 import aiormq
 import orjson
@@ -80,6 +81,7 @@ def latency_summary(latencies: list[float]) -> dict[str, float]:
 class LoadGenerator:
     def __init__(self, url: str) -> None:
         self._url = url
+        self.user = unquote(urlsplit(url).username or "guest")
         self._ids = count()
         self._pending: dict[str, asyncio.Future[tuple[float, bytes]]] = {}
         # Replies to published-only commands (backlogs), counted by correlation id prefix.
@@ -111,6 +113,8 @@ class LoadGenerator:
             delivery_mode=2,
             correlation_id=correlation_id,
             reply_to=self.reply_queue if reply else None,
+            # The worker authorises by the broker-validated user (the URL's, guest here).
+            user_id=self.user,
         )
 
     async def publish(

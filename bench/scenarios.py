@@ -27,7 +27,7 @@ from services.passwords import HashingPool, huge_pages_settings, make_hasher
 from services.tokens import TokenSigner, format_signing_key, new_signing_key, parse_signing_keys
 from stores.postgres import migrate
 from stores.records import AccountRecord, SessionRecord
-from worker.settings import Settings
+from worker.settings import load_settings
 from worker.topology import FAST_QUEUE, PASSWORD_QUEUE
 
 PASSWORD = "Plum-orbit-castle-7319-quiet"  # noqa: S105 - the bench accounts' password
@@ -162,7 +162,7 @@ async def prepare(
     """The sandbox's database migrated and holding 2,000 accounts (whose password hashes to
     `password_hash`) and `ends` live sessions; returns them as a `State`, and the signing keys
     (for IDENTITY_SIGNING_KEYS) their tokens are signed with."""
-    await migrate(sandbox.database_url)
+    await migrate(sandbox.database_url, worker_role=sandbox.worker_role)
     keys = format_signing_key(new_signing_key())
     state = State(TokenSigner(parse_signing_keys(keys)), tag)
     await state.write(sandbox.database_url, password_hash, accounts=2000, ends=ends)
@@ -172,7 +172,7 @@ async def prepare(
 async def argon2_ceiling(seconds: float) -> dict[str, Any]:
     """Hashes (and verifications) per second with the worker's default argon2 parameters and
     pool size, the pool kept full, nothing else running."""
-    s = Settings()
+    s = load_settings({}, keys_needed=False)  # the defaults, which need no keys
     hasher = make_hasher(s.argon2_time_cost, s.argon2_memory_kib, s.argon2_parallelism)
     pool = HashingPool(hasher, workers=s.effective_hash_workers)
     out: dict[str, Any] = {

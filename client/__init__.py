@@ -1,11 +1,13 @@
 """Client library for the identity worker: typed commands and event subscription.
 
-It depends on `messages` (the contract models) and aio-pika only, so other services can use
-it without the worker's own code.
+It depends on `messages` (the contract models), aio-pika and PyJWT only, so other services
+can use it without the worker's own code.
 """
 
+from client.access_tokens import AccessClaims, AccessTokenVerifier
 from client.client import IdentityClient
 from client.errors import (
+    AccessTokenExpired,
     AccountDisabled,
     EmailNotVerified,
     EmailTaken,
@@ -14,6 +16,7 @@ from client.errors import (
     IdempotencyKeyReused,
     IdentityClientError,
     InternalError,
+    InvalidAccessToken,
     InvalidCode,
     InvalidCredentials,
     InvalidToken,
@@ -32,6 +35,9 @@ from client.errors import (
 from client.subscriber import subscribe
 
 __all__ = [
+    "AccessClaims",
+    "AccessTokenExpired",
+    "AccessTokenVerifier",
     "AccountDisabled",
     "EmailNotVerified",
     "EmailTaken",
@@ -41,6 +47,7 @@ __all__ = [
     "IdentityClient",
     "IdentityClientError",
     "InternalError",
+    "InvalidAccessToken",
     "InvalidCode",
     "InvalidCredentials",
     "InvalidToken",

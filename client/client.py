@@ -35,18 +35,39 @@ from client._wire import (
     read_reply,
     read_result,
 )
-from client.errors import ReplyTimeout, Unroutable
+from client.errors import ReplyTimeout, TransportError, Unroutable
 from messages import (
+    AcceptedResult,
     AccountResult,
     ChangePassword,
     ChangePasswordResult,
+    CompleteRecovery,
+    ConfirmVerification,
     CreateAccount,
+    DeleteAccount,
+    DeleteAccountResult,
+    DisableAccount,
+    DisableAccountResult,
+    EnableAccount,
     EndAllSessions,
     EndAllSessionsResult,
     EndSession,
     EndSessionResult,
     GetAccount,
+    GetJwks,
+    GrantRole,
+    JwksResult,
+    ListSessions,
+    ListSessionsResult,
+    RecoveryResult,
+    RefreshSession,
+    RefreshSessionResult,
     Reply,
+    RequestRecovery,
+    RequestVerification,
+    RevokeRole,
+    RevokeSession,
+    RevokeSessionResult,
     StartSession,
     StartSessionResult,
     UpdateAccount,
@@ -291,3 +312,167 @@ class IdentityClient:
     ) -> EndAllSessionsResult:
         payload = EndAllSessions(account_id=account_id)
         return await self._call(EndAllSessionsResult, payload, idempotency_key)
+
+    async def disable_account(
+        self,
+        account_id: str,
+        reason: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> DisableAccountResult:
+        """Stop the account now: its live sessions end, sign-in answers `account_disabled`."""
+        payload = DisableAccount(account_id=account_id, reason=reason)
+        return await self._call(DisableAccountResult, payload, idempotency_key, metadata)
+
+    async def enable_account(
+        self,
+        account_id: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> AccountResult:
+        payload = EnableAccount(account_id=account_id)
+        return await self._call(AccountResult, payload, idempotency_key, metadata)
+
+    async def delete_account(
+        self,
+        account_id: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> DeleteAccountResult:
+        """Erase the account (irreversible): see the contract's "Erasure"."""
+        payload = DeleteAccount(account_id=account_id)
+        return await self._call(DeleteAccountResult, payload, idempotency_key, metadata)
+
+    async def list_sessions(
+        self,
+        account_id: str,
+        *,
+        limit: int | None = None,
+        cursor: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> ListSessionsResult:
+        """One page of the account's live sessions; pass `next_cursor` back for the next."""
+        fields: dict[str, Any] = {"account_id": account_id, "cursor": cursor}
+        if limit is not None:
+            fields["limit"] = limit
+        payload = ListSessions.model_validate(fields)
+        return await self._call(ListSessionsResult, payload, None, metadata)
+
+    async def revoke_session(
+        self,
+        session_id: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> RevokeSessionResult:
+        payload = RevokeSession(session_id=session_id)
+        return await self._call(RevokeSessionResult, payload, idempotency_key, metadata)
+
+    # -- recovery and verification (contract v2) --------------------------------------------
+
+    async def request_recovery(
+        self,
+        email: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> AcceptedResult:
+        """Ask for a recovery code to be mailed. Always accepted: whether the email has an
+        account is not told, here or anywhere."""
+        payload = RequestRecovery(email=email)
+        return await self._call(AcceptedResult, payload, idempotency_key, metadata)
+
+    async def complete_recovery(
+        self,
+        email: str,
+        code: SecretArg,
+        new_password: SecretArg,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> RecoveryResult:
+        """Set a new password with the mailed code; every live session of the account ends.
+        Raises `InvalidCode` (wrong, expired, used, voided, unknown email), `RateLimited`,
+        `ValidationFailed` (the new password)."""
+        payload = CompleteRecovery.model_validate(
+            {"email": email, "code": code, "new_password": new_password}
+        )
+        return await self._call(RecoveryResult, payload, idempotency_key, metadata)
+
+    async def request_verification(
+        self, account_id: str, *, idempotency_key: str | None = None
+    ) -> AcceptedResult:
+        """Mail a new verification code to the account's address (`NotFound` if no such
+        account)."""
+        payload = RequestVerification(account_id=account_id)
+        return await self._call(AcceptedResult, payload, idempotency_key)
+
+    async def confirm_verification(
+        self,
+        email: str,
+        code: SecretArg,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> AccountResult:
+        """Prove the address with the mailed code (`InvalidCode`, `RateLimited`)."""
+        payload = ConfirmVerification.model_validate({"email": email, "code": code})
+        return await self._call(AccountResult, payload, idempotency_key, metadata)
+
+    async def refresh_session(
+        self,
+        refresh_token: SecretArg,
+        *,
+        idempotency_key: str | None = None,
+        attempts: int = 3,
+        metadata: MetadataArg = None,
+    ) -> RefreshSessionResult:
+        """New access and refresh tokens for `refresh_token`, which is used up.
+
+        Every attempt (the client's own re-publishes, and up to `attempts` calls after a
+        `TransportError`) goes under ONE idempotency key: a retry of a refresh whose reply was
+        lost gets that reply again. Under a fresh key it would present a used-up token,
+        which the worker takes for theft and answers by ending the session. After the last
+        attempt the `ReplyTimeout` carries the key (`.idempotency_key`): pass it back in to
+        try again later.
+        """
+        if attempts < 1:
+            raise ValueError("attempts must be at least 1")
+        key = idempotency_key or str(uuid.uuid4())
+        payload = RefreshSession.model_validate({"refresh_token": refresh_token})
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self._call(RefreshSessionResult, payload, key, metadata)
+            except TransportError:
+                if attempt == attempts:
+                    raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def get_jwks(self) -> JwksResult:
+        """The public keys access tokens are signed with (`keys.jwks`)."""
+        return await self._call(JwksResult, GetJwks())
+
+    async def grant_role(
+        self,
+        account_id: str,
+        role: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> AccountResult:
+        payload = GrantRole(account_id=account_id, role=role)
+        return await self._call(AccountResult, payload, idempotency_key, metadata)
+
+    async def revoke_role(
+        self,
+        account_id: str,
+        role: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> AccountResult:
+        payload = RevokeRole(account_id=account_id, role=role)
+        return await self._call(AccountResult, payload, idempotency_key, metadata)

@@ -18,9 +18,11 @@
     │   ├── InvalidCode             invalid_code
     │   ├── EmailNotVerified        email_not_verified
     │   └── AccountDisabled         account_disabled
-    └── TransportError              no reply to read: .command
-        ├── ReplyTimeout            no reply within the timeout, after every retry
-        └── Unroutable              the broker has no queue for the command (worker not up)
+    ├── TransportError              no reply to read: .command
+    │   ├── ReplyTimeout            no reply within the timeout, after every retry
+    │   └── Unroutable              the broker has no queue for the command (worker not up)
+    └── InvalidAccessToken          an access token verified locally is not good (no round trip)
+        └── AccessTokenExpired      ... only because it expired: refresh it
 
 `except ErrorReply` catches the worker's answers, `except TransportError` what the broker did
 (or did not) carry, as httpx tells `HTTPStatusError` from `RequestError`. After a
@@ -157,6 +159,17 @@ class Unroutable(TransportError):
         super().__init__(
             f"no queue is bound for {command}: is the worker running?", command=command
         )
+
+
+class InvalidAccessToken(IdentityClientError):
+    """An access token that `AccessTokenVerifier` refused: not signed by a published key,
+    not EdDSA, another issuer, a claim missing or malformed. Treat the request as
+    unauthenticated."""
+
+
+class AccessTokenExpired(InvalidAccessToken):
+    """A genuine access token past its `exp` (beyond the clock-skew leeway): get a new one
+    with the refresh token."""
 
 
 _BY_CODE: dict[ErrorCode, type[ErrorReply]] = {

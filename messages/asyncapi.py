@@ -1,4 +1,4 @@
-"""The AsyncAPI 3.0 document of contract v1, generated from the message models.
+"""The AsyncAPI 3.0 document of the contract, generated from the message models.
 
 Every schema comes from `model_json_schema` of the models in this package (their `$defs` are
 lifted into `components/schemas`); this module only arranges them into channels, operations
@@ -16,12 +16,15 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from messages.commands import COMMANDS, CommandEnvelope, CommandSpec
+from messages.courier import COURIER_KINDS, CourierMessage
 from messages.deadletters import DeadLetterRecord
 from messages.events import EVENT_TYPES
 from messages.replies import ErrorBody, ErrorCode, Reply
 from messages.topology import (
     COMMANDS_EXCHANGE,
     CONTENT_TYPE,
+    COURIER_EXCHANGE,
+    COURIER_QUEUE,
     DEAD_EXCHANGE,
     DEAD_QUEUE,
     DIRECT_REPLY_TO,
@@ -42,9 +45,10 @@ ERROR_CODE_MEANINGS: dict[ErrorCode, str] = {
     ErrorCode.EMAIL_TAKEN: "Another account has this email (letter case ignored).",
     ErrorCode.INVALID_CREDENTIALS: "Unknown email or wrong password (not told apart).",
     ErrorCode.RATE_LIMITED: "Too many failed attempts; wait `retry_after_s` seconds.",
-    ErrorCode.INVALID_TOKEN: "The session token is not one this service issued.",
+    ErrorCode.INVALID_TOKEN: "The session or refresh token is not one this service issued, "
+    "or the refresh token was used already (which ends its session).",
     ErrorCode.SESSION_EXPIRED: "The session has ended or expired; sign in again.",
-    ErrorCode.NOT_FOUND: "No such account.",
+    ErrorCode.NOT_FOUND: "No such account (or session, for `session.revoke`); erased ones too.",
     ErrorCode.VERSION_CONFLICT: "`expected_version` is not the account's current version.",
     ErrorCode.INTERNAL_ERROR: "The worker could not process the command after its retries.",
     ErrorCode.FORBIDDEN: "The caller (AMQP `user_id`) may not send this command; nothing ran.",
@@ -56,9 +60,16 @@ ERROR_CODE_MEANINGS: dict[ErrorCode, str] = {
 EVENT_SUMMARIES: dict[str, str] = {
     "account.created": "An account was created.",
     "account.updated": "The email and/or display name changed; `changed` lists which.",
-    "account.password_changed": "The password changed and the account's sessions ended.",
+    "account.password_changed": "The password changed and the account's live sessions ended.",
+    "account.roles_changed": "A role was granted or revoked; `roles` is the whole new set.",
     "session.started": "Someone signed in (never carries the token).",
-    "session.ended": "A session ended: sign-out, sign-out everywhere or password change.",
+    "session.ended": "A session ended; `reason` says why (sign-out, a reused refresh token, ...).",
+    "account.disabled": "An operator disabled the account; its live sessions ended.",
+    "account.enabled": "A disabled account was enabled: it may sign in again.",
+    "account.deleted": "The account was erased: delete what you keep about it.",
+    "account.recovery_requested": "A recovery code was mailed to an account (never the code).",
+    "account.password_reset": "A password was set with a recovery code; every live session ended.",
+    "account.email_verified": "The account's email address was proven with a mailed code.",
 }
 
 _DESCRIPTION = (
@@ -110,7 +121,13 @@ def _model_schemas() -> dict[str, Any]:
     # Validation mode describes what a conforming producer must send; it keeps
     # `format: date-time` that the serialiser's plain-string output would lose.
     mode: JsonSchemaMode = "validation"
-    models: list[type[BaseModel]] = [CommandEnvelope, Reply, ErrorBody, DeadLetterRecord]
+    models: list[type[BaseModel]] = [
+        CommandEnvelope,
+        Reply,
+        ErrorBody,
+        DeadLetterRecord,
+        CourierMessage,
+    ]
     for spec in COMMANDS.values():
         models += [spec.payload, spec.result]
     models += list(EVENT_TYPES.values())
@@ -309,6 +326,43 @@ class _Builder:
             "receive", "deadLetters", "deadLetter", summary
         )
 
+    def courier(self) -> None:
+        summary = "A mail for the mail sender: a one-time code or a notice."
+        self.messages["courierMessage"] = {
+            "name": "courier",
+            "title": "Courier message",
+            "summary": summary,
+            "description": (
+                "The only message that carries a one-time code (`code`, shown `ABCD-EFGH`, "
+                "with `expires_at`, for kinds `verification_code` and `recovery_code`; "
+                "the notices carry neither). Persistent, published with the worker's "
+                "`user_id`, AMQP `expiration` = the code's remaining lifetime in ms, "
+                "`message_id` and `type` = the body's `message_id` and `kind`. At least once: "
+                "send one mail per `message_id`. Only the mail sender's broker user may read "
+                "the queue; it rejects (requeue=false) what it cannot send, and the worker "
+                "dead-letters a copy without the code."
+            ),
+            "contentType": CONTENT_TYPE,
+            "payload": _ref(CourierMessage.__name__),
+        }
+        queue = {"name": COURIER_QUEUE, "durable": True, "exclusive": False, "autoDelete": False}
+        kinds = ", ".join(f"`{kind}`" for kind in COURIER_KINDS)
+        self.channels["courier"] = _channel(
+            COURIER_QUEUE,
+            ["courierMessage"],
+            title=COURIER_QUEUE,
+            description=(
+                f"Quorum queue `{COURIER_QUEUE}`, bound to the direct exchange "
+                f"`{COURIER_EXCHANGE}` with each kind as routing key: {kinds}."
+            ),
+            bindings={
+                "amqp": {"is": "queue", "queue": queue | {"vhost": "/"}, "bindingVersion": _AMQP}
+            },
+        )
+        operation = _operation("receive", "courier", "courierMessage", summary)
+        operation["bindings"] = {"amqp": {"ack": True, "bindingVersion": _AMQP}}
+        self.operations["receiveCourierMessage"] = operation
+
 
 def build_asyncapi() -> dict[str, Any]:
     """The AsyncAPI 3.0 document of contract v1 as a JSON-compatible dict."""
@@ -316,6 +370,7 @@ def build_asyncapi() -> dict[str, Any]:
     builder.commands()
     builder.events()
     builder.dead_letters()
+    builder.courier()
     # Deep-copied so that a caller editing the result cannot change the module's constants.
     return copy.deepcopy(
         {

@@ -11,19 +11,31 @@ from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_vali
 
 from messages.models import (
     AccountId,
+    CodeField,
+    DisableReason,
     DisplayName,
     EmailField,
     Model,
     PasswordField,
+    RoleName,
+    SessionId,
     TokenField,
     wire_form,
 )
 from messages.replies import (
+    AcceptedResult,
     AccountResult,
     ChangePasswordResult,
+    DeleteAccountResult,
+    DisableAccountResult,
     EndAllSessionsResult,
     EndSessionResult,
+    JwksResult,
+    ListSessionsResult,
+    RecoveryResult,
+    RefreshSessionResult,
     Result,
+    RevokeSessionResult,
     StartSessionResult,
     VerifySessionResult,
 )
@@ -93,7 +105,7 @@ class UpdateAccount(Model):
 
 
 class ChangePassword(Model):
-    """Change the password; every session of the account ends."""
+    """Change the password; every live session of the account ends."""
 
     account_id: AccountId
     current_password: PasswordField
@@ -123,6 +135,97 @@ class EndAllSessions(Model):
     """Sign out everywhere (`session.end_all`)."""
 
     account_id: AccountId
+
+
+class DisableAccount(Model):
+    """Stop an account at once (`account.disable`): its live sessions end, sign-in is refused."""
+
+    account_id: AccountId
+    reason: DisableReason
+
+
+class EnableAccount(Model):
+    """Let a disabled account sign in again (`account.enable`)."""
+
+    account_id: AccountId
+
+
+class DeleteAccount(Model):
+    """Erase an account and the personal data kept about it (`account.delete`)."""
+
+    account_id: AccountId
+
+
+# Opaque to callers: handed out as `next_cursor`, given back as it was.
+PageCursor = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_-]+$")]
+SESSIONS_PAGE_DEFAULT = 50
+SESSIONS_PAGE_MAX = 200
+
+
+class ListSessions(Model):
+    """An account's live sessions, a page at a time (`session.list`)."""
+
+    account_id: AccountId
+    limit: int = Field(default=SESSIONS_PAGE_DEFAULT, ge=1, le=SESSIONS_PAGE_MAX)
+    cursor: PageCursor | None = None
+
+
+class RevokeSession(Model):
+    """End one session by its id (`session.revoke`); it acts on the session's account."""
+
+    session_id: SessionId
+
+
+class RequestRecovery(Model):
+    """Ask for a recovery code by email (`account.recovery.request`); always accepted."""
+
+    email: EmailField
+
+
+class CompleteRecovery(Model):
+    """Set a new password with a recovery code (`account.recovery.complete`)."""
+
+    email: EmailField
+    code: CodeField
+    new_password: PasswordField
+
+
+class RequestVerification(Model):
+    """Send a new verification code to the account's address (`account.verification.request`)."""
+
+    account_id: AccountId
+
+
+class ConfirmVerification(Model):
+    """Prove the address with the code sent to it (`account.verification.confirm`)."""
+
+    email: EmailField
+    code: CodeField
+
+
+class RefreshSession(Model):
+    """Trade a refresh token for a new access token and a new refresh token
+    (`session.refresh`); the presented refresh token is used up."""
+
+    refresh_token: TokenField
+
+
+class GetJwks(Model):
+    """The public keys access tokens are signed with (`keys.jwks`); no fields."""
+
+
+class GrantRole(Model):
+    """Give the account a role (`account.grant_role`); a role it holds already is fine."""
+
+    account_id: AccountId
+    role: RoleName
+
+
+class RevokeRole(Model):
+    """Take a role from the account (`account.revoke_role`); one it lacks is fine."""
+
+    account_id: AccountId
+    role: RoleName
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -173,7 +276,7 @@ _SPECS = (
         result=ChangePasswordResult,
         changes_state=True,
         password_work=True,
-        summary="Change the password; all the account's sessions end.",
+        summary="Change the password; all the account's live sessions end.",
     ),
     CommandSpec(
         name="session.start",
@@ -197,7 +300,7 @@ _SPECS = (
         result=EndSessionResult,
         changes_state=True,
         password_work=False,
-        summary="Sign out one session; ending an ended session is not an error.",
+        summary="Sign out one session; ending one that is over already is not an error.",
     ),
     CommandSpec(
         name="session.end_all",
@@ -206,6 +309,112 @@ _SPECS = (
         changes_state=True,
         password_work=False,
         summary="Sign out everywhere.",
+    ),
+    CommandSpec(
+        name="account.disable",
+        payload=DisableAccount,
+        result=DisableAccountResult,
+        changes_state=True,
+        password_work=False,
+        summary="Disable an account: every live session ends, sign-in is refused.",
+    ),
+    CommandSpec(
+        name="account.enable",
+        payload=EnableAccount,
+        result=AccountResult,
+        changes_state=True,
+        password_work=False,
+        summary="Enable a disabled account: sign-in works again (old sessions stay ended).",
+    ),
+    CommandSpec(
+        name="account.delete",
+        payload=DeleteAccount,
+        result=DeleteAccountResult,
+        changes_state=True,
+        password_work=False,
+        summary="Erase an account: its personal data, sessions and stored replies.",
+    ),
+    CommandSpec(
+        name="session.list",
+        payload=ListSessions,
+        result=ListSessionsResult,
+        changes_state=False,
+        password_work=False,
+        summary="List an account's live sessions, oldest first, a page at a time.",
+    ),
+    CommandSpec(
+        name="session.revoke",
+        payload=RevokeSession,
+        result=RevokeSessionResult,
+        changes_state=True,
+        password_work=False,
+        summary="End one session by id; ending one that is over already is not an error.",
+    ),
+    # Contract v2, section 2: recovery and verification by one-time codes.
+    CommandSpec(
+        name="account.recovery.request",
+        payload=RequestRecovery,
+        result=AcceptedResult,
+        changes_state=True,
+        password_work=False,
+        summary="Mail a recovery code if the email has an active account; always accepted.",
+    ),
+    CommandSpec(
+        name="account.recovery.complete",
+        payload=CompleteRecovery,
+        result=RecoveryResult,
+        changes_state=True,
+        password_work=True,
+        summary="Set a new password with a recovery code; every live session ends.",
+    ),
+    CommandSpec(
+        name="account.verification.request",
+        payload=RequestVerification,
+        result=AcceptedResult,
+        changes_state=True,
+        password_work=False,
+        summary="Mail a new verification code to the account's email address.",
+    ),
+    CommandSpec(
+        name="account.verification.confirm",
+        payload=ConfirmVerification,
+        result=AccountResult,
+        changes_state=True,
+        password_work=False,
+        summary="Mark the email address verified with the code mailed to it.",
+    ),
+    CommandSpec(
+        name="session.refresh",
+        payload=RefreshSession,
+        result=RefreshSessionResult,
+        changes_state=True,
+        password_work=False,
+        summary="New access and refresh tokens for a refresh token, which is used up; a used "
+        "one presented again ends the session.",
+    ),
+    CommandSpec(
+        name="keys.jwks",
+        payload=GetJwks,
+        result=JwksResult,
+        changes_state=False,
+        password_work=False,
+        summary="The JWKS (RFC 7517) of the keys that sign access tokens.",
+    ),
+    CommandSpec(
+        name="account.grant_role",
+        payload=GrantRole,
+        result=AccountResult,
+        changes_state=True,
+        password_work=False,
+        summary="Give the account a role (granting a held role changes nothing).",
+    ),
+    CommandSpec(
+        name="account.revoke_role",
+        payload=RevokeRole,
+        result=AccountResult,
+        changes_state=True,
+        password_work=False,
+        summary="Take a role from the account (revoking a missing role changes nothing).",
     ),
 )
 

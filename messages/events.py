@@ -6,9 +6,29 @@ from typing import Annotated, Literal
 
 from pydantic import Field, TypeAdapter
 
-from messages.models import Account, AccountId, EventId, Model, Session, SessionId, UtcDatetime
+from messages.models import (
+    Account,
+    AccountId,
+    EventId,
+    Model,
+    RoleName,
+    Session,
+    SessionId,
+    UtcDatetime,
+)
 
-SessionEndReason = Literal["sign_out", "sign_out_everywhere", "password_changed"]
+SessionEndReason = Literal[
+    "sign_out",
+    "sign_out_everywhere",
+    "password_changed",
+    # Contract v2.
+    "password_reset",
+    "account_disabled",
+    "account_deleted",
+    "revoked",
+    "refresh_token_reused",
+    "session_limit",
+]
 
 
 class AccountCreatedData(Model):
@@ -25,6 +45,11 @@ class AccountPasswordChangedData(Model):
     sessions_ended: int = Field(ge=0)
 
 
+class AccountRolesChangedData(Model):
+    account_id: AccountId
+    roles: list[RoleName]  # all of them, sorted: what the account holds now
+
+
 class SessionStartedData(Model):
     session: Session
 
@@ -33,6 +58,35 @@ class SessionEndedData(Model):
     session_id: SessionId
     account_id: AccountId
     reason: SessionEndReason
+
+
+class AccountDisabledData(Model):
+    account_id: AccountId
+    reason: str
+    sessions_ended: int = Field(ge=0)
+
+
+class AccountEnabledData(Model):
+    account_id: AccountId
+
+
+class AccountDeletedData(Model):
+    """Nothing but the id: the account was erased, and so is what the event could say."""
+
+    account_id: AccountId
+
+
+class AccountRecoveryRequestedData(Model):
+    account_id: AccountId
+
+
+class AccountPasswordResetData(Model):
+    account_id: AccountId
+    sessions_ended: int = Field(ge=0)
+
+
+class AccountEmailVerifiedData(Model):
+    account_id: AccountId
 
 
 class _EventBase(Model):
@@ -57,6 +111,11 @@ class AccountPasswordChanged(_EventBase):
     data: AccountPasswordChangedData
 
 
+class AccountRolesChanged(_EventBase):
+    type: Literal["account.roles_changed"] = "account.roles_changed"
+    data: AccountRolesChangedData
+
+
 class SessionStarted(_EventBase):
     type: Literal["session.started"] = "session.started"
     data: SessionStartedData
@@ -67,7 +126,50 @@ class SessionEnded(_EventBase):
     data: SessionEndedData
 
 
-AnyEvent = AccountCreated | AccountUpdated | AccountPasswordChanged | SessionStarted | SessionEnded
+class AccountDisabled(_EventBase):
+    type: Literal["account.disabled"] = "account.disabled"
+    data: AccountDisabledData
+
+
+class AccountEnabled(_EventBase):
+    type: Literal["account.enabled"] = "account.enabled"
+    data: AccountEnabledData
+
+
+class AccountDeleted(_EventBase):
+    type: Literal["account.deleted"] = "account.deleted"
+    data: AccountDeletedData
+
+
+class AccountRecoveryRequested(_EventBase):
+    type: Literal["account.recovery_requested"] = "account.recovery_requested"
+    data: AccountRecoveryRequestedData
+
+
+class AccountPasswordReset(_EventBase):
+    type: Literal["account.password_reset"] = "account.password_reset"
+    data: AccountPasswordResetData
+
+
+class AccountEmailVerified(_EventBase):
+    type: Literal["account.email_verified"] = "account.email_verified"
+    data: AccountEmailVerifiedData
+
+
+AnyEvent = (
+    AccountCreated
+    | AccountUpdated
+    | AccountPasswordChanged
+    | SessionStarted
+    | SessionEnded
+    | AccountDisabled
+    | AccountEnabled
+    | AccountDeleted
+    | AccountRecoveryRequested
+    | AccountPasswordReset
+    | AccountEmailVerified
+    | AccountRolesChanged
+)
 
 Event = Annotated[AnyEvent, Field(discriminator="type")]
 
@@ -75,8 +177,15 @@ EVENT_TYPES: dict[str, type[_EventBase]] = {
     "account.created": AccountCreated,
     "account.updated": AccountUpdated,
     "account.password_changed": AccountPasswordChanged,
+    "account.roles_changed": AccountRolesChanged,
     "session.started": SessionStarted,
     "session.ended": SessionEnded,
+    "account.disabled": AccountDisabled,
+    "account.enabled": AccountEnabled,
+    "account.deleted": AccountDeleted,
+    "account.recovery_requested": AccountRecoveryRequested,
+    "account.password_reset": AccountPasswordReset,
+    "account.email_verified": AccountEmailVerified,
 }
 
 _EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Any, ClassVar, Self, get_args
+from typing import Any, ClassVar, Literal, Self, get_args
 
 from pydantic import Field, SecretStr, model_validator
 
@@ -21,6 +21,8 @@ from messages.models import (
     Secret,
     Session,
     SessionId,
+    SessionInfo,
+    UtcDatetime,
     wire_form,
 )
 
@@ -122,11 +124,14 @@ class Result(Model):
 
 class StoredReply(Model):
     """What an idempotency record keeps, to answer a retry of its command with: the result
-    without its secrets, or the error."""
+    without its secrets, or the error; and, for a result whose secrets are derived from facts
+    that change later (a session's refresh generation, an account's roles), those facts as
+    they were (`derive`: never a secret itself)."""
 
     ok: bool
     result: dict[str, Any] | None = None
     error: ErrorBody | None = None
+    derive: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _error_if_and_only_if_failed(self) -> StoredReply:
@@ -135,8 +140,10 @@ class StoredReply(Model):
         return self
 
     @classmethod
-    def of_result(cls, result: Result) -> StoredReply:
-        return cls(ok=True, result=result.to_stored())
+    def of_result(cls, result: Result, derive: Mapping[str, Any] | None = None) -> StoredReply:
+        return cls(
+            ok=True, result=result.to_stored(), derive=None if derive is None else dict(derive)
+        )
 
     @classmethod
     def of_error(cls, error: ErrorBody) -> StoredReply:
@@ -150,7 +157,10 @@ class StoredReply(Model):
     def to_json(self) -> dict[str, Any]:
         """The JSON object the store keeps: `result` on success, `error` on failure."""
         if self.error is None:
-            return {"ok": True, "result": self.result if self.result is not None else {}}
+            body: dict[str, Any] = {"ok": True, "result": self.result or {}}
+            if self.derive is not None:
+                body["derive"] = self.derive
+            return body
         return {"ok": False, "error": self.error.model_dump(mode="json", exclude_none=True)}
 
 
@@ -166,17 +176,52 @@ class ChangePasswordResult(Result):
 
 
 class StartSessionResult(Result):
-    """The only reply that carries a token; the token is never stored or logged."""
+    """A sign-in's reply: the session token, and (contract v2) an access token and a refresh
+    token. No token is ever stored or logged: a replay derives them again."""
 
     session: Session
     token: Secret
     account: Account
+    access_token: Secret
+    access_token_expires_at: UtcDatetime
+    refresh_token: Secret
 
     @staticmethod
     def stored_session_id(stored: Mapping[str, Any]) -> str:
         """The id of the session a stored sign-in opened: a replay signs it again to give
         the token back."""
         return str(stored["session"]["id"])
+
+
+class RefreshSessionResult(Result):
+    """`session.refresh`: a new access token and the refresh token that replaces the one
+    presented."""
+
+    session: Session
+    access_token: Secret
+    access_token_expires_at: UtcDatetime
+    refresh_token: Secret
+
+    @staticmethod
+    def stored_session_id(stored: Mapping[str, Any]) -> str:
+        return str(stored["session"]["id"])
+
+
+class Jwk(Model):
+    """One public key of the JWKS (RFC 7517; an Ed25519 key, RFC 8037)."""
+
+    kty: Literal["OKP"]
+    crv: Literal["Ed25519"]
+    x: str
+    kid: str
+    use: Literal["sig"]
+    alg: Literal["EdDSA"]
+
+
+class JwksResult(Result):
+    """The keys access tokens are signed with, the signing one first (all of them verify)."""
+
+    keys: list[Jwk]
 
 
 class VerifySessionResult(Result):
@@ -191,3 +236,44 @@ class EndSessionResult(Result):
 class EndAllSessionsResult(Result):
     account_id: AccountId
     sessions_ended: int = Field(ge=0)
+
+
+class AcceptedResult(Result):
+    """Result of `account.recovery.request` and `account.verification.request`: the same
+    whether or not anything was sent."""
+
+    accepted: Literal[True] = True
+
+
+class RecoveryResult(Result):
+    """Result of `account.recovery.complete`."""
+
+    account: Account
+    sessions_ended: int = Field(ge=0)
+
+
+class DisableAccountResult(Result):
+    """Result of `account.disable`: the account, and how many live sessions ended with it."""
+
+    account: Account
+    sessions_ended: int = Field(ge=0)
+
+
+class DeleteAccountResult(Result):
+    """Result of `account.delete`: only the id, since what it named is gone."""
+
+    account_id: AccountId
+    sessions_ended: int = Field(ge=0)
+
+
+class ListSessionsResult(Result):
+    """One page of an account's live sessions, oldest first; `next_cursor` asks for the next
+    page, and is null on the last one."""
+
+    sessions: list[SessionInfo]
+    next_cursor: str | None
+
+
+class RevokeSessionResult(Result):
+    session_id: SessionId
+    account_id: AccountId

@@ -11,3 +11,7 @@ DEAD_EXCHANGE = "identity.dead"  # fanout; redacted copies of what could not be 
 DEAD_QUEUE = "identity.dead"
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 CONTENT_TYPE = "application/json"
+# Contract v2: one-time codes and notices for the mail sender. The worker declares and writes
+# both; the mail sender only reads the queue (its broker user has no write permission at all).
+COURIER_EXCHANGE = "identity.courier"  # direct, durable; routing key = the message's kind
+COURIER_QUEUE = "identity.courier"  # quorum; dead-letters to the worker's internal exchange

@@ -8,6 +8,7 @@ happens before any transaction opens, in the bounded hashing pool.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -16,7 +17,6 @@ from typing import Any, TypeVar
 from pydantic import SecretStr
 
 from messages import (
-    Account,
     AccountResult,
     ChangePassword,
     ChangePasswordResult,
@@ -26,7 +26,6 @@ from messages import (
     EndSession,
     EndSessionResult,
     GetAccount,
-    Session,
     StartSession,
     StartSessionResult,
     UpdateAccount,
@@ -46,9 +45,13 @@ from messages.events import (
     SessionStarted,
     SessionStartedData,
 )
+from services.accounts import context_words
 from services.clock import Clock
+from services.codes import CodeKeys, CodePolicy, Codes
 from services.emails import canonical_email
 from services.errors import (
+    AccountDisabledError,
+    EmailNotVerifiedError,
     EmailTakenError,
     InvalidInputError,
     NotFoundError,
@@ -57,22 +60,33 @@ from services.errors import (
     VersionConflictError,
 )
 from services.ids import new_account_id, new_session_id
+from services.keys import Fingerprints, HmacKey
+from services.lifecycle import AccountLifecycle
 from services.operations import NO_CONTEXT, CommandContext, Operation, OperationRunner
 from services.passwords import HashingPool, PasswordPolicy, normalize_password
+from services.recovery import AccountFlows
+from services.refresh import SessionTokens, TokenIssue, TokenService
+from services.roles import RoleService
+from services.sessions_admin import SessionAdmin
+from services.shapes import idle_cutoff, session_is_live, to_account, to_session
 from services.signin import Authenticated, Authenticator
 from services.tokens import TokenSigner
 from stores import (
+    VERIFICATION,
     AccountChanges,
     AccountRecord,
     DuplicateEmailError,
+    HashBudget,
     ServiceStore,
     SessionRecord,
-    ThrottleSchedule,
+    ThrottleRules,
     TransientStoreError,
     UnitOfWork,
 )
 
-SERVICE_NAME = "identity"
+# Argon2 computations a command may make, taken from its source's budget before the first.
+_ONE_HASH = 1
+_VERIFY_AND_HASH = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,26 +108,6 @@ class SessionPolicy:
         )
 
 
-def to_account(record: AccountRecord) -> Account:
-    return Account(
-        id=record.id,
-        email=record.email,
-        display_name=record.display_name,
-        created_at=record.created_at,
-        updated_at=record.updated_at,
-        version=record.version,
-    )
-
-
-def to_session(record: SessionRecord) -> Session:
-    return Session(
-        id=record.id,
-        account_id=record.account_id,
-        created_at=record.created_at,
-        expires_at=record.expires_at,
-    )
-
-
 _Checked = TypeVar("_Checked")
 _Result = TypeVar("_Result")
 
@@ -130,9 +124,8 @@ async def _against_the_stored_hash(
     The hash then changed meanwhile: the password was changed (and every session ended with
     it), or a sign-in or an email change stored a new hash of the same password. The password
     is checked again, against the stored hash, and `act` tried once more; a hash that changed
-    again by then fails the command as transient, to be retried. Nothing is given back to the
-    throttle: each of those changes also cleared the email's failure count, the attempt
-    reserved by the first check with it, so a refund could only forgive someone else's.
+    again by then fails the command as transient, to be retried. Each check reserves its own
+    attempt and settles it when the password verifies, so neither counts as a failure.
     """
     result = await act(checked)
     if result is None:
@@ -149,11 +142,15 @@ class IdentityService:
         *,
         passwords: HashingPool,
         signer: TokenSigner,
+        hmac_key: HmacKey,
+        tokens: SessionTokens,
         clock: Clock,
         policy: PasswordPolicy | None = None,
         sessions: SessionPolicy | None = None,
-        throttle: ThrottleSchedule | None = None,
+        throttle: ThrottleRules | None = None,
+        budget: HashBudget | None = None,
         on_replay: Callable[[str], None] | None = None,
+        codes: Codes | None = None,
     ) -> None:
         self._store = store
         self._passwords = passwords
@@ -161,8 +158,42 @@ class IdentityService:
         self._clock = clock
         self._policy = policy or PasswordPolicy()
         self._sessions = sessions or SessionPolicy()
-        self._auth = Authenticator(store, passwords, throttle or ThrottleSchedule())
-        self._ops = OperationRunner(store, signer, clock, on_replay)
+        self._auth = Authenticator(
+            store, passwords, throttle or ThrottleRules(), budget or HashBudget(), hmac_key
+        )
+        fingerprints = Fingerprints(hmac_key, signer.fingerprint_matches)
+        self._ops = OperationRunner(store, fingerprints, clock, on_replay)
+        # Without a key of its own (tests), codes are keyed by one that lives as long as it.
+        self._codes = codes or Codes(CodeKeys(secrets.token_bytes(32)), CodePolicy())
+        # Recovery and verification (services.recovery), on the same store, pool and runner.
+        self.flows = AccountFlows(
+            store,
+            passwords=passwords,
+            clock=clock,
+            policy=self._policy,
+            codes=self._codes,
+            ops=self._ops,
+            idle_timeout=self._sessions.idle_timeout,
+            spend=self._auth.spend,
+            on_recovered=self._recovered,
+        )
+        self._hmac_key = hmac_key
+        # Disable, enable, erase; list and revoke sessions (services.lifecycle,
+        # services.sessions_admin).
+        self.lifecycle = AccountLifecycle(
+            store,
+            self._ops,
+            clock,
+            self._auth.throttle_key,
+            idle_timeout=self._sessions.idle_timeout,
+        )
+        self.sessions_admin = SessionAdmin(store, self._ops, clock, self._sessions.idle_timeout)
+        self._tokens = tokens
+        # Contract v2's token and role commands (services.refresh, services.roles).
+        self.tokens = TokenService(
+            store, self._ops, clock, tokens, idle_timeout=self._sessions.idle_timeout
+        )
+        self.roles = RoleService(store, self._ops, clock)
 
     # -- accounts ---------------------------------------------------------------------------
 
@@ -176,10 +207,11 @@ class IdentityService:
         canonical = canonical_email(cmd.email, field="payload.email")
         password = cmd.password.get_secret_value()
         self._policy.check_new(
-            password, field="payload.password", context=_context_words(canonical, cmd.display_name)
+            password, field="payload.password", context=context_words(canonical, cmd.display_name)
         )
-        password_hash = await self._passwords.hash(password)
         now = self._clock.now()
+        await self._auth.spend(op.context.source, _ONE_HASH, now)
+        password_hash = await self._passwords.hash(password)
         record = AccountRecord(
             id=new_account_id(now),
             email=cmd.email.strip(),
@@ -195,6 +227,8 @@ class IdentityService:
                 await uow.insert_account(record)
             except DuplicateEmailError as exc:
                 raise EmailTakenError() from exc
+            if self._codes.policy.send_verification_on_create:
+                await self._codes.send_code(uow, record, VERIFICATION, now)
             result = AccountResult(account=to_account(record))
             op.emit(AccountCreated, AccountCreatedData(account=result.account), now)
             await self._ops.finish(uow, op, result)
@@ -228,6 +262,9 @@ class IdentityService:
             # Nothing differs: no new version, no event; the reply is the account as it is.
             result = AccountResult(account=to_account(record))
             async with self._store.unit_of_work() as uow:
+                # An erasure that committed since the read leaves nothing to echo back.
+                if await uow.get_account(record.id, for_update=True) is None:
+                    raise NotFoundError()
                 await self._ops.finish(uow, op, result)
             return result
         new_hash = None
@@ -239,17 +276,28 @@ class IdentityService:
             email_canonical=canonical,
             display_name=cmd.display_name if "display_name" in changed else None,
             password_hash=new_hash,
+            # A new address is not proven yet.
+            email_verified=False if "email" in changed else None,
         )
         async with self._store.unit_of_work() as uow:
             updated = await self._apply(uow, record.id, cmd.expected_version, changes)
             if "email" in changed:
-                await uow.reset_signin_failures(record.email_canonical)
+                await self._email_changed(uow, record, updated, now)
             result = AccountResult(account=to_account(updated))
             op.emit(
                 AccountUpdated, AccountUpdatedData(account=result.account, changed=changed), now
             )
             await self._ops.finish(uow, op, result)
         return result
+
+    async def _email_changed(
+        self, uow: UnitOfWork, before: AccountRecord, after: AccountRecord, now: datetime
+    ) -> None:
+        """Codes sent to the old address are void; the new one gets a verification code, the
+        old one a notice (someone who took over the account is seen by its owner)."""
+        await uow.drop_codes(after.id)
+        await self._codes.send_code(uow, after, VERIFICATION, now)
+        await uow.add_mail([self._codes.notice("email_changed_notice", before.email, after, now)])
 
     async def _reauthenticate(
         self, op: Operation, record: AccountRecord, cmd: UpdateAccount, now: datetime
@@ -259,8 +307,9 @@ class IdentityService:
             raise InvalidInputError.for_field(
                 "payload.current_password", "is required when the email changes"
             )
-        op.compensations.append(lambda: self._auth.refund(record.email_canonical))
+        await self._auth.spend(op.context.source, _ONE_HASH, now)
         checked = await self._auth.check(
+            op,
             record.email_canonical,
             cmd.current_password.get_secret_value(),
             now,
@@ -282,24 +331,24 @@ class IdentityService:
         current = cmd.current_password.get_secret_value()
         new = cmd.new_password.get_secret_value()
         now = self._clock.now()
-        email = record.email_canonical
-        # Late-bound: check_again reserves on the account's email as it is then.
-        op.compensations.append(lambda: self._auth.refund(email))
-        await self._auth.check(email, current, now, account=record, purpose="change_password")
+        await self._auth.spend(op.context.source, _VERIFY_AND_HASH, now)
+        await self._auth.check(
+            op, record.email_canonical, current, now, account=record, purpose="change_password"
+        )
         if normalize_password(new) == normalize_password(current):
             raise PasswordPolicyError("payload.new_password", "must differ from the current one")
         self._policy.check_new(
             new,
             field="payload.new_password",
-            context=_context_words(record.email_canonical, record.display_name),
+            context=context_words(record.email_canonical, record.display_name),
         )
         new_hash = await self._passwords.hash(new)
 
         async def check_again() -> AccountRecord:
-            nonlocal email
             fresh = await self._existing_account(cmd.account_id)
-            email = fresh.email_canonical
-            await self._auth.check(email, current, now, account=fresh, purpose="change_password")
+            await self._auth.check(
+                op, fresh.email_canonical, current, now, account=fresh, purpose="change_password"
+            )
             return fresh
 
         return await _against_the_stored_hash(
@@ -321,7 +370,8 @@ class IdentityService:
             ended = await uow.end_all_sessions(
                 checked.id, now, "password_changed", idle_cutoff=self._idle_cutoff(now)
             )
-            await uow.reset_signin_failures(checked.email_canonical)
+            notice = self._codes.notice("password_changed_notice", updated.email, updated, now)
+            await uow.add_mail([notice])
             self._emit_ended(op, ended, "password_changed", now)
             data = AccountPasswordChangedData(account_id=checked.id, sessions_ended=len(ended))
             op.emit(AccountPasswordChanged, data, now)
@@ -344,21 +394,34 @@ class IdentityService:
         password = cmd.password.get_secret_value()
         self._policy.check_verifiable(password, field="payload.password")
         now = self._clock.now()
-        op.compensations.append(lambda: self._auth.refund(canonical))
+        await self._auth.spend(op.context.source, _ONE_HASH, now)
+        checked = await self._auth.check(op, canonical, password, now)
+        # A disabled account is told so (below) whatever its address.
+        unproven = checked.account.status == "active" and not checked.account.email_verified
+        if self._codes.policy.require_verified_email and unproven:
+            raise EmailNotVerifiedError()  # the right password was settled: no failed guess
         return await _against_the_stored_hash(
-            await self._auth.check(canonical, password, now),
-            lambda checked: self._open_session(op, canonical, checked, now),
-            lambda: self._auth.check(canonical, password, now),
+            checked,
+            lambda checked: self._open_session(op, checked, now),
+            lambda: self._auth.check(op, canonical, password, now),
+        )
+
+    async def _recovered(self, email_canonical: str, source: str, now: datetime) -> None:
+        """A source that completed recovery proved it holds the mailbox: like a sign-in with
+        the right password, it is known-good for the email from now on."""
+        await self._store.settle_password_attempt(
+            self._hmac_key.email_tag(email_canonical), self._hmac_key.source_tag(source), now
         )
 
     async def _open_session(
-        self, op: Operation, canonical: str, checked: Authenticated, now: datetime
+        self, op: Operation, checked: Authenticated, now: datetime
     ) -> StartSessionResult | None:
         """Insert the session and record the outcome; None, with nothing written, if the
         stored hash is no longer the one the password was checked against. The account's row
         stays locked until commit, so a password change either comes first (and is seen here)
         or waits, and then ends this session with the others."""
         account = checked.account
+        client = op.context.metadata
         session = SessionRecord(
             id=new_session_id(),
             account_id=account.id,
@@ -366,31 +429,59 @@ class IdentityService:
             created_at=now,
             expires_at=now + self._sessions.lifetime,
             last_seen_at=now,
+            client_ip=client.client_ip if client is not None else None,
+            user_agent=client.user_agent if client is not None else None,
         )
         async with self._store.unit_of_work() as uow:
             locked = await uow.get_account(account.id, for_update=True)
             if locked is None or locked.password_hash != account.password_hash:
                 return None
+            # Only now, with the password found right: the status is no oracle for it.
+            if locked.status != "active":
+                raise AccountDisabledError()
             await uow.insert_session(session)
-            await uow.reset_signin_failures(canonical)
             if checked.new_hash is not None:
                 await uow.replace_password_hash(account.id, account.password_hash, checked.new_hash)
-            result = StartSessionResult(
-                session=to_session(session),
-                token=SecretStr(self._signer.sign(session.id, session.key_id)),
-                account=to_account(locked),
-            )
+            issue = self._tokens.issue(session, locked.roles, now)
+            result = self._started(session, locked, issue)
             op.emit(SessionStarted, SessionStartedData(session=result.session), now)
-            await self._ops.finish(uow, op, result)
+            await self._ops.finish(uow, op, result, derive=issue.to_json())
         return result
 
-    async def _replayed_start(self, stored: Mapping[str, Any]) -> StartSessionResult:
-        """A replayed sign-in returns the same token: re-derived from the stored session id,
-        with the key it was first signed with while that key is still configured."""
+    def _started(
+        self, session: SessionRecord, account: AccountRecord, issue: TokenIssue
+    ) -> StartSessionResult:
+        tokens = self._tokens.derive(account.id, session.id, issue)
+        return StartSessionResult(
+            session=to_session(session),
+            token=SecretStr(self._signer.sign(session.id, session.key_id)),
+            account=to_account(account),
+            access_token=tokens.access_token,
+            access_token_expires_at=tokens.access_token_expires_at,
+            refresh_token=tokens.refresh_token,
+        )
+
+    async def _replayed_start(
+        self, stored: Mapping[str, Any], derive: Mapping[str, Any] | None
+    ) -> StartSessionResult:
+        """A replayed sign-in returns the same tokens: the session token re-derived from the
+        stored session id, with the key it was first signed with while that key is still
+        configured; the access and refresh tokens from the facts kept with the reply."""
         session_id = StartSessionResult.stored_session_id(stored)
         found = await self._store.get_session_with_account(session_id)
         kid = found[0].key_id if found is not None else None
-        return StartSessionResult.from_stored(stored, token=self._signer.sign(session_id, kid))
+        account_id = str(stored["account"]["id"])
+        if derive is not None:
+            issue = TokenIssue.from_json(derive)
+        else:  # a sign-in stored before access tokens existed: tokens as of its start
+            issue = self._tokens.issue_at_start(stored)
+        tokens = self._tokens.derive(account_id, session_id, issue)
+        return StartSessionResult.from_stored(
+            {**stored, "access_token_expires_at": tokens.access_token_expires_at},
+            token=self._signer.sign(session_id, kid),
+            access_token=tokens.access_token.get_secret_value(),
+            refresh_token=tokens.refresh_token.get_secret_value(),
+        )
 
     async def verify_session(
         self, cmd: VerifySession, ctx: CommandContext = NO_CONTEXT
@@ -401,23 +492,19 @@ class IdentityService:
             raise SessionExpiredError()
         session, account = found
         now = self._clock.now()
-        if not self._is_live(session, now):
+        # A disabled account's sessions ended with the change; a token of one that somehow
+        # did not is refused all the same.
+        if not self._is_live(session, now) or account.status != "active":
             raise SessionExpiredError()
         if now - session.last_seen_at >= self._sessions.touch_interval:
             await self._store.touch_session(session.id, now)
         return VerifySessionResult(session=to_session(session), account=to_account(account))
 
     def _is_live(self, session: SessionRecord, now: datetime) -> bool:
-        return (
-            session.ended_at is None
-            and now < session.expires_at
-            and session.last_seen_at > self._idle_cutoff(now)
-        )
+        return session_is_live(session, now, self._sessions.idle_timeout)
 
     def _idle_cutoff(self, now: datetime) -> datetime:
-        """A session last seen at or before this has idled out (the stores end only live
-        sessions, by the same rule as `_is_live`)."""
-        return now - self._sessions.idle_timeout
+        return idle_cutoff(now, self._sessions.idle_timeout)
 
     async def end_session(
         self, cmd: EndSession, ctx: CommandContext = NO_CONTEXT
@@ -490,9 +577,3 @@ class IdentityService:
                 session_id=session.id, account_id=session.account_id, reason=reason
             )
             op.emit(SessionEnded, data, now)
-
-
-def _context_words(email_canonical: str, display_name: str) -> list[str]:
-    """Words a password must not be built from: who the account is, and what this is."""
-    local, _, domain = email_canonical.partition("@")
-    return [local, domain.split(".")[0], display_name, SERVICE_NAME]

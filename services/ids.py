@@ -103,3 +103,8 @@ def id_time(identifier: str) -> datetime:
     if value >> 128:
         raise ValueError("not a time-ordered id")
     return datetime.fromtimestamp((value >> _RANDOM_BITS) / 1000, UTC)
+
+
+def new_message_id(now: datetime | None = None) -> str:
+    """A new `msg_` id for a courier message, stamped with `now` (default: the wall clock)."""
+    return _ulid("msg_", now)

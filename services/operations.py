@@ -23,11 +23,11 @@ from typing import Any, TypeVar
 
 from messages import Metadata, Result, StoredReply, fingerprint_material, spec_of
 from messages.events import AnyEvent
-from messages.models import Model
+from messages.models import Model, about_account
 from services.clock import Clock
 from services.errors import IdempotencyKeyReusedError, IdentityError, error_from_body
 from services.ids import new_event_id
-from services.tokens import TokenSigner
+from services.keys import Fingerprints
 from stores import (
     CommandStore,
     DuplicateKeyError,
@@ -39,9 +39,10 @@ from stores import (
 
 R = TypeVar("R", bound=Result)
 
-# Gives back what a stored result left out (its secret fields): the stored result in, the
+# Gives back what a stored result left out (its secret fields): the stored result and the
+# facts its secrets were derived from (`StoredReply.derive`, None if none were kept) in, the
 # whole result out.
-Restore = Callable[[Mapping[str, Any]], Awaitable[R]]
+Restore = Callable[[Mapping[str, Any], Mapping[str, Any] | None], Awaitable[R]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,9 +72,13 @@ class Operation:
     material: bytes
     context: CommandContext
     events: list[NewEvent] = field(default_factory=list)
-    # Undo work done outside the transaction (e.g. a counted sign-in attempt) when the
-    # operation turns out to be a duplicate of one that already committed.
+    # Undo work done outside the transaction (a reserved password attempt) when the operation
+    # turns out to be a duplicate of one that already committed. Registered only once the
+    # work was done, so a duplicate undoes what it did and nothing else.
     compensations: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Set once the outcome (a result, or an error that changed state) is written in the
+    # operation's unit of work: an error raised after that is not remembered a second time.
+    recorded: bool = False
 
     @property
     def key(self) -> str | None:
@@ -89,21 +94,23 @@ class Operation:
             data=data,
         )
         body = event.model_dump_json().encode()
-        self.events.append(NewEvent(event.event_id, event.type, body, now))
+        about = about_account(data)
+        self.events.append(NewEvent(event.event_id, event.type, body, now, account_id=about))
 
 
 class OperationRunner:
-    """Runs operations against one store; the fingerprint key comes from the token signer."""
+    """Runs operations against one store; fingerprints are keyed with the HMAC key (so they
+    survive signing-key rotation, see services.keys)."""
 
     def __init__(
         self,
         store: CommandStore,
-        signer: TokenSigner,
+        fingerprints: Fingerprints,
         clock: Clock,
         on_replay: Callable[[str], None] | None = None,
     ) -> None:
         self._store = store
-        self._signer = signer
+        self._fingerprints = fingerprints
         self._clock = clock
         self._on_replay = on_replay
 
@@ -112,10 +119,31 @@ class OperationRunner:
         command = spec_of(type(payload)).name
         return Operation(command, fingerprint_material(payload), context)
 
-    async def finish(self, uow: UnitOfWork, op: Operation, result: Result) -> None:
-        """Write the events and the idempotency record in the caller's unit of work."""
-        record = self._record(op, StoredReply.of_result(result))
+    def record_of(self, op: Operation, result: Result) -> IdempotencyRecord | None:
+        """The idempotency record of `op` answered with `result`, for a store method that
+        writes it together with the change in one statement (None when `op` has no key)."""
+        return self._record(op, StoredReply.of_result(result))
+
+    async def finish(
+        self,
+        uow: UnitOfWork,
+        op: Operation,
+        result: Result,
+        derive: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Write the events and the idempotency record in the caller's unit of work.
+        `derive`: the facts a replay derives the result's secrets from (no secret itself)."""
+        record = self._record(op, StoredReply.of_result(result, derive), about_account(result))
         await uow.record_outcome(op.events, record)
+        op.recorded = True
+
+    async def fail(self, uow: UnitOfWork, op: Operation, error: IdentityError) -> None:
+        """Write the events and `error` as the key's reply in the caller's unit of work: for
+        the rare error that changes state too (a reused refresh token ends its session). The
+        caller raises `error` once the unit has committed."""
+        record = self._record(op, StoredReply.of_error(error.to_error_body()))
+        await uow.record_outcome(op.events, record)
+        op.recorded = True
 
     async def execute(
         self,
@@ -136,7 +164,7 @@ class OperationRunner:
             try:
                 return await run(op)
             except IdentityError as error:
-                if op.key is not None:
+                if op.key is not None and not op.recorded:
                     await self._remember_failure(op, error)
                 raise
         except DuplicateKeyError:
@@ -153,7 +181,7 @@ class OperationRunner:
         record = await self._store.get_idempotency(op.key)
         if record is None:
             return None
-        same = record.command == op.command and self._signer.fingerprint_matches(
+        same = record.command == op.command and self._fingerprints.matches(
             op.material, record.fingerprint
         )
         if not same:
@@ -173,7 +201,7 @@ class OperationRunner:
             raise error_from_body(reply.error)
         stored = reply.result or {}
         if restore is not None:
-            return await restore(stored)
+            return await restore(stored, reply.derive)
         return result_type.from_stored(stored)
 
     async def _remember_failure(self, op: Operation, error: IdentityError) -> None:
@@ -182,14 +210,18 @@ class OperationRunner:
         async with self._store.unit_of_work() as uow:
             await uow.record_outcome((), record)
 
-    def _record(self, op: Operation, reply: StoredReply) -> IdempotencyRecord | None:
-        """The idempotency record of `op` with `reply`; None if it has no key."""
+    def _record(
+        self, op: Operation, reply: StoredReply, account_id: str | None = None
+    ) -> IdempotencyRecord | None:
+        """The idempotency record of `op` with `reply` (about `account_id`, which erasure
+        finds it by); None if it has no key. An error reply holds no account's data."""
         if op.key is None:
             return None
         return IdempotencyRecord(
             key=op.key,
             command=op.command,
-            fingerprint=self._signer.fingerprint(op.material),
+            fingerprint=self._fingerprints.of(op.material),
             reply=reply.to_json(),
             created_at=self._clock.now(),
+            account_id=account_id,
         )

@@ -17,6 +17,9 @@ second until its tokens have expired, then drop it (its tokens stop verifying at
 
 Each secret is never used directly: HMAC(secret, purpose) derives one subkey per purpose, so
 a session-token MAC can never be replayed as an idempotency fingerprint or the reverse.
+Fingerprints are written with the HMAC key now (services.keys), so that they outlive
+signing-key rotation; those written under a signing key before (`<kid>:<hex>`) still match
+while that key is configured.
 """
 
 from __future__ import annotations
@@ -190,15 +193,9 @@ class TokenSigner:
     def _fingerprint_hex(self, kid: str, material: bytes) -> str:
         return hmac.digest(self._subkeys[kid].fingerprint, material, "sha256").hex()
 
-    def fingerprint(self, material: bytes) -> str:
-        """``<kid>:<hex>``: a keyed hash of `material` under the current key.
-
-        Idempotency records keep this instead of the payload, which may hold a password.
-        """
-        return f"{self._current}:{self._fingerprint_hex(self._current, material)}"
-
     def fingerprint_matches(self, material: bytes, stored: str) -> bool:
-        """Whether `stored` is the fingerprint of `material` under the key it names."""
+        """Whether `stored` is a ``<kid>:<hex>`` fingerprint of `material` under the signing
+        key it names (the form written before fingerprints had a key of their own)."""
         kid, sep, digest = stored.partition(":")
         if not sep or kid not in self._subkeys:
             return False

@@ -3,9 +3,11 @@
     CommandStore   the service's commands: units of work, the idempotency look-up, account
                    reads and the sign-in throttle (also what OperationRunner and
                    Authenticator take)
-    SessionReads   session.verify's read, and its `last_seen` write outside a unit
+    SessionReads   session.verify's read, and its `last_seen` write outside a unit;
+                   session.list's page of live sessions
     ServiceStore   both of the above: what IdentityService takes
     OutboxStore    the outbox relay: claim unpublished rows, measure the backlog
+    CourierStore   the courier relay: the same for courier rows (stores.codes)
     Housekeeping   deleting what has expired
     Pingable       readiness: does the database answer
     SecretStore    start-up: a secret every worker process agrees on
@@ -22,26 +24,31 @@ command and the outbox rows of its events commit together or not at all. It comm
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
+from stores.codes import CodeHousekeeping, CodeReads, CodeUnit, CourierStore
 from stores.records import (
     AccountChanges,
     AccountRecord,
+    BudgetDecision,
+    ErasureCounts,
+    HashBudget,
     IdempotencyRecord,
     NewEvent,
     PendingEvent,
     PurgeCounts,
+    SessionPosition,
     SessionRecord,
     ThrottleDecision,
-    ThrottleSchedule,
+    ThrottleRules,
 )
 
 
-class UnitOfWork(Protocol):
-    """Reads and writes inside one transaction."""
+class UnitOfWork(CodeUnit, Protocol):
+    """Reads and writes inside one transaction (the code flows' part: stores.codes)."""
 
     async def get_account(
         self, account_id: str, *, for_update: bool = False
@@ -88,8 +95,44 @@ class UnitOfWork(Protocol):
         decides); the records ended now, oldest first."""
         ...
 
-    async def reset_signin_failures(self, email_canonical: str) -> None:
-        """A successful sign-in forgets earlier failures."""
+    async def lock_session(self, session_id: str) -> SessionRecord | None:
+        """The session, locked against concurrent writers until the unit ends."""
+        ...
+
+    async def rotate_refresh_token(
+        self, session_id: str, expected_generation: int, now: datetime
+    ) -> SessionRecord | None:
+        """If the session has not ended and is at `expected_generation`: move it to the next
+        generation, set `refreshed_at` to `now` and `last_seen_at` forward to `now`; the
+        updated record. None (and nothing changed) otherwise: a compare-and-set, so of two
+        rotations from one generation only one succeeds."""
+        ...
+
+    async def erase_account(
+        self,
+        account_id: str,
+        *,
+        erased_at: datetime,
+        email_canonical: str,
+        email_tag: bytes,
+        erased_reply: dict[str, Any],
+    ) -> ErasureCounts:
+        """Erase the account and what is kept about it, leaving a tombstone of its id (an
+        erased id is never inserted again: `insert_account` raises StoreError):
+
+        - its sessions (ended ones too) and its row are deleted;
+        - stored replies about it (`IdempotencyRecord.account_id`) get `erased_reply`
+          instead, keeping key and fingerprint, so a replay answers that;
+        - its unpublished outbox rows are deleted (nobody has seen them; what they held is
+          what must go), its published ones keep event id and type only; a command whose
+          rows went keeps what is left of it to publish, in order, and is finished when
+          nothing is (a command a relay holds is waited for first);
+        - the throttle's rows of its email are deleted: those under `email_tag` (the keyed
+          tag the throttle counts the email under) and any legacy row of `email_canonical`.
+
+        Writes this unit made before the call are erased with the rest; records and events
+        written after it (the erasure's own) are kept. Every table that holds an account's
+        data takes part here."""
         ...
 
     async def record_outcome(
@@ -118,9 +161,9 @@ class EventBatch(Protocol):
         ...
 
 
-class CommandStore(Protocol):
+class CommandStore(CodeReads, Protocol):
     """What a command needs: a unit of work for its change, and the reads made before one
-    opens (the idempotency look-up, the account, the sign-in throttle)."""
+    opens (the idempotency look-up, the account, the sign-in throttle, the code checks)."""
 
     def unit_of_work(self) -> AbstractAsyncContextManager[UnitOfWork]: ...
 
@@ -130,16 +173,34 @@ class CommandStore(Protocol):
 
     async def get_account_by_email(self, email_canonical: str) -> AccountRecord | None: ...
 
-    async def reserve_signin_attempt(
-        self, email_canonical: str, now: datetime, schedule: ThrottleSchedule
+    async def reserve_password_attempt(
+        self, email_tag: bytes, source_tag: bytes, now: datetime, rules: ThrottleRules
     ) -> ThrottleDecision:
-        """Atomically: refuse if the email is locked at `now`; otherwise count this attempt
-        as a failure up front (a success resets it) and lock per `schedule`, so that parallel
-        workers cannot race past the limit."""
+        """Atomically (serialised per email): refuse if the (email, source) counter is locked
+        at `now`, or the email's counter is and the source is not known-good for the email;
+        otherwise count this attempt as a failure up front on both counters and lock each per
+        `rules` (`stores.records.count_attempt`), so that parallel workers cannot race past
+        the limits. A refused attempt changes nothing. Emails and sources arrive as keyed
+        tags: the store never sees either."""
         ...
 
-    async def refund_signin_attempt(self, email_canonical: str) -> None:
-        """Un-count a reserved attempt that turned out to be a duplicate delivery."""
+    async def refund_password_attempt(self, email_tag: bytes, source_tag: bytes) -> None:
+        """Un-count one reserved attempt on both counters (a duplicate delivery's)."""
+        ...
+
+    async def settle_password_attempt(
+        self, email_tag: bytes, source_tag: bytes, now: datetime
+    ) -> None:
+        """The password verified: forget the (email, source) counter, un-count the reserved
+        attempt on the email's, and remember the source as known-good for the email from
+        `now` on."""
+        ...
+
+    async def spend_hash_budget(
+        self, source_tag: bytes, cost: int, now: datetime, budget: HashBudget
+    ) -> BudgetDecision:
+        """Atomically take `cost` tokens (hashes) from the source's bucket, refilled per
+        `budget` up to `now`; refused, taking nothing, when fewer are left."""
         ...
 
 
@@ -154,6 +215,20 @@ class SessionReads(Protocol):
 
     async def touch_session(self, session_id: str, seen_at: datetime) -> None:
         """Move `last_seen_at` forward (never backward)."""
+        ...
+
+    async def list_live_sessions(
+        self,
+        account_id: str,
+        *,
+        now: datetime,
+        idle_since: datetime,
+        after: SessionPosition | None,
+        limit: int,
+    ) -> list[SessionRecord]:
+        """Up to `limit` sessions of the account that are live at `now` (not ended, not
+        expired, seen after `idle_since`), ordered by (created_at, id), starting after
+        `after`."""
         ...
 
 
@@ -188,10 +263,18 @@ class Housekeeping(Protocol):
         outbox_before: datetime,
         throttle_before: datetime,
         sessions_before: datetime,
+        known_sources_before: datetime | None = None,
+        budgets_before: datetime | None = None,
     ) -> PurgeCounts:
         """Delete idempotency records created before, published outbox rows older than,
-        throttle rows untouched since, and sessions that ended or expired before the
-        given times."""
+        throttle rows untouched since, sessions that ended or expired before, known-good
+        sources last seen before, and source budgets untouched since (a full bucket) the
+        given times (None: keep them all)."""
+        ...
+
+    async def adopt_legacy_throttle(self, email_tag: Callable[[str], bytes]) -> int:
+        """Move the per-email counters of schema 0001 (keyed by the plain email) into the
+        email counters keyed by `email_tag`, deleting them; how many moved."""
         ...
 
 
@@ -208,7 +291,16 @@ class SecretStore(Protocol):
         ...
 
 
-class IdentityStore(ServiceStore, OutboxStore, Housekeeping, Pingable, SecretStore, Protocol):
+class IdentityStore(
+    ServiceStore,
+    OutboxStore,
+    CourierStore,
+    Housekeeping,
+    CodeHousekeeping,
+    Pingable,
+    SecretStore,
+    Protocol,
+):
     """The whole store: what each implementation is, and what its owner closes."""
 
     async def close(self, force_after_s: float | None = None) -> None:

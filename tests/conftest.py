@@ -12,6 +12,7 @@ import os
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -50,6 +51,46 @@ async def _scratch_database() -> AsyncIterator[str]:
                 name,
             )
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        finally:
+            await admin.close()
+
+
+def with_user(dsn: str, user: str) -> str:
+    """`dsn` with another user (trust authentication: no password needed)."""
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(netloc=f"{user}@{parts.hostname}:{parts.port}"))
+
+
+@asynccontextmanager
+async def worker_role(owner_dsn: str) -> AsyncIterator[str]:
+    """A login role of its own with the worker's privileges only (rows, no DDL) on the
+    database of `owner_dsn`, granted by the migration as in production; its DSN. The role is
+    dropped afterwards (roles are the server's, not the database's)."""
+    role = f"identity_test_worker_{secrets.token_hex(6)}"
+    admin = await _admin_connection()
+    try:
+        await admin.execute(f'CREATE ROLE "{role}" LOGIN')
+    finally:
+        await admin.close()
+    try:
+        await migrate(owner_dsn, worker_role=role)
+        yield with_user(owner_dsn, role)
+    finally:
+        admin = await _admin_connection()
+        try:
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", role
+            )
+        finally:
+            await admin.close()
+        owner = await asyncpg.connect(owner_dsn)
+        try:
+            await owner.execute(f'DROP OWNED BY "{role}"')
+        finally:
+            await owner.close()
+        admin = await _admin_connection()
+        try:
+            await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
         finally:
             await admin.close()
 

@@ -5,10 +5,13 @@ identity-worker migrate                create the database if needed, apply migr
                                        accounts to a changed canonical email (exit 1: some
                                        could not be, see the runbook)
 identity-worker keys new               print a new signing key for IDENTITY_SIGNING_KEYS
+identity-worker keys hmac              print a new key for IDENTITY_HMAC_KEY
+identity-worker keys jwt               print a new access-token key for IDENTITY_JWT_KEYS
 identity-worker asyncapi               print the AsyncAPI document of contract v1
 identity-worker send COMMAND --FIELD V send one command, print its reply as JSON
 identity-worker demo                   run a sign-up/sign-in story against a running worker
 identity-worker dead list|republish    inspect or re-send the dead letters in identity.dead
+identity-worker courier                send the mails of identity.courier over SMTP
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ from tools.arguments import positive_seconds
 from worker.settings import Settings, SettingsError, load_settings
 
 
-def _settings_or_exit() -> Settings:
+def _settings_or_exit(*, keys_needed: bool = True) -> Settings:
     try:
-        return load_settings()
+        return load_settings(keys_needed=keys_needed)
     except SettingsError as exc:
         print(f"identity-worker: bad settings: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -40,16 +43,44 @@ def _run(args: argparse.Namespace) -> int:
         import uvloop
 
         uvloop.install()
-    return asyncio.run(
-        run_worker(settings, migrate_first=settings.migrate_on_start and not args.no_migrate)
-    )
+    try:
+        return asyncio.run(
+            run_worker(settings, migrate_first=settings.migrate_on_start and not args.no_migrate)
+        )
+    except SettingsError as exc:  # found at start, e.g. a database role with too much power
+        print(f"identity-worker: bad settings: {exc}", file=sys.stderr)
+        return 2
+
+
+def _courier(args: argparse.Namespace) -> int:
+    from courier.settings import load_courier_settings
+
+    try:
+        settings = load_courier_settings()
+    except SettingsError as exc:
+        print(f"identity-worker courier: bad settings: {exc}", file=sys.stderr)
+        return 2
+    from courier.main import run_courier
+    from worker.logs import configure_logging
+
+    configure_logging(settings.log_level)
+    if settings.use_uvloop:
+        import uvloop
+
+        uvloop.install()
+    return asyncio.run(run_courier(settings))
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    settings = _settings_or_exit()
+    # A migration job needs the database URLs and the mode, never the worker's keys.
+    settings = _settings_or_exit(keys_needed=False)
     from worker.main import migrate_database
 
-    applied, emails = asyncio.run(migrate_database(settings.database_url.get_secret_value()))
+    applied, emails = asyncio.run(
+        migrate_database(
+            settings.migration_dsn, worker_role=settings.worker_role, dev_mode=settings.dev_mode
+        )
+    )
     print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
     print(f"accounts moved to their new canonical email: {len(emails.moved)}")
     for ids in emails.collisions:
@@ -63,6 +94,20 @@ def _keys_new(args: argparse.Namespace) -> int:
     from services.tokens import format_signing_key, new_signing_key
 
     print(format_signing_key(new_signing_key()))
+    return 0
+
+
+def _keys_hmac(args: argparse.Namespace) -> int:
+    from services.keys import new_hmac_key
+
+    print(new_hmac_key())
+    return 0
+
+
+def _keys_jwt(args: argparse.Namespace) -> int:
+    from services.access_tokens import format_jwt_key, new_jwt_key
+
+    print(format_jwt_key(new_jwt_key()))
     return 0
 
 
@@ -146,7 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="signing keys").add_subparsers(dest="keys_command")
     keys.required = True
     keys.add_parser("new", help="print a new signing key").set_defaults(func=_keys_new)
+    keys.add_parser("hmac", help="print a new HMAC key").set_defaults(func=_keys_hmac)
+    keys.add_parser("jwt", help="print a new access-token (Ed25519) key").set_defaults(
+        func=_keys_jwt
+    )
     sub.add_parser("asyncapi", help="print the AsyncAPI document").set_defaults(func=_asyncapi)
+    sub.add_parser(
+        "courier",
+        help="send the mails of identity.courier over SMTP (the mail sender)",
+        description="Consume identity.courier and send each message as a mail over SMTP"
+        " (IDENTITY_SMTP_URL, IDENTITY_MAIL_FROM; see docs/runbook.md). Exit 2 on bad settings"
+        " or templates, 1 when the broker cannot be reached.",
+    ).set_defaults(func=_courier)
     _add_tool_parsers(sub)
     return parser
 

@@ -45,7 +45,8 @@ def resolve_amqp_url(flag: str | None) -> str:
     if flag:
         return flag
     try:
-        return load_settings().amqp_url.get_secret_value()
+        # The tools are callers: they need the broker URL, not the worker's keys.
+        return load_settings(keys_needed=False).amqp_url.get_secret_value()
     except SettingsError as exc:
         print(f"identity-worker: bad settings: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None

@@ -1,10 +1,15 @@
-"""`identity-worker demo`: a whole sign-up/sign-in story against a running worker.
+"""`identity-worker demo`: a whole sign-up/sign-in/recovery story against a running worker.
 
 Creates an account (a fresh email, a random password that is never printed), signs in,
-verifies, signs out, signs in twice more and signs out everywhere, then checks that the
-events of exactly that story arrived. Each command carries an idempotency key chosen here, so
-the demo recognises its own events by `causation_id` even on a busy broker. The event queue is
-exclusive and auto-delete: it disappears with the demo's connection and leaves nothing behind.
+verifies, signs out, signs in twice more and signs out everywhere, then recovers the account:
+asks for a recovery code, reads it from the `identity.courier` queue as the mail sender would
+(so the demo needs a broker user that may read it, as the development guest user may), sets
+a new password with it and signs in with that. Last it checks that the events of exactly that
+story arrived. Courier messages for other addresses are left unacknowledged, so they go back
+to the queue for the mail sender when the demo ends. Each command carries an idempotency key
+chosen here, so the demo recognises its own events by `causation_id` even on a busy broker.
+The event queue is exclusive and auto-delete: it disappears with the demo's connection and
+leaves nothing behind.
 
 Exit 0 when every step and every expected event is there, 1 otherwise.
 """
@@ -19,10 +24,14 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aio_pika
+import orjson
+from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
 from client import IdentityClient, IdentityClientError
+from messages.topology import COURIER_QUEUE
 from tools.common import (
     BROKER_ERRORS,
     EXIT_FAILED,
@@ -38,9 +47,11 @@ from tools.events import EventTap
 EXPECTED_EVENTS: Counter[tuple[str, str | None]] = Counter(
     {
         ("account.created", None): 1,
-        ("session.started", None): 3,
         ("session.ended", "sign_out"): 1,
         ("session.ended", "sign_out_everywhere"): 2,
+        ("account.recovery_requested", None): 1,
+        ("account.password_reset", None): 1,
+        ("session.started", None): 4,
     }
 )
 
@@ -55,11 +66,14 @@ class Story:
 
     client: IdentityClient
     tap: EventTap
+    connection: AbstractConnection
     email: str = field(default_factory=lambda: f"demo-{uuid.uuid4().hex[:12]}@example.com")
     # Random and long enough for the password policy; it only ever leaves in a payload.
     password: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    new_password: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     account_id: str = ""
     tokens: list[str] = field(default_factory=list)
+    code: str = ""
 
     def key(self) -> str:
         """A fresh idempotency key, announced to the tap before the command is sent."""
@@ -105,6 +119,69 @@ async def sign_out_everywhere(story: Story) -> str:
     return "2 sessions ended"
 
 
+class CourierTap:
+    """Reads `identity.courier` for one address, as the mail sender would; acks only the
+    mail for that address."""
+
+    def __init__(self, address: str) -> None:
+        self._address = address
+        self.mails: list[dict[str, Any]] = []
+        self._arrived = asyncio.Event()
+
+    @classmethod
+    async def open(cls, connection: AbstractConnection, address: str) -> CourierTap:
+        tap = cls(address)
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=1000)
+        queue = await channel.declare_queue(COURIER_QUEUE, passive=True)
+        await queue.consume(tap._on_message)
+        return tap
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        mail = orjson.loads(message.body)
+        if mail.get("to") == self._address:
+            self.mails.append(mail)
+            self._arrived.set()
+            await message.ack()
+
+    async def code(self, kind: str, timeout_s: float) -> str:
+        async with asyncio.timeout(timeout_s):
+            while not (found := [m for m in self.mails if m.get("kind") == kind]):
+                self._arrived.clear()
+                await self._arrived.wait()
+        return str(found[-1]["code"])
+
+
+async def request_recovery(story: Story) -> str:
+    result = await story.client.request_recovery(story.email, idempotency_key=story.key())
+    return f"accepted: {result.accepted} (the same for any email)"
+
+
+def read_code_step(timeout_s: float) -> Callable[[Story], Awaitable[str]]:
+    async def read_code(story: Story) -> str:
+        # Opened only now: the queue is durable, so the mail waits there until it is read.
+        courier = await CourierTap.open(story.connection, story.email)
+        try:
+            story.code = await courier.code("recovery_code", timeout_s)
+        except TimeoutError:
+            raise StepFailed(f"no recovery_code mail within {timeout_s:g} s") from None
+        return f"recovery_code mail to <{story.email}>, code {story.code[:2]}…"
+
+    return read_code
+
+
+async def complete_recovery(story: Story) -> str:
+    result = await story.client.complete_recovery(
+        story.email, story.code, story.new_password, idempotency_key=story.key()
+    )
+    return f"new password set, email verified: {result.account.email_verified}"
+
+
+async def sign_in_with_the_new_password(story: Story) -> str:
+    story.password = story.new_password
+    return await sign_in(story)
+
+
 def events_step(timeout_s: float) -> Callable[[Story], Awaitable[str]]:
     async def expected_events(story: Story) -> str:
         seen = await story.tap.wait_for(EXPECTED_EVENTS, timeout_s)
@@ -128,6 +205,10 @@ def steps(timeout_s: float) -> list[tuple[str, Callable[[Story], Awaitable[str]]
         ("sign in again", sign_in),
         ("sign in a third time", sign_in),
         ("sign out everywhere", sign_out_everywhere),
+        ("ask for a recovery code", request_recovery),
+        ("read it from identity.courier", read_code_step(timeout_s)),
+        ("set a new password with it", complete_recovery),
+        ("sign in with the new password", sign_in_with_the_new_password),
         ("expected events", events_step(timeout_s)),
     ]
 
@@ -161,7 +242,7 @@ async def _demo(url: str, timeout_s: float) -> int:
     try:
         tap = await EventTap.open(connection)
         async with IdentityClient(connection, timeout=timeout_s, retries=1) as client:
-            passed = await play(Story(client, tap), timeout_s)
+            passed = await play(Story(client, tap, connection), timeout_s)
     except BROKER_ERRORS as exc:
         return broker_unreachable(url, exc)
     finally:

@@ -20,7 +20,7 @@ from functools import partial
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
 
 from services.passwords import huge_pages_settings
-from worker.bootstrap import Components
+from worker.bootstrap import DEV_MODE_WARNING, Components
 from worker.health import HealthState, export_readiness, run_heartbeat, run_readiness_probe
 from worker.settings import Settings, redacted_url
 from worker.sidecar import Sidecar
@@ -30,6 +30,9 @@ log = logging.getLogger("identity.worker")
 
 HOUSEKEEPING_S = 5.0
 PURGE_EVERY_S = 600.0
+# Dev mode says so at start (worker.bootstrap) and again this often, so that a worker left
+# running in dev mode cannot go unnoticed in its logs.
+DEV_MODE_REMINDER_S = 600.0
 # The bounds of a stop's steps besides the grace period: consumers cancelled, then commands
 # that outlived the grace, the outbox flushed once, three channels, the connection and the
 # pool closed. A stop takes at most IDENTITY_SHUTDOWN_GRACE_S + STOP_STEPS_S, and the hash a
@@ -45,7 +48,11 @@ class Worker:
         self.parts = parts
         self.health = HealthState()
         self.sidecar = Sidecar(
-            parts.settings.http_host, parts.settings.http_port, parts.metrics.registry, self.health
+            parts.settings.http_host,
+            parts.settings.http_port,
+            parts.metrics.registry,
+            self.health,
+            jwks=parts.jwks,
         )
         export_readiness(self.health, parts.metrics)
         self.http_port = 0
@@ -73,8 +80,11 @@ class Worker:
         self._heartbeat = asyncio.create_task(run_heartbeat(self.health), name="heartbeat")
         self._tasks = [
             asyncio.create_task(self.parts.relay.run(), name="outbox-relay"),
+            asyncio.create_task(self.parts.courier.run(), name="courier-relay"),
             asyncio.create_task(self._housekeeping(), name="housekeeping"),
         ]
+        if settings.dev_mode:
+            self._tasks.append(asyncio.create_task(self._remind_dev_mode(), name="dev-mode"))
         await self._consume(self.parts.password_channel, PASSWORD_QUEUE)
         await self._consume(self.parts.fast_channel, FAST_QUEUE)
         # Only now can a probe's success mean ready: both consumers exist.
@@ -164,11 +174,18 @@ class Worker:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        try:
-            flushed = await asyncio.wait_for(self.parts.relay.drain(), timeout=FLUSH_OUTBOX_S)
-            log.info("outbox flushed", extra={"published": flushed})
-        except Exception as exc:  # whatever is left is published by the next relay to run
-            log.warning("outbox not flushed", extra={"error": type(exc).__name__})
+        # Both outboxes at once, within the one bound: whatever is left is published by the
+        # next relay to run.
+        flushes = {"outbox": self.parts.relay.drain(), "courier outbox": self.parts.courier.drain()}
+        done = await asyncio.gather(
+            *(asyncio.wait_for(flush, timeout=FLUSH_OUTBOX_S) for flush in flushes.values()),
+            return_exceptions=True,
+        )
+        for name, outcome in zip(flushes, done, strict=True):
+            if isinstance(outcome, BaseException):
+                log.warning(f"{name} not flushed", extra={"error": type(outcome).__name__})
+            else:
+                log.info(f"{name} flushed", extra={"published": outcome})
         await self._close()
         log.info("identity worker stopped")
 
@@ -194,6 +211,8 @@ class Worker:
         while True:
             with contextlib.suppress(Exception):
                 await self.parts.relay.report_backlog()
+            with contextlib.suppress(Exception):
+                await self.parts.courier.report_backlog()
             if since_purge >= PURGE_EVERY_S:
                 since_purge = 0.0
                 with contextlib.suppress(Exception):
@@ -201,16 +220,32 @@ class Worker:
             await asyncio.sleep(HOUSEKEEPING_S)
             since_purge += HOUSEKEEPING_S
 
+    async def _remind_dev_mode(self) -> None:
+        while True:
+            await asyncio.sleep(DEV_MODE_REMINDER_S)
+            log.warning(DEV_MODE_WARNING)
+
     async def _purge(self) -> None:
         s = self.parts.settings
         now = self.parts.clock.now()
+        # Rows a worker of the previous version wrote during a rolling upgrade.
+        await self.parts.store.adopt_legacy_throttle(self.parts.hmac_key.email_tag)
         counts = await self.parts.store.purge(
             idempotency_before=now - timedelta(seconds=s.idempotency_retention_s),
             outbox_before=now - timedelta(seconds=s.outbox_retention_s),
             throttle_before=now - timedelta(seconds=s.throttle_reset_after_s),
             sessions_before=now - timedelta(seconds=s.session_lifetime_s),
+            known_sources_before=now - timedelta(seconds=s.throttle_known_source_s),
+            # An untouched bucket is full after burst / rate: the same as no row.
+            budgets_before=now - timedelta(seconds=s.source_hash_burst / s.source_hash_rate_per_s),
         )
         log.info("purged expired rows", extra={"purged": asdict(counts)})
+        codes = await self.parts.store.purge_codes(
+            codes_before=now,
+            mail_before=now - timedelta(seconds=s.outbox_retention_s),
+            throttle_before=now - timedelta(seconds=s.code_throttle_window_s),
+        )
+        log.info("purged expired codes", extra={"purged": asdict(codes)})
 
     def _broker_lost(self, *_: object) -> None:
         """The connection dropped: unready now, not at the next probe. The robust connection

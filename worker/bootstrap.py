@@ -11,25 +11,40 @@ import contextlib
 import logging
 import secrets
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
+from messages import GetJwks
+from services.access_tokens import JwtKey
 from services.clock import Clock, SystemClock
+from services.codes import CodeKeys, CodePolicy
 from services.factory import ServiceConfig, make_identity_service
 from services.identity import IdentityService, SessionPolicy
+from services.keys import HmacKey
 from services.passwords import HashingPool, PasswordPolicy
+from services.refresh import TokenPolicy
 from services.tokens import SigningKey, parse_signing_keys
-from stores import IdentityStore, SecretStore, ServiceStore, ThrottleSchedule
+from stores import (
+    HashBudget,
+    IdentityStore,
+    SecretStore,
+    ServiceStore,
+    ThrottleRules,
+    ThrottleSchedule,
+)
 from stores.postgres import PostgresIdentityStore
 from worker.acks import Acknowledger
 from worker.broker import DeadLetters, ReplySender, StoppableRobustConnection
+from worker.courier_relay import CourierRelay, CourierRelayMetrics, broker_user, declare_courier
 from worker.handlers import handler_table
 from worker.metrics import Metrics, create_metrics, observer
 from worker.outbox import OutboxRelay
 from worker.policy import RetryPolicy
 from worker.processor import CommandProcessor
-from worker.settings import Settings
+from worker.settings import Settings, SettingsError
 from worker.topology import Topology, declare_topology
 
 # How long a failed start waits for each thing it opened to close.
@@ -39,6 +54,9 @@ log = logging.getLogger("identity.worker")
 
 DEV_KEY_NAME = "development-signing-key"
 DEV_KEY_ID = "dev"
+DEV_HMAC_KEY_NAME = "development-hmac-key"
+DEV_JWT_KEY_NAME = "development-jwt-key"
+DEV_JWT_KEY_ID = "dev-jwt"
 
 
 @dataclass(kw_only=True)
@@ -51,6 +69,7 @@ class Components:
     store: IdentityStore
     passwords: HashingPool
     service: IdentityService
+    hmac_key: HmacKey
     connection: AbstractRobustConnection
     fast_channel: AbstractRobustChannel
     password_channel: AbstractRobustChannel
@@ -58,21 +77,50 @@ class Components:
     topology: Topology
     processor: CommandProcessor
     relay: OutboxRelay
+    courier: CourierRelay
     acks: Acknowledger
+    # The JWKS the sidecar publishes: the public halves of the access-token keys.
+    jwks: dict[str, Any]
 
 
-async def signing_keys(settings: Settings, store: SecretStore) -> list[SigningKey]:
-    """The configured keys, or else a development key shared through the database, so that
-    several local workers accept each other's tokens without any configuration."""
-    if settings.signing_keys is not None:
-        return settings.parsed_signing_keys()
-    secret = await store.shared_secret(DEV_KEY_NAME, secrets.token_bytes(32))
-    log.warning(
-        "IDENTITY_SIGNING_KEYS is not set: using a development signing key stored in the "
-        "database. Production MUST set its own keys (identity-worker keys new)."
-    )
-    encoded = base64.urlsafe_b64encode(secret).decode().rstrip("=")
-    return parse_signing_keys(f"{DEV_KEY_ID}:{encoded}")
+@dataclass(frozen=True, repr=False)
+class WorkerKeys:
+    signing: list[SigningKey]
+    hmac: bytes
+    jwt: list[JwtKey]  # access tokens' (Ed25519), the signing one first
+
+
+async def worker_keys(settings: Settings, store: SecretStore) -> WorkerKeys:
+    """The configured keys. In production (settings guarantee they are configured) nothing
+    else: no key is ever read from or written to the database. In dev mode, what is not
+    configured is generated once and shared through the database, so that several local
+    workers accept each other's tokens and agree on fingerprints without configuration."""
+    if not settings.dev_mode:
+        hmac_key = settings.parsed_hmac_key()
+        jwt = settings.parsed_jwt_keys()
+        if hmac_key is None or not jwt:  # unreachable: the settings refuse production so
+            raise ValueError("production needs IDENTITY_HMAC_KEY and IDENTITY_JWT_KEYS")
+        return WorkerKeys(settings.parsed_signing_keys(), hmac_key, jwt)
+    signing = settings.parsed_signing_keys()
+    if not signing:
+        secret = await store.shared_secret(DEV_KEY_NAME, secrets.token_bytes(32))
+        encoded = base64.urlsafe_b64encode(secret).decode().rstrip("=")
+        signing = parse_signing_keys(f"{DEV_KEY_ID}:{encoded}")
+    hmac_key = settings.parsed_hmac_key()
+    if hmac_key is None:
+        hmac_key = await store.shared_secret(DEV_HMAC_KEY_NAME, secrets.token_bytes(32))
+    jwt = settings.parsed_jwt_keys()
+    if not jwt:
+        seed = await store.shared_secret(DEV_JWT_KEY_NAME, secrets.token_bytes(32))
+        jwt = [JwtKey(DEV_JWT_KEY_ID, seed)]
+    return WorkerKeys(signing, hmac_key, jwt)
+
+
+DEV_MODE_WARNING = (
+    "IDENTITY_DEV_MODE is true: keys not configured are kept in the database, any broker user"
+    " may send any command unless IDENTITY_CALLERS is set, and keys published with the code"
+    " are accepted. Never run this in production."
+)
 
 
 # The hashing threads' nice value: see services.passwords (cheap commands come first).
@@ -96,26 +144,62 @@ def service_config(settings: Settings) -> ServiceConfig:
             settings.session_idle_timeout_s,
             settings.session_touch_interval_s,
         ),
-        throttle=ThrottleSchedule(
-            free_failures=settings.throttle_free_failures,
+        throttle=throttle_rules(settings),
+        budget=HashBudget(
+            rate_per_s=settings.source_hash_rate_per_s, burst=settings.source_hash_burst
+        ),
+        codes=code_policy(settings),
+        tokens=TokenPolicy(
+            issuer=settings.issuer,
+            access_ttl=timedelta(seconds=settings.access_token_ttl_s),
+            reuse_grace=timedelta(seconds=settings.refresh_reuse_grace_s),
+        ),
+    )
+
+
+def code_policy(settings: Settings) -> CodePolicy:
+    return CodePolicy(
+        lifetime=timedelta(seconds=settings.code_lifetime_s),
+        max_attempts=settings.code_max_attempts,
+        window=timedelta(seconds=settings.code_throttle_window_s),
+        requests_per_email=settings.code_requests_per_email,
+        requests_per_source=settings.code_requests_per_source,
+        attempts_per_email=settings.code_attempts_per_email,
+        attempts_per_source=settings.code_attempts_per_source,
+        send_verification_on_create=settings.send_verification_on_create,
+        require_verified_email=settings.require_verified_email,
+    )
+
+
+def throttle_rules(settings: Settings) -> ThrottleRules:
+    def schedule(free_failures: int) -> ThrottleSchedule:
+        return ThrottleSchedule(
+            free_failures=free_failures,
             base_delay_s=settings.throttle_base_delay_s,
             max_delay_s=settings.throttle_max_delay_s,
             reset_after_s=settings.throttle_reset_after_s,
-        ),
+        )
+
+    return ThrottleRules(
+        pair=schedule(settings.throttle_free_failures),
+        email=schedule(settings.throttle_email_free_failures),
+        known_source_s=settings.throttle_known_source_s,
     )
 
 
 def build_service(
     settings: Settings,
     store: ServiceStore,
-    keys: list[SigningKey],
+    keys: WorkerKeys,
     clock: Clock,
     metrics: Metrics,
 ) -> tuple[IdentityService, HashingPool]:
     return make_identity_service(
         store,
         service_config(settings),
-        keys=keys,
+        keys=keys.signing,
+        hmac_key=keys.hmac,
+        jwt_keys=keys.jwt,
         clock=clock,
         on_hash_timing=observer(metrics.hash_seconds),
         hashing_niceness=HASHING_NICENESS,
@@ -141,14 +225,32 @@ async def build(
         store = await connect_store(settings, metrics)
     passwords: HashingPool | None = None
     try:
-        keys = await signing_keys(settings, store)
+        if isinstance(store, PostgresIdentityStore):
+            await check_database_role(settings, store)
+        metrics.dev_mode.set(1 if settings.dev_mode else 0)
+        if settings.dev_mode:
+            log.warning(DEV_MODE_WARNING)
+        keys = await worker_keys(settings, store)
+        hmac_key = HmacKey(keys.hmac)
+        # Counters of the previous schema name emails in plain text: re-key them now.
+        await store.adopt_legacy_throttle(hmac_key.email_tag)
         service, pool = build_service(settings, store, keys, clock, metrics)
         passwords = pool
         metrics.hash_pool_pending.set_function(lambda: pool.pending)
         await pool.start()
         if connection is None:
             connection = await connect_broker(settings)
-        return await _assemble(settings, clock, metrics, store, service, pool, connection)
+        return await _assemble(
+            settings,
+            clock,
+            metrics,
+            store,
+            service,
+            hmac_key,
+            pool,
+            connection,
+            CodeKeys(keys.hmac),
+        )
     except BaseException:
         # A failed or cancelled start (SIGTERM) closes what it opened: a robust connection
         # left open keeps reconnecting, and its task would keep the process from exiting.
@@ -159,6 +261,33 @@ async def build(
             passwords.close()
         await store.close(force_after_s=CLOSE_TIMEOUT_S)
         raise
+
+
+class DatabaseRoleRefused(SettingsError):
+    """The worker's database role could change the schema: production does not run so."""
+
+
+async def check_database_role(settings: Settings, store: PostgresIdentityStore) -> None:
+    """Least privilege: the worker's role reads and writes rows, nothing more. A superuser,
+    or a role that owns the tables (and so may alter or drop them), is refused in production
+    and warned about in dev mode; one that may create objects in the schema is warned about
+    (PostgreSQL before 15 grants that to every role unless revoked)."""
+    powers = await store.role_powers()
+    if powers.superuser or powers.owns_tables:
+        what = "a superuser" if powers.superuser else "the owner of the tables"
+        message = (
+            f"IDENTITY_DATABASE_URL: the worker's role is {what}, which may change the schema;"
+            " run the worker as a role with row access only and migrate as the owner"
+            " (IDENTITY_MIGRATION_DATABASE_URL; docs/runbook.md, database roles)"
+        )
+        if not settings.dev_mode:
+            raise DatabaseRoleRefused(message)
+        log.warning(message)
+    elif powers.creates:
+        log.warning(
+            "the worker's database role may create objects in the schema:"
+            " REVOKE CREATE ON SCHEMA public FROM it (docs/runbook.md, database roles)"
+        )
 
 
 async def connect_store(settings: Settings, metrics: Metrics) -> IdentityStore:
@@ -186,8 +315,10 @@ async def _assemble(
     metrics: Metrics,
     store: IdentityStore,
     service: IdentityService,
+    hmac_key: HmacKey,
     passwords: HashingPool,
     connection: AbstractRobustConnection,
+    code_keys: CodeKeys,
 ) -> Components:
     fast_channel = await connection.channel()
     await fast_channel.set_qos(prefetch_count=settings.fast_prefetch)
@@ -204,6 +335,22 @@ async def _assemble(
         batch=settings.outbox_batch,
         poll_s=settings.outbox_poll_s,
     )
+    await declare_courier(publish_channel)
+    courier = CourierRelay(
+        store,
+        publish_channel,
+        code_keys,
+        CourierRelayMetrics.on(metrics.registry),
+        clock.now,
+        user_id=broker_user(settings.amqp_url.get_secret_value()),
+        batch=settings.courier_batch,
+        poll_s=settings.outbox_poll_s,
+    )
+
+    def committed() -> None:  # its events and courier rows are in: publish without waiting
+        relay.wake()
+        courier.wake()
+
     acks = Acknowledger()
     processor = CommandProcessor(
         handler_table(service),
@@ -214,8 +361,9 @@ async def _assemble(
         RetryPolicy(settings.retry_attempts, settings.retry_max_delay_s),
         max_message_bytes=settings.max_message_bytes,
         worker_delivery_limit=settings.worker_delivery_limit,
-        on_committed=relay.wake,
+        on_committed=committed,
         log_queries=settings.log_queries,
+        gateways=settings.gateway_users,
     )
     return Components(
         settings=settings,
@@ -224,6 +372,7 @@ async def _assemble(
         store=store,
         passwords=passwords,
         service=service,
+        hmac_key=hmac_key,
         connection=connection,
         fast_channel=fast_channel,
         password_channel=password_channel,
@@ -231,5 +380,7 @@ async def _assemble(
         topology=topology,
         processor=processor,
         relay=relay,
+        courier=courier,
         acks=acks,
+        jwks=(await service.tokens.jwks(GetJwks())).to_wire(),
     )

@@ -16,6 +16,7 @@ from messages import COMMANDS, CommandEnvelope, ErrorBody, ErrorCode, FieldError
 from messages.commands import IDEMPOTENCY_KEY_RULE, usable_idempotency_key
 from messages.models import Model
 from services.operations import CommandContext
+from worker.sources import throttle_source
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,9 +46,14 @@ class Rejected(Exception):
 
 
 def decode_command(
-    name: str, body: bytes, correlation_id: str | None, caller: str | None = None
+    name: str,
+    body: bytes,
+    correlation_id: str | None,
+    caller: str | None = None,
+    gateways: frozenset[str] = frozenset(),
 ) -> Command:
-    """Validate routing key, JSON, envelope and payload, in that order."""
+    """Validate routing key, JSON, envelope and payload, in that order. The context's
+    throttling source comes from the caller, and from the metadata only for `gateways`."""
     spec = COMMANDS.get(name)
     if spec is None:
         raise Rejected(_error(ErrorCode.UNKNOWN_COMMAND, "Unknown command."))
@@ -68,7 +74,11 @@ def decode_command(
             _validation_error(exc, "payload"), idempotency_key=envelope.idempotency_key
         ) from None
     context = CommandContext(
-        envelope.idempotency_key, correlation_id, envelope.metadata, caller=caller
+        envelope.idempotency_key,
+        correlation_id,
+        envelope.metadata,
+        caller=caller,
+        source=throttle_source(caller, envelope.metadata, gateways),
     )
     return Command(name, payload, context)
 

@@ -25,19 +25,29 @@ from worker.metrics import Metrics
 log = logging.getLogger(__name__)
 
 NOT_CHECKED = "not checked yet"
+BROKER = "broker"
+DATABASE = "database"
 HEARTBEAT_S = 1.0
 READY_SILENCE_S = 10.0
 LIVE_SILENCE_S = 30.0
 
 
 class HealthState:
-    """Thread-safe readiness flags (broker, database, draining) and the loop's heartbeat."""
+    """Thread-safe readiness flags (one per dependency, draining) and the loop's heartbeat.
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    The worker depends on the broker and the database; another process that serves the same
+    sidecar (the mail sender: the broker and its SMTP server) names its own dependencies.
+    """
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        dependencies: tuple[str, ...] = (BROKER, DATABASE),
+    ) -> None:
         self._lock = threading.Lock()
         self._clock = clock
-        self._broker: str | None = NOT_CHECKED  # None means "answers", else why not
-        self._database: str | None = NOT_CHECKED
+        # None means "answers", else why not; in the order given, for the reasons' order.
+        self._down: dict[str, str | None] = dict.fromkeys(dependencies, NOT_CHECKED)
         self._draining = False
         self._broker_losses = 0
         self._last_beat: float | None = None  # None until the loop first beats
@@ -61,7 +71,7 @@ class HealthState:
         """Called the moment the broker connection drops, between probes."""
         with self._lock:
             self._broker_losses += 1
-            self._broker = reason
+            self._down[BROKER] = reason
 
     def broker_losses(self) -> int:
         """How many times `broker_lost` was called: a probe whose check began before the
@@ -69,15 +79,21 @@ class HealthState:
         with self._lock:
             return self._broker_losses
 
+    def set(self, dependency: str, ok: bool, reason: str | None = None) -> None:
+        """Record whether `dependency` (one given at construction) answered; `reason` says
+        why not (no secrets)."""
+        with self._lock:
+            if dependency not in self._down:
+                raise KeyError(dependency)
+            self._down[dependency] = None if ok else (reason or "down")
+
     def set_broker(self, ok: bool, reason: str | None = None) -> None:
         """Record whether the broker answered; `reason` says why not (no secrets)."""
-        with self._lock:
-            self._broker = None if ok else (reason or "down")
+        self.set(BROKER, ok, reason)
 
     def set_database(self, ok: bool, reason: str | None = None) -> None:
         """Record whether the database answered; `reason` says why not (no secrets)."""
-        with self._lock:
-            self._database = None if ok else (reason or "down")
+        self.set(DATABASE, ok, reason)
 
     def set_draining(self, draining: bool) -> None:
         """Draining workers finish in-flight work but must get no new traffic."""
@@ -85,14 +101,14 @@ class HealthState:
             self._draining = draining
 
     def snapshot(self) -> tuple[bool, list[str]]:
-        """(ready, reasons it is not): ready iff both answer, the loop is turning and the
-        worker is not draining."""
+        """(ready, reasons it is not): ready iff every dependency answers, the loop is turning
+        and the process is not draining."""
         with self._lock:
-            reasons = []
-            if self._broker is not None:
-                reasons.append(f"broker: {self._broker}")
-            if self._database is not None:
-                reasons.append(f"database: {self._database}")
+            reasons = [
+                f"{dependency}: {reason}"
+                for dependency, reason in self._down.items()
+                if reason is not None
+            ]
             silence = self._silence()
             if silence >= READY_SILENCE_S:
                 reasons.append(f"event loop: no heartbeat for {silence:.0f}s")
@@ -114,7 +130,7 @@ async def run_heartbeat(health: HealthState, every_s: float = HEARTBEAT_S) -> No
         await asyncio.sleep(every_s)
 
 
-async def _failure(check: Callable[[], Awaitable[None]], timeout_s: float) -> str | None:
+async def check_failure(check: Callable[[], Awaitable[None]], timeout_s: float) -> str | None:
     """None if `check` completes in time, else a short reason. Only the exception's type goes
     into it: messages of connection errors can quote a URL, and a URL can hold a password."""
     try:
@@ -138,7 +154,7 @@ async def probe_once(
     was_ready, _ = health.snapshot()
     losses = health.broker_losses()
     broker, database = await asyncio.gather(
-        _failure(check_broker, timeout_s), _failure(check_database, timeout_s)
+        check_failure(check_broker, timeout_s), check_failure(check_database, timeout_s)
     )
     if health.broker_losses() != losses:
         broker = broker or "connection lost"  # lost while the checks ran: not up yet

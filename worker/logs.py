@@ -35,6 +35,7 @@ SECRET_KEYS = frozenset(
         "password_hash",
         "passwd",
         "token",
+        "code",  # a one-time code (never an error code: those are logged as `outcome`)
         "access_token",
         "refresh_token",
         "id_token",
@@ -45,11 +46,15 @@ SECRET_KEYS = frozenset(
         "private_key",
         "signing_key",
         "signing_keys",
+        "jwt_keys",
         "authorization",
     }
 )
-# Broad on purpose: anything that starts like a token is masked to its end, valid or not.
-_TOKEN = re.compile(r"v1\.[A-Za-z0-9_-]{1,64}\.ses_[A-Za-z0-9_.=-]*")
+# Broad on purpose: anything that starts like a token is masked to its end, valid or not: a
+# session token (v1.), a refresh token (r1.), or a JWT (a base64url JSON object, then dots).
+_TOKEN = re.compile(r"[vr]1\.[A-Za-z0-9_-]{1,64}\.ses_[A-Za-z0-9_.=-]*")
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]*)?")
+REDACTED_JWT = "eyJ.[redacted-token]"
 # Up to the last @ of the authority: a password may hold an unescaped @ itself.
 _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):[^\s/?#]*@")
 # libpq and asyncpg also take the password as a query parameter.
@@ -62,7 +67,10 @@ _RECORD_FIELDS = frozenset(
 
 # What the masks above leave in a text, to recognise a text that was redacted.
 _MASKS = re.compile(
-    re.escape(REDACTED_TOKEN) + r"|[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:\*\*\*@|[?&]"
+    re.escape(REDACTED_TOKEN)
+    + "|"
+    + re.escape(REDACTED_JWT)
+    + r"|[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:\*\*\*@|[?&]"
     r"(?:password|passwd|sslpassword)=\*\*\*(?:[&#\s]|$)",
     re.I,
 )
@@ -74,8 +82,9 @@ def shows_a_mask(text: str) -> bool:
 
 
 def redact_text(text: str) -> str:
-    """`text` with session tokens and URL passwords masked."""
+    """`text` with session, refresh and access tokens and URL passwords masked."""
     text = _TOKEN.sub(REDACTED_TOKEN, text)
+    text = _JWT.sub(REDACTED_JWT, text)
     text = _URL_PASSWORD.sub(r"\g<head>:***@", text)
     return _QUERY_PASSWORD.sub(r"\g<head>***", text)
 

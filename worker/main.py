@@ -39,7 +39,11 @@ async def run_worker(settings: Settings, *, migrate_first: bool = True) -> int:
         loop.add_signal_handler(signum, on_signal, signum)
     try:
         if migrate_first:
-            await migrate_database(settings.database_url.get_secret_value())
+            await migrate_database(
+                settings.migration_dsn,
+                worker_role=settings.worker_role,
+                dev_mode=settings.dev_mode,
+            )
         parts = await build(settings)  # closes what it opened if cancelled
     except asyncio.CancelledError:
         if not stopped_by:
@@ -53,11 +57,16 @@ async def run_worker(settings: Settings, *, migrate_first: bool = True) -> int:
     return 0
 
 
-async def migrate_database(dsn: str) -> tuple[list[str], EmailReport]:
-    """Apply pending migrations, then move accounts whose canonical email changed with the
-    rules (`services.emails`) to their new form: the names applied, and what was moved and
-    what could not be."""
-    applied = await migrate(dsn)
+async def migrate_database(
+    dsn: str, *, worker_role: str | None = None, dev_mode: bool = False
+) -> tuple[list[str], EmailReport]:
+    """Apply pending migrations as the schema's owner (`dsn`: the migration URL) and grant
+    `worker_role` its privileges (`stores.postgres.migrate`), then move accounts whose
+    canonical email changed with the rules (`services.emails`) to their new form: the names
+    applied, and what was moved and what could not be. The move needs no key: it rewrites
+    `accounts.email_canonical` only (the throttle's keyed tags of an old form are left to
+    expire, docs/runbook.md)."""
+    applied = await migrate(dsn, worker_role=worker_role, dev_mode=dev_mode)
     report = await recanonicalise_emails(dsn, recanonicalised)
     if report.moved:
         log.info("accounts moved to their new canonical email", extra={"count": len(report.moved)})

@@ -85,6 +85,7 @@ class Metrics:
     broker_connected: Gauge
     database_up: Gauge
     ready: Gauge
+    dev_mode: Gauge
 
 
 def create_metrics() -> Metrics:
@@ -150,4 +151,5 @@ def create_metrics() -> Metrics:
         broker_connected=gauge("broker_connected", "1 while the broker answers, else 0."),
         database_up=gauge("database_up", "1 while the database answers, else 0."),
         ready=gauge("ready", "1 while /readyz would answer 200, else 0."),
+        dev_mode=gauge("dev_mode", "1 when IDENTITY_DEV_MODE is true (never in production)."),
     )

@@ -64,6 +64,7 @@ class CommandProcessor:
         worker_delivery_limit: int,
         on_committed: Callable[[], None],
         log_queries: bool = False,
+        gateways: frozenset[str] = frozenset(),
     ) -> None:
         if missing := unhandled(handlers):
             raise ValueError(f"no handler for {', '.join(missing)}")
@@ -79,6 +80,7 @@ class CommandProcessor:
         self._max_bytes = max_message_bytes
         self._delivery_limit = worker_delivery_limit
         self._on_committed = on_committed
+        self._gateways = gateways
         # Successful queries are most of the traffic and change nothing: the metrics count and
         # time them, and a log line each would add about a sixth to their CPU cost.
         self._quiet_when_ok = (
@@ -130,7 +132,9 @@ class CommandProcessor:
             await self._dead.publish(message, reason, parsed=None)
             return Reply(ok=False, command=name, error=error)
         try:
-            command = decode_command(name, message.body, _correlation_id(message), message.user_id)
+            command = decode_command(
+                name, message.body, _correlation_id(message), message.user_id, self._gateways
+            )
         except Rejected as rejected:
             self._metrics.malformed_messages_total.labels(rejected.error.code.value).inc()
             if rejected.dead_letter is not None:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from contextvars import ContextVar
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from pydantic import (
     Field,
@@ -25,12 +26,19 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-# One parser for signing keys, the one the token signer uses, so a key that loads also signs.
+# One parser per key, the one the service uses, so a key that loads also works.
+from services.access_tokens import DEFAULT_ISSUER, MAX_TTL_S, JwtKey, parse_jwt_keys
+from services.keys import is_published, parse_hmac_key
 from services.tokens import SigningKey, parse_signing_keys
 
 ENV_PREFIX = "IDENTITY_"
-_URL_SCHEMES = {"amqp_url": ("amqp", "amqps"), "database_url": ("postgresql", "postgres")}
+_PG = ("postgresql", "postgres")
+_URL_SCHEMES = {"amqp_url": ("amqp", "amqps"), "database_url": _PG, "migration_database_url": _PG}
+# What production cannot run without (contract v2, sections 1 and 4): keys and a caller policy.
+_PRODUCTION_NEEDS = ("signing_keys", "callers", "hmac_key", "jwt_keys")
 _LOG_LEVELS = frozenset({"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"})
+# Whether this load checks production's keys (load_settings(keys_needed=False) does not).
+_KEYS_NEEDED: ContextVar[bool] = ContextVar("keys_needed", default=True)
 
 
 class SettingsError(ValueError):
@@ -70,6 +78,9 @@ class Settings(BaseSettings):
 
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
     database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/identity")
+    # The schema owner, for migrations (None: IDENTITY_DATABASE_URL's role migrates too). The
+    # migration grants the worker's role (IDENTITY_DATABASE_URL's user) what it needs.
+    migration_database_url: SecretStr | None = None
     http_host: str = "0.0.0.0"  # noqa: S104 - the sidecar must be reachable by the orchestrator
     http_port: int = Field(default=8080, ge=0, le=65535)
     signing_keys: SecretStr | None = None
@@ -81,6 +92,14 @@ class Settings(BaseSettings):
     gateways: str = ""
     # base64url, >= 32 bytes: keys the HMACs that must outlive signing-key rotation.
     hmac_key: SecretStr | None = None
+    # Contract v2, section 4: access tokens. `kid:base64url-seed,...` (Ed25519 seeds); the
+    # first signs, all are published. Production requires them; dev mode makes one.
+    jwt_keys: SecretStr | None = None
+    issuer: str = Field(default=DEFAULT_ISSUER, min_length=1, max_length=200)
+    access_token_ttl_s: int = Field(default=600, ge=10, le=MAX_TTL_S)
+    # A refresh token used up this recently and presented again is a client racing itself
+    # (invalid_token), not theft (which ends the session).
+    refresh_reuse_grace_s: float = Field(default=10.0, ge=0, le=60)
 
     # AMQP prefetch is a 16-bit field.
     fast_prefetch: int = Field(default=64, ge=1, le=65535)
@@ -104,6 +123,28 @@ class Settings(BaseSettings):
     throttle_base_delay_s: float = Field(default=1.0, ge=0)
     throttle_max_delay_s: float = Field(default=900.0, ge=0)
     throttle_reset_after_s: float = Field(default=43200, gt=0)
+    # Failed attempts on one email from all sources together before that email is locked for
+    # every source that has not signed in to it before (same doubling delays).
+    throttle_email_free_failures: int = Field(default=20, ge=0)
+    # How long a source that signed in to an email stays exempt from that email's lock.
+    throttle_known_source_s: float = Field(default=90 * 86400, gt=0)
+    # Argon2 work per source: a token bucket, one token per hash or verify.
+    source_hash_rate_per_s: float = Field(default=0.5, gt=0)
+    source_hash_burst: int = Field(default=30, ge=2)
+
+    # One-time codes (contract v2, section 2): lifetime, and the limits on asking for codes
+    # and trying them, per email and per source, counted in fixed windows.
+    code_lifetime_s: int = Field(default=900, ge=60, le=86400)
+    code_max_attempts: int = Field(default=5, ge=1, le=20)
+    code_throttle_window_s: int = Field(default=900, ge=1)
+    code_requests_per_email: int = Field(default=3, ge=1)
+    code_requests_per_source: int = Field(default=50, ge=1)
+    code_attempts_per_email: int = Field(default=10, ge=1)
+    code_attempts_per_source: int = Field(default=50, ge=1)
+    send_verification_on_create: bool = True
+    # `session.start` answers `email_not_verified` (after the right password) until verified.
+    require_verified_email: bool = False
+    courier_batch: int = Field(default=100, ge=1)
 
     # The contract promises idempotency keys are kept at least 24 hours.
     idempotency_retention_s: int = Field(default=86400, ge=86400)
@@ -148,9 +189,25 @@ class Settings(BaseSettings):
             parse_signing_keys(value.get_secret_value())
         return value
 
-    @field_validator("amqp_url", "database_url")
+    @field_validator("jwt_keys")
     @classmethod
-    def _url_scheme(cls, value: SecretStr, info: ValidationInfo) -> SecretStr:
+    def _jwt_keys_format(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_jwt_keys(value.get_secret_value())
+        return value
+
+    @field_validator("hmac_key")
+    @classmethod
+    def _hmac_key_format(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_hmac_key(value.get_secret_value())
+        return value
+
+    @field_validator("amqp_url", "database_url", "migration_database_url")
+    @classmethod
+    def _url_scheme(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is None:
+            return None
         allowed = _URL_SCHEMES[info.field_name or ""]
         try:
             scheme = urlsplit(value.get_secret_value()).scheme
@@ -177,6 +234,39 @@ class Settings(BaseSettings):
                 raise ValueError(f"{env_name(low)} must be {relation} {env_name(high)}")
         return self
 
+    @model_validator(mode="after")
+    def _production_has_its_keys(self) -> Settings:
+        """Production (the default) runs only with keys and a caller policy of its own; dev
+        mode generates what is missing (worker.bootstrap) and says so loudly. Migrating needs
+        none of them (a migration job should not hold the worker's keys)."""
+        if self.dev_mode or not _KEYS_NEEDED.get():
+            return self
+        missing = [env_name(name) for name in _PRODUCTION_NEEDS if getattr(self, name) is None]
+        if missing:
+            raise ValueError(
+                f"production mode (IDENTITY_DEV_MODE is false) needs {', '.join(missing)}"
+                " (identity-worker keys new, keys hmac and keys jwt make keys;"
+                " IDENTITY_DEV_MODE=true runs without)"
+            )
+        published = [
+            f"{env_name('signing_keys')} (key {key.kid!r})"
+            for key in self.parsed_signing_keys()
+            if is_published(key.secret)
+        ]
+        if is_published(self.parsed_hmac_key() or b""):
+            published.append(env_name("hmac_key"))
+        published += [
+            f"{env_name('jwt_keys')} (key {key.kid!r})"
+            for key in self.parsed_jwt_keys()
+            if is_published(key.seed)
+        ]
+        if published:
+            raise ValueError(
+                f"{', '.join(published)}: a key published in the identity worker's repository"
+                " is refused in production; make your own with identity-worker keys new"
+            )
+        return self
+
     @property
     def effective_hash_workers(self) -> int:
         """Threads in the argon2 pool: as configured, else one per CPU."""
@@ -188,11 +278,42 @@ class Settings(BaseSettings):
         so the pool never idles yet messages don't pile up in memory behind argon2."""
         return self.password_prefetch or 2 * self.effective_hash_workers
 
+    @property
+    def migration_dsn(self) -> str:
+        """Where migrations run: the owner's URL, else the worker's own."""
+        url = self.migration_database_url or self.database_url
+        return url.get_secret_value()
+
+    @property
+    def worker_role(self) -> str | None:
+        """The worker's database role, to be granted its privileges by the migration; None
+        when the worker migrates as itself (no owner URL, or the same user)."""
+        if self.migration_database_url is None:
+            return None
+        worker = urlsplit(self.database_url.get_secret_value()).username
+        owner = urlsplit(self.migration_database_url.get_secret_value()).username
+        return None if worker is None or worker == owner else unquote(worker)
+
+    @property
+    def gateway_users(self) -> frozenset[str]:
+        """Broker users trusted to report `metadata.client_ip`."""
+        return frozenset(user.strip() for user in self.gateways.split(",") if user.strip())
+
+    def parsed_hmac_key(self) -> bytes | None:
+        """IDENTITY_HMAC_KEY's secret bytes; None when it is not configured."""
+        return None if self.hmac_key is None else parse_hmac_key(self.hmac_key.get_secret_value())
+
     def parsed_signing_keys(self) -> list[SigningKey]:
         """The parsed signing keys, the signing one first; empty when none are configured."""
         if self.signing_keys is None:
             return []
         return parse_signing_keys(self.signing_keys.get_secret_value())
+
+    def parsed_jwt_keys(self) -> list[JwtKey]:
+        """The parsed JWT keys, the signing one first; empty when none are configured."""
+        if self.jwt_keys is None:
+            return []
+        return parse_jwt_keys(self.jwt_keys.get_secret_value())
 
 
 # (lower, upper, "strict" or "loose"): lower must be below (strict) or at most (loose) upper.
@@ -211,16 +332,31 @@ _ORDERED_PAIRS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def load_settings(env: Mapping[str, str] | None = None) -> Settings:
-    """Read the settings from `env` (default: the process environment), once, at start-up."""
+def load_settings(env: Mapping[str, str] | None = None, *, keys_needed: bool = True) -> Settings:
+    """Read the settings from `env` (default: the process environment), once, at start-up.
+    `keys_needed=False` (migrations, the operator tools) skips production's key checks."""
+    token = _KEYS_NEEDED.set(keys_needed)
+    try:
+        return read_settings(Settings, env)
+    finally:
+        _KEYS_NEEDED.reset(token)
+
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def read_settings(cls: type[SettingsT], env: Mapping[str, str] | None = None) -> SettingsT:
+    """Read `cls`, a settings class whose field `x` comes from `IDENTITY_X` (the worker's, the
+    mail sender's), from `env` (default: the process environment); `SettingsError` naming
+    every variable at fault, never a value."""
     source: Mapping[str, str] = os.environ if env is None else env
     values: dict[str, Any] = {}
-    for field in Settings.model_fields:
+    for field in cls.model_fields:
         raw = source.get(env_name(field))
         if raw is not None and raw.strip() != "":
             values[field] = raw.strip()
     try:
-        return Settings(**values)
+        return cls(**values)
     except ValidationError as exc:
         problems = _describe(exc)
     # Raised outside the handler so the ValidationError, whose text quotes the input values,

@@ -10,14 +10,19 @@ It reads only thread-safe state: `HealthState` snapshots and the prometheus regi
                   silent for health.LIVE_SILENCE_S
     GET /readyz   200 {"status": "ready"} or 503 {"status": "not_ready", "reasons": [...]}
     GET /metrics  Prometheus text exposition of the worker's registry
+    GET /.well-known/jwks.json
+                  the public keys access tokens are signed with (RFC 7517), cacheable for
+                  JWKS_MAX_AGE_S with an ETag (a conditional GET answers 304); the keys are
+                  fixed for the process's life, so a new key shows with the next worker
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -29,6 +34,12 @@ from worker.health import HealthState
 __all__ = ["HealthState", "Sidecar"]
 
 log = logging.getLogger(__name__)
+
+JWKS_PATH = "/.well-known/jwks.json"
+# How long a verifier may cache the keys. A verifier that meets an unknown kid refetches at
+# once (rate-limited), so this bounds only how late a *removed* key stops being trusted by a
+# cache that never meets a new one; the runbook's rotation waits it out.
+JWKS_MAX_AGE_S = 300
 
 StartResponse = Callable[..., Any]
 Environ = dict[str, Any]
@@ -70,12 +81,40 @@ def _json(start_response: StartResponse, status: str, body: dict[str, Any]) -> l
     return [payload]
 
 
-def _application(registry: CollectorRegistry, health: HealthState) -> WsgiApp:
+def _jwks_app(jwks: Mapping[str, Any]) -> WsgiApp:
+    body = json.dumps(jwks, sort_keys=True, separators=(",", ":")).encode()
+    etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+    cache = ("Cache-Control", f"public, max-age={JWKS_MAX_AGE_S}")
+
+    def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        asked = environ.get("HTTP_IF_NONE_MATCH", "")
+        if etag in (tag.strip() for tag in asked.split(",")) or asked.strip() == "*":
+            start_response("304 Not Modified", [("ETag", etag), cache])
+            return [b""]
+        start_response(
+            "200 OK",
+            [
+                ("Content-Type", "application/jwk-set+json"),
+                ("Content-Length", str(len(body))),
+                ("ETag", etag),
+                cache,
+            ],
+        )
+        return [body]
+
+    return app
+
+
+def _application(
+    registry: CollectorRegistry, health: HealthState, jwks: Mapping[str, Any] | None
+) -> WsgiApp:
     metrics_app = make_wsgi_app(registry)
+    jwks_app = _jwks_app(jwks) if jwks is not None else None
+    routes = {"/healthz", "/readyz", "/metrics"} | ({JWKS_PATH} if jwks_app else set())
 
     def app(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
-        if path not in ("/healthz", "/readyz", "/metrics"):
+        if path not in routes:
             return _json(start_response, "404 Not Found", {"status": "not_found"})
         if environ.get("REQUEST_METHOD") != "GET":
             return _json(start_response, "405 Method Not Allowed", {"status": "method_not_allowed"})
@@ -91,20 +130,29 @@ def _application(registry: CollectorRegistry, health: HealthState) -> WsgiApp:
                 return _json(start_response, "200 OK", {"status": "ready"})
             body = {"status": "not_ready", "reasons": reasons}
             return _json(start_response, "503 Service Unavailable", body)
+        if path == JWKS_PATH and jwks_app is not None:
+            return jwks_app(environ, start_response)
         return metrics_app(environ, start_response)  # type: ignore[no-any-return]
 
     return app
 
 
 class Sidecar:
-    """Serves the three routes from background threads; `start()` binds, `stop()` closes."""
+    """Serves the routes from background threads; `start()` binds, `stop()` closes. The JWKS
+    route exists when `jwks` is given."""
 
     def __init__(
-        self, host: str, port: int, registry: CollectorRegistry, health: HealthState
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        health: HealthState,
+        *,
+        jwks: Mapping[str, Any] | None = None,
     ) -> None:
         self._host = host
         self._port = port
-        self._app = _application(registry, health)
+        self._app = _application(registry, health, jwks)
         self._server: _ThreadingServer | None = None
         self._thread: threading.Thread | None = None
 

@@ -4,13 +4,16 @@
 
 Shows what every caller must do: consume the direct reply-to pseudo-queue in no-ack mode on
 the publishing channel BEFORE publishing, publish persistent JSON with `reply_to` and a
-`correlation_id`, and carry an idempotency key (kept when retrying the same operation).
+`correlation_id`, set `user_id` to the broker user it connected as (the worker authorises
+commands by it; RabbitMQ refuses any other), and carry an idempotency key (kept when retrying
+the same operation).
 """
 
 import asyncio
 import json
 import sys
 import uuid
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 
@@ -43,6 +46,7 @@ async def main(url: str) -> None:
                 reply_to=REPLY_TO,
                 correlation_id=correlation_id,
                 message_id=str(uuid.uuid4()),
+                user_id=unquote(urlsplit(url).username or "guest"),
             ),
             routing_key="account.create",
         )

@@ -13,24 +13,34 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TypeVar
 
 from stores.claims import ClaimedBatch
 from stores.errors import StoreError, TransientStoreError
-from stores.memory.unit import MemoryUnitOfWork, Tables, Throttle, as_jsonb
+from stores.memory.codes import MemoryCodeStore
+from stores.memory.unit import MemoryUnitOfWork, Tables, as_jsonb
 from stores.records import (
     AccountRecord,
+    BudgetDecision,
+    HashBudget,
     IdempotencyRecord,
     PendingEvent,
     PurgeCounts,
+    SessionPosition,
     SessionRecord,
+    ThrottleCounter,
     ThrottleDecision,
-    ThrottleSchedule,
+    ThrottleRules,
+    count_attempt,
 )
 
 K = TypeVar("K")
 V = TypeVar("V")
+
+
+def _one_less(row: ThrottleCounter) -> ThrottleCounter:
+    return replace(row, failures=max(row.failures - 1, 0))
 
 
 def _delete(table: dict[K, V], doomed: Callable[[V], bool]) -> list[V]:
@@ -39,9 +49,11 @@ def _delete(table: dict[K, V], doomed: Callable[[V], bool]) -> list[V]:
     return [table.pop(key) for key in keys]
 
 
-class MemoryIdentityStore:
+class MemoryIdentityStore(MemoryCodeStore):
     def __init__(self) -> None:
         self._tables = Tables()
+        self._code_tables = self._tables.codes
+        self._mail_claimed: set[int] = set()
         self._units = asyncio.Lock()
         self._claimed: set[int] = set()  # command_seq of the commands batches hold
         self._closed = False
@@ -57,6 +69,9 @@ class MemoryIdentityStore:
         return self._tables.accounts.get(account_id)
 
     async def get_account_by_email(self, email_canonical: str) -> AccountRecord | None:
+        return self._account_by_email(email_canonical)
+
+    def _account_by_email(self, email_canonical: str) -> AccountRecord | None:
         account_id = self._tables.emails.get(email_canonical)
         return None if account_id is None else self._tables.accounts[account_id]
 
@@ -73,30 +88,82 @@ class MemoryIdentityStore:
         if session is not None and session.last_seen_at < seen_at:
             self._tables.sessions[session_id] = replace(session, last_seen_at=seen_at)
 
+    async def list_live_sessions(
+        self,
+        account_id: str,
+        *,
+        now: datetime,
+        idle_since: datetime,
+        after: SessionPosition | None,
+        limit: int,
+    ) -> list[SessionRecord]:
+        live = sorted(
+            (
+                s
+                for s in self._tables.sessions.values()
+                if s.account_id == account_id
+                and s.ended_at is None
+                and s.expires_at > now
+                and s.last_seen_at > idle_since
+                and (after is None or (s.created_at, s.id) > after)
+            ),
+            key=lambda s: (s.created_at, s.id),
+        )
+        return live[:limit]
+
     async def get_idempotency(self, key: str) -> IdempotencyRecord | None:
         record = self._tables.idempotency.get(key)
         # A fresh dict per read, as decoding a jsonb column gives.
         return None if record is None else replace(record, reply=as_jsonb(record.reply))
 
-    async def reserve_signin_attempt(
-        self, email_canonical: str, now: datetime, schedule: ThrottleSchedule
+    async def reserve_password_attempt(
+        self, email_tag: bytes, source_tag: bytes, now: datetime, rules: ThrottleRules
     ) -> ThrottleDecision:
-        row = self._tables.throttle.get(email_canonical)
-        if row is not None and row.locked_until is not None and row.locked_until > now:
-            retry_after = (row.locked_until - now).total_seconds()
-            return ThrottleDecision(allowed=False, failures=row.failures, retry_after_s=retry_after)
-        stale_before = now - timedelta(seconds=schedule.reset_after_s)
-        failures = 1 if row is None or row.updated_at < stale_before else row.failures + 1
-        locked_until = None
-        if failures > schedule.free_failures:
-            locked_until = now + timedelta(seconds=schedule.lock_seconds(failures))
-        self._tables.throttle[email_canonical] = Throttle(failures, locked_until, now)
-        return ThrottleDecision(allowed=True, failures=failures)
+        tables = self._tables
+        seen = tables.known_sources.get((email_tag, source_tag))
+        known = seen is not None and (now - seen).total_seconds() <= rules.known_source_s
+        decision, email, pair = count_attempt(
+            tables.email_counters.get(email_tag),
+            tables.pairs.get((email_tag, source_tag)),
+            known,
+            now,
+            rules,
+        )
+        if email is not None and pair is not None:
+            tables.email_counters[email_tag] = email
+            tables.pairs[email_tag, source_tag] = pair
+        return decision
 
-    async def refund_signin_attempt(self, email_canonical: str) -> None:
-        row = self._tables.throttle.get(email_canonical)
-        if row is not None:
-            row.failures = max(row.failures - 1, 0)
+    async def refund_password_attempt(self, email_tag: bytes, source_tag: bytes) -> None:
+        tables = self._tables
+        if (email := tables.email_counters.get(email_tag)) is not None:
+            tables.email_counters[email_tag] = _one_less(email)
+        if (pair := tables.pairs.get((email_tag, source_tag))) is not None:
+            tables.pairs[email_tag, source_tag] = _one_less(pair)
+
+    async def settle_password_attempt(
+        self, email_tag: bytes, source_tag: bytes, now: datetime
+    ) -> None:
+        tables = self._tables
+        if (email := tables.email_counters.get(email_tag)) is not None:
+            tables.email_counters[email_tag] = _one_less(email)
+        tables.pairs.pop((email_tag, source_tag), None)
+        seen = tables.known_sources.get((email_tag, source_tag))
+        tables.known_sources[email_tag, source_tag] = now if seen is None else max(seen, now)
+
+    async def spend_hash_budget(
+        self, source_tag: bytes, cost: int, now: datetime, budget: HashBudget
+    ) -> BudgetDecision:
+        row = self._tables.budgets.get(source_tag)
+        tokens, updated_at = (float(budget.burst), now) if row is None else row
+        available = budget.available(tokens, updated_at, now)
+        if available < cost:
+            return BudgetDecision(False, (cost - available) / budget.rate_per_s)
+        self._tables.budgets[source_tag] = (available - cost, max(updated_at, now))
+        return BudgetDecision(True)
+
+    async def adopt_legacy_throttle(self, email_tag: Callable[[str], bytes]) -> int:
+        return 0  # this store never had the plain-email counters of schema 0001
 
     @asynccontextmanager
     async def claim_events(
@@ -119,7 +186,9 @@ class MemoryIdentityStore:
             yield batch
             published_at = datetime.now(UTC)
             for seq in batch.outcome().published:
-                outbox[seq].published_at = published_at
+                # An erasure may have dropped the row meanwhile: nothing left to mark.
+                if (row := outbox.get(seq)) is not None:
+                    row.published_at = published_at
         finally:
             self._claimed.difference_update(held)
 
@@ -137,6 +206,8 @@ class MemoryIdentityStore:
         outbox_before: datetime,
         throttle_before: datetime,
         sessions_before: datetime,
+        known_sources_before: datetime | None = None,
+        budgets_before: datetime | None = None,
     ) -> PurgeCounts:
         tables = self._tables
         idempotency = _delete(tables.idempotency, lambda r: r.created_at < idempotency_before)
@@ -145,7 +216,14 @@ class MemoryIdentityStore:
             lambda r: r.published_at is not None and r.event.created_at < outbox_before,
         )
         tables.event_ids.difference_update(row.event.event_id for row in outbox)
-        throttle = _delete(tables.throttle, lambda r: r.updated_at < throttle_before)
+        throttle = _delete(tables.pairs, lambda r: r.updated_at < throttle_before)
+        throttle += _delete(tables.email_counters, lambda r: r.updated_at < throttle_before)
+        known = []
+        if known_sources_before is not None:
+            known = _delete(tables.known_sources, lambda seen: seen < known_sources_before)
+        budgets = []
+        if budgets_before is not None:
+            budgets = _delete(tables.budgets, lambda row: row[1] < budgets_before)
         sessions = _delete(
             tables.sessions,
             lambda s: (
@@ -158,6 +236,8 @@ class MemoryIdentityStore:
             outbox=len(outbox),
             throttle=len(throttle),
             sessions=len(sessions),
+            known_sources=len(known),
+            budgets=len(budgets),
         )
 
     async def shared_secret(self, name: str, candidate: bytes) -> bytes:

@@ -5,6 +5,12 @@ Several worker processes start at once and all call `migrate()`; they serialise 
 PostgreSQL advisory lock, so exactly one applies each file and the others find it recorded in
 `schema_migrations`. Each file runs in its own transaction together with its record, so a
 failed file leaves neither half a schema nor a record behind.
+
+Least privilege: migrations run as the schema's owner; the worker runs as a role of its own
+that may only read and write rows. `migrate(..., worker_role=name)` grants that role what it
+needs after every run (so tables added by later migrations are covered): DML on every table
+but the migration ledger, the sequences, and `shared_secrets` only where dev mode keeps keys
+there (production's worker role cannot even read it). It can create, alter or drop nothing.
 """
 
 from __future__ import annotations
@@ -36,14 +42,18 @@ def migration_files() -> list[tuple[str, str]]:
     return [(name, folder.joinpath(name).read_text(encoding="utf-8")) for name in names]
 
 
-async def migrate(dsn: str) -> list[str]:
-    """Create the database named in `dsn` if needed, apply pending migrations; their names."""
+async def migrate(dsn: str, *, worker_role: str | None = None, dev_mode: bool = False) -> list[str]:
+    """Create the database named in `dsn` if needed, apply pending migrations, then grant
+    `worker_role` (if any) the worker's privileges; the names of the migrations applied."""
     await ensure_database(dsn)
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
         try:
-            return await _apply_pending(conn)
+            applied = await _apply_pending(conn)
+            if worker_role is not None:
+                await grant_worker(conn, worker_role, dev_mode=dev_mode)
+            return applied
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
     finally:
@@ -62,6 +72,26 @@ async def _apply_pending(conn: asyncpg.Connection) -> list[str]:
             await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
         done.append(name)
     return done
+
+
+async def grant_worker(conn: asyncpg.Connection, role: str, *, dev_mode: bool) -> None:
+    """Row access for the worker's role, nothing more (see the module's docstring)."""
+    who = quote_identifier(role)
+    async with conn.transaction():
+        await conn.execute(f"GRANT USAGE ON SCHEMA public TO {who}")
+        await conn.execute(
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {who}"
+        )
+        await conn.execute(f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {who}")
+        await conn.execute(f"REVOKE ALL ON schema_migrations FROM {who}")
+        if not dev_mode:
+            await conn.execute(f"REVOKE ALL ON shared_secrets FROM {who}")
+
+
+def dsn_user(dsn: str) -> str | None:
+    """The user a URL-style DSN names, or None."""
+    user = urlsplit(dsn).username
+    return None if user is None else unquote(user)
 
 
 async def ensure_database(dsn: str) -> None:

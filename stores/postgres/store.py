@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -18,25 +19,52 @@ import asyncpg
 import orjson
 
 from stores.claims import ClaimedBatch
-from stores.errors import StoreError, TransientStoreError
+from stores.errors import StoreError
 from stores.postgres import sql
 from stores.postgres.batching import KeyedBatcher
+from stores.postgres.codes import PostgresCodeStore
 from stores.postgres.edge import Instrument, Observe
 from stores.postgres.unit import PostgresUnitOfWork, account_from
 from stores.records import (
     AccountRecord,
+    BudgetDecision,
+    HashBudget,
     IdempotencyRecord,
     PendingEvent,
     PurgeCounts,
+    SessionPosition,
     SessionRecord,
+    ThrottleCounter,
     ThrottleDecision,
-    ThrottleSchedule,
+    ThrottleRules,
+    count_attempt,
 )
 
 _log = logging.getLogger(__name__)
 
-# A refused reservation re-reads the lock; if a sign-in reset it in between, reserve again.
-_RESERVE_ATTEMPTS = 3
+
+@dataclass(frozen=True, slots=True)
+class RolePowers:
+    """What the store's database role may do beyond rows."""
+
+    superuser: bool
+    owns_tables: bool  # owns (or is a member of the owner of) the schema's tables: DDL on them
+    creates: bool  # may create objects in the schema
+
+
+_ROLE_POWERS = """
+SELECT r.rolsuper,
+       EXISTS (
+           SELECT 1 FROM pg_class c
+           WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind = 'r'
+             AND pg_has_role(current_user, c.relowner, 'MEMBER')
+       ),
+       has_schema_privilege(current_user, current_schema(), 'CREATE')
+FROM pg_roles r WHERE r.rolname = current_user
+"""
+
+# Legacy throttle rows re-keyed per transaction.
+_ADOPT_BATCH = 1000
 
 
 # Every statement of the store is a short look-up or write by key. PostgreSQL compiles a plan
@@ -75,7 +103,7 @@ def _caused_by_a_key(exc: Exception) -> bool:
     )
 
 
-class PostgresIdentityStore:
+class PostgresIdentityStore(PostgresCodeStore):
     """The store on `pool`, which must run `configure_connection` on every connection
     (`connect()` builds such a pool)."""
 
@@ -197,6 +225,22 @@ class PostgresIdentityStore:
         with self._timed("touch_session"):
             await self._pool.execute(sql.TOUCH_SESSION, session_id, seen_at)
 
+    async def list_live_sessions(
+        self,
+        account_id: str,
+        *,
+        now: datetime,
+        idle_since: datetime,
+        after: SessionPosition | None,
+        limit: int,
+    ) -> list[SessionRecord]:
+        after_created, after_id = after if after is not None else (None, None)
+        with self._timed("list_live_sessions"):
+            rows = await self._pool.fetch(
+                sql.LIST_LIVE_SESSIONS, account_id, now, idle_since, after_created, after_id, limit
+            )
+        return [SessionRecord(*row) for row in rows]
+
     async def get_idempotency(self, key: str) -> IdempotencyRecord | None:
         with self._timed("get_idempotency"):
             return await self._idempotency.get(key)
@@ -206,39 +250,82 @@ class PostgresIdentityStore:
             rows = await self._pool.fetch(sql.GET_IDEMPOTENCY_RECORDS, keys)
         return {row[0]: IdempotencyRecord(*row) for row in rows}
 
-    async def reserve_signin_attempt(
-        self, email_canonical: str, now: datetime, schedule: ThrottleSchedule
+    async def reserve_password_attempt(
+        self, email_tag: bytes, source_tag: bytes, now: datetime, rules: ThrottleRules
     ) -> ThrottleDecision:
-        with self._timed("reserve_signin_attempt"):
-            for _ in range(_RESERVE_ATTEMPTS):
-                decision = await self._try_reserve(email_canonical, now, schedule)
-                if decision is not None:
-                    return decision
-        raise TransientStoreError("the sign-in throttle kept changing under the reservation")
+        known_since = now - timedelta(seconds=rules.known_source_s)
+        with self._timed("reserve_password_attempt"):
+            async with self._transaction() as conn:
+                locked = await conn.fetchrow(sql.LOCK_THROTTLE, email_tag, now)
+                email = ThrottleCounter(locked[0], locked[1], locked[2])
+                row = await conn.fetchrow(
+                    sql.READ_SOURCE_THROTTLE, email_tag, source_tag, known_since
+                )
+                pair = None if row[0] is None else ThrottleCounter(row[0], row[1], row[2])
+                decision, new_email, new_pair = count_attempt(email, pair, row[3], now, rules)
+                if new_email is not None and new_pair is not None:
+                    await conn.execute(
+                        sql.COUNT_ATTEMPT,
+                        email_tag,
+                        source_tag,
+                        new_pair.failures,
+                        new_pair.locked_until,
+                        now,
+                        new_email.failures,
+                        new_email.locked_until,
+                    )
+        return decision
 
-    async def _try_reserve(
-        self, email_canonical: str, now: datetime, schedule: ThrottleSchedule
-    ) -> ThrottleDecision | None:
-        failures = await self._pool.fetchval(
-            sql.RESERVE_SIGNIN,
-            email_canonical,
-            now,
-            now - timedelta(seconds=schedule.reset_after_s),
-            schedule.free_failures,
-            schedule.base_delay_s,
-            schedule.max_delay_s,
-        )
-        if failures is not None:
-            return ThrottleDecision(allowed=True, failures=failures)
-        row = await self._pool.fetchrow(sql.GET_SIGNIN_LOCK, email_canonical)
-        if row is None or row["locked_until"] is None or row["locked_until"] <= now:
-            return None
-        retry_after = (row["locked_until"] - now).total_seconds()
-        return ThrottleDecision(allowed=False, failures=row["failures"], retry_after_s=retry_after)
+    async def refund_password_attempt(self, email_tag: bytes, source_tag: bytes) -> None:
+        with self._timed("refund_password_attempt"):
+            async with self._transaction() as conn:
+                await conn.execute(sql.UNCOUNT_EMAIL, email_tag)
+                await conn.execute(sql.UNCOUNT_PAIR, email_tag, source_tag)
 
-    async def refund_signin_attempt(self, email_canonical: str) -> None:
-        with self._timed("refund_signin_attempt"):
-            await self._pool.execute(sql.REFUND_SIGNIN, email_canonical)
+    async def settle_password_attempt(
+        self, email_tag: bytes, source_tag: bytes, now: datetime
+    ) -> None:
+        with self._timed("settle_password_attempt"):
+            async with self._transaction() as conn:
+                await conn.execute(sql.UNCOUNT_EMAIL, email_tag)  # the email's lock first
+                await conn.execute(sql.SETTLE_PAIR, email_tag, source_tag, now)
+
+    async def spend_hash_budget(
+        self, source_tag: bytes, cost: int, now: datetime, budget: HashBudget
+    ) -> BudgetDecision:
+        with self._timed("spend_hash_budget"):
+            left = await self._pool.fetchval(
+                sql.SPEND_BUDGET,
+                source_tag,
+                float(cost),
+                now,
+                float(budget.burst),
+                budget.rate_per_s,
+            )
+            if left is not None:
+                return BudgetDecision(True)
+            row = await self._pool.fetchrow(sql.GET_BUDGET, source_tag)
+        # Refused: how long until `cost` tokens are back (the row exists, or it would have
+        # been inserted with a full bucket).
+        available = 0.0 if row is None else budget.available(row[0], row[1], now)
+        return BudgetDecision(False, max(cost - available, 0.0) / budget.rate_per_s)
+
+    async def adopt_legacy_throttle(self, email_tag: Callable[[str], bytes]) -> int:
+        moved = 0
+        with self._timed("adopt_legacy_throttle"):
+            while True:
+                async with self._transaction() as conn:
+                    rows = await conn.fetch(sql.TAKE_LEGACY_THROTTLE, _ADOPT_BATCH)
+                    if not rows:
+                        return moved
+                    await conn.execute(
+                        sql.MERGE_EMAIL_COUNTERS,
+                        [email_tag(row[0]) for row in rows],
+                        [row[1] for row in rows],
+                        [row[2] for row in rows],
+                        [row[3] for row in rows],
+                    )
+                moved += len(rows)
 
     @asynccontextmanager
     async def claim_events(
@@ -283,12 +370,27 @@ class PostgresIdentityStore:
         outbox_before: datetime,
         throttle_before: datetime,
         sessions_before: datetime,
+        known_sources_before: datetime | None = None,
+        budgets_before: datetime | None = None,
     ) -> PurgeCounts:
         with self._timed("purge"):
             row = await self._pool.fetchrow(
-                sql.PURGE, idempotency_before, outbox_before, throttle_before, sessions_before
+                sql.PURGE,
+                idempotency_before,
+                outbox_before,
+                throttle_before,
+                sessions_before,
+                known_sources_before,
+                budgets_before,
             )
-        return PurgeCounts(idempotency=row[0], outbox=row[1], throttle=row[2], sessions=row[3])
+        return PurgeCounts(
+            idempotency=row[0],
+            outbox=row[1],
+            throttle=row[2],
+            sessions=row[3],
+            known_sources=row[4],
+            budgets=row[5],
+        )
 
     async def shared_secret(self, name: str, candidate: bytes) -> bytes:
         # Two statements, not one: a statement's snapshot predates a row that a concurrent
@@ -298,6 +400,12 @@ class PostgresIdentityStore:
             if stored is None:
                 stored = await self._pool.fetchval(sql.GET_SECRET, name)
         return bytes(stored)
+
+    async def role_powers(self) -> RolePowers:
+        """What this store's role may do to the schema (start-up checks least privilege)."""
+        with self._timed("role_powers"):
+            row = await self._pool.fetchrow(_ROLE_POWERS)
+        return RolePowers(superuser=row[0], owns_tables=row[1], creates=row[2])
 
     async def ping(self) -> None:
         with self._timed("ping"):

@@ -19,11 +19,13 @@ from datetime import datetime
 from operator import attrgetter
 from typing import Any
 
-from stores.postgres import sql
+from stores.postgres import codes_sql, sql
+from stores.postgres.codes import PostgresCodeUnit
 from stores.postgres.edge import Instrument
 from stores.records import (
     AccountChanges,
     AccountRecord,
+    ErasureCounts,
     IdempotencyRecord,
     NewEvent,
     SessionRecord,
@@ -44,6 +46,11 @@ def _values(record: AccountRecord | SessionRecord | IdempotencyRecord) -> tuple[
     return values
 
 
+def _count(status: str) -> int:
+    """The row count of a command status such as `DELETE 3` or `UPDATE 0`."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
 def account_from(row: Any) -> AccountRecord | None:
     return None if row is None else AccountRecord(*row)
 
@@ -52,7 +59,7 @@ def session_from(row: Any) -> SessionRecord | None:
     return None if row is None else SessionRecord(*row)
 
 
-class PostgresUnitOfWork:
+class PostgresUnitOfWork(PostgresCodeUnit):
     """`UnitOfWork` on a connection whose transaction the store opened."""
 
     __slots__ = ("_conn", "_timed")
@@ -85,6 +92,9 @@ class PostgresUnitOfWork:
                 changes.display_name,
                 changes.password_hash,
                 changes.updated_at,
+                changes.email_verified,
+                changes.status,
+                None if changes.roles is None else list(changes.roles),
             )
         return account_from(row)
 
@@ -123,9 +133,49 @@ class PostgresUnitOfWork:
             )
         return [SessionRecord(*row) for row in rows]
 
-    async def reset_signin_failures(self, email_canonical: str) -> None:
-        with self._timed("uow.reset_signin_failures"):
-            await self._conn.execute(sql.RESET_SIGNIN, email_canonical)
+    async def lock_session(self, session_id: str) -> SessionRecord | None:
+        with self._timed("uow.lock_session"):
+            return session_from(await self._conn.fetchrow(sql.LOCK_SESSION, session_id))
+
+    async def rotate_refresh_token(
+        self, session_id: str, expected_generation: int, now: datetime
+    ) -> SessionRecord | None:
+        with self._timed("uow.rotate_refresh_token"):
+            row = await self._conn.fetchrow(
+                sql.ROTATE_REFRESH_TOKEN, session_id, expected_generation, now
+            )
+        return session_from(row)
+
+    async def erase_account(
+        self,
+        account_id: str,
+        *,
+        erased_at: datetime,
+        email_canonical: str,
+        email_tag: bytes,
+        erased_reply: dict[str, Any],
+    ) -> ErasureCounts:
+        with self._timed("uow.erase_account"):
+            sessions = _count(await self._conn.execute(sql.ERASE_SESSIONS, account_id))
+            await self._conn.execute(sql.ERASE_ACCOUNT, account_id)
+            await self._conn.execute(sql.INSERT_TOMBSTONE, account_id, erased_at)
+            replies = _count(await self._conn.execute(sql.ERASE_REPLIES, account_id, erased_reply))
+            await self._conn.execute(sql.LOCK_COMMANDS_OF_ACCOUNT, account_id)
+            commands = await self._conn.fetch(sql.DROP_UNPUBLISHED_EVENTS, account_id)
+            dropped = len(commands)
+            if dropped:
+                settle = sorted({row["command_seq"] for row in commands})
+                await self._conn.execute(sql.SETTLE_COMMANDS, settle)
+            scrubbed = _count(await self._conn.execute(sql.SCRUB_PUBLISHED_EVENTS, account_id))
+            throttle = await self._conn.fetchval(sql.ERASE_THROTTLE, email_tag, email_canonical)
+            await self._conn.execute(codes_sql.ERASE_MAIL, account_id)
+        return ErasureCounts(
+            sessions=sessions,
+            replies=replies,
+            events_dropped=dropped,
+            events_scrubbed=scrubbed,
+            throttle=throttle,
+        )
 
     async def record_outcome(
         self, events: Sequence[NewEvent], idempotency: IdempotencyRecord | None
@@ -141,4 +191,5 @@ class PostgresUnitOfWork:
                 [bytes(e.body) for e in events],
                 [e.created_at for e in events],
                 *record,
+                [e.account_id for e in events],
             )

@@ -116,7 +116,7 @@ async def test_an_invalid_payload_is_answered_with_its_fields_and_key(bus: Bus) 
 
 
 async def test_an_unknown_command_is_answered_through_the_alternate_exchange(bus: Bus) -> None:
-    reply = await bus.call("account.delete", {"account_id": "acct_" + "0" * 26})
+    reply = await bus.call("account.erase", {"account_id": "acct_" + "0" * 26})
 
     assert reply["ok"] is False
     assert reply["error"]["code"] == "unknown_command"

@@ -1,4 +1,5 @@
-"""The sign-in race on PostgreSQL, where a row lock rather than a single-unit store decides it.
+"""Races on PostgreSQL, where a row lock rather than a single-unit store decides them: a
+sign-in against a password change, and two refreshes with one refresh token.
 
 A sign-in checks the password outside any transaction. If a password change is in flight when
 the sign-in's transaction starts (its row lock held, its new hash and its ended sessions not
@@ -14,12 +15,15 @@ import uuid
 import asyncpg
 import pytest
 
-from messages import CreateAccount, StartSession
-from services.errors import InvalidCredentialsError
+from messages import CreateAccount, RefreshSession, RefreshSessionResult, StartSession
+from services.clock import FakeClock
+from services.errors import InvalidCredentialsError, InvalidTokenError
 from services.identity import IdentityService
 from services.operations import CommandContext
 from services.passwords import HashingPool
+from stores import PostgresIdentityStore
 from tests.support.eventually import eventually
+from tests.support.factory import TEST_START, running_service
 from tests.support.postgres import lock_waiters
 
 PASSWORD = "correct horse battery staple"
@@ -96,3 +100,62 @@ async def test_a_sign_in_waits_for_a_password_change_in_flight_and_opens_no_sess
             await asyncio.gather(commit, return_exceptions=True)
         await change.close()
     assert still_open == 0
+
+
+async def test_two_refreshes_with_one_token_on_postgresql_exactly_one_wins(
+    pg_store: PostgresIdentityStore, pg_dsn: str
+) -> None:
+    """Both refreshes are made to wait on the session's row lock at once, then let go: one
+    rotates, the other finds the generation moved and (inside the reuse grace: one client
+    racing itself) gets invalid_token without ending the session. The same token presented
+    once the grace is over is a true reuse, and ends it."""
+    clock = FakeClock(TEST_START)
+    async with running_service(pg_store, clock=clock) as (service, _):
+        email = f"refresh-race-{uuid.uuid4().hex[:12]}@example.com"
+        create = {"email": email, "password": PASSWORD, "display_name": "Racer"}
+        await service.create_account(CreateAccount.model_validate(create), ctx())
+        start = StartSession.model_validate({"email": email, "password": PASSWORD})
+        started = await service.start_session(start, ctx())
+        token = started.refresh_token.get_secret_value()
+        refresh = RefreshSession.model_validate({"refresh_token": token})
+
+        holder = await asyncpg.connect(pg_dsn)
+        observer = await asyncpg.connect(pg_dsn)
+        try:
+            held = holder.transaction()
+            await held.start()
+            await holder.execute(
+                "SELECT 1 FROM sessions WHERE id = $1 FOR UPDATE", started.session.id
+            )
+            racers = [
+                asyncio.create_task(service.tokens.refresh_session(refresh, ctx()))
+                for _ in range(2)
+            ]
+
+            async def both_waiting() -> bool:
+                waiting = await observer.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND datname = current_database()"
+                )
+                return int(waiting) >= 2
+
+            await eventually(both_waiting, timeout=10, what="both refreshes on the row lock")
+            await held.rollback()
+            outcomes = await asyncio.gather(*racers, return_exceptions=True)
+        finally:
+            await holder.close()
+            await observer.close()
+
+        won = [o for o in outcomes if isinstance(o, RefreshSessionResult)]
+        lost = [o for o in outcomes if isinstance(o, InvalidTokenError)]
+        assert (len(won), len(lost)) == (1, 1), outcomes
+        found = await pg_store.get_session_with_account(started.session.id)
+        assert found is not None
+        assert (found[0].refresh_generation, found[0].ended_at) == (1, None)
+
+        clock.advance(60)  # past the grace: the same token again is theft
+        with pytest.raises(InvalidTokenError):
+            await service.tokens.refresh_session(refresh, ctx())
+        found = await pg_store.get_session_with_account(started.session.id)
+        assert found is not None
+        assert found[0].end_reason == "refresh_token_reused"

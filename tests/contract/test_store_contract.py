@@ -18,14 +18,17 @@ from stores import (
     DuplicateKeyError,
     IdentityStore,
     StoreError,
-    ThrottleSchedule,
     TransientStoreError,
 )
-from tests.contract.builders import T0, account, event, idempotency, session, unique
-
-# An idle cutoff before any session of these tests was seen: none has idled out.
-SEEN_BEFORE = T0 - timedelta(days=1)
-SCHEDULE = ThrottleSchedule(free_failures=3, base_delay_s=2.0, max_delay_s=10.0, reset_after_s=3600)
+from tests.contract.builders import (
+    SEEN_BEFORE,
+    T0,
+    account,
+    event,
+    idempotency,
+    session,
+    unique,
+)
 
 
 class Boom(Exception):
@@ -403,6 +406,100 @@ async def test_unit_that_raises_ends_no_session(store: IdentityStore) -> None:
         assert await uow.get_session(record.id) == record
 
 
+async def test_a_new_session_starts_at_refresh_generation_zero(store: IdentityStore) -> None:
+    record = session(await commit_account(store))
+    async with store.unit_of_work() as uow:
+        await uow.insert_session(record)
+    found = await store.get_session_with_account(record.id)
+    assert found is not None
+    assert (found[0].refresh_generation, found[0].refreshed_at) == (0, None)
+
+
+async def test_a_locked_session_reads_as_the_unit_sees_it(store: IdentityStore) -> None:
+    record = session(await commit_account(store))
+    async with store.unit_of_work() as uow:
+        await uow.insert_session(record)
+    async with store.unit_of_work() as uow:
+        assert await uow.lock_session(record.id) == record
+        await uow.end_session(record.id, T0, "sign_out", idle_cutoff=SEEN_BEFORE)
+        locked = await uow.lock_session(record.id)
+        assert locked is not None
+        assert locked.end_reason == "sign_out"
+        assert await uow.lock_session(unique("ses")) is None
+
+
+async def test_rotating_a_refresh_token_is_a_compare_and_set_on_the_generation(
+    store: IdentityStore,
+) -> None:
+    record = session(await commit_account(store))
+    async with store.unit_of_work() as uow:
+        await uow.insert_session(record)
+    later = T0 + timedelta(minutes=5)
+    async with store.unit_of_work() as uow:
+        rotated = await uow.rotate_refresh_token(record.id, 0, later)
+        assert rotated == replace(
+            record, refresh_generation=1, refreshed_at=later, last_seen_at=later
+        )
+        assert await uow.rotate_refresh_token(record.id, 0, later) is None  # used up
+        assert await uow.get_session(record.id) == rotated
+    found = await store.get_session_with_account(record.id)
+    assert found is not None
+    assert found[0] == rotated
+    async with store.unit_of_work() as uow:
+        assert await uow.rotate_refresh_token(record.id, 5, later) is None
+        assert await uow.rotate_refresh_token(unique("ses"), 0, later) is None
+
+
+async def test_a_rotation_never_moves_last_seen_back_and_never_touches_an_ended_session(
+    store: IdentityStore,
+) -> None:
+    record = session(await commit_account(store))
+    async with store.unit_of_work() as uow:
+        await uow.insert_session(record)
+    await store.touch_session(record.id, T0 + timedelta(minutes=10))
+    async with store.unit_of_work() as uow:
+        rotated = await uow.rotate_refresh_token(record.id, 0, T0 + timedelta(minutes=5))
+    assert rotated is not None
+    assert rotated.last_seen_at == T0 + timedelta(minutes=10)
+    assert rotated.refreshed_at == T0 + timedelta(minutes=5)
+    async with store.unit_of_work() as uow:
+        await uow.end_session(
+            record.id, T0 + timedelta(minutes=11), "sign_out", idle_cutoff=SEEN_BEFORE
+        )
+        assert await uow.rotate_refresh_token(record.id, 1, T0 + timedelta(minutes=12)) is None
+    found = await store.get_session_with_account(record.id)
+    assert found is not None
+    assert found[0].refresh_generation == 1
+
+
+async def test_a_unit_that_raises_rotates_nothing(store: IdentityStore) -> None:
+    record = session(await commit_account(store))
+    async with store.unit_of_work() as uow:
+        await uow.insert_session(record)
+
+    async def doomed() -> None:
+        async with store.unit_of_work() as uow:
+            assert await uow.rotate_refresh_token(record.id, 0, T0) is not None
+            raise Boom
+
+    with pytest.raises(Boom):
+        await doomed()
+    async with store.unit_of_work() as uow:
+        assert await uow.get_session(record.id) == record
+
+
+async def test_a_session_inserted_and_rotated_in_one_unit_commits_rotated(
+    store: IdentityStore,
+) -> None:
+    record = session(await commit_account(store))
+    async with store.unit_of_work() as uow:
+        await uow.insert_session(record)
+        rotated = await uow.rotate_refresh_token(record.id, 0, T0)
+    found = await store.get_session_with_account(record.id)
+    assert found is not None
+    assert found[0] == rotated
+
+
 # A command's outcome: its events and its idempotency record in one write
 
 
@@ -666,111 +763,6 @@ async def test_backlog_counts_unpublished_rows_and_the_oldest_age(store: Identit
     assert await store.outbox_backlog(T0 + timedelta(seconds=61)) == (2, 60.0)
 
 
-# Sign-in throttle
-
-
-async def reserve(store: IdentityStore, email: str, seconds: float = 0) -> tuple[bool, int, float]:
-    decision = await store.reserve_signin_attempt(email, T0 + timedelta(seconds=seconds), SCHEDULE)
-    return decision.allowed, decision.failures, decision.retry_after_s
-
-
-async def test_free_failures_pass_then_the_next_attempt_locks(store: IdentityStore) -> None:
-    email = unique("throttled")
-    results = [await reserve(store, email) for _ in range(5)]
-    assert results == [
-        (True, 1, 0.0),
-        (True, 2, 0.0),
-        (True, 3, 0.0),
-        (True, 4, 0.0),  # counted up front: the fourth failure locks the account for 2s
-        (False, 4, 2.0),
-    ]
-
-
-async def test_lock_doubles_up_to_the_maximum_and_expires(store: IdentityStore) -> None:
-    email = unique("throttled")
-    for _ in range(4):
-        await reserve(store, email)
-    now, locks = 0.0, []
-    for _ in range(4):
-        refused = await reserve(store, email, now)
-        now += refused[2]
-        locks.append(refused)
-        assert (await reserve(store, email, now))[0]
-    assert locks == [(False, 4, 2.0), (False, 5, 4.0), (False, 6, 8.0), (False, 7, 10.0)]
-
-
-async def test_refused_attempt_reports_the_remaining_lock(store: IdentityStore) -> None:
-    email = unique("throttled")
-    for _ in range(4):
-        await reserve(store, email)
-    assert await reserve(store, email, 0.5) == (False, 4, 1.5)
-    assert await reserve(store, email, 2.0) == (True, 5, 0.0)
-
-
-async def test_counter_restarts_only_when_older_than_reset_after(store: IdentityStore) -> None:
-    email, other = unique("throttled"), unique("throttled")
-    await reserve(store, email)
-    await reserve(store, other)
-    assert await reserve(store, email, 3600) == (True, 2, 0.0)
-    assert await reserve(store, other, 3600.001) == (True, 1, 0.0)
-
-
-async def test_concurrent_reservations_are_counted_once_each(store: IdentityStore) -> None:
-    email = unique("throttled")
-    lenient = replace(SCHEDULE, free_failures=100)
-    decisions = await asyncio.gather(
-        *(store.reserve_signin_attempt(email, T0, lenient) for _ in range(20))
-    )
-    assert all(d.allowed for d in decisions)
-    assert sorted(d.failures for d in decisions) == list(range(1, 21))
-
-
-async def test_concurrent_reservations_cannot_race_past_the_lock(store: IdentityStore) -> None:
-    email = unique("throttled")
-    decisions = await asyncio.gather(
-        *(store.reserve_signin_attempt(email, T0, SCHEDULE) for _ in range(20))
-    )
-    allowed = sorted(d.failures for d in decisions if d.allowed)
-    refused = [(d.failures, d.retry_after_s) for d in decisions if not d.allowed]
-    assert allowed == [1, 2, 3, 4]
-    assert refused == [(4, 2.0)] * 16
-
-
-async def test_refund_uncounts_one_reserved_attempt(store: IdentityStore) -> None:
-    email = unique("throttled")
-    await reserve(store, email)
-    await reserve(store, email)
-    await store.refund_signin_attempt(email)
-    assert await reserve(store, email) == (True, 2, 0.0)
-    for _ in range(3):
-        await store.refund_signin_attempt(email)
-    await store.refund_signin_attempt(unique("never_seen"))
-    assert await reserve(store, email) == (True, 1, 0.0)
-
-
-async def test_successful_sign_in_forgets_failures_and_lock(store: IdentityStore) -> None:
-    email = unique("throttled")
-    for _ in range(4):
-        await reserve(store, email)
-    async with store.unit_of_work() as uow:
-        await uow.reset_signin_failures(email)
-    assert await reserve(store, email) == (True, 1, 0.0)
-
-
-async def test_reset_in_a_unit_that_raises_forgets_nothing(store: IdentityStore) -> None:
-    email = unique("throttled")
-    await reserve(store, email)
-
-    async def doomed() -> None:
-        async with store.unit_of_work() as uow:
-            await uow.reset_signin_failures(email)
-            raise Boom
-
-    with pytest.raises(Boom):
-        await doomed()
-    assert await reserve(store, email) == (True, 2, 0.0)
-
-
 # Purge, shared secrets, health
 
 
@@ -794,10 +786,6 @@ async def test_purge_deletes_only_what_is_old_enough(store: IdentityStore) -> No
         )
     async with store.claim_events(2) as batch:
         batch.mark_published([batch.events[0].seq])
-    stale_email, fresh_email = unique("throttled"), unique("throttled")
-    await store.reserve_signin_attempt(stale_email, old, SCHEDULE)
-    await store.reserve_signin_attempt(fresh_email, young, SCHEDULE)
-
     counts = await store.purge(
         idempotency_before=cutoff,
         outbox_before=cutoff,
@@ -805,15 +793,13 @@ async def test_purge_deletes_only_what_is_old_enough(store: IdentityStore) -> No
         sessions_before=cutoff,
     )
 
-    assert (counts.idempotency, counts.outbox, counts.throttle, counts.sessions) >= (1, 1, 1, 2)
+    assert (counts.idempotency, counts.outbox, counts.sessions) >= (1, 1, 2)
     assert await store.get_idempotency(old_key.key) is None
     assert await store.get_idempotency(young_key.key) == young_key
     assert await store.get_session_with_account(expired.id) is None
     assert await store.get_session_with_account(ended.id) is None
     assert await store.get_session_with_account(live.id) is not None
     assert await store.outbox_backlog(young) == (2, 2 * 86400.0)
-    assert (await store.reserve_signin_attempt(stale_email, young, SCHEDULE)).failures == 1
-    assert (await store.reserve_signin_attempt(fresh_email, young, SCHEDULE)).failures == 2
 
 
 async def test_shared_secret_keeps_the_first_writers_value(store: IdentityStore) -> None:

@@ -15,11 +15,11 @@ import pytest
 from tests.faults.tools import Environment
 from tests.support.bus import Bus
 from tests.support.checker import scan_for_secrets
-from worker.settings import Settings
+from worker.settings import load_settings
 
 pytestmark = pytest.mark.faults
 
-FREE_FAILURES = Settings().throttle_free_failures
+FREE_FAILURES = load_settings({}, keys_needed=False).throttle_free_failures
 LOCK_S = 30
 
 
@@ -124,7 +124,7 @@ async def test_unknown_email_and_wrong_password_take_the_same_time(
 ) -> None:
     """Production argon2 parameters; the round trip through the broker is what an attacker
     measures. Samples alternate between the two kinds so drift affects both alike."""
-    defaults = Settings()
+    defaults = load_settings({}, keys_needed=False)
     env = fault_env
     await env.start_worker(
         IDENTITY_ARGON2_TIME_COST=str(defaults.argon2_time_cost),

@@ -125,7 +125,7 @@ JSON = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner),
     max_leaves=15,
 )
-NAMES = st.sampled_from([*COMMANDS, "account.delete", "", "session.start.x", "#"])
+NAMES = st.sampled_from([*COMMANDS, "account.erase", "", "session.start.x", "#"])
 
 
 # -- properties --------------------------------------------------------------------------------

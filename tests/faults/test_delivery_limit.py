@@ -22,7 +22,7 @@ import pytest
 from tests.faults.tools import Environment
 from tests.support.bus import Bus
 from tests.support.checker import queue_depths, scan_for_secrets, wait_queues_empty
-from worker.settings import Settings
+from worker.settings import load_settings
 from worker.topology import PASSWORD_QUEUE
 
 pytestmark = pytest.mark.faults
@@ -40,7 +40,7 @@ async def test_a_message_that_keeps_killing_workers_is_dead_lettered(
     fault_env: Environment, figures: dict[str, dict[str, Any]]
 ) -> None:
     env = fault_env
-    limit = Settings().worker_delivery_limit
+    limit = load_settings({}, keys_needed=False).worker_delivery_limit
     first = await env.start_worker()  # declares the topology
     await asyncio.to_thread(first.terminate)
     bus = await Bus.open(env.amqp_url, durable="faults.delivery-limit")

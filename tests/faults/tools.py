@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.conftest import migrated_database
+from tests.conftest import migrated_database, worker_role
 from tests.support import workers
 from tests.support.checker import rabbitmqctl
 
@@ -60,10 +60,14 @@ async def environment(log_dir: Path, **extra_env: str) -> AsyncIterator[Environm
         await asyncio.to_thread(
             rabbitmqctl, "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"
         )
-        async with migrated_database() as dsn:
+        async with migrated_database() as dsn, worker_role(dsn) as worker_dsn:
             amqp_url = f"{BROKER}/{vhost}"
             env = Environment(
-                vhost, amqp_url, dsn, log_dir, workers.worker_env(amqp_url, dsn, **extra_env)
+                vhost,
+                amqp_url,
+                dsn,
+                log_dir,
+                workers.worker_env(amqp_url, worker_dsn, dsn, **extra_env),
             )
             try:
                 yield env

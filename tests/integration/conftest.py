@@ -14,7 +14,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.conftest import migrated_database
+from tests.conftest import migrated_database, worker_role
 from tests.support import workers
 from tests.support.bus import Bus
 from tests.support.vhosts import BROKER, fresh_vhost
@@ -34,9 +34,17 @@ def amqp_url(amqp_vhost: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def worker_env(amqp_url: str, pg_dsn: str) -> dict[str, str]:
-    """Environment for `identity-worker run` against this session's vhost and database."""
-    return workers.worker_env(amqp_url, pg_dsn)
+async def pg_worker_dsn(pg_dsn: str) -> AsyncIterator[str]:
+    """The session database as the worker's own role sees it: rows only, no DDL."""
+    async with worker_role(pg_dsn) as dsn:
+        yield dsn
+
+
+@pytest.fixture(scope="session")
+def worker_env(amqp_url: str, pg_dsn: str, pg_worker_dsn: str) -> dict[str, str]:
+    """Environment for `identity-worker run` against this session's vhost and database, as a
+    restricted role (the owner's URL is there for the migration on start)."""
+    return workers.worker_env(amqp_url, pg_worker_dsn, pg_dsn)
 
 
 @pytest.fixture(scope="session")
@@ -104,7 +112,7 @@ class Isolated:
 
     vhost: str
     amqp_url: str
-    database_url: str
+    database_url: str  # the owner's: what tests inspect with
     env: dict[str, str]
     log_dir: Path
     workers: list[workers.WorkerProcess] = field(default_factory=list)
@@ -132,9 +140,9 @@ class Isolated:
 async def isolated(tmp_path: Path) -> AsyncIterator[Isolated]:
     """A fresh vhost and a fresh migrated database; its workers are killed afterwards."""
     with fresh_vhost() as vhost:
-        async with migrated_database() as dsn:
+        async with migrated_database() as dsn, worker_role(dsn) as worker_dsn:
             amqp_url = f"{BROKER}/{vhost}"
-            env = workers.worker_env(amqp_url, dsn)
+            env = workers.worker_env(amqp_url, worker_dsn, dsn)
             place = Isolated(vhost, amqp_url, dsn, env, tmp_path)
             try:
                 yield place

@@ -96,7 +96,19 @@ def is_utc_offset_time(value: Any) -> bool:
 
 
 def assert_account(account: dict[str, Any], person: Person | None = None) -> None:
-    assert set(account) == {"id", "email", "display_name", "created_at", "updated_at", "version"}
+    assert set(account) == {
+        "id",
+        "email",
+        "display_name",
+        "created_at",
+        "updated_at",
+        "version",
+        "email_verified",
+        "status",
+        "roles",
+    }
+    assert account["status"] in ("active", "disabled")
+    assert account["roles"] == sorted(set(account["roles"]))
     assert ACCOUNT_ID.match(account["id"])
     assert is_utc_offset_time(account["created_at"])
     assert is_utc_offset_time(account["updated_at"])

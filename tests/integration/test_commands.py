@@ -18,6 +18,7 @@ from tests.integration.scenarios import (
     assert_session,
     call_ok,
     events_caused_by,
+    is_utc_offset_time,
     key,
     send,
     sign_in,
@@ -150,15 +151,26 @@ async def test_session_start_returns_the_session_its_token_and_the_account(bus: 
 
     assert reply["ok"] is True, reply
     result = reply["result"]
-    assert set(result) == {"session", "token", "account"}
+    assert set(result) == {
+        "session",
+        "token",
+        "account",
+        "access_token",
+        "access_token_expires_at",
+        "refresh_token",
+    }
     assert_session(result["session"], account["id"])
-    assert isinstance(result["token"], str)
-    assert result["token"]
+    for token in ("token", "access_token", "refresh_token"):
+        assert isinstance(result[token], str)
+        assert result[token]
+    assert is_utc_offset_time(result["access_token_expires_at"])
     assert result["account"] == account
     [event] = await events_caused_by(bus, start_key, 1)
     assert_event(event, "session.started", start_key, correlation_id)
     assert event["data"] == {"session": result["session"]}
-    assert_free_of(event, result["token"], person.password)
+    assert_free_of(
+        event, result["token"], result["access_token"], result["refresh_token"], person.password
+    )
 
 
 async def test_session_verify_returns_the_session_and_the_account(bus: Bus) -> None:

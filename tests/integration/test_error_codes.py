@@ -56,10 +56,10 @@ async def test_a_routing_key_that_is_no_command_is_an_unknown_command(bus: Bus) 
 async def test_an_unknown_command_name_on_the_commands_exchange_is_answered(bus: Bus) -> None:
     body = {"idempotency_key": key("delete"), "payload": {"account_id": "acct_" + "0" * 26}}
 
-    reply = await bus.reply(await bus.publish("account.delete", body))
+    reply = await bus.reply(await bus.publish("account.erase", body))
 
     assert reply["ok"] is False
-    assert reply["command"] == "account.delete"
+    assert reply["command"] == "account.erase"
     assert reply["error"]["code"] == "unknown_command"
 
 

@@ -128,7 +128,7 @@ async def test_sigterm_during_start_up_stops_it_at_once(isolated: Isolated, tmp_
         broker = f"amqp://guest:guest@127.0.0.1:{silent.getsockname()[1]}/"
         process = subprocess.Popen(
             [str(WORKER_BIN), "run"],
-            env=worker_env(broker, isolated.database_url),
+            env=worker_env(broker, isolated.env["IDENTITY_DATABASE_URL"], isolated.database_url),
             stdout=log,
             stderr=subprocess.STDOUT,
         )

@@ -124,7 +124,7 @@ async def test_send_exits_1_with_the_error_reply_printed(
 @pytest.mark.parametrize(
     "args",
     [
-        ["send", "account.delete", "--account-id=acct_x"],
+        ["send", "account.erase", "--account-id=acct_x"],
         ["send", "account.get"],
         ["send", "account.update", "--account-id=acct_x", "--expected-version=three"],
         ["send", "account.update", f"--account-id=acct_{'0' * 26}", "--expected-version=1"],
@@ -148,10 +148,18 @@ async def test_demo_tells_the_whole_story_and_leaves_no_queue_behind(
     before = rabbitmqctl("list_queues", "-p", amqp_vhost, "name", "-q", "--no-table-headers")
     ran = await cli("demo", amqp_url=amqp_url)
     assert ran.code == 0, ran.out + ran.err
-    for step in ("[1/8] create account ... ok", "[7/8] sign out everywhere ... ok"):
+    for step in (
+        "[1/12] create account ... ok",
+        "[7/12] sign out everywhere ... ok",
+        "[8/12] ask for a recovery code ... ok",
+        "[9/12] read it from identity.courier ... ok",
+        "[10/12] set a new password with it ... ok",
+        "[11/12] sign in with the new password ... ok",
+    ):
         assert step in ran.out
-    assert "[8/8] expected events ... ok" in ran.out
-    assert ran.out.count("event session.started") == 3
+    assert "[12/12] expected events ... ok" in ran.out
+    assert ran.out.count("event session.started") == 4
+    assert "event account.password_reset" in ran.out
     assert ran.out.count("(sign_out_everywhere)") >= 2
     assert "token v1." in ran.out
     assert not FULL_TOKEN.search(ran.out + ran.err), "the demo printed a whole token"
@@ -162,7 +170,7 @@ async def test_demo_tells_the_whole_story_and_leaves_no_queue_behind(
 async def test_demo_fails_when_no_worker_answers(private_amqp_url: str) -> None:
     ran = await cli("demo", "--timeout=3", amqp_url=private_amqp_url)
     assert ran.code == 1
-    assert "[1/8] create account ... FAILED" in ran.out
+    assert "[1/12] create account ... FAILED" in ran.out
     assert "demo FAILED" in ran.out
 
 

@@ -116,10 +116,10 @@ async def test_password_work_goes_to_the_password_queue() -> None:
 async def test_an_unknown_command_name_goes_to_the_fast_queue(topology: Topology) -> None:
     # Through the alternate exchange: the worker answers it `unknown_command`.
     await topology.commands_exchange.publish(
-        aio_pika.Message(b"{}", message_id="unknown"), routing_key="account.delete", mandatory=True
+        aio_pika.Message(b"{}", message_id="unknown"), routing_key="account.erase", mandatory=True
     )
     message = await _get(topology.fast_queue)
-    assert message.routing_key == "account.delete"
+    assert message.routing_key == "account.erase"
     assert message.message_id == "unknown"
     await message.ack()
 

@@ -40,6 +40,10 @@ class Bus:
     events: list[dict[str, Any]] = field(default_factory=list)
     dead: list[dict[str, Any]] = field(default_factory=list)
     sent: list[Sent] = field(default_factory=list)
+    # The AMQP user_id set on every publish: the worker authorises commands by it, and
+    # RabbitMQ refuses a publish whose user_id is not the connection's user (the tests
+    # connect as guest).
+    user_id: str | None = "guest"
     _arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     @classmethod
@@ -120,6 +124,7 @@ class Bus:
             message_id=uuid.uuid4().hex,
             reply_to=self.reply_queue,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            user_id=self.user_id,
         )
         deadline = asyncio.get_running_loop().time() + deadline_s
         retries = 0
@@ -186,6 +191,7 @@ class Bus:
             message_id=uuid.uuid4().hex,
             reply_to=self.reply_queue if reply else None,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            user_id=self.user_id,
         )
         await exchange.publish(message, routing_key=command)
         return correlation_id
@@ -244,6 +250,7 @@ class Bus:
             correlation_id=correlation_id,
             reply_to=self.reply_queue,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            user_id=self.user_id,
         )
         await self.channel.default_exchange.publish(message, routing_key=queue)
         return correlation_id

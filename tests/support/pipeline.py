@@ -18,7 +18,12 @@ from aio_pika.abc import AbstractRobustConnection
 
 from stores import MemoryIdentityStore
 from tests.support.memory_broker import MemoryBroker
-from tests.support.workers import TEST_SIGNING_KEYS
+from tests.support.workers import (
+    TEST_CALLERS,
+    TEST_HMAC_KEY,
+    TEST_JWT_KEYS,
+    TEST_SIGNING_KEYS,
+)
 from worker.app import Worker
 from worker.bootstrap import build
 from worker.settings import Settings
@@ -51,13 +56,19 @@ class Broker:
 
 
 def worker_settings(amqp_url: str, **overrides: Any) -> Settings:
-    """What a test worker runs with: cheap argon2, the tests' signing key, a sidecar on a free
+    """What a test worker runs with: production mode with the session's keys and a policy that
+    lets guest send everything, cheap argon2 and no budget to speak of, a sidecar on a free
     port, short polls."""
     values: dict[str, Any] = {
         "amqp_url": amqp_url,
         "http_host": "127.0.0.1",
         "http_port": 0,
         "signing_keys": TEST_SIGNING_KEYS,
+        "hmac_key": TEST_HMAC_KEY,
+        "callers": TEST_CALLERS,
+        "source_hash_rate_per_s": 1e6,
+        "source_hash_burst": 1_000_000,
+        "jwt_keys": TEST_JWT_KEYS,
         "argon2_time_cost": 1,
         "argon2_memory_kib": 8192,
         "argon2_parallelism": 1,

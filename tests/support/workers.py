@@ -15,18 +15,39 @@ from typing import IO, Any
 
 import orjson
 
+from services.access_tokens import format_jwt_key, new_jwt_key
+from services.keys import new_hmac_key
+from services.tokens import format_signing_key, new_signing_key
 from tests.support.eventually import eventually_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER_BIN = Path(sys.executable).with_name("identity-worker")
 
-# One key for every worker of a test session, so they accept each other's tokens.
-TEST_SIGNING_KEYS = "test-k1:" + "dGVzdC1zaWduaW5nLWtleS0wMTIzNDU2Nzg5YWJjZGVmZ2hpams"
+# Keys made for this test session (never written in the repository), shared by every worker
+# of the session so that they accept each other's tokens.
+TEST_SIGNING_KEYS = format_signing_key(new_signing_key())
+TEST_HMAC_KEY = new_hmac_key()
+TEST_JWT_KEYS = format_jwt_key(new_jwt_key())
+# The tests publish as the broker's guest user, and may send everything.
+TEST_CALLERS = "guest=*"
 # Cheap argon2id: the tests are about delivery guarantees, not hash strength.
 FAST_ARGON2 = {
     "IDENTITY_ARGON2_TIME_COST": "1",
     "IDENTITY_ARGON2_MEMORY_KIB": "8192",
     "IDENTITY_ARGON2_PARALLELISM": "1",
+}
+# An argon2 budget per source that no test reaches (they all publish as one source) unless
+# it sets its own.
+UNLIMITED_BUDGET = {
+    "IDENTITY_SOURCE_HASH_RATE_PER_S": "1000000",
+    "IDENTITY_SOURCE_HASH_BURST": "1000000",
+}
+# Production mode, as a deployment runs (a test about dev mode sets IDENTITY_DEV_MODE).
+PRODUCTION = {
+    "IDENTITY_SIGNING_KEYS": TEST_SIGNING_KEYS,
+    "IDENTITY_HMAC_KEY": TEST_HMAC_KEY,
+    "IDENTITY_CALLERS": TEST_CALLERS,
+    "IDENTITY_JWT_KEYS": TEST_JWT_KEYS,
 }
 
 
@@ -36,13 +57,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def worker_env(amqp_url: str, database_url: str, **extra: str) -> dict[str, str]:
+def worker_env(
+    amqp_url: str, database_url: str, migration_url: str | None = None, **extra: str
+) -> dict[str, str]:
+    """The environment of a worker process: production mode, `database_url` its own
+    (restricted) role, `migration_url` the owner's, for the migration on start."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("IDENTITY_")}
     env.update(FAST_ARGON2)
+    env.update(UNLIMITED_BUDGET)
+    env.update(PRODUCTION)
     env.update(
         IDENTITY_AMQP_URL=amqp_url,
         IDENTITY_DATABASE_URL=database_url,
-        IDENTITY_SIGNING_KEYS=TEST_SIGNING_KEYS,
+        IDENTITY_MIGRATION_DATABASE_URL=migration_url or "",
         IDENTITY_HTTP_HOST="127.0.0.1",
         IDENTITY_READINESS_PROBE_S="0.5",
         IDENTITY_OUTBOX_POLL_S="0.5",

@@ -47,10 +47,42 @@ RESULTS: dict[str, dict[str, Any]] = {
     "account.get": {"account": ACCOUNT},
     "account.update": {"account": ACCOUNT},
     "account.change_password": {"account": ACCOUNT, "sessions_ended": 2},
-    "session.start": {"session": SESSION, "token": "tok-123", "account": ACCOUNT},
+    "session.start": {
+        "session": SESSION,
+        "token": "tok-123",
+        "account": ACCOUNT,
+        "access_token": "eyJ.access",
+        "access_token_expires_at": NOW,
+        "refresh_token": "r1.refresh",
+    },
     "session.verify": {"session": SESSION, "account": ACCOUNT},
     "session.end": {"session_id": SESSION_ID},
     "session.end_all": {"account_id": ACCOUNT_ID, "sessions_ended": 3},
+    "account.recovery.request": {"accepted": True},
+    "account.recovery.complete": {"account": ACCOUNT, "sessions_ended": 2},
+    "account.verification.request": {"accepted": True},
+    "account.verification.confirm": {"account": ACCOUNT},
+    "account.disable": {"account": ACCOUNT | {"status": "disabled"}, "sessions_ended": 2},
+    "account.enable": {"account": ACCOUNT},
+    "account.delete": {"account_id": ACCOUNT_ID, "sessions_ended": 1},
+    "session.list": {
+        "sessions": [SESSION | {"last_seen_at": NOW, "client_ip": None, "user_agent": "web/4.2"}],
+        "next_cursor": None,
+    },
+    "session.revoke": {"session_id": SESSION_ID, "account_id": ACCOUNT_ID},
+    "session.refresh": {
+        "session": SESSION,
+        "access_token": "eyJ.access-2",
+        "access_token_expires_at": NOW,
+        "refresh_token": "r1.refresh-2",
+    },
+    "keys.jwks": {
+        "keys": [
+            {"kty": "OKP", "crv": "Ed25519", "x": "AAAA", "kid": "j1", "use": "sig", "alg": "EdDSA"}
+        ]
+    },
+    "account.grant_role": {"account": ACCOUNT | {"roles": ["admin"]}},
+    "account.revoke_role": {"account": ACCOUNT},
 }
 # One valid call per command, through the typed method.
 CALLS: dict[str, Callable[[IdentityClient], Any]] = {
@@ -62,6 +94,21 @@ CALLS: dict[str, Callable[[IdentityClient], Any]] = {
     "session.verify": lambda c: c.verify_session("tok-123"),
     "session.end": lambda c: c.end_session("tok-123"),
     "session.end_all": lambda c: c.end_all_sessions(ACCOUNT_ID),
+    "account.recovery.request": lambda c: c.request_recovery("ada@example.com"),
+    "account.recovery.complete": lambda c: c.complete_recovery(
+        "ada@example.com", "ABCD-EFGH", "new-pw"
+    ),
+    "account.verification.request": lambda c: c.request_verification(ACCOUNT_ID),
+    "account.verification.confirm": lambda c: c.confirm_verification("ada@example.com", "ABCD"),
+    "account.disable": lambda c: c.disable_account(ACCOUNT_ID, "abuse report 42"),
+    "account.enable": lambda c: c.enable_account(ACCOUNT_ID),
+    "account.delete": lambda c: c.delete_account(ACCOUNT_ID),
+    "session.list": lambda c: c.list_sessions(ACCOUNT_ID, limit=10),
+    "session.revoke": lambda c: c.revoke_session(SESSION_ID),
+    "session.refresh": lambda c: c.refresh_session("r1.refresh"),
+    "keys.jwks": lambda c: c.get_jwks(),
+    "account.grant_role": lambda c: c.grant_role(ACCOUNT_ID, "admin"),
+    "account.revoke_role": lambda c: c.revoke_role(ACCOUNT_ID, "admin"),
 }
 
 Responder = Callable[[str, dict[str, Any], int], "dict[str, Any] | None"]
@@ -218,6 +265,12 @@ async def test_a_command_is_published_persistent_json_with_direct_reply_to() -> 
         lambda c: c.send("account.get", {"account_id": ACCOUNT_ID, "extra": 1}),
         lambda c: c.end_all_sessions(ACCOUNT_ID, idempotency_key="nul\x00key"),
         lambda c: c.end_all_sessions(ACCOUNT_ID, idempotency_key="k" * 201),
+        lambda c: c.disable_account(ACCOUNT_ID, "r" * 201),
+        lambda c: c.disable_account(ACCOUNT_ID, ""),
+        lambda c: c.list_sessions(ACCOUNT_ID, limit=201),
+        lambda c: c.list_sessions(ACCOUNT_ID, limit=0),
+        lambda c: c.list_sessions(ACCOUNT_ID, cursor="not a cursor!"),
+        lambda c: c.revoke_session("ses_short"),
     ],
 )
 async def test_an_invalid_payload_fails_locally_before_anything_is_sent(call: Any) -> None:
@@ -232,7 +285,7 @@ async def test_an_unknown_command_is_refused_locally() -> None:
     api, channel = make_client()
     async with api:
         with pytest.raises(ValueError, match="unknown command"):
-            await api.send("account.delete", {"account_id": ACCOUNT_ID})
+            await api.send("account.erase", {"account_id": ACCOUNT_ID})
     assert channel.published == []
 
 
@@ -273,6 +326,16 @@ async def test_a_given_idempotency_key_is_sent_as_is() -> None:
         await api.end_all_sessions(ACCOUNT_ID, idempotency_key="signout-42")
         await api.send("session.verify", {"token": "tok-123"}, idempotency_key="q-1")
     assert [p.body["idempotency_key"] for p in channel.published] == ["signout-42", "q-1"]
+
+
+async def test_list_sessions_sends_only_what_it_was_given() -> None:
+    api, channel = make_client()
+    async with api:
+        await api.list_sessions(ACCOUNT_ID)
+        await api.list_sessions(ACCOUNT_ID, limit=5, cursor="abc_-1")
+    first, second = (p.body["payload"] for p in channel.published)
+    assert first == {"account_id": ACCOUNT_ID, "limit": 50}
+    assert second == {"account_id": ACCOUNT_ID, "limit": 5, "cursor": "abc_-1"}
 
 
 async def test_update_omits_the_fields_it_does_not_change() -> None:
@@ -330,6 +393,34 @@ async def test_the_session_token_comes_back_as_a_secret() -> None:
     assert isinstance(result.token, SecretStr)
     assert result.token.get_secret_value() == "tok-123"
     assert "tok-123" not in repr(result)
+    assert result.access_token.get_secret_value() == "eyJ.access"
+    assert result.refresh_token.get_secret_value() == "r1.refresh"
+    assert "eyJ.access" not in repr(result)
+    assert "r1.refresh" not in repr(result)
+
+
+async def test_a_refresh_keeps_one_idempotency_key_across_calls_that_got_no_reply() -> None:
+    """A refresh retried under a fresh key would present a used-up refresh token, which the
+    worker takes for theft: every attempt goes under the first attempt's key."""
+
+    def answers_the_fifth(command: str, body: dict[str, Any], attempt: int) -> Any:
+        return ok(command, body, attempt) if attempt == 5 else None
+
+    api, channel = make_client(answers_the_fifth, timeout=0.02, retries=1)
+    async with api:
+        result = await api.refresh_session("r1.refresh", attempts=3)
+    assert result.refresh_token.get_secret_value() == "r1.refresh-2"
+    assert len(channel.published) == 5
+    keys = {p.body["idempotency_key"] for p in channel.published}
+    assert len(keys) == 1
+    assert is_uuid4(keys.pop())
+
+    api, channel = make_client(silent, timeout=0.02, retries=0)
+    async with api:
+        with pytest.raises(ReplyTimeout) as raised:
+            await api.refresh_session("r1.refresh", attempts=2, idempotency_key="refresh-1")
+    assert raised.value.idempotency_key == "refresh-1"
+    assert [p.body["idempotency_key"] for p in channel.published] == ["refresh-1"] * 2
 
 
 async def test_sending_on_a_client_that_is_not_open_is_an_error() -> None:

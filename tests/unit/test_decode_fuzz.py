@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from messages import COMMANDS, Reply
 from worker.decode import Command, Rejected, decode_command
 
-SECRET_FIELDS = ("password", "current_password", "new_password", "token")
+SECRET_FIELDS = ("password", "current_password", "new_password", "token", "code", "refresh_token")
 MARKER = "S3cr3tMarker"
 NAMES = st.sampled_from([*COMMANDS, "account.delete", "", "session.verify.extra"])
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -71,6 +71,27 @@ VALID_PAYLOADS: dict[str, st.SearchStrategy[dict[str, Any]]] = {
     "session.verify": st.fixed_dictionaries({"token": secrets_}),
     "session.end": st.fixed_dictionaries({"token": secrets_}),
     "session.end_all": st.just({"account_id": ACCOUNT_ID}),
+    "account.recovery.request": st.just({"email": "ada@example.com"}),
+    "account.recovery.complete": st.fixed_dictionaries(
+        {"email": st.just("ada@example.com"), "code": secrets_, "new_password": secrets_}
+    ),
+    "account.verification.request": st.just({"account_id": ACCOUNT_ID}),
+    "account.verification.confirm": st.fixed_dictionaries(
+        {"email": st.just("ada@example.com"), "code": secrets_}
+    ),
+    "account.disable": st.fixed_dictionaries(
+        {"account_id": st.just(ACCOUNT_ID), "reason": st.just("abuse report 42")}
+    ),
+    "account.enable": st.just({"account_id": ACCOUNT_ID}),
+    "account.delete": st.just({"account_id": ACCOUNT_ID}),
+    "session.list": st.fixed_dictionaries(
+        {"account_id": st.just(ACCOUNT_ID)}, optional={"limit": st.integers(1, 200)}
+    ),
+    "session.revoke": st.just({"session_id": "ses_" + "0" * 32}),
+    "session.refresh": st.fixed_dictionaries({"refresh_token": secrets_}),
+    "keys.jwks": st.just({}),
+    "account.grant_role": st.just({"account_id": ACCOUNT_ID, "role": "admin"}),
+    "account.revoke_role": st.just({"account_id": ACCOUNT_ID, "role": "billing:read"}),
 }
 assert set(VALID_PAYLOADS) == set(COMMANDS)
 

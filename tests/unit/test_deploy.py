@@ -12,14 +12,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
+from kubernetes_validate.utils import all_versions
 from prometheus_client import generate_latest
 
+from courier.metrics import CourierMetrics, create_courier_metrics
+from courier.settings import CourierSettings
 from services.passwords import HUGE_PAGES_TUNABLE
+from worker.app import STOP_STEPS_S
+from worker.courier_relay import CourierRelayMetrics
 from worker.health import LIVE_SILENCE_S, HealthState
 from worker.metrics import Metrics, create_metrics
+from worker.settings import Settings
 from worker.sidecar import Sidecar
+from worker.topology import FAST_QUEUE, PASSWORD_QUEUE
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -28,25 +36,38 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "dashboard.json"
 RUNBOOK = ROOT / "docs" / "runbook.md"
 METRIC_NAME = re.compile(r"\bidentity_[a-z_]+")
 JOB = "identity-worker"
+COURIER_JOB = "identity-courier"
 
 
-def exposed_names() -> set[str]:
-    """Sample names of a fresh worker's /metrics text, every labelled metric touched once
-    (a labelled metric shows no series until a label set is used)."""
-    metrics = create_metrics()
-    for name in Metrics.__dataclass_fields__:
+def _exposition_names(metrics: Metrics | CourierMetrics) -> set[str]:
+    """Sample names of a fresh /metrics text, every labelled metric touched once (a labelled
+    metric shows no series until a label set is used)."""
+    for name in type(metrics).__dataclass_fields__:
         metric = getattr(metrics, name)
         # prometheus_client has no public accessor for a metric's label names.
         labels = getattr(metric, "_labelnames", ())
         if labels:
             metric.labels(*["x"] * len(labels))
+    courier = CourierRelayMetrics.on(metrics.registry)  # registered beside them by build()
+    courier.relayed_total.labels("x")
     text = generate_latest(metrics.registry).decode()
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1].isalpha()}
+
+
+def exposed_names() -> set[str]:
+    """Sample names of a fresh worker's /metrics text."""
+    return _exposition_names(create_metrics())
 
 
 @pytest.fixture(scope="module")
 def exposed() -> set[str]:
     return exposed_names()
+
+
+@pytest.fixture(scope="module")
+def exposed_by_courier() -> set[str]:
+    """Sample names of the mail sender's /metrics text (its own sidecar and scrape job)."""
+    return _exposition_names(create_courier_metrics())
 
 
 def load_rules() -> list[dict[str, Any]]:
@@ -101,10 +122,14 @@ def test_every_alert_has_an_expression_a_duration_a_severity_and_a_runbook() -> 
         assert anchor in anchors, f"{name}: no runbook section #{anchor}"
 
 
-def test_alert_expressions_name_only_metrics_the_worker_exposes(exposed: set[str]) -> None:
+def test_alert_expressions_name_only_metrics_the_worker_exposes(
+    exposed: set[str], exposed_by_courier: set[str]
+) -> None:
     named = {name for rule in load_rules() for name in METRIC_NAME.findall(rule["expr"])}
     assert named, "no alert looks at a worker metric"
-    assert named <= exposed, f"unknown metrics in alerts.yml: {sorted(named - exposed)}"
+    known = exposed | exposed_by_courier
+    assert named <= known, f"unknown metrics in alerts.yml: {sorted(named - known)}"
+    assert named & exposed_by_courier, "no alert looks at the mail sender"
 
 
 def test_the_alerts_cover_the_states_an_operator_must_hear_about() -> None:
@@ -118,6 +143,13 @@ def test_the_alerts_cover_the_states_an_operator_must_hear_about() -> None:
         "histogram_quantile(0.99",
         "identity_broker_connected == 0",
         "identity_database_up == 0",
+        # The mail sender: down, its SMTP server, its failures, the courier queue's backlog.
+        f'up{{job="{COURIER_JOB}"}} == 0',
+        "identity_courier_smtp_up == 0",
+        "identity_courier_ready == 0",
+        "rate(identity_courier_failed_total",
+        'identity_courier_failed_total{reason="expired"}',
+        "max(identity_courier_queue_messages)",
     ):
         assert needed in exprs, needed
 
@@ -127,6 +159,9 @@ def test_the_scrape_config_loads_the_rules_under_the_job_they_expect() -> None:
     assert "alerts.yml" in config["rule_files"]
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert jobs[JOB]["metrics_path"] == "/metrics"
+    assert jobs[COURIER_JOB]["metrics_path"] == "/metrics"
+    courier_port = str(CourierSettings.model_fields["http_port"].default)
+    assert jobs[COURIER_JOB]["static_configs"][0]["targets"][0].endswith(":" + courier_port)
 
 
 def test_dashboard_queries_name_only_metrics_the_worker_exposes(exposed: set[str]) -> None:
@@ -192,3 +227,258 @@ def test_the_image_healthcheck_asks_the_sidecar_on_the_configured_port() -> None
         assert check() != 0
     finally:
         sidecar.stop()
+
+
+def test_only_make_run_and_compose_set_dev_mode_and_compose_ships_no_key() -> None:
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    services = compose["services"]
+    worker, migrate = services["worker"]["environment"], services["migrate"]["environment"]
+    assert worker["IDENTITY_DEV_MODE"] == "true"
+    assert migrate["IDENTITY_DEV_MODE"] == "true"
+    assert not any(name.endswith("_KEYS") or name.endswith("_KEY") for name in worker)
+    run_target = (ROOT / "Makefile").read_text().partition("\nrun:")[2].partition("\n\n")[0]
+    assert "IDENTITY_DEV_MODE=true" in run_target
+    assert "IDENTITY_DEV_MODE" not in (ROOT / "Dockerfile").read_text()
+
+
+def test_compose_runs_the_worker_as_its_own_role_and_migrates_as_the_owner() -> None:
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    worker, migrate = services["worker"], services["migrate"]
+    assert "identity_worker:" in worker["environment"]["IDENTITY_DATABASE_URL"]
+    assert "IDENTITY_MIGRATION_DATABASE_URL" not in worker["environment"]
+    assert worker["environment"]["IDENTITY_MIGRATE_ON_START"] == "false"
+    assert migrate["command"] == ["migrate"]
+    assert "identity_owner:" in migrate["environment"]["IDENTITY_MIGRATION_DATABASE_URL"]
+    assert worker["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    init = " ".join(services["postgres"]["volumes"])
+    assert "deploy/postgres/init-roles.sh:/docker-entrypoint-initdb.d/" in init
+
+
+# -- Kubernetes (deploy/k8s) -------------------------------------------------------------------
+
+K8S = ROOT / "deploy" / "k8s"
+BENCH_RESULT = ROOT / "bench" / "results" / "2026-12-02-7ce46c6.json"
+# Kinds that are not in Kubernetes' own schemas: checked field by field below instead.
+KEDA_API = "keda.sh/v1alpha1"
+KUSTOMIZE_API = "kustomize.config.k8s.io/v1beta1"
+# The fields KEDA 2.x documents for a ScaledObject (reference/scaledobject-spec), its
+# triggers, and the rabbitmq scaler's metadata (scalers/rabbitmq-queue).
+SCALED_OBJECT_SPEC = {
+    "scaleTargetRef", "pollingInterval", "cooldownPeriod", "initialCooldownPeriod",
+    "idleReplicaCount", "minReplicaCount", "maxReplicaCount", "fallback", "advanced", "triggers",
+}  # fmt: skip
+SCALE_TARGET_REF = {"apiVersion", "kind", "name", "envSourceContainerName"}
+ADVANCED = {"restoreToOriginalReplicaCount", "horizontalPodAutoscalerConfig", "scalingModifiers"}
+HPA_CONFIG = {"name", "behavior"}
+TRIGGER = {"type", "name", "metadata", "authenticationRef", "metricType", "useCachedMetrics"}
+RABBITMQ_METADATA = {
+    "host", "hostFromEnv", "protocol", "mode", "value", "activationValue", "queueName",
+    "vhostName", "useRegex", "pageSize", "operation", "timeout", "excludeUnacknowledged",
+    "unsafeSsl",
+}  # fmt: skip
+TRIGGER_AUTHENTICATION_SPEC = {"secretTargetRef", "env", "podIdentity", "hashiCorpVault"}
+
+
+def k8s_documents(*names: str) -> list[dict[str, Any]]:
+    """Every YAML document in deploy/k8s (or in the files named)."""
+    paths = [K8S / name for name in names] if names else sorted(K8S.glob("*.yaml"))
+    assert paths, "no manifests in deploy/k8s"
+    return [doc for path in paths for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def k8s_object(kind: str, name: str) -> dict[str, Any]:
+    found = [d for d in k8s_documents() if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind}/{name}: {len(found)} found"
+    return found[0]
+
+
+def pod_spec(deployment: str) -> dict[str, Any]:
+    spec: dict[str, Any] = k8s_object("Deployment", deployment)["spec"]["template"]["spec"]
+    return spec
+
+
+def container(deployment: str) -> dict[str, Any]:
+    containers = pod_spec(deployment)["containers"]
+    assert len(containers) == 1
+    first: dict[str, Any] = containers[0]
+    return first
+
+
+def env_of(deployment: str) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container(deployment)["env"]}
+
+
+def mebibytes(quantity: str) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix):
+            return float(quantity.removesuffix(suffix)) * factor
+    raise AssertionError(f"memory quantity in an unexpected unit: {quantity}")
+
+
+def test_kubernetes_validate_works_offline_from_its_own_schemas() -> None:
+    versions = all_versions()
+    assert versions, "kubernetes-validate ships no schemas"
+    broken = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"},
+              "spec": {"ports": [{"port": "not a number"}]}}  # fmt: skip
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, versions[-1], strict=True)
+
+
+@pytest.mark.parametrize("version", ["oldest", "newest"])
+def test_every_kubernetes_manifest_validates_against_the_schemas(version: str) -> None:
+    versions = all_versions()
+    wanted = versions[0] if version == "oldest" else versions[-1]
+    validated = set()
+    for doc in k8s_documents():
+        if doc["apiVersion"] in (KEDA_API, KUSTOMIZE_API):
+            continue  # custom resources: test_the_scaled_object_... and the kustomization test
+        # strict: an unknown or misspelt field fails too.
+        kubernetes_validate.validate(doc, wanted, strict=True)
+        validated.add(doc["kind"])
+    assert validated == {"Deployment", "Service", "PodDisruptionBudget", "Secret"}
+
+
+def test_the_kustomization_lists_every_manifest_but_the_example_secrets() -> None:
+    (kustomization,) = k8s_documents("kustomization.yaml")
+    assert kustomization["apiVersion"] == KUSTOMIZE_API
+    assert kustomization["kind"] == "Kustomization"
+    listed = set(kustomization["resources"])
+    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == on_disk - {"secrets.example.yaml"}
+
+
+@pytest.mark.parametrize("deployment", ["identity-worker", "identity-courier"])
+def test_pods_run_locked_down_as_the_image_user(deployment: str) -> None:
+    uid = int(re.search(r"useradd [^\n]*--uid (\d+)", (ROOT / "Dockerfile").read_text())[1])
+    pod = pod_spec(deployment)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == uid
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert pod["automountServiceAccountToken"] is False
+    security = container(deployment)["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert env_of(deployment)["PYTHONDONTWRITEBYTECODE"] == "1"
+
+
+@pytest.mark.parametrize("deployment", ["identity-worker", "identity-courier"])
+def test_probes_ask_the_sidecar_on_its_port(deployment: str) -> None:
+    box = container(deployment)
+    port = int(env_of(deployment)["IDENTITY_HTTP_PORT"])
+    assert {p["name"]: p["containerPort"] for p in box["ports"]} == {"http": port}
+    assert box["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert box["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    # Liveness gives a stalled loop longer than the sidecar takes to call it stalled.
+    liveness = box["livenessProbe"]
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] >= LIVE_SILENCE_S
+
+
+def test_the_worker_gets_longer_to_stop_than_its_drain_takes() -> None:
+    grace = float(env_of("identity-worker")["IDENTITY_SHUTDOWN_GRACE_S"])
+    assert grace == Settings.model_fields["shutdown_grace_s"].default
+    assert pod_spec("identity-worker")["terminationGracePeriodSeconds"] > grace + STOP_STEPS_S
+    assert pod_spec("identity-courier")["terminationGracePeriodSeconds"] > grace + STOP_STEPS_S
+
+
+def test_worker_resources_come_from_the_benchmark() -> None:
+    median = json.loads(BENCH_RESULT.read_text())["median"]
+    resources = container("identity-worker")["resources"]
+    assert mebibytes(resources["requests"]["memory"]) >= median["rss_default_mib"]
+    assert mebibytes(resources["limits"]["memory"]) >= 1.25 * median["rss_large_mib"]
+    # One argon2 thread per requested core, as the benchmark's pool (one per core).
+    hash_workers = int(env_of("identity-worker")["IDENTITY_HASH_WORKERS"])
+    assert hash_workers == median["argon2_ceiling"]["pool_workers"]
+    assert float(resources["requests"]["cpu"]) == hash_workers
+    assert "cpu" not in resources["limits"]
+    text = (K8S / "worker.yaml").read_text()
+    assert BENCH_RESULT.name in text, "say where the resource figures come from"
+
+
+def test_secrets_are_read_from_the_secrets_the_example_defines() -> None:
+    example = {
+        d["metadata"]["name"]: set(d["stringData"]) for d in k8s_documents("secrets.example.yaml")
+    }
+    worker = container("identity-worker")
+    (source,) = worker["envFrom"]
+    assert example[source["secretRef"]["name"]] == {
+        "IDENTITY_AMQP_URL", "IDENTITY_DATABASE_URL", "IDENTITY_SIGNING_KEYS",
+    }  # fmt: skip
+    courier = env_of("identity-courier")
+    for name in ("IDENTITY_AMQP_URL", "IDENTITY_SMTP_URL"):
+        ref = courier[name]["secretKeyRef"]
+        assert ref["key"] in example[ref["name"]]
+    auth = k8s_object("TriggerAuthentication", "identity-keda-rabbitmq")
+    for ref in auth["spec"]["secretTargetRef"]:
+        assert ref["key"] in example[ref["name"]]
+    # Nothing secret in plain env.
+    for deployment in ("identity-worker", "identity-courier"):
+        for name, value in env_of(deployment).items():
+            assert not re.search(r"://[^/@]+:[^/@]+@", str(value)), f"{deployment}: {name}"
+
+
+def test_the_courier_runs_the_mail_sender_with_its_settings() -> None:
+    assert container("identity-courier")["args"] == ["courier"]
+    assert container("identity-worker")["args"] == ["run"]
+    assert {"IDENTITY_SMTP_URL", "IDENTITY_MAIL_FROM"} <= set(env_of("identity-courier"))
+
+
+@pytest.mark.parametrize("deployment", ["identity-worker", "identity-courier"])
+def test_each_deployment_has_a_disruption_budget_that_selects_its_pods(deployment: str) -> None:
+    budget = k8s_object("PodDisruptionBudget", deployment)["spec"]
+    spec = k8s_object("Deployment", deployment)["spec"]
+    labels = spec["template"]["metadata"]["labels"]
+    assert budget["selector"]["matchLabels"].items() <= labels.items()
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    assert budget["maxUnavailable"] == 1
+    assert spec["replicas"] >= 2, "one pod and a budget of one: a drain takes it all"
+
+
+def test_the_metrics_service_reaches_the_worker_sidecar() -> None:
+    service = k8s_object("Service", "identity-worker-metrics")
+    labels = k8s_object("Deployment", "identity-worker")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    (port,) = service["spec"]["ports"]
+    assert port["targetPort"] == "http"
+    assert service["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
+
+
+def test_the_scaled_object_scales_the_worker_on_both_command_queues() -> None:
+    scaled = k8s_object("ScaledObject", "identity-worker")
+    assert scaled["apiVersion"] == KEDA_API
+    spec = scaled["spec"]
+    assert set(spec) <= SCALED_OBJECT_SPEC, set(spec) - SCALED_OBJECT_SPEC
+    assert set(spec["scaleTargetRef"]) <= SCALE_TARGET_REF
+    assert spec["scaleTargetRef"]["name"] == "identity-worker"
+    assert spec["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
+    for field in ("pollingInterval", "cooldownPeriod", "minReplicaCount", "maxReplicaCount"):
+        assert isinstance(spec[field], int), field
+    assert 2 <= spec["minReplicaCount"] < spec["maxReplicaCount"]
+    assert (
+        spec["minReplicaCount"]
+        > k8s_object("PodDisruptionBudget", "identity-worker")["spec"]["maxUnavailable"]
+    )
+    assert set(spec["fallback"]) == {"failureThreshold", "replicas"}
+    assert spec["minReplicaCount"] <= spec["fallback"]["replicas"] <= spec["maxReplicaCount"]
+    assert set(spec["advanced"]) <= ADVANCED
+    assert set(spec["advanced"]["horizontalPodAutoscalerConfig"]) <= HPA_CONFIG
+    queues = set()
+    for trigger in spec["triggers"]:
+        assert set(trigger) <= TRIGGER, set(trigger) - TRIGGER
+        assert trigger["type"] == "rabbitmq"
+        metadata = trigger["metadata"]
+        assert set(metadata) <= RABBITMQ_METADATA, set(metadata) - RABBITMQ_METADATA
+        # KEDA's metadata is a map of strings: a bare number is refused by the CRD.
+        assert all(isinstance(v, str) for v in metadata.values()), metadata
+        assert metadata["mode"] == "QueueLength"
+        assert int(metadata["value"]) > 0
+        # http (the management API) counts the messages the workers hold unacked, too.
+        assert metadata["protocol"] == "http"
+        assert "host" not in metadata, "the URL has a password: TriggerAuthentication"
+        auth = k8s_object("TriggerAuthentication", trigger["authenticationRef"]["name"])
+        assert auth["apiVersion"] == KEDA_API
+        assert set(auth["spec"]) <= TRIGGER_AUTHENTICATION_SPEC
+        assert [r["parameter"] for r in auth["spec"]["secretTargetRef"]] == ["host"]
+        queues.add(metadata["queueName"])
+    assert queues == {FAST_QUEUE, PASSWORD_QUEUE}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -20,9 +21,17 @@ from services.identity import IdentityService
 from services.passwords import HashingPool
 from services.tokens import SigningKey, TokenSigner
 from stores.memory import MemoryIdentityStore
-from tests.support.factory import TEST_CONFIG, running_service
-from tests.unit.helpers import PASSWORD, create_cmd, ctx, pending_events, start_cmd
-from worker.settings import Settings
+from tests.support.factory import TEST_CONFIG, TEST_KEYS, running_service
+from tests.unit.helpers import (
+    PASSWORD,
+    create_cmd,
+    ctx,
+    ended_session_ids,
+    pending_events,
+    sessions_live_idle_and_expired,
+    start_cmd,
+)
+from worker.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -103,18 +112,33 @@ def _one_line(path: Path) -> str:
     return " ".join(path.read_text(encoding="utf-8").split())
 
 
+def _ordinal(n: int) -> str:
+    suffix = {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th") if n % 100 not in (11, 12, 13) else "th"
+    return f"{n}{suffix}"
+
+
 def test_the_docs_state_the_throttle_the_service_applies() -> None:
     # The test above is the behaviour; this is what README.md and the contract say of it,
     # with the numbers of the default settings. The sixth failure is checked, then locks.
-    defaults = Settings()
+    defaults = load_settings({}, keys_needed=False)
     free, base = defaults.throttle_free_failures, defaults.throttle_base_delay_s
-    rule = f"the first {free} failures are free; from the {free + 1}th on, each failure locks"
+    email_free = defaults.throttle_email_free_failures
+    sixth = _ordinal(free + 1)
+    rule = f"first {free} failures on an email are free; from the {sixth} on, each failure locks"
     readme = _one_line(ROOT / "README.md")
-    assert f"{rule} the email, for {base:g} s after the {free + 1}th, doubling" in readme
-    assert f"up to {defaults.throttle_max_delay_s / 60:g} minutes" in readme
-    assert f"The {free + 1}th guess is still checked" in readme
+    longest = defaults.throttle_max_delay_s / 60
+    first_lock = f"that source for the email, for {base:g} s after the {sixth}"
+    assert f"A source's {rule} {first_lock}" in readme
+    assert f"doubling with each further failure up to {longest:g} minutes" in readme
+    assert f"The {sixth} guess is still checked" in readme
     assert f"{defaults.throttle_reset_after_s / 3600:g} hours without a failure" in readme
-    assert rule in _one_line(ROOT / "docs" / "contract.md")
+    assert (
+        f"The email's first {email_free} failures from all sources are free; "
+        f"from the {_ordinal(email_free + 1)} on it locks" in readme
+    )
+    contract = _one_line(ROOT / "docs" / "contract.md")
+    assert f"a source's {rule}" in contract
+    assert f"the first {email_free} failures from all sources are free" in contract
 
 
 async def test_a_successful_sign_in_forgets_earlier_failures(
@@ -176,7 +200,7 @@ async def test_idle_sessions_expire_and_last_seen_writes_are_throttled(
 async def test_forged_and_tampered_tokens_are_invalid(service: IdentityService) -> None:
     await service.create_account(create_cmd(), ctx())
     token = (await service.start_session(start_cmd(), ctx())).token.get_secret_value()
-    forged = TokenSigner([SigningKey("k2", b"x" * 32)]).sign(token.split(".")[2])
+    forged = TokenSigner([SigningKey("k2", secrets.token_bytes(32))]).sign(token.split(".")[2])
     for bad in (forged, token[:-2] + "AA", "not-a-token", token + "x"):
         with pytest.raises(InvalidTokenError):
             await service.verify_session(verify_cmd(bad))
@@ -187,7 +211,7 @@ async def test_tokens_survive_key_rotation(
 ) -> None:
     await service.create_account(create_cmd(), ctx())
     token = (await service.start_session(start_cmd(), ctx())).token.get_secret_value()
-    new_key, old_key = SigningKey("k3", b"r" * 32), SigningKey("k2", b"n" * 32)
+    new_key, old_key = SigningKey("k3", secrets.token_bytes(32)), TEST_KEYS[0]
     async with running_service(store, clock=clock, keys=[new_key, old_key]) as (rotated, _):
         await rotated.verify_session(verify_cmd(token))
         fresh = (await rotated.start_session(start_cmd(), ctx())).token.get_secret_value()
@@ -242,47 +266,22 @@ async def test_an_outdated_hash_is_upgraded_on_sign_in_without_a_new_version(
         await new.start_session(start_cmd(), ctx())
 
 
-async def _sessions_live_idle_and_expired(
-    service: IdentityService, clock: FakeClock
-) -> tuple[str, dict[str, str]]:
-    """An account with three sessions, as the clock now stands: one that expired (past its
-    lifetime), one that idled out, and one live; its id and the sessions' tokens by state."""
-    account = (await service.create_account(create_cmd(), ctx())).account
-    tokens = {}
-    tokens["expired"] = (await service.start_session(start_cmd(), ctx())).token.get_secret_value()
-    for _ in range(49):  # used every 29 minutes: it never idles, and outlives its 24 h
-        clock.advance(minutes=29)
-        await service.verify_session(verify_cmd(tokens["expired"]))
-    tokens["idle"] = (await service.start_session(start_cmd(), ctx())).token.get_secret_value()
-    clock.advance(minutes=31)
-    tokens["live"] = (await service.start_session(start_cmd(), ctx())).token.get_secret_value()
-    for state, token in tokens.items():
-        if state != "live":
-            with pytest.raises(SessionExpiredError):
-                await service.verify_session(verify_cmd(token))
-    return account.id, tokens
-
-
-def _ended(events: list[dict[str, object]]) -> list[object]:
-    return [e["data"]["session_id"] for e in events if e["type"] == "session.ended"]  # type: ignore[index]
-
-
 async def test_ending_all_sessions_ends_only_the_live_ones(
     service: IdentityService, store: MemoryIdentityStore, clock: FakeClock
 ) -> None:
-    account_id, tokens = await _sessions_live_idle_and_expired(service, clock)
+    account_id, tokens = await sessions_live_idle_and_expired(service, clock)
 
     result = await service.end_all_sessions(EndAllSessions(account_id=account_id), ctx())
 
     # The expired and the idle one were over already: not counted, not announced again.
     assert result.sessions_ended == 1
-    assert _ended(await pending_events(store)) == [tokens["live"].split(".")[2]]
+    assert ended_session_ids(await pending_events(store)) == [tokens["live"].split(".")[2]]
 
 
 async def test_changing_the_password_ends_only_the_live_sessions(
     service: IdentityService, store: MemoryIdentityStore, clock: FakeClock
 ) -> None:
-    account_id, tokens = await _sessions_live_idle_and_expired(service, clock)
+    account_id, tokens = await sessions_live_idle_and_expired(service, clock)
     change = ChangePassword.model_validate(
         {
             "account_id": account_id,
@@ -295,7 +294,7 @@ async def test_changing_the_password_ends_only_the_live_sessions(
 
     assert result.sessions_ended == 1
     events = await pending_events(store)
-    assert _ended(events) == [tokens["live"].split(".")[2]]
+    assert ended_session_ids(events) == [tokens["live"].split(".")[2]]
     assert events[-1]["data"]["sessions_ended"] == 1  # account.password_changed
 
 
@@ -303,9 +302,9 @@ async def test_changing_the_password_ends_only_the_live_sessions(
 async def test_signing_out_of_a_session_that_is_over_announces_nothing(
     service: IdentityService, store: MemoryIdentityStore, clock: FakeClock, state: str
 ) -> None:
-    _, tokens = await _sessions_live_idle_and_expired(service, clock)
+    _, tokens = await sessions_live_idle_and_expired(service, clock)
     end = EndSession.model_validate({"token": tokens[state]})
 
     assert (await service.end_session(end, ctx())).session_id == tokens[state].split(".")[2]
 
-    assert _ended(await pending_events(store)) == []
+    assert ended_session_ids(await pending_events(store)) == []

@@ -179,3 +179,27 @@ def test_redact_leaves_the_input_alone_and_keeps_harmless_values() -> None:
         "ids": ["a"],
     }
     assert body["payload"]["password"] == "pw"  # type: ignore[index]
+
+
+def test_refresh_tokens_and_jwts_are_masked_wherever_they_appear(stream: io.StringIO) -> None:
+    from services.access_tokens import AccessClaims, AccessTokenSigner
+    from services.refresh import RefreshTokenCodec
+    from tests.support.factory import TEST_JWT_KEYS, TEST_KEYS
+    from worker.logs import redact_text, shows_a_mask
+
+    session_id = "ses_" + "0123456789abcdefghjkmnpqrstvwxyz"
+    refresh = RefreshTokenCodec(TEST_KEYS).sign(session_id, 7)
+    access = AccessTokenSigner(TEST_JWT_KEYS).sign(
+        AccessClaims("acct_" + "a" * 26, session_id, ("admin",), 1, 2)
+    )
+    log = logging.getLogger("worker.test")
+    log.info("refresh %s", refresh, extra={"note": f"bearer {access}.", "list": [access]})
+
+    raw = stream.getvalue()
+    for secret in (refresh.rpartition(".")[2], access.split(".")[1], access.split(".")[2]):
+        assert secret not in raw
+    [line] = _lines(stream)
+    assert shows_a_mask(line["msg"])
+    assert shows_a_mask(line["note"])
+    masked = redact_text(f"a {access} b")
+    assert redact_text(masked) == masked  # masking a masked text changes nothing

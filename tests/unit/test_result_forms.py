@@ -16,17 +16,21 @@ async def test_a_sign_in_is_stored_without_its_token_and_replayed_only_with_it(
 ) -> None:
     await service.create_account(create_cmd(), ctx())
     result = await service.start_session(start_cmd(), ctx())
-    token = result.token.get_secret_value()
+    secrets = {
+        name: getattr(result, name).get_secret_value()
+        for name in ("token", "access_token", "refresh_token")
+    }
 
     stored = StoredReply.from_json(StoredReply.of_result(result).to_json())
 
     assert stored.result is not None
-    assert "token" not in stored.result
-    assert token not in str(stored.result)
-    assert result.to_wire()["token"] == token
+    assert set(secrets).isdisjoint(stored.result)
+    for name, secret in secrets.items():
+        assert secret not in str(stored.result)
+        assert result.to_wire()[name] == secret
     with pytest.raises(ValueError, match="token"):
-        StartSessionResult.from_stored(stored.result)
-    assert StartSessionResult.from_stored(stored.result, token=token) == result
+        StartSessionResult.from_stored(stored.result, token=secrets["token"])
+    assert StartSessionResult.from_stored(stored.result, **secrets) == result
 
 
 def test_a_stored_error_reads_back_as_the_same_error() -> None:

@@ -291,3 +291,39 @@ def test_the_ready_gauge_reads_the_state_when_scraped(metrics: Metrics) -> None:
     assert metrics.registry.get_sample_value("identity_ready") == 1
     clock.now += READY_SILENCE_S  # nothing ran on the loop to set it: the scrape still sees it
     assert metrics.registry.get_sample_value("identity_ready") == 0
+
+
+def test_the_jwks_is_served_cacheable_with_an_etag_and_a_conditional_get_answers_304(
+    metrics: Metrics, health: HealthState
+) -> None:
+    from services.access_tokens import AccessTokenSigner
+    from tests.support.factory import TEST_JWT_KEYS
+    from worker.sidecar import JWKS_MAX_AGE_S, JWKS_PATH
+
+    jwks = AccessTokenSigner(TEST_JWT_KEYS).jwks()
+    sidecar = Sidecar("127.0.0.1", 0, metrics.registry, health, jwks=jwks)
+    url = f"http://127.0.0.1:{sidecar.start()}{JWKS_PATH}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            assert response.status == 200
+            assert json.loads(response.read()) == jwks
+            assert response.headers["Content-Type"] == "application/jwk-set+json"
+            assert response.headers["Cache-Control"] == f"public, max-age={JWKS_MAX_AGE_S}"
+            etag = response.headers["ETag"]
+        assert etag.startswith('"')
+        assert etag.endswith('"')
+        again = urllib.request.Request(url, headers={"If-None-Match": etag})
+        with pytest.raises(urllib.error.HTTPError) as not_modified:
+            urllib.request.urlopen(again, timeout=5)  # noqa: S310
+        assert not_modified.value.code == 304
+        assert not_modified.value.headers["ETag"] == etag
+        stale = urllib.request.Request(url, headers={"If-None-Match": '"other"'})
+        with urllib.request.urlopen(stale, timeout=5) as response:  # noqa: S310
+            assert response.status == 200
+        assert _get(url, method="POST")[0] == 405
+    finally:
+        sidecar.stop()
+
+
+def test_without_keys_the_sidecar_has_no_jwks_route(base_url: str) -> None:
+    assert _get(base_url + "/.well-known/jwks.json")[0] == 404

@@ -4,6 +4,7 @@ and what `send` says when the broker connection drops under a command."""
 from __future__ import annotations
 
 import argparse
+import io
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -75,3 +76,20 @@ def test_a_connection_lost_under_a_command_names_its_key(
     err = capsys.readouterr().err
     assert "it may have taken effect" in err
     assert "--idempotency-key signup-42" in err
+
+
+def test_send_builds_the_recovery_flags_from_the_payload_and_reads_a_code_from_stdin(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spec = send.COMMANDS["account.recovery.complete"]
+    options = send.command_parser(spec).parse_args(
+        ["--email", "ada@example.com", "--code", "-", "--new-password", "a long passphrase"]
+    )
+    monkeypatch.setattr("sys.stdin", io.StringIO("ABCD-EFGH\n"))
+    assert send.payload_from(spec, options) == {
+        "email": "ada@example.com",
+        "code": "ABCD-EFGH",
+        "new_password": "a long passphrase",
+    }
+    with pytest.raises(SystemExit):
+        send.command_parser(spec).parse_args(["--email", "ada@example.com"])

@@ -1,7 +1,9 @@
 // Send `account.create` to the identity worker with amqplib and print the reply.
 //   node publisher.js amqp://guest:guest@localhost:5672/
 // Direct reply-to: consume `amq.rabbitmq.reply-to` (noAck) on the same channel BEFORE
-// publishing; publish persistent JSON with replyTo, a correlationId and an idempotency key.
+// publishing; publish persistent JSON with replyTo, a correlationId, an idempotency key, and
+// userId = the broker user it connected as (the worker authorises commands by it; RabbitMQ
+// refuses any other).
 import { randomUUID } from "node:crypto";
 import amqp from "amqplib";
 
@@ -37,6 +39,7 @@ channel.publish("identity.commands", "account.create", Buffer.from(JSON.stringif
   replyTo: REPLY_TO,
   correlationId,
   messageId: randomUUID(),
+  userId: decodeURIComponent(new URL(url).username || "guest"),
   mandatory: true,
 });
 
