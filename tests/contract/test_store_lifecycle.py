@@ -256,6 +256,76 @@ async def test_erasure_drops_pending_events_and_cuts_published_ones_to_id_and_ty
         batch.mark_published([e.seq for e in batch.events])
 
 
+async def pending_commands(store: IdentityStore) -> dict[int, int] | None:
+    """PostgreSQL's `outbox_pending` as {command: next_seq}; None on the in-memory store,
+    where what is left of a command is its unpublished rows themselves."""
+    if not isinstance(store, PostgresIdentityStore):
+        return None
+    rows = await store._pool.fetch("SELECT command_seq, next_seq FROM outbox_pending")
+    return {row["command_seq"]: row["next_seq"] for row in rows}
+
+
+async def test_erasure_leaves_what_is_left_of_each_command_to_publish_in_order(
+    store: IdentityStore,
+) -> None:
+    await drain(store)
+    account_id, other_id = await commit_account(store), await commit_account(store)
+    # A command whose first rows are the erased account's, then another account's; and one
+    # of the erased account's alone, half published.
+    mixed = [event(account_id=account_id) for _ in range(2)]
+    mixed += [event(account_id=other_id) for _ in range(2)]
+    alone = [event(account_id=account_id) for _ in range(2)]
+    for events in (mixed, alone):
+        async with store.unit_of_work() as uow:
+            await uow.record_outcome(events, None)
+    async with store.claim_events(10, per_command=1) as batch:
+        first = {e.event_id: e for e in batch.events}
+        batch.mark_published([first[alone[0].event_id].seq])  # a relay got this far
+    mixed_command = first[mixed[0].event_id].command_seq
+
+    counts = await erase(store, account_id, unique("nobody"))
+
+    assert (counts.events_dropped, counts.events_scrubbed) == (3, 1)
+    claimed = []
+    for _ in range(3):
+        async with store.claim_events(10, per_command=1) as batch:
+            claimed.append([e.event_id for e in batch.events])
+            if batch.events:
+                assert batch.events[0].command_seq == mixed_command
+            batch.mark_published([e.seq for e in batch.events])
+    # The other account's rows, one claim each, in order; nothing of the erased one.
+    assert claimed == [[mixed[2].event_id], [mixed[3].event_id], []]
+    assert await store.outbox_backlog(T0) == (0, 0.0)
+
+
+async def test_erasure_moves_a_command_on_to_its_first_row_left_or_finishes_it(
+    pg_store: PostgresIdentityStore,
+) -> None:
+    """What the claim reads of a command (PostgreSQL's `outbox_pending`) follows the erasure:
+    the command starts at its first row left, and one left with none is finished."""
+    store: IdentityStore = pg_store
+    await drain(store)
+    account_id, other_id = await commit_account(store), await commit_account(store)
+    mixed = [event(account_id=account_id), event(account_id=other_id)]
+    alone = [event(account_id=account_id)]
+    for events in (mixed, alone):
+        async with store.unit_of_work() as uow:
+            await uow.record_outcome(events, None)
+    before = await pending_commands(store)
+    assert before is not None
+    [mixed_command, alone_command] = sorted(before)
+
+    await erase(store, account_id, unique("nobody"))
+
+    async with store.claim_events(10) as batch:
+        left = list(batch.events)
+    assert [e.event_id for e in left] == [mixed[1].event_id]
+    assert await pending_commands(store) == {mixed_command: left[0].seq}
+    assert alone_command not in (await pending_commands(store) or {})
+    await drain(store)
+    assert await pending_commands(store) == {}
+
+
 async def test_erasure_forgets_the_throttle_rows_of_its_key_only(store: IdentityStore) -> None:
     owner = account()
     async with store.unit_of_work() as uow:
