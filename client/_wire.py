@@ -7,23 +7,41 @@ from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import orjson
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
-from client.errors import InternalError, error_for
-from messages import COMMANDS, CommandEnvelope, Metadata, Reply, spec_of
+from client.errors import InternalError, InvalidRequest, error_for
+from messages import COMMANDS, CommandEnvelope, FieldError, Metadata, Reply, spec_of
 from messages.models import Model, wire_form
 
 ResultT = TypeVar("ResultT", bound=BaseModel)
+ModelT = TypeVar("ModelT", bound=BaseModel)
 MetadataArg = Metadata | Mapping[str, Any] | None
+
+
+def validated(model: type[ModelT], data: Mapping[str, Any], where: str = "payload") -> ModelT:
+    """`data` as `model`, or `InvalidRequest` naming each field and problem. pydantic's own
+    ValidationError quotes the input it refused (a password, a token) in its text, so it never
+    leaves this function, not even as the cause."""
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as exc:
+        problems = [
+            FieldError(
+                field=".".join(part for part in (where, *map(str, error["loc"])) if part),
+                message=error["msg"],
+            )
+            for error in exc.errors(include_url=False, include_input=False, include_context=False)
+        ]
+    raise InvalidRequest(problems)
 
 
 def payload_of(command: str, payload: Mapping[str, Any]) -> Model:
     """`payload` as the model of `command`'s payload. Raises ValueError for an unknown
-    command and pydantic's `ValidationError` for a payload the contract rejects."""
+    command and `InvalidRequest` for a payload the contract rejects."""
     spec = COMMANDS.get(command)
     if spec is None:
         raise ValueError(f"unknown command {command!r}; known: {', '.join(COMMANDS)}")
-    return spec.payload.model_validate(dict(payload))
+    return validated(spec.payload, payload)
 
 
 def build_request(
@@ -32,21 +50,26 @@ def build_request(
     """The JSON body of the command whose payload is `payload`, and the idempotency key it
     carries.
 
-    Raises pydantic's `ValidationError` for a key or metadata the contract rejects, before
-    anything is sent. A state-changing command without a key gets a fresh one: the caller
-    retries under it, which is what makes a retry safe.
+    Raises `InvalidRequest` for a key or metadata the contract rejects, before anything is
+    sent. A state-changing command without a key gets a fresh one: the caller retries under
+    it, which is what makes a retry safe.
     """
     if idempotency_key is None and spec_of(type(payload)).changes_state:
         idempotency_key = str(uuid.uuid4())
-    envelope = CommandEnvelope(
-        idempotency_key=idempotency_key,
-        # The worker needs the real password/token; the models mask secrets unless asked.
-        payload=wire_form(payload, exclude_none=True),
-        metadata=Metadata.model_validate(dict(metadata))
-        if isinstance(metadata, Mapping)
-        else metadata,
+    if isinstance(metadata, Mapping):
+        metadata = validated(Metadata, metadata, "metadata")
+    envelope = validated(
+        CommandEnvelope,
+        {
+            "idempotency_key": idempotency_key,
+            # The worker needs the real password/token; the models mask secrets unless asked.
+            "payload": wire_form(payload, exclude_none=True),
+            "metadata": metadata,
+        },
+        "",
     )
-    return orjson.dumps(envelope.model_dump(mode="json", exclude_none=True)), idempotency_key
+    # wire_form: the worker needs metadata.actor_token revealed as much as the payload's.
+    return orjson.dumps(wire_form(envelope, exclude_none=True)), idempotency_key
 
 
 def read_reply(body: bytes) -> Reply:

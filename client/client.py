@@ -7,11 +7,20 @@ One channel per client. Before the first publish the client consumes the pseudo-
 A call that gets no reply within `timeout` is published again, up to `retries` times, with a
 fresh `correlation_id`/`message_id` but the SAME idempotency key, so the worker treats it as
 the same operation. A reply to any attempt of a call completes the call.
+
+Who is who: every command is published with `user_id` = the connection's broker user (the
+worker authorises by it; RabbitMQ refuses a `user_id` that is not the connection's own), and,
+given `worker_user`, a reply is accepted only if its `user_id` is the worker's broker user
+(anything else is a neighbour's forgery: dropped, logged and counted in `dropped_replies`).
+The client declares nothing: it checks that `identity.commands` exists with a passive
+declare, which needs no permission, so a caller needs write on `identity.commands` and
+nothing else of the identity service.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -34,8 +43,9 @@ from client._wire import (
     payload_of,
     read_reply,
     read_result,
+    validated,
 )
-from client.errors import ReplyTimeout, TransportError, Unroutable
+from client.errors import NotDeployed, ReplyTimeout, TransportError, Unroutable
 from messages import (
     AcceptedResult,
     AccountResult,
@@ -76,12 +86,9 @@ from messages import (
     spec_of,
 )
 from messages.models import Model
-from messages.topology import (
-    COMMANDS_EXCHANGE,
-    COMMANDS_EXCHANGE_ARGUMENTS,
-    CONTENT_TYPE,
-    DIRECT_REPLY_TO,
-)
+from messages.topology import COMMANDS_EXCHANGE, CONTENT_TYPE, DIRECT_REPLY_TO
+
+log = logging.getLogger(__name__)
 
 # Secrets may be given as plain strings; the payload models validate them into SecretStr.
 SecretArg = str | SecretStr
@@ -92,19 +99,33 @@ class IdentityClient:
 
     Use `async with IdentityClient.connect(url) as client:`, or `async with
     IdentityClient(connection) as client:` on a connection the caller owns.
+
+    `worker_user` is the identity worker's broker user (the user of its IDENTITY_AMQP_URL).
+    Give it: a reply is then accepted only if RabbitMQ vouches that the worker published it
+    (its `user_id`), and a neighbour on the broker cannot answer in the worker's name. Without
+    it, any reply with the right `correlation_id` is taken.
     """
 
     def __init__(
-        self, connection: AbstractConnection, *, timeout: float = 10.0, retries: int = 2
+        self,
+        connection: AbstractConnection,
+        *,
+        timeout: float = 10.0,
+        retries: int = 2,
+        worker_user: str | None = None,
     ) -> None:
         if timeout <= 0 or retries < 0:
             raise ValueError("timeout must be > 0 and retries >= 0")
         self._connection = connection
         self._timeout = timeout
         self._retries = retries
+        self._worker_user = worker_user
+        self._user_id = connection_user(connection)
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
         self._pending: dict[str, asyncio.Future[bytes]] = {}
+        # Replies dropped because someone other than the worker's user published them.
+        self.dropped_replies = 0
 
     @classmethod
     @asynccontextmanager
@@ -115,11 +136,14 @@ class IdentityClient:
         # The client's per-reply wait, not a deadline on this call.
         timeout: float = 10.0,  # noqa: ASYNC109
         retries: int = 2,
+        worker_user: str | None = None,
     ) -> AsyncIterator[IdentityClient]:
         """Open a robust connection, yield a ready client, close both on exit."""
         connection = await aio_pika.connect_robust(amqp_url)
         try:
-            async with cls(connection, timeout=timeout, retries=retries) as client:
+            async with cls(
+                connection, timeout=timeout, retries=retries, worker_user=worker_user
+            ) as client:
                 yield client
         finally:
             await connection.close()
@@ -135,14 +159,13 @@ class IdentityClient:
         # An unroutable command (no worker queue bound yet) must fail the call now rather
         # than wait for a reply that cannot come.
         channel = await self._connection.channel(on_return_raises=True)
-        # Declaring with the worker's own arguments is a no-op when it exists, and lets a
-        # client start before the worker without a channel error.
-        self._exchange = await channel.declare_exchange(
-            COMMANDS_EXCHANGE,
-            aio_pika.ExchangeType.DIRECT,
-            durable=True,
-            arguments=dict(COMMANDS_EXCHANGE_ARGUMENTS),
-        )
+        # Passive: the exchange is the worker's (or the deployment's definitions'), and a
+        # caller has no permission to declare, let alone delete, it.
+        try:
+            self._exchange = await channel.get_exchange(COMMANDS_EXCHANGE, ensure=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            await channel.close()
+            raise NotDeployed(COMMANDS_EXCHANGE) from None
         reply_queue = await channel.get_queue(DIRECT_REPLY_TO, ensure=False)
         await reply_queue.consume(self._on_reply, no_ack=True)
         self._channel = channel
@@ -159,6 +182,13 @@ class IdentityClient:
             await channel.close()
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        if self._worker_user is not None and message.user_id != self._worker_user:
+            self.dropped_replies += 1
+            log.warning(
+                "dropped a reply the identity worker did not publish",
+                extra={"user_id": message.user_id, "correlation_id": message.correlation_id},
+            )
+            return
         future = self._pending.get(message.correlation_id or "")
         # A second reply (to an earlier attempt) or one for a closed client is dropped.
         if future is not None and not future.done():
@@ -174,9 +204,9 @@ class IdentityClient:
     ) -> Reply:
         """Send any command; return its `ok: true` reply or raise its typed `ErrorReply`.
 
-        Raises pydantic's `ValidationError` before sending when the payload or the
-        idempotency key breaks the contract; a `TransportError` when the broker returned the
-        command (`Unroutable`) or no attempt got a reply (`ReplyTimeout`).
+        Raises `InvalidRequest` before sending when the payload or the idempotency key
+        breaks the contract; a `TransportError` when the broker returned the command
+        (`Unroutable`) or no attempt got a reply (`ReplyTimeout`).
         """
         return await self._send(payload_of(command, payload), idempotency_key, metadata)
 
@@ -216,6 +246,7 @@ class IdentityClient:
             correlation_id=correlation_id,
             message_id=uuid.uuid4().hex,
             reply_to=DIRECT_REPLY_TO,
+            user_id=self._user_id,
         )
         try:
             await self._exchange.publish(message, routing_key=command, mandatory=True)
@@ -240,13 +271,14 @@ class IdentityClient:
         idempotency_key: str | None = None,
         metadata: MetadataArg = None,
     ) -> AccountResult:
-        payload = CreateAccount.model_validate(
-            {"email": email, "password": password, "display_name": display_name}
+        payload = validated(
+            CreateAccount, {"email": email, "password": password, "display_name": display_name}
         )
         return await self._call(AccountResult, payload, idempotency_key, metadata)
 
-    async def get_account(self, account_id: str) -> AccountResult:
-        return await self._call(AccountResult, GetAccount(account_id=account_id))
+    async def get_account(self, account_id: str, *, metadata: MetadataArg = None) -> AccountResult:
+        payload = validated(GetAccount, {"account_id": account_id})
+        return await self._call(AccountResult, payload, None, metadata)
 
     async def update_account(
         self,
@@ -257,17 +289,19 @@ class IdentityClient:
         display_name: str | None = None,
         current_password: SecretArg | None = None,
         idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
     ) -> AccountResult:
-        payload = UpdateAccount.model_validate(
+        payload = validated(
+            UpdateAccount,
             {
                 "account_id": account_id,
                 "expected_version": expected_version,
                 "email": email,
                 "display_name": display_name,
                 "current_password": current_password,
-            }
+            },
         )
-        return await self._call(AccountResult, payload, idempotency_key)
+        return await self._call(AccountResult, payload, idempotency_key, metadata)
 
     async def change_password(
         self,
@@ -276,15 +310,17 @@ class IdentityClient:
         new_password: SecretArg,
         *,
         idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
     ) -> ChangePasswordResult:
-        payload = ChangePassword.model_validate(
+        payload = validated(
+            ChangePassword,
             {
                 "account_id": account_id,
                 "current_password": current_password,
                 "new_password": new_password,
-            }
+            },
         )
-        return await self._call(ChangePasswordResult, payload, idempotency_key)
+        return await self._call(ChangePasswordResult, payload, idempotency_key, metadata)
 
     async def start_session(
         self,
@@ -294,24 +330,37 @@ class IdentityClient:
         idempotency_key: str | None = None,
         metadata: MetadataArg = None,
     ) -> StartSessionResult:
-        payload = StartSession.model_validate({"email": email, "password": password})
+        payload = validated(StartSession, {"email": email, "password": password})
         return await self._call(StartSessionResult, payload, idempotency_key, metadata)
 
-    async def verify_session(self, token: SecretArg) -> VerifySessionResult:
-        return await self._call(VerifySessionResult, VerifySession.model_validate({"token": token}))
+    async def verify_session(
+        self, token: SecretArg, *, metadata: MetadataArg = None
+    ) -> VerifySessionResult:
+        payload = validated(VerifySession, {"token": token})
+        return await self._call(VerifySessionResult, payload, None, metadata)
 
     async def end_session(
-        self, token: SecretArg, *, idempotency_key: str | None = None
+        self,
+        token: SecretArg,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
     ) -> EndSessionResult:
-        return await self._call(
-            EndSessionResult, EndSession.model_validate({"token": token}), idempotency_key
-        )
+        payload = validated(EndSession, {"token": token})
+        return await self._call(EndSessionResult, payload, idempotency_key, metadata)
 
     async def end_all_sessions(
-        self, account_id: str, *, idempotency_key: str | None = None
+        self,
+        account_id: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
     ) -> EndAllSessionsResult:
-        payload = EndAllSessions(account_id=account_id)
-        return await self._call(EndAllSessionsResult, payload, idempotency_key)
+        """Sign the account out everywhere. A caller granted this `@self` shows a session
+        token of the account: `metadata={"actor_token": token}` (so for get_account and
+        update_account)."""
+        payload = validated(EndAllSessions, {"account_id": account_id})
+        return await self._call(EndAllSessionsResult, payload, idempotency_key, metadata)
 
     async def disable_account(
         self,
@@ -322,7 +371,7 @@ class IdentityClient:
         metadata: MetadataArg = None,
     ) -> DisableAccountResult:
         """Stop the account now: its live sessions end, sign-in answers `account_disabled`."""
-        payload = DisableAccount(account_id=account_id, reason=reason)
+        payload = validated(DisableAccount, {"account_id": account_id, "reason": reason})
         return await self._call(DisableAccountResult, payload, idempotency_key, metadata)
 
     async def enable_account(
@@ -332,7 +381,7 @@ class IdentityClient:
         idempotency_key: str | None = None,
         metadata: MetadataArg = None,
     ) -> AccountResult:
-        payload = EnableAccount(account_id=account_id)
+        payload = validated(EnableAccount, {"account_id": account_id})
         return await self._call(AccountResult, payload, idempotency_key, metadata)
 
     async def delete_account(
@@ -343,7 +392,7 @@ class IdentityClient:
         metadata: MetadataArg = None,
     ) -> DeleteAccountResult:
         """Erase the account (irreversible): see the contract's "Erasure"."""
-        payload = DeleteAccount(account_id=account_id)
+        payload = validated(DeleteAccount, {"account_id": account_id})
         return await self._call(DeleteAccountResult, payload, idempotency_key, metadata)
 
     async def list_sessions(
@@ -358,7 +407,7 @@ class IdentityClient:
         fields: dict[str, Any] = {"account_id": account_id, "cursor": cursor}
         if limit is not None:
             fields["limit"] = limit
-        payload = ListSessions.model_validate(fields)
+        payload = validated(ListSessions, fields)
         return await self._call(ListSessionsResult, payload, None, metadata)
 
     async def revoke_session(
@@ -368,7 +417,7 @@ class IdentityClient:
         idempotency_key: str | None = None,
         metadata: MetadataArg = None,
     ) -> RevokeSessionResult:
-        payload = RevokeSession(session_id=session_id)
+        payload = validated(RevokeSession, {"session_id": session_id})
         return await self._call(RevokeSessionResult, payload, idempotency_key, metadata)
 
     # -- recovery and verification (contract v2) --------------------------------------------
@@ -382,7 +431,7 @@ class IdentityClient:
     ) -> AcceptedResult:
         """Ask for a recovery code to be mailed. Always accepted: whether the email has an
         account is not told, here or anywhere."""
-        payload = RequestRecovery(email=email)
+        payload = validated(RequestRecovery, {"email": email})
         return await self._call(AcceptedResult, payload, idempotency_key, metadata)
 
     async def complete_recovery(
@@ -397,18 +446,22 @@ class IdentityClient:
         """Set a new password with the mailed code; every live session of the account ends.
         Raises `InvalidCode` (wrong, expired, used, voided, unknown email), `RateLimited`,
         `ValidationFailed` (the new password)."""
-        payload = CompleteRecovery.model_validate(
-            {"email": email, "code": code, "new_password": new_password}
+        payload = validated(
+            CompleteRecovery, {"email": email, "code": code, "new_password": new_password}
         )
         return await self._call(RecoveryResult, payload, idempotency_key, metadata)
 
     async def request_verification(
-        self, account_id: str, *, idempotency_key: str | None = None
+        self,
+        account_id: str,
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
     ) -> AcceptedResult:
         """Mail a new verification code to the account's address (`NotFound` if no such
         account)."""
-        payload = RequestVerification(account_id=account_id)
-        return await self._call(AcceptedResult, payload, idempotency_key)
+        payload = validated(RequestVerification, {"account_id": account_id})
+        return await self._call(AcceptedResult, payload, idempotency_key, metadata)
 
     async def confirm_verification(
         self,
@@ -419,7 +472,7 @@ class IdentityClient:
         metadata: MetadataArg = None,
     ) -> AccountResult:
         """Prove the address with the mailed code (`InvalidCode`, `RateLimited`)."""
-        payload = ConfirmVerification.model_validate({"email": email, "code": code})
+        payload = validated(ConfirmVerification, {"email": email, "code": code})
         return await self._call(AccountResult, payload, idempotency_key, metadata)
 
     async def refresh_session(
@@ -442,7 +495,7 @@ class IdentityClient:
         if attempts < 1:
             raise ValueError("attempts must be at least 1")
         key = idempotency_key or str(uuid.uuid4())
-        payload = RefreshSession.model_validate({"refresh_token": refresh_token})
+        payload = validated(RefreshSession, {"refresh_token": refresh_token})
         for attempt in range(1, attempts + 1):
             try:
                 return await self._call(RefreshSessionResult, payload, key, metadata)
@@ -463,7 +516,7 @@ class IdentityClient:
         idempotency_key: str | None = None,
         metadata: MetadataArg = None,
     ) -> AccountResult:
-        payload = GrantRole(account_id=account_id, role=role)
+        payload = validated(GrantRole, {"account_id": account_id, "role": role})
         return await self._call(AccountResult, payload, idempotency_key, metadata)
 
     async def revoke_role(
@@ -474,5 +527,15 @@ class IdentityClient:
         idempotency_key: str | None = None,
         metadata: MetadataArg = None,
     ) -> AccountResult:
-        payload = RevokeRole(account_id=account_id, role=role)
+        payload = validated(RevokeRole, {"account_id": account_id, "role": role})
         return await self._call(AccountResult, payload, idempotency_key, metadata)
+
+
+def connection_user(connection: AbstractConnection) -> str | None:
+    """The broker user `connection` logged in as (aio-pika's default, guest, when its URL
+    names none); None when it cannot tell (a connection without a URL)."""
+    url = getattr(connection, "url", None)
+    if url is None:
+        return None
+    user = getattr(url, "user", None)
+    return str(user) if user else "guest"

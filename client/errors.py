@@ -20,15 +20,19 @@
     │   └── AccountDisabled         account_disabled
     ├── TransportError              no reply to read: .command
     │   ├── ReplyTimeout            no reply within the timeout, after every retry
-    │   └── Unroutable              the broker has no queue for the command (worker not up)
+    │   ├── Unroutable              the broker has no queue for the command (worker not up)
+    │   └── NotDeployed             the vhost has no identity.commands exchange
     └── InvalidAccessToken          an access token verified locally is not good (no round trip)
         └── AccessTokenExpired      ... only because it expired: refresh it
+
+    InvalidRequest (a ValueError)   refused locally, nothing sent: .fields
 
 `except ErrorReply` catches the worker's answers, `except TransportError` what the broker did
 (or did not) carry, as httpx tells `HTTPStatusError` from `RequestError`. After a
 `ReplyTimeout` the command may still have taken effect: send it again with the same
 idempotency key. A payload that the message models reject never reaches the broker: it raises
-pydantic's `ValidationError` locally, not `ValidationFailed`.
+`InvalidRequest` locally, not `ValidationFailed`. Its text names each field and what is wrong
+with it, never the value (pydantic's own error quotes the input: a password, a token).
 """
 
 from __future__ import annotations
@@ -149,6 +153,28 @@ class ReplyTimeout(TransportError):
         super().__init__(f"no reply to {command} after {attempts} attempt(s)", command=command)
         self.idempotency_key = idempotency_key
         self.attempts = attempts
+
+
+class NotDeployed(TransportError):
+    """The vhost has no `identity.commands` exchange: no worker ever started on it, and the
+    deployment's broker definitions were not loaded. Nothing was sent."""
+
+    def __init__(self, exchange: str) -> None:
+        super().__init__(
+            f"the broker has no exchange {exchange}: is the identity service deployed on this "
+            "vhost?",
+            command="",
+        )
+
+
+class InvalidRequest(ValueError):
+    """A command the contract refuses, caught before it was sent. `fields` says which field
+    and what is wrong; neither they nor the text hold the value given (it may be a secret)."""
+
+    def __init__(self, fields: Sequence[FieldError]) -> None:
+        self.fields = list(fields)
+        details = "; ".join(f"{f.field}: {f.message}" for f in self.fields)
+        super().__init__(f"invalid request: {details}")
 
 
 class Unroutable(TransportError):

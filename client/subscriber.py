@@ -47,13 +47,21 @@ async def subscribe(
     queue: str,
     dedupe_window: int = 10000,
     prefetch: int = 100,
+    worker_user: str | None = None,
 ) -> AsyncIterator[Event]:
     """Yield the events whose type matches `event_types` (topic patterns such as
     `session.*`; all events when none is given) from the durable queue `queue`.
 
     The queue is the subscriber's own: a durable quorum queue, declared and bound here, that
     keeps events while the subscriber is away. Give each consuming service its own name;
-    instances of one service that share a name share the work.
+    instances of one service that share a name share the work. With the shipped broker
+    permissions a subscriber may declare only queues named after its broker user
+    (`<user>.…`); `identity.events` itself is only checked (a passive declare).
+
+    `worker_user` is the identity worker's broker user. Give it: an event is then yielded
+    only if RabbitMQ vouches that the worker published it (its `user_id`); any other is a
+    neighbour's forgery, acked, logged and dropped. Without it, every event that parses is
+    yielded.
 
     Each event is acked only when the loop asks for the next one, i.e. after the loop body
     has finished with it. If the body raises (or the loop is left with `break`), that event
@@ -73,7 +81,7 @@ async def subscribe(
         try:
             await channel.set_qos(prefetch_count=prefetch)
             bound = await _declare(channel, queue, event_types or ("#",))
-            async for event in _consume(bound, _SeenIds(dedupe_window)):
+            async for event in _consume(bound, _SeenIds(dedupe_window), worker_user):
                 yield event
         finally:
             # Closing the channel hands every unacked event back to the broker.
@@ -86,11 +94,9 @@ async def subscribe(
 async def _declare(
     channel: aio_pika.abc.AbstractChannel, queue: str, routing_keys: tuple[str, ...]
 ) -> AbstractQueue:
-    # Same arguments as the worker's declaration, so this is a no-op once it exists, and
-    # the subscriber may start first.
-    exchange = await channel.declare_exchange(
-        EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
-    )
+    # Passive: the exchange is the worker's (or the deployment's definitions'); a
+    # subscriber has no permission to declare it.
+    exchange = await channel.get_exchange(EVENTS_EXCHANGE, ensure=True)
     declared = await channel.declare_queue(
         queue, durable=True, arguments={"x-queue-type": "quorum"}
     )
@@ -99,9 +105,19 @@ async def _declare(
     return declared
 
 
-async def _consume(queue: AbstractQueue, seen: _SeenIds) -> AsyncIterator[Event]:
+async def _consume(
+    queue: AbstractQueue, seen: _SeenIds, worker_user: str | None = None
+) -> AsyncIterator[Event]:
     async with queue.iterator() as messages:
         async for message in messages:
+            if worker_user is not None and message.user_id != worker_user:
+                log.warning(
+                    "dropped an event the identity worker did not publish (user_id %r, type %r)",
+                    message.user_id,
+                    message.routing_key,
+                )
+                await _ack(message)
+                continue
             event = await _decode(message)
             if event is None:
                 continue

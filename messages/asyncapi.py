@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
-from messages.commands import COMMANDS, CommandEnvelope, CommandSpec
+from messages.commands import COMMANDS, ActsOn, CommandEnvelope, CommandSpec
 from messages.courier import COURIER_KINDS, CourierMessage
 from messages.deadletters import DeadLetterRecord
 from messages.events import EVENT_TYPES
@@ -75,7 +75,15 @@ EVENT_SUMMARIES: dict[str, str] = {
 _DESCRIPTION = (
     "Commands in with request/reply, domain events out, over RabbitMQ (AMQP 0-9-1). "
     "Generated from the message models; the contract explained with examples, error "
-    "handling, idempotency and delivery semantics is in docs/contract.md."
+    "handling, idempotency and delivery semantics is in docs/contract.md.\n\n"
+    "Trust: every command is authorised by its AMQP `user_id` (RabbitMQ refuses a "
+    "`user_id` that is not the publishing connection's user) against the worker's caller "
+    "policy (IDENTITY_CALLERS); a command the policy does not grant is answered `forbidden` "
+    "and nothing runs. A grant `@self` lets a caller act only on the account whose live "
+    "session token it sends as `metadata.actor_token`. Replies, events and dead letters are "
+    "published with `user_id` = the worker's broker user: a consumer that knows that user "
+    "drops anything else as a forgery. Callers need no permission on the identity exchanges "
+    "but write on `identity.commands` (check them with passive declares)."
 )
 
 
@@ -216,6 +224,25 @@ def _message(name: str, title: str, summary: str, payload: Any, where: str) -> d
     }
 
 
+def _authorised(spec: CommandSpec) -> str:
+    """Who may send the command: what the caller policy checks for it."""
+    text = (
+        "Authorised by the AMQP `user_id` against the caller policy; without a grant the "
+        "reply is `forbidden` and nothing runs (nothing is stored under the idempotency key)."
+    )
+    if spec.allows_self_grant:
+        target = (
+            "the account of `payload.session_id`"
+            if spec.acts_on is ActsOn.SESSION_ACCOUNT
+            else f"`{spec.acts_on.value}`"
+        )
+        text += (
+            f" It acts on {target}: a caller granted `{spec.name}@self` must send "
+            "`metadata.actor_token`, a live session token of that very account."
+        )
+    return text
+
+
 def _operation(action: str, channel: str, message: str, summary: str) -> dict[str, Any]:
     return {
         "action": action,
@@ -241,9 +268,15 @@ class _Builder:
             [_lower_camel(name) + "Reply" for name in COMMANDS],
             title="Replies",
             description=(
-                "The queue named by the command's `reply_to` (a named queue or "
-                f"`{DIRECT_REPLY_TO}`), reached through the default exchange. Exactly one "
-                "reply per delivery that has a `reply_to`."
+                "The queue named by the command's `reply_to`, reached through the default "
+                f"exchange: `{DIRECT_REPLY_TO}`, or a queue whose name starts with the "
+                "caller's broker user and a dot (`web.replies`); with no caller policy "
+                "(development) any queue whose name does not start with `identity.`. A "
+                "command with any other `reply_to` is not run, gets no reply, and is "
+                "dead-lettered (reason `reply_to_refused`). At most one reply per delivery "
+                "that has a `reply_to`, published with `user_id` = the worker's broker user; "
+                "a reply the broker refuses (a full queue) or returns (no such queue) is "
+                "lost, never retried."
             ),
             bindings=_exchange_binding("", "default"),
         )
@@ -254,6 +287,7 @@ class _Builder:
         self.messages[command_id] = _message(
             spec.name, f"{spec.name} command", spec.summary, _ref(name + "Command"), "request"
         )
+        self.messages[command_id]["description"] = _authorised(spec)
         self.messages[reply_id] = _message(
             f"{spec.name}.reply",
             f"{spec.name} reply",
@@ -305,9 +339,11 @@ class _Builder:
             "description": (
                 "The worker's record of the message, routed by `reason`: its envelope, its "
                 "size, and its body with every secret masked when it was a JSON object. "
-                "Should the broker's own delivery-limit backstop ever fire before the worker's "
-                "limit, the raw command is found here instead (AMQP header "
-                "`x-first-death-reason`); it may hold secrets and is never sent again."
+                "What the broker dead-letters itself (a command past its queue's delivery "
+                "limit, expired, or rejected) goes first to an internal exchange only the "
+                "worker reads, and arrives here as the same redacted record, with the "
+                "broker's reason. Nothing raw ever reaches this queue. Published with "
+                "`user_id` = the worker's broker user."
             ),
             "contentType": CONTENT_TYPE,
             "payload": _ref(DeadLetterRecord.__name__),

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Annotated, Any
 
 import orjson
@@ -228,6 +229,18 @@ class RevokeRole(Model):
     role: RoleName
 
 
+class ActsOn(StrEnum):
+    """Which account a command acts on: what an `@self` grant (contract v2) is checked
+    against."""
+
+    # Creates an account, or is about a session its token already proves.
+    NO_ACCOUNT = "no_account"
+    # The account named by `payload.account_id`.
+    PAYLOAD_ACCOUNT = "payload.account_id"
+    # The account of the session named by `payload.session_id` (a look-up).
+    SESSION_ACCOUNT = "payload.session_id"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CommandSpec:
     """What the worker, the client and the AsyncAPI document need to know about a command.
@@ -243,6 +256,32 @@ class CommandSpec:
     # them never delays the cheap ones.
     password_work: bool
     summary: str
+    # The account the command acts on; an `@self` grant of a command that acts on none is a
+    # settings error at start.
+    acts_on: ActsOn
+    # False for commands nobody may be granted on their own account only, though they act on
+    # one (granting oneself a role).
+    self_grantable: bool = True
+
+    @property
+    def allows_self_grant(self) -> bool:
+        """Whether a caller policy may grant this command `@self`."""
+        return self.self_grantable and self.acts_on is not ActsOn.NO_ACCOUNT
+
+    def target_account(self, payload: Model) -> str | None:
+        """The id of the account `payload` (this command's payload) names, if it names one
+        (SESSION_ACCOUNT commands name a session instead: `target_session`)."""
+        if self.acts_on is ActsOn.PAYLOAD_ACCOUNT:
+            account_id: str = getattr(payload, "account_id")  # noqa: B009 - checked at import
+            return account_id
+        return None
+
+    def target_session(self, payload: Model) -> str | None:
+        """The id of the session whose account `payload` acts on, for SESSION_ACCOUNT."""
+        if self.acts_on is ActsOn.SESSION_ACCOUNT:
+            session_id: str = getattr(payload, "session_id")  # noqa: B009 - checked at import
+            return session_id
+        return None
 
 
 _SPECS = (
@@ -252,6 +291,7 @@ _SPECS = (
         result=AccountResult,
         changes_state=True,
         password_work=True,
+        acts_on=ActsOn.NO_ACCOUNT,
         summary="Create an account.",
     ),
     CommandSpec(
@@ -260,6 +300,7 @@ _SPECS = (
         result=AccountResult,
         changes_state=False,
         password_work=False,
+        acts_on=ActsOn.PAYLOAD_ACCOUNT,
         summary="Read an account by id.",
     ),
     CommandSpec(
@@ -268,6 +309,7 @@ _SPECS = (
         result=AccountResult,
         changes_state=True,
         password_work=True,
+        acts_on=ActsOn.PAYLOAD_ACCOUNT,
         summary="Change email and/or display name (optimistic concurrency).",
     ),
     CommandSpec(
@@ -276,6 +318,7 @@ _SPECS = (
         result=ChangePasswordResult,
         changes_state=True,
         password_work=True,
+        acts_on=ActsOn.PAYLOAD_ACCOUNT,
         summary="Change the password; all the account's live sessions end.",
     ),
     CommandSpec(
@@ -284,6 +327,7 @@ _SPECS = (
         result=StartSessionResult,
         changes_state=True,
         password_work=True,
+        acts_on=ActsOn.NO_ACCOUNT,
         summary="Sign in: returns the session and its token.",
     ),
     CommandSpec(
@@ -292,6 +336,7 @@ _SPECS = (
         result=VerifySessionResult,
         changes_state=False,
         password_work=False,
+        acts_on=ActsOn.NO_ACCOUNT,
         summary="Verify a session token.",
     ),
     CommandSpec(
@@ -300,6 +345,7 @@ _SPECS = (
         result=EndSessionResult,
         changes_state=True,
         password_work=False,
+        acts_on=ActsOn.NO_ACCOUNT,
         summary="Sign out one session; ending one that is over already is not an error.",
     ),
     CommandSpec(
@@ -308,6 +354,7 @@ _SPECS = (
         result=EndAllSessionsResult,
         changes_state=True,
         password_work=False,
+        acts_on=ActsOn.PAYLOAD_ACCOUNT,
         summary="Sign out everywhere.",
     ),
     CommandSpec(
@@ -316,6 +363,7 @@ _SPECS = (
         result=DisableAccountResult,
         changes_state=True,
         password_work=False,
+        acts_on=ActsOn.PAYLOAD_ACCOUNT,
         summary="Disable an account: every live session ends, sign-in is refused.",
     ),
     CommandSpec(
@@ -324,6 +372,7 @@ _SPECS = (
         result=AccountResult,
         changes_state=True,
         password_work=False,
+        acts_on=ActsOn.PAYLOAD_ACCOUNT,
         summary="Enable a disabled account: sign-in works again (old sessions stay ended).",
     ),
     CommandSpec(
@@ -332,6 +381,7 @@ _SPECS = (
         result=DeleteAccountResult,
         changes_state=True,
         password_work=False,
+        acts_on=ActsOn.PAYLOAD_ACCOUNT,
         summary="Erase an account: its personal data, sessions and stored replies.",
     ),
     CommandSpec(
@@ -340,6 +390,7 @@ _SPECS = (
         result=ListSessionsResult,
         changes_state=False,
         password_work=False,
+        acts_on=ActsOn.PAYLOAD_ACCOUNT,
         summary="List an account's live sessions, oldest first, a page at a time.",
     ),
     CommandSpec(
@@ -348,6 +399,7 @@ _SPECS = (
         result=RevokeSessionResult,
         changes_state=True,
         password_work=False,
+        acts_on=ActsOn.SESSION_ACCOUNT,
         summary="End one session by id; ending one that is over already is not an error.",
     ),
     # Contract v2, section 2: recovery and verification by one-time codes.
@@ -357,6 +409,7 @@ _SPECS = (
         result=AcceptedResult,
         changes_state=True,
         password_work=False,
+        acts_on=ActsOn.NO_ACCOUNT,
         summary="Mail a recovery code if the email has an active account; always accepted.",
     ),
     CommandSpec(
@@ -365,6 +418,7 @@ _SPECS = (
         result=RecoveryResult,
         changes_state=True,
         password_work=True,
+        acts_on=ActsOn.NO_ACCOUNT,
         summary="Set a new password with a recovery code; every live session ends.",
     ),
     CommandSpec(
@@ -373,6 +427,7 @@ _SPECS = (
         result=AcceptedResult,
         changes_state=True,
         password_work=False,
+        acts_on=ActsOn.PAYLOAD_ACCOUNT,
         summary="Mail a new verification code to the account's email address.",
     ),
     CommandSpec(
@@ -381,6 +436,7 @@ _SPECS = (
         result=AccountResult,
         changes_state=True,
         password_work=False,
+        acts_on=ActsOn.NO_ACCOUNT,
         summary="Mark the email address verified with the code mailed to it.",
     ),
     CommandSpec(
@@ -389,6 +445,7 @@ _SPECS = (
         result=RefreshSessionResult,
         changes_state=True,
         password_work=False,
+        acts_on=ActsOn.NO_ACCOUNT,
         summary="New access and refresh tokens for a refresh token, which is used up; a used "
         "one presented again ends the session.",
     ),
@@ -398,6 +455,7 @@ _SPECS = (
         result=JwksResult,
         changes_state=False,
         password_work=False,
+        acts_on=ActsOn.NO_ACCOUNT,
         summary="The JWKS (RFC 7517) of the keys that sign access tokens.",
     ),
     CommandSpec(
@@ -406,6 +464,9 @@ _SPECS = (
         result=AccountResult,
         changes_state=True,
         password_work=False,
+        acts_on=ActsOn.PAYLOAD_ACCOUNT,
+        # Nobody grants themselves a role: `@self` on it is a settings error.
+        self_grantable=False,
         summary="Give the account a role (granting a held role changes nothing).",
     ),
     CommandSpec(
@@ -414,6 +475,9 @@ _SPECS = (
         result=AccountResult,
         changes_state=True,
         password_work=False,
+        acts_on=ActsOn.PAYLOAD_ACCOUNT,
+        # Nobody grants themselves a role: `@self` on it is a settings error.
+        self_grantable=False,
         summary="Take a role from the account (revoking a missing role changes nothing).",
     ),
 )
@@ -423,6 +487,11 @@ COMMANDS: dict[str, CommandSpec] = {spec.name: spec for spec in _SPECS}
 _BY_PAYLOAD: dict[type[Model], CommandSpec] = {spec.payload: spec for spec in _SPECS}
 if not len(COMMANDS) == len(_BY_PAYLOAD) == len(_SPECS):
     raise RuntimeError("two commands share a name or a payload model")
+_TARGET_FIELDS = {ActsOn.PAYLOAD_ACCOUNT: "account_id", ActsOn.SESSION_ACCOUNT: "session_id"}
+for _spec in _SPECS:
+    _field = _TARGET_FIELDS.get(_spec.acts_on)
+    if _field is not None and _field not in _spec.payload.model_fields:
+        raise RuntimeError(f"{_spec.name} acts on payload.{_field} but has no such field")
 
 
 def spec_of(payload: type[Model]) -> CommandSpec:

@@ -40,8 +40,12 @@ class DeadLetterRecord(Model):
     """One dead letter, as the worker writes it (JSON, routing key = `reason`)."""
 
     reason: str = Field(
-        description="Why the worker gave up on the message: too_large, wrong_content_type, "
-        "delivery_limit, malformed_json, not_an_object, retries_exhausted or unexpected_error."
+        description="Why the message is here. The worker gave up on it: too_large, "
+        "wrong_content_type, delivery_limit, malformed_json, not_an_object, "
+        "retries_exhausted, unexpected_error, or reply_to_refused (its reply_to is not the "
+        "caller's, so nothing ran). Or the broker dead-lettered it and the worker redacted "
+        "it: delivery_limit, expired, rejected, maxlen (dead_lettered if the broker gave no "
+        "known reason)."
     )
     command: str | None = Field(description="The routing key the message came with.")
     dead_lettered_at: UtcDatetime
@@ -50,7 +54,9 @@ class DeadLetterRecord(Model):
     reply_to: str | None = None
     content_type: str | None = None
     delivery_count: int = Field(
-        ge=0, description="The quorum queue's `x-delivery-count` when the worker gave up."
+        ge=0,
+        description="The quorum queue's `x-delivery-count` when the worker gave up (0 on a "
+        "first delivery, and for what the broker dead-lettered).",
     )
     body_bytes: int = Field(ge=0, description="The size of the body as it arrived.")
     body: Annotated[dict[str, Any] | None, AfterValidator(_shallow)] = Field(

@@ -1,5 +1,8 @@
 """Broker names pinned by contract v1. The worker's own queues are the worker's business."""
 
+# Every exchange and queue of the identity service is named under this prefix (and the
+# worker's broker user has permissions on it alone).
+IDENTITY_PREFIX = "identity."
 COMMANDS_EXCHANGE = "identity.commands"  # direct; routing key = command name
 # Commands nobody is bound for go to this fanout (the commands exchange's alternate exchange),
 # whose only queue is a worker's: the caller gets `unknown_command` instead of silence.

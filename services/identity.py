@@ -26,6 +26,7 @@ from messages import (
     EndSession,
     EndSessionResult,
     GetAccount,
+    Session,
     StartSession,
     StartSessionResult,
     UpdateAccount,
@@ -486,7 +487,29 @@ class IdentityService:
     async def verify_session(
         self, cmd: VerifySession, ctx: CommandContext = NO_CONTEXT
     ) -> VerifySessionResult:
-        session_id, _ = self._signer.verify(cmd.token.get_secret_value())
+        session, account, now = await self._live_session(cmd.token)
+        if now - session.last_seen_at >= self._sessions.touch_interval:
+            await self._store.touch_session(session.id, now)
+        return VerifySessionResult(session=to_session(session), account=to_account(account))
+
+    async def acting_session(self, token: SecretStr) -> Session:
+        """The live session that `token` proves, checked as `session.verify` checks it; for a
+        caller acting on its own account (an `@self` grant). Not a sign of the user's
+        activity: the session's `last_seen` is left alone. Raises InvalidTokenError or
+        SessionExpiredError."""
+        session, _, _ = await self._live_session(token)
+        return to_session(session)
+
+    async def session_account(self, session_id: str) -> str | None:
+        """The id of the account session `session_id` belongs to, None if there is no such
+        session: what an `@self` grant of `session.revoke` is checked against."""
+        found = await self._store.get_session_with_account(session_id)
+        return found[0].account_id if found is not None else None
+
+    async def _live_session(
+        self, token: SecretStr
+    ) -> tuple[SessionRecord, AccountRecord, datetime]:
+        session_id, _ = self._signer.verify(token.get_secret_value())
         found = await self._store.get_session_with_account(session_id)
         if found is None:
             raise SessionExpiredError()
@@ -496,9 +519,7 @@ class IdentityService:
         # did not is refused all the same.
         if not self._is_live(session, now) or account.status != "active":
             raise SessionExpiredError()
-        if now - session.last_seen_at >= self._sessions.touch_interval:
-            await self._store.touch_session(session.id, now)
-        return VerifySessionResult(session=to_session(session), account=to_account(account))
+        return session, account, now
 
     def _is_live(self, session: SessionRecord, now: datetime) -> bool:
         return session_is_live(session, now, self._sessions.idle_timeout)

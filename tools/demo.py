@@ -30,7 +30,7 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
-from client import IdentityClient, IdentityClientError
+from client import IdentityClient, IdentityClientError, NotDeployed
 from messages.topology import COURIER_QUEUE
 from tools.common import (
     BROKER_ERRORS,
@@ -240,9 +240,12 @@ async def _demo(url: str, timeout_s: float) -> int:
     except BROKER_ERRORS as exc:
         return broker_unreachable(url, exc)
     try:
-        tap = await EventTap.open(connection)
         async with IdentityClient(connection, timeout=timeout_s, retries=1) as client:
+            tap = await EventTap.open(connection)
             passed = await play(Story(client, tap, connection), timeout_s)
+    except NotDeployed as exc:
+        print(f"identity-worker demo: {exc}", file=sys.stderr)
+        passed = False
     except BROKER_ERRORS as exc:
         return broker_unreachable(url, exc)
     finally:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from pydantic import ValidationError
 
@@ -53,10 +52,8 @@ class EventTap:
     @classmethod
     async def open(cls, connection: AbstractConnection) -> EventTap:
         channel = await connection.channel()
-        # Same arguments as the worker's declaration: a no-op when it exists.
-        exchange = await channel.declare_exchange(
-            EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
-        )
+        # Passive: the exchange is the worker's; the demo declares only its own queue.
+        exchange = await channel.get_exchange(EVENTS_EXCHANGE, ensure=True)
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         await queue.bind(exchange, routing_key="#")
         tap = cls(channel)

@@ -24,7 +24,8 @@ from worker.bootstrap import DEV_MODE_WARNING, Components
 from worker.health import HealthState, export_readiness, run_heartbeat, run_readiness_probe
 from worker.settings import Settings, redacted_url
 from worker.sidecar import Sidecar
-from worker.topology import FAST_QUEUE, PASSWORD_QUEUE
+from worker.topology import BROKER_DEAD_QUEUE, FAST_QUEUE, PASSWORD_QUEUE
+from worker.upgrade import V1Retirement
 
 log = logging.getLogger("identity.worker")
 
@@ -34,13 +35,14 @@ PURGE_EVERY_S = 600.0
 # running in dev mode cannot go unnoticed in its logs.
 DEV_MODE_REMINDER_S = 600.0
 # The bounds of a stop's steps besides the grace period: consumers cancelled, then commands
-# that outlived the grace, the outbox flushed once, three channels, the connection and the
-# pool closed. A stop takes at most IDENTITY_SHUTDOWN_GRACE_S + STOP_STEPS_S, and the hash a
-# thread may still be running (a fraction of a second).
+# that outlived the grace, the outbox flushed once, the v1 queues' channels (all at once),
+# four channels, the connection and the pool closed. A stop takes at most
+# IDENTITY_SHUTDOWN_GRACE_S + STOP_STEPS_S, and the hash a thread may still be running (a
+# fraction of a second).
 CANCEL_CONSUMERS_S = 5.0
 FLUSH_OUTBOX_S = 5.0
 CLOSE_EACH_S = 2.0
-STOP_STEPS_S = 2 * CANCEL_CONSUMERS_S + FLUSH_OUTBOX_S + 5 * CLOSE_EACH_S
+STOP_STEPS_S = 2 * CANCEL_CONSUMERS_S + FLUSH_OUTBOX_S + 7 * CLOSE_EACH_S
 
 
 class Worker:
@@ -72,6 +74,9 @@ class Worker:
         self._in_flight_gauges = {
             queue: parts.metrics.commands_in_flight.labels(queue) for queue in self._slots
         }
+        self._retirement = V1Retirement(
+            parts.connection, self._on_message, prefetch=parts.settings.fast_prefetch
+        )
 
     async def start(self) -> None:
         settings = self.parts.settings
@@ -87,6 +92,9 @@ class Worker:
             self._tasks.append(asyncio.create_task(self._remind_dev_mode(), name="dev-mode"))
         await self._consume(self.parts.password_channel, PASSWORD_QUEUE)
         await self._consume(self.parts.fast_channel, FAST_QUEUE)
+        await self._consume_dead_letters()
+        # A worker of the previous version may have left commands in its queues.
+        self._tasks.append(asyncio.create_task(self._retirement.run(), name="v1-retirement"))
         # Only now can a probe's success mean ready: both consumers exist.
         self._tasks.append(asyncio.create_task(self._probe(), name="readiness-probe"))
         # What exists now (modules, models, pools, connections) lives as long as the worker:
@@ -98,7 +106,7 @@ class Worker:
                 "amqp": redacted_url(settings.amqp_url.get_secret_value()),
                 "database": redacted_url(settings.database_url.get_secret_value()),
                 "http_port": self.http_port,
-                "queues": [PASSWORD_QUEUE, FAST_QUEUE],
+                "queues": [PASSWORD_QUEUE, FAST_QUEUE, BROKER_DEAD_QUEUE],
                 **huge_pages_settings(),  # argon2's memory on huge pages or not
             },
         )
@@ -107,6 +115,29 @@ class Worker:
         queue = await channel.get_queue(name, ensure=True)
         tag = await queue.consume(partial(self._on_message, name))
         self._consumers.append((queue, tag))
+
+    async def _consume_dead_letters(self) -> None:
+        queue = await self.parts.dead_channel.get_queue(BROKER_DEAD_QUEUE, ensure=True)
+        tag = await queue.consume(self._on_dead_letter)
+        self._consumers.append((queue, tag))
+
+    async def _on_dead_letter(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._in_flight.add(task)
+        try:
+            if self._draining:
+                await self.parts.acks.nack(message, requeue=True)
+                return
+            await self.parts.forwarder.handle(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("dead letter not forwarded; it will be redelivered")
+            with contextlib.suppress(Exception):
+                await self.parts.acks.nack(message, requeue=True)
+        finally:
+            self._in_flight.discard(task)
 
     async def _on_message(self, queue: str, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()
@@ -160,6 +191,7 @@ class Worker:
                 asyncio.wait_for(queue.cancel(tag), timeout=CANCEL_CONSUMERS_S)
                 for queue, tag in self._consumers
             ),
+            self._retirement.cancel(),  # the v1 queues' consumers, bounded the same
             return_exceptions=True,
         )
         if self._in_flight:
@@ -191,9 +223,11 @@ class Worker:
 
     async def _close(self) -> None:
         parts = self.parts
+        await self._retirement.close()
         for closing in (
             parts.fast_channel.close(),
             parts.password_channel.close(),
+            parts.dead_channel.close(),
             parts.publish_channel.close(),
             parts.connection.close(),
         ):

@@ -37,8 +37,10 @@ from stores import (
 )
 from stores.postgres import PostgresIdentityStore
 from worker.acks import Acknowledger
+from worker.authorise import Authoriser
 from worker.broker import DeadLetters, ReplySender, StoppableRobustConnection
-from worker.courier_relay import CourierRelay, CourierRelayMetrics, broker_user, declare_courier
+from worker.courier_relay import CourierRelay, CourierRelayMetrics, declare_courier
+from worker.forwarder import DeadLetterForwarder
 from worker.handlers import handler_table
 from worker.metrics import Metrics, create_metrics, observer
 from worker.outbox import OutboxRelay
@@ -74,8 +76,10 @@ class Components:
     fast_channel: AbstractRobustChannel
     password_channel: AbstractRobustChannel
     publish_channel: AbstractRobustChannel
+    dead_channel: AbstractRobustChannel
     topology: Topology
     processor: CommandProcessor
+    forwarder: DeadLetterForwarder
     relay: OutboxRelay
     courier: CourierRelay
     acks: Acknowledger
@@ -122,6 +126,9 @@ DEV_MODE_WARNING = (
     " are accepted. Never run this in production."
 )
 
+
+# Broker dead letters in flight at once: they are rare, and each is small work.
+DEAD_LETTER_PREFETCH = 16
 
 # The hashing threads' nice value: see services.passwords (cheap commands come first).
 HASHING_NICENESS = 10
@@ -325,7 +332,11 @@ async def _assemble(
     password_channel = await connection.channel()
     await password_channel.set_qos(prefetch_count=settings.effective_password_prefetch)
     publish_channel = await connection.channel(publisher_confirms=True)
+    dead_channel = await connection.channel()
+    await dead_channel.set_qos(prefetch_count=DEAD_LETTER_PREFETCH)
     topology = await declare_topology(publish_channel, delivery_limit=settings.delivery_limit)
+    # Everything the worker publishes carries its broker user, which RabbitMQ vouches for.
+    user_id = settings.broker_user
     relay = OutboxRelay(
         store,
         publish_channel,
@@ -334,6 +345,7 @@ async def _assemble(
         clock.now,
         batch=settings.outbox_batch,
         poll_s=settings.outbox_poll_s,
+        user_id=user_id,
     )
     await declare_courier(publish_channel)
     courier = CourierRelay(
@@ -342,7 +354,7 @@ async def _assemble(
         code_keys,
         CourierRelayMetrics.on(metrics.registry),
         clock.now,
-        user_id=broker_user(settings.amqp_url.get_secret_value()),
+        user_id=user_id,
         batch=settings.courier_batch,
         poll_s=settings.outbox_poll_s,
     )
@@ -352,18 +364,30 @@ async def _assemble(
         courier.wake()
 
     acks = Acknowledger()
+    dead_letters = DeadLetters(
+        publish_channel, topology.dead_exchange.name, metrics, clock, user_id=user_id
+    )
     processor = CommandProcessor(
         handler_table(service),
         acks,
-        ReplySender(publish_channel, metrics),
-        DeadLetters(publish_channel, topology.dead_exchange.name, metrics, clock),
+        ReplySender(publish_channel, metrics, user_id=user_id),
+        dead_letters,
         metrics,
         RetryPolicy(settings.retry_attempts, settings.retry_max_delay_s),
+        authoriser=Authoriser(
+            settings.caller_policy(), service.acting_session, service.session_account, metrics
+        ),
         max_message_bytes=settings.max_message_bytes,
         worker_delivery_limit=settings.worker_delivery_limit,
         on_committed=committed,
         log_queries=settings.log_queries,
         gateways=settings.gateway_users,
+    )
+    forwarder = DeadLetterForwarder(
+        dead_letters,
+        acks,
+        max_message_bytes=settings.max_message_bytes,
+        worker_delivery_limit=settings.worker_delivery_limit,
     )
     return Components(
         settings=settings,
@@ -377,8 +401,10 @@ async def _assemble(
         fast_channel=fast_channel,
         password_channel=password_channel,
         publish_channel=publish_channel,
+        dead_channel=dead_channel,
         topology=topology,
         processor=processor,
+        forwarder=forwarder,
         relay=relay,
         courier=courier,
         acks=acks,

@@ -11,12 +11,14 @@ import aio_pika
 import aiormq
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 from pydantic import ValidationError
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
     retry_if_exception_type,
+    retry_if_not_exception_type,
     stop_after_delay,
     wait_exponential_jitter,
 )
@@ -40,6 +42,11 @@ BROKER_FAULTS = (
     RuntimeError,  # "Channel closed" while the robust channel is being restored
 )
 
+# The broker's answers to a publish that are not faults: a nack (DeliveryError: a queue
+# refused the message, e.g. a full one with `x-overflow: reject-publish`) and a return
+# (PublishError, a DeliveryError: a mandatory message no queue took).
+BROKER_REFUSALS = (aiormq.exceptions.DeliveryError,)
+
 # How long one publish may take (connection, channel and confirm) before it counts as a
 # broker fault.
 PUBLISH_TIMEOUT_S = 10.0
@@ -50,7 +57,8 @@ def broker_retrying(metrics: Metrics, operation: str, deadline_s: float) -> Asyn
         metrics.retries_total.labels(operation).inc()
 
     return AsyncRetrying(
-        retry=retry_if_exception_type(BROKER_FAULTS),
+        # A nack or a return is the broker's answer, not a fault: sending again gets the same.
+        retry=retry_if_exception_type(BROKER_FAULTS) & retry_if_not_exception_type(BROKER_REFUSALS),
         stop=stop_after_delay(deadline_s),
         wait=wait_exponential_jitter(multiplier=0.1, max=2.0),
         before_sleep=count,
@@ -65,23 +73,34 @@ async def publish_confirmed(
     routing_key: str,
     body: bytes,
     properties: Basic.Properties,
+    mandatory: bool = False,
 ) -> None:
     """Publish on the channel (which must have publisher confirms) and wait for the broker's
-    ack; a nack raises aiormq's DeliveryError, a broker fault one of BROKER_FAULTS.
+    ack; a nack raises aiormq's DeliveryError, a return of a `mandatory` message its
+    PublishError, a broker fault one of BROKER_FAULTS.
 
     Every publish of the worker (replies, events, dead letters) goes to aiormq, the protocol
     layer under aio-pika, on the robust channel's current connection: aio-pika's
     Exchange.publish does the same through a Message object and cost about 40 us more CPU per
-    publish (see BENCHMARKS.md). Not mandatory: a reply whose caller has gone, or an event
-    nobody subscribes to, is dropped by the broker, which is what the aio-pika path did too.
+    publish (see BENCHMARKS.md). Events and dead letters are not mandatory: an event nobody
+    subscribes to is dropped by the broker, which is what the aio-pika path did too.
     """
     # The deadline covers waiting for a reconnecting channel too: a robust channel's
     # underlay is only handed out once the connection is back, however long that takes.
     async with asyncio.timeout(PUBLISH_TIMEOUT_S):
         underlay = await channel.get_underlay_channel()
-        await underlay.basic_publish(
-            body, exchange=exchange, routing_key=routing_key, properties=properties
+        confirmation = await underlay.basic_publish(
+            body,
+            exchange=exchange,
+            routing_key=routing_key,
+            properties=properties,
+            mandatory=mandatory,
         )
+    # A channel without `on_return_raises` answers a return with the returned message.
+    if isinstance(confirmation, DeliveredMessage) and isinstance(
+        confirmation.delivery, Basic.Return
+    ):
+        raise aiormq.exceptions.PublishError(confirmation, confirmation.delivery)
 
 
 class StoppableRobustConnection(aio_pika.RobustConnection):
@@ -99,41 +118,95 @@ class StoppableRobustConnection(aio_pika.RobustConnection):
 
 
 class ReplySender:
-    """Sends exactly one reply per delivery to its `reply_to`, via the default exchange."""
+    """Sends at most one reply per delivery to its `reply_to`, via the default exchange.
 
-    def __init__(self, channel: AbstractChannel, metrics: Metrics, deadline_s: float = 30.0):
+    Replies carry the worker's broker user as `user_id` (RabbitMQ vouches for it), so a
+    caller can tell them from a neighbour's forgery. A reply the broker refuses (a full queue
+    nacks it) or returns (a named queue that does not exist) is final: the command's effect
+    stands, the loss is counted in `identity_replies_lost_total{reason}`, and the delivery is
+    acked. Sending it again would get the same answer, and retrying for the whole deadline is
+    how one hostile reply queue stalls a worker. Broker faults (a lost connection) are still
+    retried until the deadline.
+
+    A reply to a named queue is `mandatory`, so a missing queue is noticed; a direct reply-to
+    one is not: RabbitMQ 3.10 returns every mandatory publish to a direct reply-to address,
+    delivered or not, and one whose caller has gone is acked and dropped either way.
+    """
+
+    def __init__(
+        self,
+        channel: AbstractChannel,
+        metrics: Metrics,
+        deadline_s: float = 30.0,
+        *,
+        user_id: str | None = None,
+    ):
         self._channel = channel
         self._metrics = metrics
         self._deadline_s = deadline_s
+        self._user_id = user_id
 
     async def send(self, request: AbstractIncomingMessage, reply: Reply) -> None:
         assert request.reply_to is not None
+        direct = request.reply_to.startswith(DIRECT_REPLY_TO)
         # Direct reply-to is transient by nature; a named reply queue gets a persistent reply.
         mode = (
             aio_pika.DeliveryMode.NOT_PERSISTENT.value
-            if request.reply_to.startswith(DIRECT_REPLY_TO)
+            if direct
             else aio_pika.DeliveryMode.PERSISTENT.value
         )
         properties = Basic.Properties(
             content_type=CONTENT_TYPE,
             correlation_id=request.correlation_id or request.message_id,
             delivery_mode=mode,
+            user_id=self._user_id,
         )
         body = orjson.dumps(reply.to_wire())
+        try:
+            await self._send(request.reply_to, body, properties, mandatory=not direct)
+        except aiormq.exceptions.PublishError:
+            self._lost(request, "returned")
+        except aiormq.exceptions.DeliveryError:
+            self._lost(request, "nacked")
+
+    async def _send(
+        self, queue: str, body: bytes, properties: Basic.Properties, *, mandatory: bool
+    ) -> None:
         # The first try goes without a retry controller: building one per reply cost about 3%
         # of the worker's CPU, and nearly every reply needs only the one try.
         try:
-            await self._publish(request.reply_to, body, properties)
+            await self._publish(queue, body, properties, mandatory)
             return
+        except BROKER_REFUSALS:
+            raise
         except BROKER_FAULTS:
             self._metrics.retries_total.labels("reply").inc()
         async for attempt in broker_retrying(self._metrics, "reply", self._deadline_s):
             with attempt:
-                await self._publish(request.reply_to, body, properties)
+                await self._publish(queue, body, properties, mandatory)
 
-    async def _publish(self, queue: str, body: bytes, properties: Basic.Properties) -> None:
+    async def _publish(
+        self, queue: str, body: bytes, properties: Basic.Properties, mandatory: bool
+    ) -> None:
         await publish_confirmed(
-            self._channel, exchange="", routing_key=queue, body=body, properties=properties
+            self._channel,
+            exchange="",
+            routing_key=queue,
+            body=body,
+            properties=properties,
+            mandatory=mandatory,
+        )
+
+    def _lost(self, request: AbstractIncomingMessage, reason: str) -> None:
+        self._metrics.replies_lost_total.labels(reason).inc()
+        log.warning(
+            "reply lost",
+            extra={
+                "reason": reason,
+                "command": request.routing_key,
+                "caller": request.user_id,
+                "correlation_id": request.correlation_id,
+            },
         )
 
 
@@ -153,12 +226,15 @@ class DeadLetters:
         metrics: Metrics,
         clock: Clock,
         deadline_s: float = 30.0,
+        *,
+        user_id: str | None = None,
     ):
         self._channel = channel  # with publisher confirms
         self._exchange = exchange
         self._metrics = metrics
         self._clock = clock
         self._deadline_s = deadline_s
+        self._user_id = user_id
 
     async def publish(self, message: AbstractIncomingMessage, reason: str, parsed: Any) -> None:
         record = self._record(message, reason, parsed)
@@ -167,6 +243,7 @@ class DeadLetters:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT.value,
             headers={"x-identity-reason": reason},
             message_id=message.message_id,
+            user_id=self._user_id,
         )
         body = record.model_dump_json().encode()
         async for attempt in broker_retrying(self._metrics, "dead_letter", self._deadline_s):
@@ -179,7 +256,10 @@ class DeadLetters:
                     properties=properties,
                 )
         self._metrics.dead_letters_total.labels(reason).inc()
-        log.warning("dead-lettered", extra={"reason": reason, "command": message.routing_key})
+        log.warning(
+            "dead-lettered",
+            extra={"reason": reason, "command": message.routing_key, "caller": message.user_id},
+        )
 
     def _record(
         self, message: AbstractIncomingMessage, reason: str, parsed: Any
@@ -210,7 +290,7 @@ class DeadLetters:
             correlation_id=message.correlation_id,
             reply_to=message.reply_to,
             content_type=message.content_type,
-            delivery_count=delivery_count(message.headers),
+            delivery_count=delivery_count(message.headers, redelivered=bool(message.redelivered)),
             body_bytes=len(message.body),
             body=body,
             redacted=redacted,

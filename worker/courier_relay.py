@@ -43,12 +43,14 @@ from services.codes import CodeKeys, show_code
 from stores import CourierStore, PendingMail, StoreError
 from worker.broker import BROKER_FAULTS, publish_confirmed
 from worker.metrics import PREFIX
+from worker.topology import BROKER_DEAD_EXCHANGE
 
 log = logging.getLogger("identity.courier")
 
 # The worker's internal dead-letter exchange: only the broker's own dead-lettering feeds it,
-# and only the worker's user reads its queue (it redacts on the way to identity.dead).
-WORKER_DEAD_LETTER_EXCHANGE = "identity.worker.dlx"
+# and only the worker's user reads its queue (worker.forwarder redacts on the way to
+# identity.dead).
+WORKER_DEAD_LETTER_EXCHANGE = BROKER_DEAD_EXCHANGE
 
 
 def courier_queue_arguments() -> FieldTable:

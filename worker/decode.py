@@ -108,14 +108,28 @@ def _envelope_rejection(exc: ValidationError, data: dict[str, Any]) -> Rejected:
     return Rejected(_validation_error(exc, ""), idempotency_key=key)
 
 
+# A reply's size is bounded whatever the input: a body of thousands of unknown fields gets
+# the first few named, each path and message cut short, never an echo of the whole body.
+MAX_FIELD_ERRORS = 10
+MAX_FIELD_TEXT = 200
+
+
 def _validation_error(exc: ValidationError, prefix: str) -> ErrorBody:
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
     fields = [
-        FieldError(field=_path(prefix, error["loc"]), message=error["msg"])
-        for error in exc.errors(include_url=False, include_input=False, include_context=False)
+        FieldError(field=_cut(_path(prefix, error["loc"])), message=_cut(error["msg"]))
+        for error in errors[:MAX_FIELD_ERRORS]
     ]
-    return ErrorBody(
-        code=ErrorCode.VALIDATION_FAILED, message="The command is not valid.", fields=fields
-    )
+    message = "The command is not valid."
+    if len(errors) > MAX_FIELD_ERRORS:
+        message = (
+            f"The command is not valid: {len(errors)} problems, the first {len(fields)} listed."
+        )
+    return ErrorBody(code=ErrorCode.VALIDATION_FAILED, message=message, fields=fields)
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= MAX_FIELD_TEXT else text[: MAX_FIELD_TEXT - 1] + "…"
 
 
 def _path(prefix: str, loc: tuple[int | str, ...]) -> str:

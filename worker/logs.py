@@ -35,6 +35,7 @@ SECRET_KEYS = frozenset(
         "password_hash",
         "passwd",
         "token",
+        "actor_token",
         "code",  # a one-time code (never an error code: those are logged as `outcome`)
         "access_token",
         "refresh_token",

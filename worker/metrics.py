@@ -75,6 +75,8 @@ class Metrics:
     dead_letters_total: Counter
     retries_total: Counter
     malformed_messages_total: Counter
+    forbidden_total: Counter
+    replies_lost_total: Counter
     outbox_backlog: Gauge
     outbox_oldest_age_seconds: Gauge
     outbox_published_total: Counter
@@ -129,6 +131,18 @@ def create_metrics() -> Metrics:
         retries_total=counter("retries_total", "Retries after a transient fault.", "operation"),
         malformed_messages_total=counter(
             "malformed_messages_total", "Deliveries rejected before dispatch.", "reason"
+        ),
+        forbidden_total=counter(
+            "forbidden_total",
+            "Commands refused by the caller policy, by caller (a user the policy names, or "
+            "other) and command.",
+            "caller",
+            "command",
+        ),
+        replies_lost_total=counter(
+            "replies_lost_total",
+            "Replies the broker refused (nacked) or returned: final, never retried.",
+            "reason",
         ),
         outbox_backlog=gauge("outbox_backlog", "Outbox rows not yet published."),
         outbox_oldest_age_seconds=gauge(

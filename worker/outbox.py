@@ -43,6 +43,7 @@ class OutboxRelay:
         *,
         batch: int = 100,
         poll_s: float = 1.0,
+        user_id: str | None = None,
     ) -> None:
         self._store = store
         self._channel = channel  # with publisher confirms
@@ -51,6 +52,8 @@ class OutboxRelay:
         self._now = now
         self._batch = batch
         self._poll_s = poll_s
+        # The worker's broker user: subscribers tell the worker's events from forgeries by it.
+        self._user_id = user_id
         self._wakeup = asyncio.Event()
 
     def wake(self) -> None:
@@ -130,6 +133,7 @@ class OutboxRelay:
             message_id=event.event_id,
             message_type=event.type,
             timestamp=event.created_at,
+            user_id=self._user_id,
         )
         await publish_confirmed(
             self._channel,

@@ -26,6 +26,7 @@ from services.errors import IdentityError
 from services.operations import CommandContext
 from stores import TransientStoreError
 from worker.acks import Acknowledger
+from worker.authorise import Authoriser
 from worker.broker import DeadLetters, ReplySender
 from worker.decode import Command, Rejected, decode_command
 from worker.metrics import OK, OUTCOMES, UNKNOWN, Metrics, command_label, outcome_label
@@ -60,6 +61,7 @@ class CommandProcessor:
         metrics: Metrics,
         retry: RetryPolicy,
         *,
+        authoriser: Authoriser,
         max_message_bytes: int,
         worker_delivery_limit: int,
         on_committed: Callable[[], None],
@@ -69,6 +71,8 @@ class CommandProcessor:
         if missing := unhandled(handlers):
             raise ValueError(f"no handler for {', '.join(missing)}")
         self._handlers = handlers
+        self._authoriser = authoriser
+        self._policy = authoriser.policy
         self._acks = acks
         self._replies = replies
         self._dead = dead_letters
@@ -103,6 +107,9 @@ class CommandProcessor:
         name = message.routing_key or ""
         label = command_label(name)
         reply = await self._outcome(message, name)
+        if reply is None:  # nowhere it may go: refused and dead-lettered, nothing ran
+            await self._acks.ack(message)
+            return
         if message.reply_to:
             await self._replies.send(message, reply)
         # Timed up to the confirmed reply: what the caller waits for, not the ack batching.
@@ -117,6 +124,7 @@ class CommandProcessor:
             "command",
             extra={
                 "command": label,
+                "caller": message.user_id,
                 "idempotency_key": reply.idempotency_key,
                 "correlation_id": _correlation_id(message),
                 "outcome": outcome,
@@ -125,12 +133,17 @@ class CommandProcessor:
             },
         )
 
-    async def _outcome(self, message: AbstractIncomingMessage, name: str) -> Reply:
+    async def _outcome(self, message: AbstractIncomingMessage, name: str) -> Reply | None:
+        """The reply to `message`, or None when it must get none (its `reply_to` is refused)."""
         refusal = self._guard(message)
         if refusal is not None:
             reason, error = refusal
             await self._dead.publish(message, reason, parsed=None)
             return Reply(ok=False, command=name, error=error)
+        if message.reply_to and not self._policy.allows_reply_to(message.user_id, message.reply_to):
+            # Answering there would put a message of the worker's into someone else's queue.
+            await self._dead.publish(message, "reply_to_refused", parsed=_body_or_none(message))
+            return None
         try:
             command = decode_command(
                 name, message.body, _correlation_id(message), message.user_id, self._gateways
@@ -155,7 +168,9 @@ class CommandProcessor:
         if message.content_type != CONTENT_TYPE:
             text = f"content_type must be {CONTENT_TYPE}."
             return "wrong_content_type", ErrorBody(code=ErrorCode.MALFORMED_MESSAGE, message=text)
-        if delivery_count(message.headers) >= self._delivery_limit:
+        if delivery_count(message.headers, redelivered=bool(message.redelivered)) >= (
+            self._delivery_limit
+        ):
             return "delivery_limit", _INTERNAL
         return None
 
@@ -191,7 +206,7 @@ class CommandProcessor:
         controller (building one per delivery cost about 3% of the worker's CPU); only a
         transient fault pays for one, with the attempts that are left."""
         try:
-            return await handler(command.payload, command.context)
+            return await self._authorised(handler, command)
         except TransientStoreError:
             if self._retry_rest is None:
                 raise
@@ -199,8 +214,14 @@ class CommandProcessor:
             log.warning("transient fault, retrying", extra={"attempt": 1})
         async for attempt in self._retry_rest.retrying(self._count_retry):
             with attempt:
-                return await handler(command.payload, command.context)
+                return await self._authorised(handler, command)
         raise AssertionError("unreachable: tenacity re-raises the last fault")
+
+    async def _authorised(self, handler: Handler, command: Command) -> Result:
+        """Authorise, then run: a refusal (ForbiddenError) comes before the idempotency
+        look-up, so nothing is stored under the key of a command that was not allowed."""
+        allowed = await self._authoriser.authorise(command)
+        return await handler(allowed.payload, allowed.context)
 
     def _count_retry(self, state: RetryCallState) -> None:
         self._metrics.retries_total.labels("command").inc()

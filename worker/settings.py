@@ -30,6 +30,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from services.access_tokens import DEFAULT_ISSUER, MAX_TTL_S, JwtKey, parse_jwt_keys
 from services.keys import is_published, parse_hmac_key
 from services.tokens import SigningKey, parse_signing_keys
+from worker.callers import CallerPolicy
 
 ENV_PREFIX = "IDENTITY_"
 _PG = ("postgresql", "postgres")
@@ -189,6 +190,13 @@ class Settings(BaseSettings):
             parse_signing_keys(value.get_secret_value())
         return value
 
+    @field_validator("callers")
+    @classmethod
+    def _callers_policy(cls, value: str | None) -> str | None:
+        if value is not None:
+            CallerPolicy.parse(value)  # a PolicyError is a ValueError: named IDENTITY_CALLERS
+        return value
+
     @field_validator("jwt_keys")
     @classmethod
     def _jwt_keys_format(cls, value: SecretStr | None) -> SecretStr | None:
@@ -277,6 +285,20 @@ class Settings(BaseSettings):
         """Unacked password commands per consumer: as configured, else two per hashing thread,
         so the pool never idles yet messages don't pile up in memory behind argon2."""
         return self.password_prefetch or 2 * self.effective_hash_workers
+
+    def caller_policy(self) -> CallerPolicy:
+        """Who may send what: IDENTITY_CALLERS, or the open policy when it is unset."""
+        return CallerPolicy.open() if self.callers is None else CallerPolicy.parse(self.callers)
+
+    @property
+    def broker_user(self) -> str:
+        """The worker's own broker user (the user of IDENTITY_AMQP_URL; RabbitMQ's default,
+        guest, when the URL names none): the `user_id` of everything the worker publishes."""
+        try:
+            user = urlsplit(self.amqp_url.get_secret_value()).username
+        except ValueError:
+            user = None
+        return unquote(user) if user else "guest"
 
     @property
     def migration_dsn(self) -> str:

@@ -1,9 +1,16 @@
 """The HTTP sidecar: liveness, readiness and Prometheus metrics.
 
-It runs a stdlib `wsgiref` server with one thread per request, itself in a daemon thread, so
-it never touches the event loop: a probe still gets an answer while the loop is busy or stuck
-(which is when an operator most needs `/metrics`), and a slow scraper cannot stall a command.
-It reads only thread-safe state: `HealthState` snapshots and the prometheus registry.
+It serves from one daemon thread running an event loop of its own, never the worker's: a
+probe still gets an answer while the worker's loop is busy or stuck (which is when an
+operator most needs `/metrics`), and a slow scraper cannot stall a command. It reads only
+thread-safe state: `HealthState` snapshots and the prometheus registry.
+
+Slow or idle clients cost no thread and cannot crowd the probes out: one request per
+connection (`Connection: close`), read and answered within `REQUEST_TIMEOUT_S`, at most
+`MAX_CONNECTIONS` open at once (each is a file descriptor of the worker's process, which
+its broker and database connections need too). A connection beyond the cap closes the oldest
+one still sending its request, so a crowd of clients that connect and say nothing
+(slowloris) is churned through while a prober that sends its request at once is answered.
 
     GET /healthz  200 {"status": "ok"} while the process is alive and its event loop turns;
                   503 {"status": "stalled", "event_loop_silent_s": N} once the loop has been
@@ -18,14 +25,17 @@ It reads only thread-safe state: `HealthState` snapshots and the prometheus regi
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import io
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from urllib.parse import unquote
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
@@ -45,27 +55,12 @@ StartResponse = Callable[..., Any]
 Environ = dict[str, Any]
 WsgiApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 
-
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    # Request threads must not keep a stopping worker alive.
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # socketserver prints these (mostly clients hanging up early) to stderr, outside the
-        # JSON log stream.
-        log.debug("sidecar connection error", exc_info=True)
-
-
-class _QuietHandler(WSGIRequestHandler):
-    """Access lines go to the JSON logger at debug level instead of wsgiref's stderr prints."""
-
-    # A client that connects and says nothing must not hold a thread for ever.
-    timeout = 10
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug(
-            "sidecar request", extra={"client": self.client_address[0], "line": format % args}
-        )
+# Connections open at once; one more closes the oldest still sending its request.
+MAX_CONNECTIONS = 64
+# From accepting a connection to the last byte of its answer.
+REQUEST_TIMEOUT_S = 5.0
+# The request line and headers together; a probe's are a few hundred bytes.
+MAX_REQUEST_BYTES = 8192
 
 
 def _json(start_response: StartResponse, status: str, body: dict[str, Any]) -> list[bytes]:
@@ -138,7 +133,7 @@ def _application(
 
 
 class Sidecar:
-    """Serves the routes from background threads; `start()` binds, `stop()` closes. The JWKS
+    """Serves the routes from a thread of its own; `start()` binds, `stop()` closes. The JWKS
     route exists when `jwks` is given."""
 
     def __init__(
@@ -149,44 +144,143 @@ class Sidecar:
         health: HealthState,
         *,
         jwks: Mapping[str, Any] | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
     ) -> None:
         self._host = host
         self._port = port
         self._app = _application(registry, health, jwks)
-        self._server: _ThreadingServer | None = None
+        self._max_connections = max_connections
+        self._timeout_s = request_timeout_s
         self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        # Open connections, oldest first, and whether each is still reading its request.
+        self._open: dict[asyncio.StreamWriter, bool] = {}
+        self._handlers: set[asyncio.Task[None]] = set()
 
     def start(self) -> int:
         """Bind and serve in a daemon thread; returns the bound port (useful with port 0)."""
-        if self._server is not None:
+        if self._thread is not None:
             raise RuntimeError("sidecar already started")
-        server = make_server(
-            self._host,
-            self._port,
-            self._app,
-            server_class=_ThreadingServer,
-            handler_class=_QuietHandler,
-        )
-        self._server = server
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        sock = socket.create_server((self._host, self._port), family=family, backlog=128)
+        sock.setblocking(False)
+        port: int = sock.getsockname()[1]
+        started = threading.Event()
         self._thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.2},
-            name="identity-sidecar",
-            daemon=True,
+            target=self._run, args=(sock, started), name="identity-sidecar", daemon=True
         )
         self._thread.start()
-        port: int = server.server_port
+        started.wait(timeout=5)
         log.info("sidecar listening", extra={"host": self._host, "port": port})
         return port
 
     def stop(self) -> None:
-        """Stop accepting, close the socket and wait for the serving thread. Blocks briefly
-        (one poll interval), so call it from a thread or at the very end of shutdown."""
-        server, thread = self._server, self._thread
-        self._server = self._thread = None
-        if server is None:
+        """Stop accepting, close every connection and the socket, and wait for the thread.
+        Blocks briefly, so call it from a thread or at the very end of shutdown."""
+        thread, loop, stopping = self._thread, self._loop, self._stopping
+        self._thread = None
+        if thread is None:
             return
-        server.shutdown()
-        server.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
+        if loop is not None and stopping is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has already ended
+                loop.call_soon_threadsafe(stopping.set)
+        thread.join(timeout=5)
+
+    def _run(self, sock: socket.socket, started: threading.Event) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._serve(sock, started))
+        finally:
+            loop.close()
+
+    async def _serve(self, sock: socket.socket, started: threading.Event) -> None:
+        self._stopping = asyncio.Event()
+        server = await asyncio.start_server(self._accept, sock=sock, limit=MAX_REQUEST_BYTES)
+        started.set()
+        async with server:
+            await self._stopping.wait()
+            server.close()
+            for writer in list(self._open):
+                writer.transport.abort()
+            if self._handlers:  # each ends at once: its reader saw the connection go
+                await asyncio.wait(set(self._handlers), timeout=1.0)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+        if len(self._open) >= self._max_connections and not self._evict_oldest_reader():
+            writer.transport.abort()  # every slot is answering: this one gets nothing
+            return
+        self._open[writer] = True
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                head = await reader.readuntil(b"\r\n\r\n")
+                self._open[writer] = False
+                writer.write(self._answer(head, writer.get_extra_info("peername")))
+                await writer.drain()
+                writer.close()
+                await writer.wait_closed()
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
+            writer.transport.abort()  # too slow, hung up, too much, or evicted: no answer
+        finally:
+            self._open.pop(writer, None)
+
+    def _evict_oldest_reader(self) -> bool:
+        """Close the oldest connection still sending its request (its reader sees the end);
+        False if every open connection is being answered."""
+        for writer, reading in self._open.items():
+            if reading:
+                del self._open[writer]
+                writer.transport.abort()
+                return True
+        return False
+
+    def _answer(self, head: bytes, peer: Any) -> bytes:
+        """The whole HTTP response to the request whose line and headers are `head`."""
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            return _response("400 Bad Request", [], b"")
+        method, target, _ = parts
+        path, _, query = target.partition("?")
+        environ: Environ = {
+            "REQUEST_METHOD": method,
+            "PATH_INFO": unquote(path, "latin-1"),
+            "QUERY_STRING": query,
+            "SERVER_NAME": self._host,
+            "SERVER_PORT": str(self._port),
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "wsgi.input": io.BytesIO(),
+            "wsgi.url_scheme": "http",
+        }
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            if colon:
+                environ["HTTP_" + name.strip().upper().replace("-", "_")] = value.strip()
+        answered: list[Any] = []
+
+        def start_response(status: str, headers: list[tuple[str, str]], *_: Any) -> None:
+            answered[:] = [status, headers]
+
+        chunks = self._app(environ, start_response)
+        try:
+            body = b"".join(chunks)
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+        status, headers = answered
+        log.debug("sidecar request", extra={"client": peer and peer[0], "line": lines[0]})
+        return _response(status, headers, body)
+
+
+def _response(status: str, headers: list[tuple[str, str]], body: bytes) -> bytes:
+    kept = [(k, v) for k, v in headers if k.lower() not in ("content-length", "connection")]
+    fields = [*kept, ("Content-Length", str(len(body))), ("Connection", "close")]
+    lines = [f"HTTP/1.1 {status}", *(f"{name}: {value}" for name, value in fields), "", ""]
+    return "\r\n".join(lines).encode("latin-1") + body

@@ -147,7 +147,7 @@ async def test_a_quorum_queue_counts_returns_and_dead_letters_past_its_delivery_
         seen = []
         for _ in range(2):  # delivered at most limit + 1 times
             message = await _next(queue, no_ack=False)
-            seen.append((message.redelivered, delivery_count(message.headers)))
+            seen.append((message.redelivered, delivery_count(message.headers, redelivered=True)))
             await message.nack(requeue=True)
 
         assert seen == [(False, 0), (True, 1)]

@@ -265,6 +265,7 @@ async def test_the_reply_carries_the_message_id_when_there_is_no_correlation_id(
             content_type="application/json",
             message_id=message_id,
             reply_to=bus.reply_queue,
+            user_id=bus.user_id,
         ),
         routing_key="account.get",
     )

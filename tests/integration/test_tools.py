@@ -10,14 +10,16 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import aio_pika
 import asyncpg
 import orjson
 import pytest
 
+from messages.topology import COMMANDS_EXCHANGE, COMMANDS_EXCHANGE_ARGUMENTS, EVENTS_EXCHANGE
 from tests.integration.conftest import Isolated
 from tests.integration.scenarios import Person, call_ok, key, sign_up
 from tests.support.bus import Bus, dead_queue_depth
-from tests.support.vhosts import rabbitmqctl
+from tests.support.vhosts import BROKER, fresh_vhost, rabbitmqctl
 from tests.support.workers import WORKER_BIN, WorkerProcess
 
 pytestmark = pytest.mark.integration
@@ -168,9 +170,24 @@ async def test_demo_tells_the_whole_story_and_leaves_no_queue_behind(
 
 
 async def test_demo_fails_when_no_worker_answers(private_amqp_url: str) -> None:
+    async with await aio_pika.connect(private_amqp_url) as connection:
+        # The exchanges exist (a deployment's definitions declare them), but no worker runs.
+        channel = await connection.channel()
+        await channel.declare_exchange(
+            COMMANDS_EXCHANGE, "direct", durable=True, arguments=dict(COMMANDS_EXCHANGE_ARGUMENTS)
+        )
+        await channel.declare_exchange(EVENTS_EXCHANGE, "topic", durable=True)
     ran = await cli("demo", "--timeout=3", amqp_url=private_amqp_url)
     assert ran.code == 1
     assert "[1/12] create account ... FAILED" in ran.out
+    assert "demo FAILED" in ran.out
+
+
+async def test_demo_fails_on_a_vhost_without_the_identity_service() -> None:
+    with fresh_vhost() as vhost:
+        ran = await cli("demo", "--timeout=3", amqp_url=f"{BROKER}/{vhost}")
+    assert ran.code == 1
+    assert "the broker has no exchange identity.commands" in ran.err
     assert "demo FAILED" in ran.out
 
 

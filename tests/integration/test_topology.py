@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
+import aiormq
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
@@ -15,6 +16,8 @@ from messages.topology import DEAD_QUEUE
 from tests.support.eventually import eventually
 from tests.support.vhosts import rabbitmqctl
 from worker.topology import (
+    BROKER_DEAD_EXCHANGE,
+    BROKER_DEAD_QUEUE,
     FAST_QUEUE,
     PASSWORD_QUEUE,
     Topology,
@@ -42,7 +45,12 @@ async def channel(private_amqp_url: str) -> AsyncIterator[AbstractChannel]:
 @pytest.fixture
 async def topology(channel: AbstractChannel) -> Topology:
     declared = await declare_topology(channel, delivery_limit=LIMIT)
-    for queue in (declared.password_queue, declared.fast_queue, declared.dead_queue):
+    for queue in (
+        declared.password_queue,
+        declared.fast_queue,
+        declared.dead_queue,
+        declared.broker_dead_queue,
+    ):
         await queue.purge()
     return declared
 
@@ -78,11 +86,23 @@ async def test_worker_queues_are_durable_quorum_queues_with_the_delivery_limit(
         assert queues[name]["durable"] is True
         arguments = queues[name]["arguments"]
         assert arguments["x-delivery-limit"] == LIMIT
-        assert arguments["x-dead-letter-exchange"] == "identity.dead"
+        # Raw bodies go where only the worker reads, never to identity.dead.
+        assert arguments["x-dead-letter-exchange"] == BROKER_DEAD_EXCHANGE
         assert arguments["x-dead-letter-strategy"] == "at-least-once"
         assert arguments["x-overflow"] == "reject-publish"
     assert queues[DEAD_QUEUE]["durable"] is True
     assert "x-delivery-limit" not in queues[DEAD_QUEUE]["arguments"]
+    assert queues[BROKER_DEAD_QUEUE]["type"] == "quorum"
+    assert "x-dead-letter-exchange" not in queues[BROKER_DEAD_QUEUE]["arguments"]
+
+
+async def test_nobody_may_publish_to_the_internal_dead_letter_exchange(
+    channel: AbstractChannel, topology: Topology
+) -> None:
+    # Only the broker's own dead-lettering feeds it, so x-death[0] there is the broker's.
+    exchange = await channel.get_exchange(BROKER_DEAD_EXCHANGE, ensure=False)
+    with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+        await exchange.publish(aio_pika.Message(b"{}"), routing_key="")
 
 
 async def test_declaring_twice_is_harmless(topology: Topology, channel: AbstractChannel) -> None:
@@ -134,15 +154,31 @@ async def test_the_queue_counts_returns_and_dead_letters_past_its_limit(
     counts = []
     for _ in range(LIMIT + 1):
         message = await _get(topology.fast_queue)
-        counts.append(delivery_count(message.headers))
+        counts.append(delivery_count(message.headers, redelivered=True))
         await message.nack(requeue=True)
 
     assert counts == list(range(LIMIT + 1))
-    dead = await _get(topology.dead_queue)
+    dead = await _get(topology.broker_dead_queue)
     await dead.ack()
     assert dead.body == b'{"n": 1}'
-    assert dead.headers["x-first-death-reason"] == "delivery_limit"
+    assert dead.headers["x-death"][0]["reason"] == "delivery_limit"
     assert await topology.fast_queue.get(fail=False) is None
+    assert await topology.dead_queue.get(fail=False) is None  # nothing raw reaches it
+
+
+async def test_an_expired_command_is_dead_lettered_where_only_the_worker_reads(
+    topology: Topology,
+) -> None:
+    await topology.commands_exchange.publish(
+        aio_pika.Message(b'{"password": "x"}', expiration=0.05),
+        routing_key="session.start",
+        mandatory=True,
+    )
+
+    dead = await _get(topology.broker_dead_queue)
+    await dead.ack()
+    assert dead.headers["x-death"][0]["reason"] == "expired"
+    assert await topology.dead_queue.get(fail=False) is None
 
 
 async def test_anything_published_to_the_dead_exchange_lands_in_the_dead_queue(

@@ -37,7 +37,8 @@ async def test_replies_and_events_carry_the_contracts_amqp_properties(
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
-        replies = await channel.declare_queue(exclusive=True)
+        # A reply queue in the caller's own namespace: the worker answers nowhere else.
+        replies = await channel.declare_queue(f"guest.smoke-{uuid.uuid4().hex}", exclusive=True)
         events = await channel.declare_queue(exclusive=True)
         await events.bind(EVENTS_EXCHANGE, routing_key="account.created")
         commands = await channel.get_exchange(COMMANDS_EXCHANGE)
@@ -51,6 +52,7 @@ async def test_replies_and_events_carry_the_contracts_amqp_properties(
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 message_id=message_id,  # and no correlation_id
                 reply_to=replies.name,
+                user_id="guest",  # the caller policy authorises by it
             ),
             routing_key="account.create",
         )
@@ -59,6 +61,7 @@ async def test_replies_and_events_carry_the_contracts_amqp_properties(
         assert reply.correlation_id == message_id
         assert reply.content_type == "application/json"
         assert reply.delivery_mode == aio_pika.DeliveryMode.PERSISTENT  # a named reply queue
+        assert reply.user_id == "guest"  # the worker's broker user, vouched for by RabbitMQ
         account_id = orjson.loads(reply.body)["result"]["account"]["id"]
 
         while True:
@@ -72,6 +75,7 @@ async def test_replies_and_events_carry_the_contracts_amqp_properties(
         assert event.content_type == "application/json"
         assert event.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
         assert event.timestamp is not None
+        assert event.user_id == "guest"
 
 
 async def _next(queue: AbstractQueue) -> AbstractIncomingMessage:

@@ -13,6 +13,7 @@ from typing import Any
 import aio_pika
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from yarl import URL
 
 from messages.topology import COMMANDS_EXCHANGE, DEAD_EXCHANGE, DEAD_QUEUE, EVENTS_EXCHANGE
 
@@ -36,6 +37,9 @@ class Bus:
     connection: AbstractRobustConnection
     channel: AbstractChannel
     reply_queue: str
+    # The connection's broker user: the namespace of its reply queue (`<user>.…`), where a
+    # worker with a caller policy is willing to answer it.
+    user: str = "guest"
     replies: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
     dead: list[dict[str, Any]] = field(default_factory=list)
@@ -53,20 +57,25 @@ class Bus:
         """With `durable` (a name prefix), the reply, event and dead-letter captures are
         durable named queues consumed with acks, so that they survive the broker closing the
         connection: nothing published while the bus reconnects is lost."""
+        user = URL(amqp_url).user or "guest"
         if durable is not None:
-            return await cls._open_durable(amqp_url, durable, capture_dead)
-        return await cls.attach(await aio_pika.connect_robust(amqp_url), capture_dead=capture_dead)
+            return await cls._open_durable(amqp_url, durable, capture_dead, user)
+        connection = await aio_pika.connect_robust(amqp_url)
+        return await cls.attach(connection, capture_dead=capture_dead, user=user)
 
     @classmethod
     async def attach(
-        cls, connection: AbstractRobustConnection, *, capture_dead: bool = True
+        cls, connection: AbstractRobustConnection, *, capture_dead: bool = True, user: str = "guest"
     ) -> Bus:
         """A bus on a connection opened elsewhere (to RabbitMQ or to an in-memory broker);
-        closing the bus closes the connection."""
+        closing the bus closes the connection. Its reply queue is named in `user`'s namespace
+        (`<user>.…`), where a worker with a caller policy is willing to answer."""
         channel = await connection.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=1000)
-        replies = await channel.declare_queue(exclusive=True, auto_delete=True)
-        bus = cls(connection, channel, replies.name)
+        replies = await channel.declare_queue(
+            f"{user}.bus-replies.{uuid.uuid4().hex}", exclusive=True, auto_delete=True
+        )
+        bus = cls(connection, channel, replies.name, user=user, user_id=user)
         await replies.consume(bus._on_reply, no_ack=True)
         events_x = await channel.declare_exchange(EVENTS_EXCHANGE, "topic", durable=True)
         captured = await channel.declare_queue(exclusive=True, auto_delete=True)
@@ -77,14 +86,14 @@ class Bus:
         return bus
 
     @classmethod
-    async def _open_durable(cls, amqp_url: str, prefix: str, capture_dead: bool) -> Bus:
+    async def _open_durable(cls, amqp_url: str, prefix: str, capture_dead: bool, user: str) -> Bus:
         connection = await aio_pika.connect_robust(
             amqp_url, client_properties={"connection_name": prefix}
         )
         channel = await connection.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=1000)
-        replies = await channel.declare_queue(f"{prefix}.replies", durable=True)
-        bus = cls(connection, channel, replies.name)
+        replies = await channel.declare_queue(f"{user}.{prefix}.replies", durable=True)
+        bus = cls(connection, channel, replies.name, user=user, user_id=user)
         await replies.consume(_acking(bus._on_reply))
         events_x = await channel.declare_exchange(EVENTS_EXCHANGE, "topic", durable=True)
         captured = await channel.declare_queue(f"{prefix}.events", durable=True)

@@ -16,18 +16,13 @@ from aio_pika.exceptions import ChannelInvalidStateError, PublishError
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 from pamqp.header import ContentHeader
-from pydantic import SecretStr, ValidationError
+from pydantic import SecretStr
 
 import client
 from client import IdentityClient, ReplyTimeout, error_for
 from client.subscriber import _consume, _SeenIds
 from messages import COMMANDS, ErrorBody, ErrorCode, FieldError
-from messages.topology import (
-    COMMANDS_EXCHANGE,
-    COMMANDS_EXCHANGE_ARGUMENTS,
-    CONTENT_TYPE,
-    DIRECT_REPLY_TO,
-)
+from messages.topology import COMMANDS_EXCHANGE, CONTENT_TYPE, DIRECT_REPLY_TO
 from tests.support.eventually import eventually
 
 ACCOUNT_ID = "acct_" + "a" * 26
@@ -151,6 +146,7 @@ class Published:
 class Incoming:
     body: bytes
     correlation_id: str | None
+    user_id: str | None = "identity-worker"
 
 
 @dataclass
@@ -161,16 +157,15 @@ class FakeChannel:
     responder: Responder
     reply_delay: float = 0.0
     published: list[Published] = field(default_factory=list)
-    declared: list[tuple[str, Any, bool]] = field(default_factory=list)
+    checked: list[tuple[str, bool]] = field(default_factory=list)
     reply_consumer: Any = None
     closed: bool = False
     deliveries: set[asyncio.Task[None]] = field(default_factory=set)
+    # Who the replies come from (the broker's user_id on them).
+    replier: str | None = "identity-worker"
 
-    async def declare_exchange(
-        self, name: str, kind: Any, *, durable: bool, arguments: Any = None
-    ) -> FakeChannel:
-        self.declared.append((name, kind, durable))
-        self.arguments = arguments
+    async def get_exchange(self, name: str, *, ensure: bool = True) -> FakeChannel:
+        self.checked.append((name, ensure))
         return self
 
     async def get_queue(self, name: str, *, ensure: bool = True) -> FakeChannel:
@@ -193,7 +188,8 @@ class FakeChannel:
             )
 
     def _deliver(self, body: bytes, correlation_id: str | None) -> None:
-        task = asyncio.ensure_future(self.reply_consumer(Incoming(body, correlation_id)))
+        incoming = Incoming(body, correlation_id, self.replier)
+        task = asyncio.ensure_future(self.reply_consumer(incoming))
         self.deliveries.add(task)
         task.add_done_callback(self.deliveries.discard)
 
@@ -202,9 +198,15 @@ class FakeChannel:
 
 
 @dataclass
+class FakeUrl:
+    user: str | None
+
+
+@dataclass
 class FakeConnection:
     channel_: FakeChannel
     on_return_raises: bool = False
+    url: FakeUrl = field(default_factory=lambda: FakeUrl("web"))
 
     async def channel(self, *, on_return_raises: bool = False) -> FakeChannel:
         self.on_return_raises = on_return_raises
@@ -212,23 +214,75 @@ class FakeConnection:
 
 
 def make_client(
-    responder: Responder = ok, *, timeout: float = 1.0, retries: int = 2, reply_delay: float = 0
+    responder: Responder = ok,
+    *,
+    timeout: float = 1.0,
+    retries: int = 2,
+    reply_delay: float = 0,
+    worker_user: str | None = None,
 ) -> tuple[IdentityClient, FakeChannel]:
     channel = FakeChannel(responder, reply_delay=reply_delay)
-    return IdentityClient(FakeConnection(channel), timeout=timeout, retries=retries), channel  # type: ignore[arg-type]
+    api = IdentityClient(
+        FakeConnection(channel),  # type: ignore[arg-type]
+        timeout=timeout,
+        retries=retries,
+        worker_user=worker_user,
+    )
+    return api, channel
 
 
 def is_uuid4(value: object) -> bool:
     return isinstance(value, str) and uuid.UUID(value).version == 4
 
 
-async def test_opening_declares_the_command_exchange_and_asks_for_returns() -> None:
+async def test_opening_only_checks_the_command_exchange_and_asks_for_returns() -> None:
     api, channel = make_client()
     async with api:
-        assert channel.declared == [(COMMANDS_EXCHANGE, aio_pika.ExchangeType.DIRECT, True)]
-        assert channel.arguments == COMMANDS_EXCHANGE_ARGUMENTS
+        # A passive declare: a caller may not declare (or delete) the worker's exchange.
+        assert channel.checked == [(COMMANDS_EXCHANGE, True)]
         assert api._connection.on_return_raises is True  # type: ignore[attr-defined]
     assert channel.closed
+
+
+async def test_every_command_carries_the_connections_user_id() -> None:
+    api, channel = make_client()
+    async with api:
+        await api.get_account(ACCOUNT_ID)
+        await api.send("session.verify", {"token": "tok-123"})
+    assert [p.message.user_id for p in channel.published] == ["web", "web"]
+
+
+async def test_the_actor_token_is_sent_to_the_worker_in_clear() -> None:
+    api, channel = make_client()
+    async with api:
+        await api.get_account(ACCOUNT_ID, metadata={"actor_token": "tok-123"})
+        await api.end_all_sessions(ACCOUNT_ID, metadata={"actor_token": SecretStr("tok-456")})
+    sent = [p.body["metadata"] for p in channel.published]
+    assert sent == [{"actor_token": "tok-123"}, {"actor_token": "tok-456"}]
+
+
+async def test_with_worker_user_a_reply_from_anyone_else_is_dropped() -> None:
+    api, channel = make_client(timeout=0.05, retries=1, worker_user="identity-worker")
+    channel.replier = "mallory"
+    async with api:
+        with pytest.raises(ReplyTimeout):
+            await api.verify_session("tok-123")
+    assert api.dropped_replies == 2  # one forgery per attempt, none taken
+
+
+async def test_with_worker_user_the_workers_reply_is_taken() -> None:
+    api, _ = make_client(worker_user="identity-worker")
+    async with api:
+        result = await api.get_account(ACCOUNT_ID)
+    assert result.account.id == ACCOUNT_ID
+    assert api.dropped_replies == 0
+
+
+async def test_without_worker_user_any_reply_is_taken() -> None:
+    api, channel = make_client()
+    channel.replier = None
+    async with api:
+        assert (await api.get_account(ACCOUNT_ID)).account.id == ACCOUNT_ID
 
 
 async def test_a_command_is_published_persistent_json_with_direct_reply_to() -> None:
@@ -276,9 +330,35 @@ async def test_a_command_is_published_persistent_json_with_direct_reply_to() -> 
 async def test_an_invalid_payload_fails_locally_before_anything_is_sent(call: Any) -> None:
     api, channel = make_client()
     async with api:
-        with pytest.raises(ValidationError):
+        with pytest.raises(client.InvalidRequest) as raised:
             await call(api)
     assert channel.published == []
+    assert raised.value.fields
+    assert isinstance(raised.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda c: c.create_account("ada@example.com", "hunter2-" + "x" * 2000, "Ada"),
+        lambda c: c.create_account("ada@example.com", "hunter2-pw", None),
+        lambda c: c.change_password("nope", "hunter2-old", "hunter2-new"),
+        lambda c: c.send("session.start", {"password": "hunter2-pw"}),
+        lambda c: c.verify_session(SecretStr("hunter2-" + "t" * 600)),
+        lambda c: c.start_session("x", "hunter2-pw", metadata={"actor_token": 1, "z": "hunter2"}),
+    ],
+)
+async def test_a_local_validation_error_never_shows_the_secret_it_refused(call: Any) -> None:
+    api, _ = make_client()
+    async with api:
+        with pytest.raises(client.InvalidRequest) as raised:
+            await call(api)
+    error = raised.value
+    assert "hunter2" not in str(error)
+    assert "hunter2" not in repr(error)
+    # pydantic's error, which quotes the input, is neither the cause nor the context.
+    assert error.__cause__ is None
+    assert error.__context__ is None
 
 
 async def test_an_unknown_command_is_refused_locally() -> None:
@@ -483,7 +563,7 @@ async def test_an_error_reply_raises_the_error_of_its_code(code: ErrorCode) -> N
 
 def test_errors_come_in_two_families_under_one_base() -> None:
     replies = set(EXPECTED_ERRORS.values())
-    transport = {client.ReplyTimeout, client.Unroutable}
+    transport = {client.ReplyTimeout, client.Unroutable, client.NotDeployed}
     for cls in replies | transport:
         assert issubclass(cls, client.IdentityClientError), cls
     for cls in replies:
@@ -550,6 +630,8 @@ class FakeDelivery:
     acked: bool = False
     rejected: bool = False
     channel_closed: bool = False
+    user_id: str | None = "identity-worker"
+    routing_key: str = "session.ended"
 
     async def ack(self) -> None:
         if self.channel_closed:
@@ -631,6 +713,26 @@ async def test_a_lost_channel_does_not_end_the_subscription() -> None:
     assert seen == [f"evt_{1:026d}", f"evt_{2:026d}"]
     assert deliveries[2].acked  # dropped as a repeat, and acked
     assert deliveries[3].acked
+
+
+async def test_with_worker_user_a_forged_event_is_acked_and_dropped() -> None:
+    forged = FakeDelivery(event_body(1), user_id="mallory")
+    unsigned = FakeDelivery(event_body(2), user_id=None)
+    real = FakeDelivery(event_body(3))
+    queue = FakeEventQueue([forged, unsigned, real])
+    events = _consume(queue, _SeenIds(10), "identity-worker")  # type: ignore[arg-type]
+
+    seen = [event.event_id async for event in events]
+
+    assert seen == [f"evt_{3:026d}"]
+    assert forged.acked
+    assert unsigned.acked  # dropped for good, not left to come back
+
+
+async def test_without_worker_user_every_event_that_parses_is_yielded() -> None:
+    deliveries = [FakeDelivery(event_body(1), user_id="mallory"), FakeDelivery(event_body(2))]
+    events = _consume(FakeEventQueue(deliveries), _SeenIds(10))  # type: ignore[arg-type]
+    assert len([event async for event in events]) == 2
 
 
 def test_the_dedupe_window_forgets_the_oldest_id() -> None:

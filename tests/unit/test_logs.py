@@ -158,7 +158,14 @@ def test_url_passwords_are_masked_in_every_spelling(text: str, masked: str) -> N
 
 
 def test_secret_fields_go_by_the_common_names_too() -> None:
-    names = ["access_token", "refresh_token", "api_key", "Authorization", "client_secret"]
+    names = [
+        "access_token",
+        "refresh_token",
+        "api_key",
+        "Authorization",
+        "client_secret",
+        "actor_token",
+    ]
     assert redact({name: "s3cr3t" for name in names}) == dict.fromkeys(names, REDACTED)
 
 

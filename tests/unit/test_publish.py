@@ -76,6 +76,7 @@ async def test_it_publishes_on_the_current_underlying_channel() -> None:
             "exchange": "identity.events",
             "routing_key": "account.created",
             "properties": properties,
+            "mandatory": False,
         }
     ]
 
@@ -92,6 +93,8 @@ def _delivery(body: bytes) -> Any:
         content_type="application/json",
         headers={},
         body=body,
+        redelivered=False,
+        user_id="web",
     )
 
 

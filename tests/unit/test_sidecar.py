@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -11,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.eventually import eventually
+from tests.support.eventually import eventually, eventually_sync
 from worker.health import (
     LIVE_SILENCE_S,
     READY_SILENCE_S,
@@ -137,6 +140,75 @@ async def test_the_sidecar_answers_while_the_event_loop_is_blocked(
     assert loop_ran == []
     await asyncio.sleep(0)
     assert loop_ran == [True]
+
+
+def _slow_clients(port: int, count: int) -> list[socket.socket]:
+    """`count` connections that send half a request and then nothing (slowloris)."""
+    clients = []
+    for _ in range(count):
+        client = socket.create_connection(("127.0.0.1", port), timeout=5)
+        client.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        clients.append(client)
+    return clients
+
+
+def _closed_by_server(client: socket.socket) -> bool:
+    client.setblocking(False)
+    try:
+        return client.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def test_400_slow_clients_get_no_thread_and_do_not_keep_a_probe_out(
+    metrics: Metrics, health: HealthState
+) -> None:
+    sidecar = Sidecar("127.0.0.1", 0, metrics.registry, health, max_connections=64)
+    port = sidecar.start()
+    threads_before = threading.active_count()
+    clients = _slow_clients(port, 400)
+    try:
+        threads_during = threading.active_count()
+        started = time.monotonic()
+        assert _get_json(f"http://127.0.0.1:{port}/healthz") == (200, {"status": "ok"})
+        answered_in = time.monotonic() - started
+
+        assert threads_during == threads_before  # one serving thread, whatever the clients
+        assert answered_in < 2.0
+        # The cap holds: the oldest idle connections are closed to make room, once the
+        # listening socket's backlog has been taken in.
+        open_ = set(clients)
+
+        def within_the_cap() -> bool:
+            open_.difference_update([c for c in open_ if _closed_by_server(c)])
+            return len(open_) <= 64
+
+        eventually_sync(within_the_cap, timeout=10, what="at most 64 connections open")
+    finally:
+        for client in clients:
+            client.close()
+        sidecar.stop()
+
+
+def test_a_request_not_sent_in_time_is_cut_off(metrics: Metrics, health: HealthState) -> None:
+    sidecar = Sidecar("127.0.0.1", 0, metrics.registry, health, request_timeout_s=0.2)
+    port = sidecar.start()
+    try:
+        [client] = _slow_clients(port, 1)
+        client.settimeout(5)
+        assert client.recv(1) == b""  # closed after the deadline, not answered, not held
+        client.close()
+    finally:
+        sidecar.stop()
+
+
+def test_a_request_that_is_not_http_is_refused(base_url: str) -> None:
+    port = int(base_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        client.sendall(b"HELLO\r\n\r\n")
+        assert client.recv(64).startswith(b"HTTP/1.1 400")
 
 
 def test_stop_releases_the_port(metrics: Metrics, health: HealthState) -> None:

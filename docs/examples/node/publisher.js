@@ -1,14 +1,16 @@
 // Send `account.create` to the identity worker with amqplib and print the reply.
-//   node publisher.js amqp://guest:guest@localhost:5672/
+//   node publisher.js amqp://guest:guest@localhost:5672/ [WORKER_USER]
 // Direct reply-to: consume `amq.rabbitmq.reply-to` (noAck) on the same channel BEFORE
-// publishing; publish persistent JSON with replyTo, a correlationId, an idempotency key, and
-// userId = the broker user it connected as (the worker authorises commands by it; RabbitMQ
-// refuses any other).
+// publishing; publish persistent JSON with replyTo, a correlationId, userId (your own broker
+// user: the worker authorises by it) and an idempotency key; take a reply only if its userId
+// is the worker's broker user.
 import { randomUUID } from "node:crypto";
 import amqp from "amqplib";
 
 const REPLY_TO = "amq.rabbitmq.reply-to";
 const url = process.argv[2] ?? "amqp://guest:guest@localhost:5672/";
+const WORKER_USER = process.argv[3] ?? "guest";
+const USER = decodeURIComponent(new URL(url).username) || "guest";
 
 const connection = await amqp.connect(url);
 const channel = await connection.createChannel();
@@ -22,7 +24,8 @@ const reply = new Promise((resolve) => {
 await channel.consume(
   REPLY_TO,
   (message) => {
-    if (message?.properties.correlationId === correlationId) {
+    const props = message?.properties;
+    if (props?.correlationId === correlationId && props.userId === WORKER_USER) {
       gotReply(JSON.parse(message.content.toString("utf8")));
     }
   },
@@ -39,7 +42,7 @@ channel.publish("identity.commands", "account.create", Buffer.from(JSON.stringif
   replyTo: REPLY_TO,
   correlationId,
   messageId: randomUUID(),
-  userId: decodeURIComponent(new URL(url).username || "guest"),
+  userId: USER, // RabbitMQ refuses any other value
   mandatory: true,
 });
 

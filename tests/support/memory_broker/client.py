@@ -14,6 +14,7 @@ from aio_pika.exceptions import QueueEmpty
 from aio_pika.tools import CallbackCollection
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
+from yarl import URL
 
 from tests.support.memory_broker.channel import WireChannel
 
@@ -28,6 +29,8 @@ class MemoryConnection:
 
     def __init__(self, broker: MemoryBroker) -> None:
         self.broker = broker
+        # As aio-pika's connection has it: the client library reads its user from here.
+        self.url = URL("amqp://guest:guest@memory.invalid/")
         self.close_callbacks = CallbackCollection(self)
         self.connected = asyncio.Event()
         self.connected.set()
