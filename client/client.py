@@ -443,7 +443,7 @@ class IdentityClient:
         idempotency_key: str | None = None,
         metadata: MetadataArg = None,
     ) -> RecoveryResult:
-        """Set a new password with the mailed code; every session of the account ends.
+        """Set a new password with the mailed code; every live session of the account ends.
         Raises `InvalidCode` (wrong, expired, used, voided, unknown email), `RateLimited`,
         `ValidationFailed` (the new password)."""
         payload = validated(

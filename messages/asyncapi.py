@@ -60,7 +60,7 @@ ERROR_CODE_MEANINGS: dict[ErrorCode, str] = {
 EVENT_SUMMARIES: dict[str, str] = {
     "account.created": "An account was created.",
     "account.updated": "The email and/or display name changed; `changed` lists which.",
-    "account.password_changed": "The password changed and the account's sessions ended.",
+    "account.password_changed": "The password changed and the account's live sessions ended.",
     "account.roles_changed": "A role was granted or revoked; `roles` is the whole new set.",
     "session.started": "Someone signed in (never carries the token).",
     "session.ended": "A session ended; `reason` says why (sign-out, a reused refresh token, ...).",
@@ -68,7 +68,7 @@ EVENT_SUMMARIES: dict[str, str] = {
     "account.enabled": "A disabled account was enabled: it may sign in again.",
     "account.deleted": "The account was erased: delete what you keep about it.",
     "account.recovery_requested": "A recovery code was mailed to an account (never the code).",
-    "account.password_reset": "A password was set with a recovery code; every session ended.",
+    "account.password_reset": "A password was set with a recovery code; every live session ended.",
     "account.email_verified": "The account's email address was proven with a mailed code.",
 }
 

@@ -106,7 +106,7 @@ class UpdateAccount(Model):
 
 
 class ChangePassword(Model):
-    """Change the password; every session of the account ends."""
+    """Change the password; every live session of the account ends."""
 
     account_id: AccountId
     current_password: PasswordField
@@ -139,7 +139,7 @@ class EndAllSessions(Model):
 
 
 class DisableAccount(Model):
-    """Stop an account at once (`account.disable`): its sessions end, sign-in is refused."""
+    """Stop an account at once (`account.disable`): its live sessions end, sign-in is refused."""
 
     account_id: AccountId
     reason: DisableReason
@@ -319,7 +319,7 @@ _SPECS = (
         changes_state=True,
         password_work=True,
         acts_on=ActsOn.PAYLOAD_ACCOUNT,
-        summary="Change the password; all the account's sessions end.",
+        summary="Change the password; all the account's live sessions end.",
     ),
     CommandSpec(
         name="session.start",
@@ -346,7 +346,7 @@ _SPECS = (
         changes_state=True,
         password_work=False,
         acts_on=ActsOn.NO_ACCOUNT,
-        summary="Sign out one session; ending an ended session is not an error.",
+        summary="Sign out one session; ending one that is over already is not an error.",
     ),
     CommandSpec(
         name="session.end_all",
@@ -400,7 +400,7 @@ _SPECS = (
         changes_state=True,
         password_work=False,
         acts_on=ActsOn.SESSION_ACCOUNT,
-        summary="End one session by id; ending an ended session is not an error.",
+        summary="End one session by id; ending one that is over already is not an error.",
     ),
     # Contract v2, section 2: recovery and verification by one-time codes.
     CommandSpec(
@@ -419,7 +419,7 @@ _SPECS = (
         changes_state=True,
         password_work=True,
         acts_on=ActsOn.NO_ACCOUNT,
-        summary="Set a new password with a recovery code; every session ends.",
+        summary="Set a new password with a recovery code; every live session ends.",
     ),
     CommandSpec(
         name="account.verification.request",

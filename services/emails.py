@@ -12,11 +12,17 @@ Policy (applied identically on account creation, sign-in, email change and looku
    Quoted local parts, IP-literal domains and special-use domains (``.test``, ``.local``,
    ``localhost``...) are refused, as the library does by default.
 5. Write the domain in its IDNA (punycode) form: ``Bücher.example`` -> ``xn--bcher-kva.example``.
-6. Lower-case the whole address, local part included. RFC 5321 lets a mail server treat
-   ``Alice`` and ``alice`` as different mailboxes, but no mainstream provider does, and
-   Kratos, Keycloak and GoTrue all fold the whole address; doing the same means one person
-   cannot hold two accounts that differ only in case. We use `str.lower`, not `casefold`,
-   so ``ß`` stays ``ß`` rather than becoming another spelling of the address.
+6. Case-fold the whole address, local part included, with Unicode full case folding
+   (`str.casefold`), then NFKC again. RFC 5321 lets a mail server treat ``Alice`` and
+   ``alice`` as different mailboxes, but no mainstream provider does, and Kratos, Keycloak
+   and GoTrue all fold the whole address; doing the same means one person cannot hold two
+   accounts that differ only in case. Lower-casing is not case folding: it writes a capital
+   sigma as a final sigma (U+03C2) at the end of a word and as a small sigma (U+03C3)
+   elsewhere, so ``ΟΔΟΣ.ΝΙΚΟΣ`` typed in capitals and in small letters came out different;
+   it keeps ``ß`` while ``STRASSE`` lowers to ``strasse``; and so on for some 250 characters
+   (Cherokee, Greek with iota subscript...). Folding maps every case variant of a letter to
+   one form. It keeps the dotless i of Turkish (U+0131) apart from ``i``, as Unicode's
+   default folding does: they are different letters.
 
 The canonical form is what uniqueness is enforced on; the address as given is stored next
 to it and shown back to the owner. The function is idempotent: a canonical address maps to
@@ -61,7 +67,16 @@ def canonical_email(raw: str, *, field: str = "payload.email") -> str:
         valid = validate_email(text, check_deliverability=False)
     except EmailNotValidError as exc:
         raise _invalid(field, str(exc)) from exc
-    # Lower-casing can leave a sequence that is no longer in NFKC; normalising again keeps
-    # the function idempotent.
-    local_part = unicodedata.normalize("NFKC", valid.local_part.lower())
+    # Folding can leave a sequence that is no longer in NFKC; normalising again keeps the
+    # function idempotent. The domain is ASCII by now (IDNA), where folding is lower-casing.
+    local_part = unicodedata.normalize("NFKC", valid.local_part.casefold())
     return f"{local_part}@{valid.ascii_domain.lower()}"
+
+
+def recanonicalised(stored: str) -> str | None:
+    """The canonical form of an address stored as its owner gave it, under today's rule; None
+    if the rule no longer accepts it. What the migration step moves existing accounts to."""
+    try:
+        return canonical_email(stored)
+    except InvalidInputError:
+        return None

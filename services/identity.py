@@ -69,7 +69,7 @@ from services.recovery import AccountFlows
 from services.refresh import SessionTokens, TokenIssue, TokenService
 from services.roles import RoleService
 from services.sessions_admin import SessionAdmin
-from services.shapes import session_is_live, to_account, to_session
+from services.shapes import idle_cutoff, session_is_live, to_account, to_session
 from services.signin import Authenticated, Authenticator
 from services.tokens import TokenSigner
 from stores import (
@@ -174,13 +174,20 @@ class IdentityService:
             policy=self._policy,
             codes=self._codes,
             ops=self._ops,
+            idle_timeout=self._sessions.idle_timeout,
             spend=self._auth.spend,
             on_recovered=self._recovered,
         )
         self._hmac_key = hmac_key
         # Disable, enable, erase; list and revoke sessions (services.lifecycle,
         # services.sessions_admin).
-        self.lifecycle = AccountLifecycle(store, self._ops, clock, self._auth.throttle_key)
+        self.lifecycle = AccountLifecycle(
+            store,
+            self._ops,
+            clock,
+            self._auth.throttle_key,
+            idle_timeout=self._sessions.idle_timeout,
+        )
         self.sessions_admin = SessionAdmin(store, self._ops, clock, self._sessions.idle_timeout)
         self._tokens = tokens
         # Contract v2's token and role commands (services.refresh, services.roles).
@@ -361,7 +368,9 @@ class IdentityService:
                 return None
             changes = AccountChanges(updated_at=now, password_hash=new_hash)
             updated = await self._apply(uow, checked.id, locked.version, changes)
-            ended = await uow.end_all_sessions(checked.id, now, "password_changed")
+            ended = await uow.end_all_sessions(
+                checked.id, now, "password_changed", idle_cutoff=self._idle_cutoff(now)
+            )
             notice = self._codes.notice("password_changed_notice", updated.email, updated, now)
             await uow.add_mail([notice])
             self._emit_ended(op, ended, "password_changed", now)
@@ -515,6 +524,9 @@ class IdentityService:
     def _is_live(self, session: SessionRecord, now: datetime) -> bool:
         return session_is_live(session, now, self._sessions.idle_timeout)
 
+    def _idle_cutoff(self, now: datetime) -> datetime:
+        return idle_cutoff(now, self._sessions.idle_timeout)
+
     async def end_session(
         self, cmd: EndSession, ctx: CommandContext = NO_CONTEXT
     ) -> EndSessionResult:
@@ -526,8 +538,11 @@ class IdentityService:
     async def _end(self, op: Operation, session_id: str) -> EndSessionResult:
         now = self._clock.now()
         async with self._store.unit_of_work() as uow:
-            ended = await uow.end_session(session_id, now, "sign_out")
-            # Ending an ended (or long purged) session is not an error, and announces nothing.
+            ended = await uow.end_session(
+                session_id, now, "sign_out", idle_cutoff=self._idle_cutoff(now)
+            )
+            # Ending a session that is over (ended, expired, idled out, or long purged) is not
+            # an error, and announces nothing.
             self._emit_ended(op, [ended] if ended else [], "sign_out", now)
             result = EndSessionResult(session_id=session_id)
             await self._ops.finish(uow, op, result)
@@ -546,7 +561,9 @@ class IdentityService:
         async with self._store.unit_of_work() as uow:
             if await uow.get_account(account_id) is None:
                 raise NotFoundError()
-            ended = await uow.end_all_sessions(account_id, now, "sign_out_everywhere")
+            ended = await uow.end_all_sessions(
+                account_id, now, "sign_out_everywhere", idle_cutoff=self._idle_cutoff(now)
+            )
             self._emit_ended(op, ended, "sign_out_everywhere", now)
             result = EndAllSessionsResult(account_id=account_id, sessions_ended=len(ended))
             await self._ops.finish(uow, op, result)

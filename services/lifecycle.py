@@ -10,13 +10,14 @@ enable, and erase (`account.disable`, `account.enable`, `account.delete`).
 - **Enable** sets the status back; sign-in works again, the sessions ended stay ended.
   Enabling an active account changes and announces nothing.
 - **Erase** ends the live sessions (reason `account_deleted`), then removes the account and
-  what is kept about it, in one transaction (`UnitOfWork.erase_account`): its row and its
-  sessions, the data in its stored replies (which answer `not_found` from then on), its
-  outbox rows (published ones cut down to event id and type, unpublished ones dropped), its
-  sign-in throttle rows; a tombstone keeps the id, so it is never given out again. The one
-  event, `account.deleted`, names the id and nothing else. The erasure's own stored reply
-  (`{account_id, sessions_ended}`) is kept: the same key replays it; any other key gets
-  `not_found`, like every later command about the account.
+  what is kept about it, in one transaction (`UnitOfWork.erase_account`): its row and all its
+  sessions (those that had expired or idled out were over already: deleted, but neither
+  counted in `sessions_ended` nor announced), the data in its stored replies (which answer
+  `not_found` from then on), its outbox rows (published ones cut down to event id and type,
+  unpublished ones dropped), its sign-in throttle rows; a tombstone keeps the id, so it is
+  never given out again. The one event, `account.deleted`, names the id and nothing else.
+  The erasure's own stored reply (`{account_id, sessions_ended}`) is kept: the same key
+  replays it; any other key gets `not_found`, like every later command about the account.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import asdict
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from messages import (
     AccountResult,
@@ -46,7 +47,7 @@ from messages.events import (
 from services.clock import Clock
 from services.errors import NotFoundError
 from services.operations import NO_CONTEXT, CommandContext, Operation, OperationRunner
-from services.shapes import announce_ended, to_account
+from services.shapes import announce_ended, idle_cutoff, to_account
 from stores import AccountChanges, AccountRecord, CommandStore, TransientStoreError, UnitOfWork
 
 log = logging.getLogger("identity.audit")
@@ -67,8 +68,11 @@ class AccountLifecycle:
         ops: OperationRunner,
         clock: Clock,
         throttle_key: Callable[[str], bytes],
+        *,
+        idle_timeout: timedelta,
     ) -> None:
         self._store = store
+        self._idle_timeout = idle_timeout
         self._ops = ops
         self._clock = clock
         self._throttle_key = throttle_key
@@ -88,7 +92,9 @@ class AccountLifecycle:
                 record = await _set_status(uow, record, "disabled", now)
             # Every live session ends with the change, under the account's row lock: a sign-in
             # that checked the password meanwhile waits for it, and then sees the status.
-            ended = await uow.end_all_sessions(record.id, now, "account_disabled")
+            ended = await uow.end_all_sessions(
+                record.id, now, "account_disabled", idle_cutoff=self._idle_cutoff(now)
+            )
             announce_ended(op, ended, "account_disabled", now)
             if changed:
                 data = AccountDisabledData(
@@ -126,7 +132,11 @@ class AccountLifecycle:
         now = self._clock.now()
         async with self._store.unit_of_work() as uow:
             record = await _locked(uow, cmd.account_id)
-            ended = await uow.end_all_sessions(record.id, now, "account_deleted")
+            # Only the live sessions end, count and are announced; the erasure below deletes
+            # every session, those that were over already too.
+            ended = await uow.end_all_sessions(
+                record.id, now, "account_deleted", idle_cutoff=self._idle_cutoff(now)
+            )
             counts = await uow.erase_account(
                 record.id,
                 erased_at=now,
@@ -144,6 +154,9 @@ class AccountLifecycle:
             extra={"event": "account_erased", "account_id": record.id, "erased": asdict(counts)},
         )
         return result
+
+    def _idle_cutoff(self, now: datetime) -> datetime:
+        return idle_cutoff(now, self._idle_timeout)
 
 
 async def _locked(uow: UnitOfWork, account_id: str) -> AccountRecord:

@@ -23,7 +23,7 @@ the row: of two completes with the right code, exactly one commits; the other an
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from messages import (
     AcceptedResult,
@@ -49,7 +49,7 @@ from services.emails import canonical_email
 from services.errors import InvalidCodeError, NotFoundError, VersionConflictError
 from services.operations import NO_CONTEXT, CommandContext, Operation, OperationRunner
 from services.passwords import HashingPool, PasswordPolicy
-from services.shapes import announce_ended, to_account
+from services.shapes import announce_ended, idle_cutoff, to_account
 from stores import (
     RECOVERY,
     VERIFICATION,
@@ -80,10 +80,12 @@ class AccountFlows:
         policy: PasswordPolicy,
         codes: Codes,
         ops: OperationRunner,
+        idle_timeout: timedelta,
         spend: Spend | None = None,
         on_recovered: OnRecovered | None = None,
     ) -> None:
         self._store = store
+        self._idle_timeout = idle_timeout
         self._passwords = passwords
         self._clock = clock
         self._policy = policy
@@ -204,7 +206,9 @@ class AccountFlows:
             # A recovered address is a proven one.
             changes = AccountChanges(updated_at=now, password_hash=new_hash, email_verified=True)
             updated = await _apply(uow, locked, changes)
-            ended = await uow.end_all_sessions(locked.id, now, "password_reset")
+            ended = await uow.end_all_sessions(
+                locked.id, now, "password_reset", idle_cutoff=idle_cutoff(now, self._idle_timeout)
+            )
             notice = self._codes.notice("password_changed_notice", updated.email, updated, now)
             await uow.add_mail([notice])
             announce_ended(op, ended, "password_reset", now)

@@ -51,7 +51,7 @@ from services.access_tokens import (
 from services.clock import Clock
 from services.errors import InvalidTokenError, SessionExpiredError
 from services.operations import NO_CONTEXT, CommandContext, Operation, OperationRunner
-from services.shapes import announce_ended, session_is_live, to_session
+from services.shapes import announce_ended, idle_cutoff, session_is_live, to_session
 from services.tokens import SigningKey
 from stores import ServiceStore, SessionRecord, TransientStoreError
 
@@ -312,7 +312,12 @@ class TokenService:
                 raise InvalidTokenError()
             # A used-up token came back: someone else holds a copy. End the session, and
             # commit that together with the answer.
-            ended = await uow.end_session(session.id, now, "refresh_token_reused")
+            ended = await uow.end_session(
+                session.id,
+                now,
+                "refresh_token_reused",
+                idle_cutoff=idle_cutoff(now, self._idle_timeout),
+            )
             announce_ended(op, [ended] if ended is not None else [], "refresh_token_reused", now)
             error = InvalidTokenError(REUSED_MESSAGE)
             await self._ops.fail(uow, op, error)

@@ -25,7 +25,7 @@ from messages import ListSessions, ListSessionsResult, RevokeSession, RevokeSess
 from services.clock import Clock
 from services.errors import InvalidInputError, NotFoundError
 from services.operations import NO_CONTEXT, CommandContext, Operation, OperationRunner
-from services.shapes import announce_ended, to_session_info
+from services.shapes import announce_ended, idle_cutoff, to_session_info
 from stores import ServiceStore, SessionPosition, SessionRecord
 
 
@@ -75,7 +75,9 @@ class SessionAdmin:
             session = await uow.get_session(cmd.session_id)
             if session is None:
                 raise NotFoundError("No such session.")
-            ended = await uow.end_session(session.id, now, "revoked")
+            ended = await uow.end_session(
+                session.id, now, "revoked", idle_cutoff=idle_cutoff(now, self._idle_timeout)
+            )
             announce_ended(op, [ended] if ended else [], "revoked", now)
             result = RevokeSessionResult(session_id=session.id, account_id=session.account_id)
             await self._ops.finish(uow, op, result)

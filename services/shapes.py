@@ -54,8 +54,16 @@ def session_is_live(session: SessionRecord, now: datetime, idle_timeout: timedel
     return (
         session.ended_at is None
         and now < session.expires_at
-        and now - session.last_seen_at < idle_timeout
+        and session.last_seen_at > idle_cutoff(now, idle_timeout)
     )
+
+
+def idle_cutoff(now: datetime, idle_timeout: timedelta) -> datetime:
+    """A session last seen at or before this has idled out. What every command that ends
+    sessions passes to the store (`end_session`, `end_all_sessions`), which ends only the live
+    ones by the rule of `session_is_live`: one that expired or idled out was over already, and
+    is neither counted in `sessions_ended` nor announced by a `session.ended`."""
+    return now - idle_timeout
 
 
 def announce_ended(

@@ -80,16 +80,19 @@ class UnitOfWork(CodeUnit, Protocol):
     async def get_session(self, session_id: str) -> SessionRecord | None: ...
 
     async def end_session(
-        self, session_id: str, ended_at: datetime, reason: str
+        self, session_id: str, ended_at: datetime, reason: str, *, idle_cutoff: datetime
     ) -> SessionRecord | None:
-        """End the session if it has not ended yet; the ended record, or None if it was
-        already ended or does not exist."""
+        """End the session if it is live at `ended_at`: not ended, not expired (`expires_at`
+        after `ended_at`), and not idled out (seen after `idle_cutoff`). The ended record, or
+        None when it was over already (ended, expired or idle: left as it is) or does not
+        exist."""
         ...
 
     async def end_all_sessions(
-        self, account_id: str, ended_at: datetime, reason: str
+        self, account_id: str, ended_at: datetime, reason: str, *, idle_cutoff: datetime
     ) -> list[SessionRecord]:
-        """End every not-yet-ended session of the account; the records ended now."""
+        """End every session of the account that is live at `ended_at` (as `end_session`
+        decides); the records ended now, oldest first."""
         ...
 
     async def lock_session(self, session_id: str) -> SessionRecord | None:
@@ -121,7 +124,9 @@ class UnitOfWork(CodeUnit, Protocol):
         - stored replies about it (`IdempotencyRecord.account_id`) get `erased_reply`
           instead, keeping key and fingerprint, so a replay answers that;
         - its unpublished outbox rows are deleted (nobody has seen them; what they held is
-          what must go), its published ones keep event id and type only;
+          what must go), its published ones keep event id and type only; a command whose
+          rows went keeps what is left of it to publish, in order, and is finished when
+          nothing is (a command a relay holds is waited for first);
         - the throttle's rows of its email are deleted: those under `email_tag` (the keyed
           tag the throttle counts the email under) and any legacy row of `email_canonical`.
 
@@ -141,13 +146,18 @@ class UnitOfWork(CodeUnit, Protocol):
 
 
 class EventBatch(Protocol):
-    """Outbox rows claimed by one relay (others skip them) until the batch ends."""
+    """The outbox rows of whole commands, claimed by one relay (others skip those commands)
+    until the batch ends."""
 
     @property
-    def events(self) -> Sequence[PendingEvent]: ...
+    def events(self) -> Sequence[PendingEvent]:
+        """Command by command, oldest command first; each command's rows in order."""
+        ...
 
     def mark_published(self, seqs: Sequence[int]) -> None:
-        """Record which rows were confirmed by the broker; applied when the batch ends."""
+        """Record which rows were confirmed by the broker; applied when the batch ends. Of
+        each command, only the rows before its first unmarked one count: a command's events
+        are published in the order they happened, or not at all."""
         ...
 
 
@@ -229,9 +239,15 @@ class ServiceStore(CommandStore, SessionReads, Protocol):
 class OutboxStore(Protocol):
     """The outbox relay's side of the outbox."""
 
-    def claim_events(self, limit: int) -> AbstractAsyncContextManager[EventBatch]:
-        """Claim up to `limit` unpublished outbox rows, oldest first, skipping rows another
-        relay holds. Rows marked published are updated when the block exits normally."""
+    def claim_events(
+        self, limit: int, per_command: int | None = None
+    ) -> AbstractAsyncContextManager[EventBatch]:
+        """Claim the unpublished outbox rows of up to `limit` commands (the rows one
+        `record_outcome` wrote), oldest command first, skipping commands another relay holds:
+        a command is held by one batch at a time, whole. Of each command, its unpublished
+        rows in order: all of them, or the first `per_command`; the rest then goes to a later
+        claim, which cannot take the command before this batch ends. Rows marked published
+        are updated when the block exits normally."""
         ...
 
     async def outbox_backlog(self, now: datetime) -> tuple[int, float]:

@@ -99,6 +99,7 @@ class PendingEvent:
     type: str
     body: bytes
     created_at: datetime
+    command_seq: int  # shared by the rows one command wrote (one `record_outcome`)
 
 
 @dataclass(frozen=True, slots=True)

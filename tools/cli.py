@@ -1,7 +1,9 @@
 """`identity-worker`: run the worker, migrate the database, and the tools around them.
 
 identity-worker [run] [--no-migrate]   consume commands (the default)
-identity-worker migrate                create the database if needed, apply migrations
+identity-worker migrate                create the database if needed, apply migrations, move
+                                       accounts to a changed canonical email (exit 1: some
+                                       could not be, see the runbook)
 identity-worker keys new               print a new signing key for IDENTITY_SIGNING_KEYS
 identity-worker keys hmac              print a new key for IDENTITY_HMAC_KEY
 identity-worker keys jwt               print a new access-token key for IDENTITY_JWT_KEYS
@@ -72,15 +74,20 @@ def _courier(args: argparse.Namespace) -> int:
 def _migrate(args: argparse.Namespace) -> int:
     # A migration job needs the database URLs and the mode, never the worker's keys.
     settings = _settings_or_exit(keys_needed=False)
-    from stores.postgres import migrate
+    from worker.main import migrate_database
 
-    applied = asyncio.run(
-        migrate(
+    applied, emails = asyncio.run(
+        migrate_database(
             settings.migration_dsn, worker_role=settings.worker_role, dev_mode=settings.dev_mode
         )
     )
     print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
-    return 0
+    print(f"accounts moved to their new canonical email: {len(emails.moved)}")
+    for ids in emails.collisions:
+        print("one canonical email, several accounts (not moved): " + ", ".join(ids))
+    if emails.refused:
+        print("stored email the rule refuses (not moved): " + ", ".join(emails.refused))
+    return 1 if emails.collisions or emails.refused else 0
 
 
 def _keys_new(args: argparse.Namespace) -> int:

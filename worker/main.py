@@ -6,7 +6,8 @@ import asyncio
 import logging
 import signal
 
-from stores.postgres import migrate
+from services.emails import recanonicalised
+from stores.postgres import EmailReport, migrate, recanonicalise_emails
 from worker.app import Worker
 from worker.bootstrap import build
 from worker.settings import Settings
@@ -38,7 +39,7 @@ async def run_worker(settings: Settings, *, migrate_first: bool = True) -> int:
         loop.add_signal_handler(signum, on_signal, signum)
     try:
         if migrate_first:
-            await migrate(
+            await migrate_database(
                 settings.migration_dsn,
                 worker_role=settings.worker_role,
                 dev_mode=settings.dev_mode,
@@ -54,3 +55,19 @@ async def run_worker(settings: Settings, *, migrate_first: bool = True) -> int:
         worker.request_stop()
     await worker.run()  # replaces the handlers with its own: drain, then exit
     return 0
+
+
+async def migrate_database(
+    dsn: str, *, worker_role: str | None = None, dev_mode: bool = False
+) -> tuple[list[str], EmailReport]:
+    """Apply pending migrations as the schema's owner (`dsn`: the migration URL) and grant
+    `worker_role` its privileges (`stores.postgres.migrate`), then move accounts whose
+    canonical email changed with the rules (`services.emails`) to their new form: the names
+    applied, and what was moved and what could not be. The move needs no key: it rewrites
+    `accounts.email_canonical` only (the throttle's keyed tags of an old form are left to
+    expire, docs/runbook.md)."""
+    applied = await migrate(dsn, worker_role=worker_role, dev_mode=dev_mode)
+    report = await recanonicalise_emails(dsn, recanonicalised)
+    if report.moved:
+        log.info("accounts moved to their new canonical email", extra={"count": len(report.moved)})
+    return applied, report

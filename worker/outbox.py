@@ -1,11 +1,14 @@
 """The outbox relay: publishes committed events to `identity.events`, at least once.
 
 Events are written to the outbox table in the transaction of the change they describe, so an
-event exists if and only if its change committed. The relay claims unpublished rows
-(`FOR UPDATE SKIP LOCKED`, so several workers share the backlog without trampling each
-other), publishes them with publisher confirms and marks only the confirmed ones. A worker
-that died between commit and publish leaves rows behind; any relay picks them up on its
-next poll. Each row keeps its `event_id`, so a republished event is recognisable.
+event exists if and only if its change committed. The relay claims the unpublished rows of
+whole commands (several workers share the backlog, and a command is held by one relay at a
+time), publishes each command's events one after the other with publisher confirms, and the
+commands side by side; it marks only the confirmed ones. A command stops at its first event
+the broker does not confirm: what follows waits for it, so a command's events reach the
+broker in the order they happened. A worker that died between commit and publish leaves rows
+behind; any relay picks them up on its next poll. Each row keeps its `event_id`, so a
+republished event is recognisable.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 import aio_pika
@@ -70,34 +73,58 @@ class OutboxRelay:
                 await asyncio.sleep(self._poll_s)
 
     async def drain(self) -> int:
-        """Publish until nothing is left (or what is left is claimed by other relays)."""
+        """Publish until nothing is left (or what is left is claimed by other relays, or was
+        just refused by the broker)."""
         total = 0
         while True:
-            published, claimed = await self._publish_batch()
+            published, claimed, full = await self._publish_batch()
             total += published
-            if claimed < self._batch or published < claimed:
+            if not full or published < claimed:
                 return total
 
-    async def _publish_batch(self) -> tuple[int, int]:
-        async with self._store.claim_events(self._batch) as batch:
-            events = list(batch.events)
-            if not events:
-                return 0, 0
+    async def _publish_batch(self) -> tuple[int, int, bool]:
+        """(events published, events claimed, whether the claim was full: more may wait)."""
+        # Up to `batch` commands, and up to `batch` events of each: a password change that
+        # ended thousands of sessions goes out in several claims, in order.
+        async with self._store.claim_events(self._batch, per_command=self._batch) as batch:
+            commands = _by_command(batch.events)
+            if not commands:
+                return 0, 0, False
             started = time.perf_counter()
-            results = await asyncio.gather(
-                *(self._publish(event) for event in events), return_exceptions=True
-            )
-            confirmed = [e.seq for e, r in zip(events, results, strict=True) if r is None]
+            outcomes = await asyncio.gather(*(self._publish_in_order(c) for c in commands))
+            confirmed = [seq for seqs, _ in outcomes for seq in seqs]
             batch.mark_published(confirmed)
         self._metrics.outbox_publish_seconds.observe(time.perf_counter() - started)
         self._metrics.outbox_published_total.inc(len(confirmed))
-        failures = [r for r in results if isinstance(r, BaseException)]
+        claimed = sum(len(events) for events in commands)
+        failures = [error for _, error in outcomes if error is not None]
         if failures:
             log.warning(
                 "events not confirmed; they stay in the outbox",
-                extra={"count": len(failures), "error": type(failures[0]).__name__},
+                extra={
+                    "count": claimed - len(confirmed),
+                    "commands": len(failures),
+                    "error": type(failures[0]).__name__,
+                },
             )
-        return len(confirmed), len(events)
+        full = len(commands) >= self._batch or any(len(c) >= self._batch for c in commands)
+        return len(confirmed), claimed, full
+
+    async def _publish_in_order(
+        self, events: list[PendingEvent]
+    ) -> tuple[list[int], Exception | None]:
+        """Publish one command's events one at a time, each confirmed before the next goes
+        out, and stop at the first one that is not: the seqs confirmed (a prefix of the
+        command's), and what stopped it. Anything later waits for that one to be published
+        first, at a later claim."""
+        confirmed: list[int] = []
+        for event in events:
+            try:
+                await self._publish(event)
+            except Exception as exc:  # any failure leaves the row for a later claim
+                return confirmed, exc
+            confirmed.append(event.seq)
+        return confirmed, None
 
     async def _publish(self, event: PendingEvent) -> None:
         properties = Basic.Properties(
@@ -120,3 +147,11 @@ class OutboxRelay:
         count, age = await self._store.outbox_backlog(self._now())
         self._metrics.outbox_backlog.set(count)
         self._metrics.outbox_oldest_age_seconds.set(age)
+
+
+def _by_command(events: Sequence[PendingEvent]) -> list[list[PendingEvent]]:
+    """The claimed events, grouped by command, each group in outbox order."""
+    commands: dict[int, list[PendingEvent]] = {}
+    for event in events:
+        commands.setdefault(event.command_seq, []).append(event)
+    return list(commands.values())

@@ -347,6 +347,9 @@ _ORDERED_PAIRS: tuple[tuple[str, str, str], ...] = (
     ("session_idle_timeout_s", "session_lifetime_s", "loose"),
     ("session_touch_interval_s", "session_idle_timeout_s", "strict"),
     ("throttle_base_delay_s", "throttle_max_delay_s", "loose"),
+    # The purge deletes sign-in counters untouched for reset_after_s; a lock longer than that
+    # would go with its counter, and the next guess would be free.
+    ("throttle_max_delay_s", "throttle_reset_after_s", "loose"),
     ("db_pool_min", "db_pool_max", "loose"),
 )
 

@@ -3,19 +3,20 @@
 It passes the same contract suite as `PostgresIdentityStore` (tests/contract). Units of work
 run one at a time under one asyncio.Lock and apply their writes on commit only; the other
 operations are single synchronous steps, so each is atomic on the event loop just as each is
-one statement in PostgreSQL. Claimed outbox rows are skipped by other claims until their
-batch ends, like `FOR UPDATE SKIP LOCKED`.
+one statement in PostgreSQL. A claimed command is skipped by other claims until its batch
+ends, as PostgreSQL's claim skips a command whose `outbox_pending` row is locked.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TypeVar
 
+from stores.claims import ClaimedBatch
 from stores.errors import StoreError, TransientStoreError
 from stores.memory.codes import MemoryCodeStore
 from stores.memory.unit import MemoryUnitOfWork, Tables, as_jsonb
@@ -48,28 +49,13 @@ def _delete(table: dict[K, V], doomed: Callable[[V], bool]) -> list[V]:
     return [table.pop(key) for key in keys]
 
 
-class MemoryEventBatch:
-    """`EventBatch` over rows this store holds claimed until the batch ends."""
-
-    def __init__(self, events: Sequence[PendingEvent]) -> None:
-        self._events = tuple(events)
-        self.marked: set[int] = set()
-
-    @property
-    def events(self) -> Sequence[PendingEvent]:
-        return self._events
-
-    def mark_published(self, seqs: Sequence[int]) -> None:
-        self.marked.update(seqs)
-
-
 class MemoryIdentityStore(MemoryCodeStore):
     def __init__(self) -> None:
         self._tables = Tables()
         self._code_tables = self._tables.codes
         self._mail_claimed: set[int] = set()
         self._units = asyncio.Lock()
-        self._claimed: set[int] = set()
+        self._claimed: set[int] = set()  # command_seq of the commands batches hold
         self._closed = False
 
     @asynccontextmanager
@@ -180,25 +166,31 @@ class MemoryIdentityStore(MemoryCodeStore):
         return 0  # this store never had the plain-email counters of schema 0001
 
     @asynccontextmanager
-    async def claim_events(self, limit: int) -> AsyncIterator[MemoryEventBatch]:
+    async def claim_events(
+        self, limit: int, per_command: int | None = None
+    ) -> AsyncIterator[ClaimedBatch]:
         if limit < 0:
             raise StoreError("LIMIT must not be negative")
-        seqs = sorted(
-            seq
-            for seq, row in self._tables.outbox.items()
-            if row.published_at is None and seq not in self._claimed
-        )[:limit]
-        self._claimed.update(seqs)
+        outbox = self._tables.outbox
+        pending: dict[int, list[PendingEvent]] = {}
+        for seq in sorted(seq for seq, row in outbox.items() if row.published_at is None):
+            event = outbox[seq].event
+            pending.setdefault(event.command_seq, []).append(event)
+        held = sorted(command for command in pending if command not in self._claimed)[:limit]
+        self._claimed.update(held)
         try:
-            batch = MemoryEventBatch([self._tables.outbox[seq].event for seq in seqs])
+            batch = ClaimedBatch(
+                {command: pending[command][:per_command] for command in held},
+                [c for c in held if per_command is not None and len(pending[c]) > per_command],
+            )
             yield batch
             published_at = datetime.now(UTC)
-            for seq in batch.marked.intersection(seqs):
+            for seq in batch.outcome().published:
                 # An erasure may have dropped the row meanwhile: nothing left to mark.
-                if (row := self._tables.outbox.get(seq)) is not None:
-                    row.published_at = row.published_at or published_at
+                if (row := outbox.get(seq)) is not None:
+                    row.published_at = published_at
         finally:
-            self._claimed.difference_update(seqs)
+            self._claimed.difference_update(held)
 
     async def outbox_backlog(self, now: datetime) -> tuple[int, float]:
         pending = [r.event for r in self._tables.outbox.values() if r.published_at is None]

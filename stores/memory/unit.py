@@ -55,7 +55,15 @@ class Tables:
     secrets: dict[str, bytes] = field(default_factory=dict)
     tombstones: dict[str, datetime] = field(default_factory=dict)  # erased account id -> when
     last_seq: int = 0
+    last_command_seq: int = 0
     codes: CodeTables = field(default_factory=CodeTables)
+
+
+def _live(session: SessionRecord, now: datetime, idle_cutoff: datetime) -> bool:
+    """As END_SESSION's condition: not ended, not expired at `now`, seen after the cutoff."""
+    return (
+        session.ended_at is None and session.expires_at > now and session.last_seen_at > idle_cutoff
+    )
 
 
 def as_jsonb(reply: dict[str, Any]) -> dict[str, Any]:
@@ -79,7 +87,7 @@ class MemoryUnitOfWork(MemoryCodeUnit):
         self._changed_sessions: dict[str, SessionRecord] = {}
         self._session_ends: dict[str, tuple[datetime, str]] = {}
         self._idempotency: dict[str, IdempotencyRecord] = {}
-        self._events: list[NewEvent] = []
+        self._commands: list[list[NewEvent]] = []  # the events of each record_outcome
         # (account id, erased at, erased reply, email tag) of each erase_account, applied
         # first on commit.
         self._erasures: list[tuple[str, datetime, dict[str, Any], bytes]] = []
@@ -171,22 +179,24 @@ class MemoryUnitOfWork(MemoryCodeUnit):
         return replace(session, ended_at=end[0], end_reason=end[1])
 
     async def end_session(
-        self, session_id: str, ended_at: datetime, reason: str
+        self, session_id: str, ended_at: datetime, reason: str, *, idle_cutoff: datetime
     ) -> SessionRecord | None:
         session = await self.get_session(session_id)
-        if session is None or session.ended_at is not None:
+        if session is None or not _live(session, ended_at, idle_cutoff):
             return None
         self._session_ends[session_id] = (ended_at, reason)
         return replace(session, ended_at=ended_at, end_reason=reason)
 
     async def end_all_sessions(
-        self, account_id: str, ended_at: datetime, reason: str
+        self, account_id: str, ended_at: datetime, reason: str, *, idle_cutoff: datetime
     ) -> list[SessionRecord]:
         candidates = {**self._tables.sessions, **self._new_sessions}.values()
         ended: list[SessionRecord] = []
         for session in sorted(candidates, key=lambda s: (s.created_at, s.id)):
             if session.account_id == account_id:
-                record = await self.end_session(session.id, ended_at, reason)
+                record = await self.end_session(
+                    session.id, ended_at, reason, idle_cutoff=idle_cutoff
+                )
                 if record is not None:
                     ended.append(record)
         return ended
@@ -233,8 +243,11 @@ class MemoryUnitOfWork(MemoryCodeUnit):
         kept = {sid: s for sid, s in self._new_sessions.items() if s.account_id != account_id}
         sessions_here = len(self._new_sessions) - len(kept)
         self._new_sessions = kept
-        dropped_here = sum(e.account_id == account_id for e in self._events)
-        self._events = [e for e in self._events if e.account_id != account_id]
+        # A command of this unit keeps the events about other accounts; one left with none
+        # writes no outbox row, and so holds no place among the commands.
+        commands = [[e for e in c if e.account_id != account_id] for c in self._commands]
+        dropped_here = sum(map(len, self._commands)) - sum(map(len, commands))
+        self._commands = [events for events in commands if events]
         replied_here = 0
         for key, record in list(self._idempotency.items()):
             if record.account_id == account_id:
@@ -263,7 +276,8 @@ class MemoryUnitOfWork(MemoryCodeUnit):
         # fails as a whole.
         stored = None if idempotency is None else self._checked_record(idempotency)
         new_events = self._checked_events(events)
-        self._events.extend(new_events)
+        if new_events:
+            self._commands.append(new_events)
         if stored is not None:
             self._idempotency[stored.key] = stored
 
@@ -276,7 +290,7 @@ class MemoryUnitOfWork(MemoryCodeUnit):
 
     def _checked_events(self, events: Sequence[NewEvent]) -> list[NewEvent]:
         """The events as the outbox would hold them; raises if one cannot be stored."""
-        known = self._tables.event_ids.union(e.event_id for e in self._events)
+        known = self._tables.event_ids.union(e.event_id for c in self._commands for e in c)
         for event in events:
             if event.event_id in known:
                 raise StoreError("unique constraint outbox_event_id_key violated")
@@ -307,13 +321,20 @@ class MemoryUnitOfWork(MemoryCodeUnit):
                 ended = replace(session, ended_at=ended_at, end_reason=reason)
                 tables.sessions[session_id] = ended
         tables.idempotency.update(self._idempotency)
-        for event in self._events:
-            tables.last_seq += 1
-            pending = PendingEvent(
-                tables.last_seq, event.event_id, event.type, event.body, event.created_at
-            )
-            tables.outbox[tables.last_seq] = OutboxRow(pending, account_id=event.account_id)
-            tables.event_ids.add(event.event_id)
+        for events in self._commands:
+            tables.last_command_seq += 1
+            for event in events:
+                tables.last_seq += 1
+                pending = PendingEvent(
+                    tables.last_seq,
+                    event.event_id,
+                    event.type,
+                    event.body,
+                    event.created_at,
+                    tables.last_command_seq,
+                )
+                tables.outbox[tables.last_seq] = OutboxRow(pending, account_id=event.account_id)
+                tables.event_ids.add(event.event_id)
         self._commit_codes()
 
 
@@ -334,8 +355,10 @@ def _erase(
     tables: Tables, account_id: str, erased_at: datetime, reply: dict[str, Any], email_tag: bytes
 ) -> None:
     """`erase_account` on the committed tables, one table at a time as PostgreSQL does it. An
-    outbox row a relay holds claimed is dropped like any unpublished one (the relay already
-    has its body, as in PostgreSQL, where erasure waits for the relay to finish with it)."""
+    outbox row of a command a relay holds claimed is dropped like any unpublished one (the
+    relay already has its body, as in PostgreSQL, where erasure waits for the relay to finish
+    with the command). What is left of a command to publish is its unpublished rows, here as
+    there, where the erasure settles the command's `outbox_pending` row to match."""
     for session_id in [k for k, s in tables.sessions.items() if s.account_id == account_id]:
         del tables.sessions[session_id]
     erase_codes(tables.codes, account_id)

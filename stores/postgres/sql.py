@@ -62,17 +62,21 @@ SELECT {_columns(SessionRecord, "s.")}, {_columns(AccountRecord, "a.")}
 FROM sessions s JOIN accounts a ON a.id = s.account_id
 WHERE s.id = ANY($1::text[])
 """
-# Under READ COMMITTED a second writer waits for the first one's row lock, then re-checks
-# `ended_at IS NULL` against the committed row: only one of them ever ends a session.
+# Only a live session ends: not ended, not expired at $2 (now), not idle since $4 (the idle
+# cutoff); one that expired or idled out is over already, and stays as it is. Under READ
+# COMMITTED a second writer waits for the first one's row lock, then re-checks the condition
+# against the committed row: only one of them ever ends a session, and a `last_seen_at`
+# moved by a verify meanwhile counts.
+_LIVE = "ended_at IS NULL AND expires_at > $2 AND last_seen_at > $4"
 END_SESSION = f"""
 UPDATE sessions SET ended_at = $2, end_reason = $3
-WHERE id = $1 AND ended_at IS NULL
+WHERE id = $1 AND {_LIVE}
 RETURNING {SESSION}
 """
 END_ALL_SESSIONS = f"""
 WITH ended AS (
     UPDATE sessions SET ended_at = $2, end_reason = $3
-    WHERE account_id = $1 AND ended_at IS NULL
+    WHERE account_id = $1 AND {_LIVE}
     RETURNING {SESSION}
 )
 SELECT {SESSION} FROM ended ORDER BY created_at, id
@@ -106,32 +110,71 @@ GET_IDEMPOTENCY_RECORDS = (
 # A command's outcome in one statement: its events ($1-$4 and $11, one array per column) and
 # its idempotency record ($5-$10; skipped when the key is NULL). A data-modifying CTE always runs to
 # completion, whether or not the main statement reads it. Rows are inserted in ORDER BY order,
-# so the outbox seqs follow the events' order. The casts give every parameter its column's
-# type, so the reply goes through the connection's jsonb codec.
+# so the outbox seqs follow the events' order; they share one `command_seq`, drawn once
+# (MATERIALIZED: evaluated once, not once per row), and the command gets its `outbox_pending`
+# row when it has events. The casts give every parameter its column's type, so the reply goes
+# through the connection's jsonb codec.
 RECORD_OUTCOME = f"""
-WITH events AS (
-    INSERT INTO outbox (event_id, type, body, created_at, account_id)
-    SELECT event_id, type, body, created_at, account_id
+WITH command AS MATERIALIZED (
+    SELECT nextval('outbox_command_seq') AS command_seq
+),
+events AS (
+    INSERT INTO outbox (event_id, type, body, created_at, account_id, command_seq)
+    SELECT e.event_id, e.type, e.body, e.created_at, e.account_id, command.command_seq
     FROM unnest($1::text[], $2::text[], $3::bytea[], $4::timestamptz[], $11::text[])
         WITH ORDINALITY AS e (event_id, type, body, created_at, account_id, n)
-    ORDER BY n
+    CROSS JOIN command
+    ORDER BY e.n
+    RETURNING seq, command_seq
+),
+pending AS (
+    INSERT INTO outbox_pending (command_seq, next_seq, last_seq)
+    SELECT command_seq, min(seq), max(seq) FROM events GROUP BY command_seq
 )
 INSERT INTO idempotency ({IDEMPOTENCY})
 SELECT $5::text, $6::text, $7::text, $8::jsonb, $9::timestamptz, $10::text
 WHERE $5::text IS NOT NULL
 """
-# SKIP LOCKED: a row another relay holds is passed over rather than waited for; the row locks
-# last as long as the claiming transaction, i.e. the `async with claim_events(...)` block.
+# Whole commands, oldest first: a relay holds a command by locking its `outbox_pending` row,
+# so SKIP LOCKED passes over a command another relay holds, whole. A command that another
+# relay finished or moved on since this statement's snapshot is seen as it is now: READ
+# COMMITTED locks the newest version of the row (or skips it, deleted), so `next_seq` leaves
+# out what was published meanwhile, even where the snapshot still shows those outbox rows
+# unpublished. Of each command, its unpublished rows in order, found through the primary key:
+# all of them, or the first $2 (the store asks for one more, to know whether any is left).
+# A command without any (published by a relay of the previous version) comes back as one row
+# of NULLs, to be finished. The locks last as long as the claiming transaction, i.e. the
+# `async with claim_events(...)` block.
 CLAIM_EVENTS = """
-SELECT seq, event_id, type, body, created_at FROM outbox
-WHERE published_at IS NULL
-ORDER BY seq
-LIMIT $1
-FOR UPDATE SKIP LOCKED
+WITH held AS MATERIALIZED (
+    SELECT command_seq, next_seq, last_seq FROM outbox_pending
+    ORDER BY command_seq
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+SELECT held.command_seq, e.seq, e.event_id, e.type, e.body, e.created_at
+FROM held LEFT JOIN LATERAL (
+    SELECT seq, event_id, type, body, created_at FROM outbox
+    WHERE seq BETWEEN held.next_seq AND held.last_seq
+      AND command_seq = held.command_seq AND published_at IS NULL
+    ORDER BY seq
+    LIMIT $2
+) e ON true
+ORDER BY held.command_seq, e.seq
 """
-MARK_PUBLISHED = """
-UPDATE outbox SET published_at = now()
-WHERE seq = ANY($1::bigint[]) AND published_at IS NULL
+# The end of a claim, in one statement: the rows published ($1), the commands finished ($2),
+# and how far the others got ($3 command, $4 its first row not published).
+FINISH_CLAIM = """
+WITH published AS (
+    UPDATE outbox SET published_at = now()
+    WHERE seq = ANY($1::bigint[]) AND published_at IS NULL
+),
+finished AS (
+    DELETE FROM outbox_pending WHERE command_seq = ANY($2::bigint[])
+)
+UPDATE outbox_pending p SET next_seq = moved.next_seq
+FROM unnest($3::bigint[], $4::bigint[]) AS moved (command_seq, next_seq)
+WHERE p.command_seq = moved.command_seq
 """
 OUTBOX_BACKLOG = "SELECT count(*), min(created_at) FROM outbox WHERE published_at IS NULL"
 
@@ -257,9 +300,46 @@ INSERT_TOMBSTONE = """
 INSERT INTO account_tombstones (id, erased_at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING
 """
 ERASE_REPLIES = "UPDATE idempotency SET reply = $2::jsonb WHERE account_id = $1"
-# Unpublished first: a row a relay holds is waited for, then re-checked; if the relay marked it
-# published meanwhile, it is left for the next statement, whose snapshot sees it published.
-DROP_UNPUBLISHED_EVENTS = "DELETE FROM outbox WHERE account_id = $1 AND published_at IS NULL"
+# Unpublished first. A relay holds a whole command by its `outbox_pending` row (CLAIM_EVENTS),
+# not by its outbox rows, so the commands with unpublished rows of the account are locked
+# first: a command a relay holds is waited for, until the relay has marked what it published
+# and moved the command on (or finished it). Locking them before any outbox row is touched
+# keeps the order a relay takes (command, then its rows), so the two cannot deadlock.
+LOCK_COMMANDS_OF_ACCOUNT = """
+SELECT command_seq FROM outbox_pending
+WHERE command_seq IN (
+    SELECT command_seq FROM outbox WHERE account_id = $1 AND published_at IS NULL
+)
+ORDER BY command_seq
+FOR UPDATE
+"""
+# Then the rows still unpublished are dropped (the next statement's snapshot sees what the
+# relay published meanwhile, and scrubs it), with the commands they belonged to.
+DROP_UNPUBLISHED_EVENTS = """
+DELETE FROM outbox WHERE account_id = $1 AND published_at IS NULL
+RETURNING command_seq
+"""
+# A command whose rows were dropped keeps its `outbox_pending` row only while it has
+# unpublished rows left (of other accounts, or without one), and its `next_seq` moves to the
+# first of them: a command left with none is finished, as a relay would find it.
+SETTLE_COMMANDS = """
+WITH left_over AS (
+    SELECT p.command_seq, (
+        SELECT min(o.seq) FROM outbox o
+        WHERE o.seq BETWEEN p.next_seq AND p.last_seq
+          AND o.command_seq = p.command_seq AND o.published_at IS NULL
+    ) AS next_seq
+    FROM outbox_pending p
+    WHERE p.command_seq = ANY($1::bigint[])
+),
+finished AS (
+    DELETE FROM outbox_pending p USING left_over l
+    WHERE p.command_seq = l.command_seq AND l.next_seq IS NULL
+)
+UPDATE outbox_pending p SET next_seq = l.next_seq
+FROM left_over l
+WHERE p.command_seq = l.command_seq AND l.next_seq IS NOT NULL
+"""
 SCRUB_PUBLISHED_EVENTS = """
 UPDATE outbox
 SET body = convert_to(jsonb_build_object('event_id', event_id, 'type', type, 'erased', true)::text,

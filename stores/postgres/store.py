@@ -18,16 +18,13 @@ from typing import Any
 import asyncpg
 import orjson
 
+from stores.claims import ClaimedBatch
 from stores.errors import StoreError
 from stores.postgres import sql
 from stores.postgres.batching import KeyedBatcher
 from stores.postgres.codes import PostgresCodeStore
 from stores.postgres.edge import Instrument, Observe
-from stores.postgres.unit import (
-    PostgresEventBatch,
-    PostgresUnitOfWork,
-    account_from,
-)
+from stores.postgres.unit import PostgresUnitOfWork, account_from
 from stores.records import (
     AccountRecord,
     BudgetDecision,
@@ -68,6 +65,13 @@ FROM pg_roles r WHERE r.rolname = current_user
 
 # Legacy throttle rows re-keyed per transaction.
 _ADOPT_BATCH = 1000
+
+
+# Every statement of the store is a short look-up or write by key. PostgreSQL compiles a plan
+# whose estimated cost passes `jit_above_cost` to machine code first, which costs hundreds of
+# milliseconds: an estimate made on stale statistics (an outbox that grew since the last
+# ANALYZE, or a generic plan of the outbox claim) would make a 1 ms statement take 0.5 s.
+SERVER_SETTINGS = {"jit": "off"}
 
 
 async def keep_session(conn: Any) -> None:
@@ -132,6 +136,7 @@ class PostgresIdentityStore(PostgresCodeStore):
                 command_timeout=command_timeout,
                 init=configure_connection,
                 reset=keep_session,
+                server_settings=SERVER_SETTINGS,
             )
         return cls(pool, observe=observe)
 
@@ -323,15 +328,33 @@ class PostgresIdentityStore(PostgresCodeStore):
                 moved += len(rows)
 
     @asynccontextmanager
-    async def claim_events(self, limit: int) -> AsyncIterator[PostgresEventBatch]:
+    async def claim_events(
+        self, limit: int, per_command: int | None = None
+    ) -> AsyncIterator[ClaimedBatch]:
+        fetch = None if per_command is None else per_command + 1  # one more: is any left?
         async with self._transaction() as conn:
             with self._timed("claim_events"):
-                rows = await conn.fetch(sql.CLAIM_EVENTS, limit)
-            batch = PostgresEventBatch([PendingEvent(*row) for row in rows])
+                rows = await conn.fetch(sql.CLAIM_EVENTS, limit, fetch)
+            commands: dict[int, list[PendingEvent]] = {}
+            for command, seq, event_id, type_, body, created_at in rows:
+                claimed = commands.setdefault(command, [])
+                if seq is not None:  # None: a held command with nothing left to publish
+                    claimed.append(PendingEvent(seq, event_id, type_, body, created_at, command))
+            unfinished = [c for c, events in commands.items() if fetch and len(events) == fetch]
+            batch = ClaimedBatch(
+                {c: events[:per_command] for c, events in commands.items()}, unfinished
+            )
             yield batch
-            if batch.marked:
-                with self._timed("mark_published"):
-                    await conn.execute(sql.MARK_PUBLISHED, batch.marked)
+            outcome = batch.outcome()
+            if outcome.published or outcome.finished or outcome.moved:
+                with self._timed("finish_claim"):
+                    await conn.execute(
+                        sql.FINISH_CLAIM,
+                        outcome.published,
+                        outcome.finished,
+                        [command for command, _ in outcome.moved],
+                        [next_seq for _, next_seq in outcome.moved],
+                    )
 
     async def outbox_backlog(self, now: datetime) -> tuple[int, float]:
         with self._timed("outbox_backlog"):

@@ -1,13 +1,14 @@
-"""The PostgreSQL unit of work and outbox batch: statements on one connection inside one
+"""The PostgreSQL unit of work: statements on one connection inside one
 transaction, opened and closed by `PostgresIdentityStore`.
 
 READ COMMITTED is enough for what the port promises, because every guarantee rests on a row
 lock or a unique constraint rather than on a snapshot: `update_account` is a compare-and-set
 on `version` in one UPDATE (a concurrent writer waits for the row lock, then re-checks the
-version against the committed row); `end_session(s)` re-checks `ended_at IS NULL` the same
-way; duplicate emails and idempotency keys are stopped by unique indexes, which wait for the
-other transaction and fail if it commits; callers that read-modify-write take
-`get_account(for_update=True)`. Nothing needs SERIALIZABLE's retries.
+version against the committed row); `end_session(s)` re-checks that the session is live
+(`ended_at IS NULL`, not expired, not idle) the same way; duplicate emails and idempotency
+keys are stopped by unique indexes, which wait for the other transaction and fail if it
+commits; callers that read-modify-write take `get_account(for_update=True)`. Nothing needs
+SERIALIZABLE's retries.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from stores.records import (
     ErasureCounts,
     IdempotencyRecord,
     NewEvent,
-    PendingEvent,
     SessionRecord,
 )
 
@@ -116,17 +116,21 @@ class PostgresUnitOfWork(PostgresCodeUnit):
             return session_from(await self._conn.fetchrow(sql.GET_SESSION, session_id))
 
     async def end_session(
-        self, session_id: str, ended_at: datetime, reason: str
+        self, session_id: str, ended_at: datetime, reason: str, *, idle_cutoff: datetime
     ) -> SessionRecord | None:
         with self._timed("uow.end_session"):
-            row = await self._conn.fetchrow(sql.END_SESSION, session_id, ended_at, reason)
+            row = await self._conn.fetchrow(
+                sql.END_SESSION, session_id, ended_at, reason, idle_cutoff
+            )
         return session_from(row)
 
     async def end_all_sessions(
-        self, account_id: str, ended_at: datetime, reason: str
+        self, account_id: str, ended_at: datetime, reason: str, *, idle_cutoff: datetime
     ) -> list[SessionRecord]:
         with self._timed("uow.end_all_sessions"):
-            rows = await self._conn.fetch(sql.END_ALL_SESSIONS, account_id, ended_at, reason)
+            rows = await self._conn.fetch(
+                sql.END_ALL_SESSIONS, account_id, ended_at, reason, idle_cutoff
+            )
         return [SessionRecord(*row) for row in rows]
 
     async def lock_session(self, session_id: str) -> SessionRecord | None:
@@ -156,7 +160,12 @@ class PostgresUnitOfWork(PostgresCodeUnit):
             await self._conn.execute(sql.ERASE_ACCOUNT, account_id)
             await self._conn.execute(sql.INSERT_TOMBSTONE, account_id, erased_at)
             replies = _count(await self._conn.execute(sql.ERASE_REPLIES, account_id, erased_reply))
-            dropped = _count(await self._conn.execute(sql.DROP_UNPUBLISHED_EVENTS, account_id))
+            await self._conn.execute(sql.LOCK_COMMANDS_OF_ACCOUNT, account_id)
+            commands = await self._conn.fetch(sql.DROP_UNPUBLISHED_EVENTS, account_id)
+            dropped = len(commands)
+            if dropped:
+                settle = sorted({row["command_seq"] for row in commands})
+                await self._conn.execute(sql.SETTLE_COMMANDS, settle)
             scrubbed = _count(await self._conn.execute(sql.SCRUB_PUBLISHED_EVENTS, account_id))
             throttle = await self._conn.fetchval(sql.ERASE_THROTTLE, email_tag, email_canonical)
             await self._conn.execute(codes_sql.ERASE_MAIL, account_id)
@@ -184,26 +193,3 @@ class PostgresUnitOfWork(PostgresCodeUnit):
                 *record,
                 [e.account_id for e in events],
             )
-
-
-class PostgresEventBatch:
-    """`EventBatch` over rows locked by the store's claiming transaction."""
-
-    __slots__ = ("_events", "_marked")
-
-    def __init__(self, events: Sequence[PendingEvent]) -> None:
-        self._events = tuple(events)
-        self._marked: set[int] = set()
-
-    @property
-    def events(self) -> Sequence[PendingEvent]:
-        return self._events
-
-    def mark_published(self, seqs: Sequence[int]) -> None:
-        self._marked.update(seqs)
-
-    @property
-    def marked(self) -> list[int]:
-        """The claimed seqs marked published (others are ignored: this batch holds no lock
-        on them)."""
-        return sorted(self._marked.intersection(e.seq for e in self._events))

@@ -10,6 +10,9 @@ from stores import AccountRecord, IdempotencyRecord, NewEvent, SessionRecord
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
+# An idle cutoff before any session of these tests was seen: none has idled out.
+SEEN_BEFORE = T0 - timedelta(days=1)
+
 
 def unique(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(8)}"

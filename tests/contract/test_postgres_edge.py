@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 from hashlib import sha256
+from typing import Any
 
 import asyncpg
 import pytest
 
 from stores import PostgresIdentityStore, StoreError, ThrottleRules, TransientStoreError, migrate
-from stores.postgres.migrate import migration_files
-from tests.contract.builders import T0, account, idempotency, unique
+from stores.postgres.migrate import ensure_database, migration_files
+from tests.contract.builders import T0, account, event, idempotency, unique
 
 
 async def test_concurrent_migrators_create_the_database_and_apply_each_file_once(
@@ -135,6 +136,74 @@ async def test_close_cuts_off_a_connection_still_in_use_after_its_deadline(pg_ds
     release.set()
     with pytest.raises(Exception):  # noqa: B017, PT011 - whatever a terminated pool raises
         await work
+
+
+async def test_the_store_never_compiles_a_statement_to_machine_code(pg_store: Any) -> None:
+    # A stale estimate would make a 1 ms claim take half a second compiling (store.py).
+    async with pg_store.unit_of_work() as uow:
+        assert await uow._conn.fetchval("SHOW jit") == "off"
+
+
+@pytest.mark.parametrize(
+    "applied_before",
+    [
+        pytest.param(lambda name: name < "0003", id="in-order"),
+        # A development database that applied the later migrations first (they were numbered
+        # on other branches): 0003 then comes last, and must need none of them nor break them.
+        pytest.param(lambda name: not name.startswith("0003"), id="after-0004-to-0007"),
+    ],
+)
+async def test_an_outbox_written_before_0003_is_published_after_it(
+    pg_scratch_dsn: str, applied_before: Any
+) -> None:
+    # The schema as the previous version left it, with one row published and two not.
+    await ensure_database(pg_scratch_dsn)
+    earlier = [(name, text) for name, text in migration_files() if applied_before(name)]
+    conn = await asyncpg.connect(pg_scratch_dsn)
+    try:
+        await conn.execute(
+            "CREATE TABLE schema_migrations (name text PRIMARY KEY,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for name, text in earlier:
+            await conn.execute(text)
+            await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
+        old = "INSERT INTO outbox (event_id, type, body, created_at, published_at) VALUES"
+        body = "convert_to('{\"data\": {}}', 'UTF8')"  # what a later migration may read
+        await conn.execute(
+            f"{old} ('evt_a', 'x', {body}, now(), now()), ('evt_b', 'x', {body}, now(), NULL)"
+        )
+        await conn.execute(f"{old} ('evt_c', 'x', {body}, now(), NULL)")
+
+        applied = await migrate(pg_scratch_dsn)
+        assert "0003_outbox_commands.sql" in applied
+        assert sorted(applied) == applied  # the pending ones, in file order
+        # A worker of the previous version, still running during a rolling upgrade.
+        await conn.execute(
+            f"{old} ('evt_d', 'x', {body}, now(), NULL), ('evt_e', 'x', {body}, now(), NULL)"
+        )
+    finally:
+        await conn.close()
+
+    store = await PostgresIdentityStore.connect(pg_scratch_dsn)
+    try:
+        # And a command of this version, after them.
+        async with store.unit_of_work() as uow:
+            await uow.record_outcome([event(), event()], None)
+        async with store.claim_events(10) as batch:
+            claimed = [e.event_id for e in batch.events]
+            batch.mark_published([e.seq for e in batch.events])
+            commands = [e.command_seq for e in batch.events]
+        async with store.claim_events(10) as batch:
+            assert list(batch.events) == []
+        assert await store.outbox_backlog(T0) == (0, 0.0)
+    finally:
+        await store.close()
+    assert claimed[:4] == ["evt_b", "evt_c", "evt_d", "evt_e"]
+    assert len(claimed) == 6
+    # Each earlier row a command of its own, the new command's two rows one.
+    assert len(set(commands[:4])) == 4
+    assert commands[4] == commands[5] not in commands[:4]
 
 
 async def test_the_plain_email_counters_of_schema_0001_move_to_keyed_tags(

@@ -20,7 +20,15 @@ from stores import (
     StoreError,
     TransientStoreError,
 )
-from tests.contract.builders import T0, account, event, idempotency, session, unique
+from tests.contract.builders import (
+    SEEN_BEFORE,
+    T0,
+    account,
+    event,
+    idempotency,
+    session,
+    unique,
+)
 
 
 class Boom(Exception):
@@ -232,7 +240,7 @@ async def test_lookup_after_a_commit_sees_it_while_others_are_in_flight(
         await asked.wait()  # the askers are on their next round: in flight from here on
         ended_at = T0 + timedelta(hours=1)
         async with store.unit_of_work() as uow:
-            await uow.end_session(record.id, ended_at, "sign_out")
+            await uow.end_session(record.id, ended_at, "sign_out", idle_cutoff=SEEN_BEFORE)
         after = await store.get_session_with_account(record.id)
     finally:
         stop.set()
@@ -253,11 +261,18 @@ async def test_ending_a_session_returns_it_only_the_first_time(store: IdentitySt
         await uow.insert_session(record)
     ended_at = T0 + timedelta(hours=1)
     async with store.unit_of_work() as uow:
-        ended = await uow.end_session(record.id, ended_at, "sign_out")
-        assert await uow.end_session(record.id, ended_at, "sign_out") is None
-        assert await uow.end_session(unique("ses"), ended_at, "sign_out") is None
+        ended = await uow.end_session(record.id, ended_at, "sign_out", idle_cutoff=SEEN_BEFORE)
+        assert (
+            await uow.end_session(record.id, ended_at, "sign_out", idle_cutoff=SEEN_BEFORE) is None
+        )
+        assert (
+            await uow.end_session(unique("ses"), ended_at, "sign_out", idle_cutoff=SEEN_BEFORE)
+            is None
+        )
     async with store.unit_of_work() as uow:
-        assert await uow.end_session(record.id, ended_at, "sign_out") is None
+        assert (
+            await uow.end_session(record.id, ended_at, "sign_out", idle_cutoff=SEEN_BEFORE) is None
+        )
 
     assert ended == replace(record, ended_at=ended_at, end_reason="sign_out")
     found = await store.get_session_with_account(record.id)
@@ -274,12 +289,19 @@ async def test_ending_all_sessions_returns_only_those_ended_now(store: IdentityS
     async with store.unit_of_work() as uow:
         for record in (earlier, open_a, open_b, other):
             await uow.insert_session(record)
-        await uow.end_session(earlier.id, T0, "sign_out")
+        await uow.end_session(earlier.id, T0, "sign_out", idle_cutoff=SEEN_BEFORE)
     now = T0 + timedelta(hours=1)
     async with store.unit_of_work() as uow:
-        ended = await uow.end_all_sessions(account_id, now, "sign_out_everywhere")
+        ended = await uow.end_all_sessions(
+            account_id, now, "sign_out_everywhere", idle_cutoff=SEEN_BEFORE
+        )
     async with store.unit_of_work() as uow:
-        assert await uow.end_all_sessions(account_id, now, "sign_out_everywhere") == []
+        assert (
+            await uow.end_all_sessions(
+                account_id, now, "sign_out_everywhere", idle_cutoff=SEEN_BEFORE
+            )
+            == []
+        )
         assert await uow.get_session(other.id) == other
         still_first = await uow.get_session(earlier.id)
 
@@ -287,6 +309,29 @@ async def test_ending_all_sessions_returns_only_those_ended_now(store: IdentityS
     assert all(s.ended_at == now and s.end_reason == "sign_out_everywhere" for s in ended)
     assert still_first is not None
     assert still_first.end_reason == "sign_out"
+
+
+async def test_only_a_live_session_ends(store: IdentityStore) -> None:
+    account_id = await commit_account(store)
+    now, cutoff = T0 + timedelta(hours=2), T0 + timedelta(hours=1, minutes=30)
+    live = session(account_id, last_seen_at=T0 + timedelta(hours=1, minutes=45))
+    idle = session(account_id, last_seen_at=cutoff)  # seen at the cutoff: idled out
+    expired = session(account_id, last_seen_at=now, expires_at=now)  # over at its expiry
+    async with store.unit_of_work() as uow:
+        for record in (live, idle, expired):
+            await uow.insert_session(record)
+
+    async with store.unit_of_work() as uow:
+        for over in (idle, expired):
+            assert await uow.end_session(over.id, now, "sign_out", idle_cutoff=cutoff) is None
+        ended = await uow.end_all_sessions(
+            account_id, now, "sign_out_everywhere", idle_cutoff=cutoff
+        )
+    async with store.unit_of_work() as uow:
+        assert await uow.get_session(idle.id) == idle  # left as they were: over already
+        assert await uow.get_session(expired.id) == expired
+
+    assert [s.id for s in ended] == [live.id]
 
 
 async def test_touch_moves_last_seen_forward_never_backward(store: IdentityStore) -> None:
@@ -350,7 +395,9 @@ async def test_unit_that_raises_ends_no_session(store: IdentityStore) -> None:
 
     async def doomed() -> None:
         async with store.unit_of_work() as uow:
-            await uow.end_all_sessions(record.account_id, T0, "password_changed")
+            await uow.end_all_sessions(
+                record.account_id, T0, "password_changed", idle_cutoff=SEEN_BEFORE
+            )
             raise Boom
 
     with pytest.raises(Boom):
@@ -374,7 +421,7 @@ async def test_a_locked_session_reads_as_the_unit_sees_it(store: IdentityStore) 
         await uow.insert_session(record)
     async with store.unit_of_work() as uow:
         assert await uow.lock_session(record.id) == record
-        await uow.end_session(record.id, T0, "sign_out")
+        await uow.end_session(record.id, T0, "sign_out", idle_cutoff=SEEN_BEFORE)
         locked = await uow.lock_session(record.id)
         assert locked is not None
         assert locked.end_reason == "sign_out"
@@ -416,7 +463,9 @@ async def test_a_rotation_never_moves_last_seen_back_and_never_touches_an_ended_
     assert rotated.last_seen_at == T0 + timedelta(minutes=10)
     assert rotated.refreshed_at == T0 + timedelta(minutes=5)
     async with store.unit_of_work() as uow:
-        await uow.end_session(record.id, T0 + timedelta(minutes=11), "sign_out")
+        await uow.end_session(
+            record.id, T0 + timedelta(minutes=11), "sign_out", idle_cutoff=SEEN_BEFORE
+        )
         assert await uow.rotate_refresh_token(record.id, 1, T0 + timedelta(minutes=12)) is None
     found = await store.get_session_with_account(record.id)
     assert found is not None
@@ -568,11 +617,22 @@ async def test_events_are_claimed_oldest_first_until_published(store: IdentitySt
 
 async def test_events_left_unmarked_are_claimed_again(store: IdentityStore) -> None:
     await drain(store)
-    ids = await commit_events(store, 3)
+    ids = [await commit_events(store, 1) for _ in range(3)]
     async with store.claim_events(10) as batch:
         batch.mark_published([batch.events[1].seq])
     async with store.claim_events(10) as batch:
-        assert [e.event_id for e in batch.events] == [ids[0], ids[2]]
+        assert [e.event_id for e in batch.events] == ids[0] + ids[2]
+
+
+async def test_only_the_marked_prefix_of_a_command_is_published(store: IdentityStore) -> None:
+    await drain(store)
+    ids = await commit_events(store, 4)
+    async with store.claim_events(10) as batch:
+        # The third row without the second: published out of order, so not recorded.
+        batch.mark_published([batch.events[0].seq, batch.events[2].seq])
+    assert (await store.outbox_backlog(T0))[0] == 3
+    async with store.claim_events(10) as batch:
+        assert [e.event_id for e in batch.events] == ids[1:]
 
 
 async def test_batch_that_raises_publishes_nothing(store: IdentityStore) -> None:
@@ -590,19 +650,89 @@ async def test_batch_that_raises_publishes_nothing(store: IdentityStore) -> None
         assert [e.event_id for e in batch.events] == ids
 
 
-async def test_concurrent_batches_never_claim_the_same_row(store: IdentityStore) -> None:
+async def test_concurrent_batches_never_claim_the_same_command(store: IdentityStore) -> None:
     await drain(store)
-    ids = await commit_events(store, 10)
+    ids = [await commit_events(store, 1) for _ in range(5)]
     # A store that waited for the first batch's rows instead of skipping them would hang here.
     async with (
         asyncio.timeout(10),
-        store.claim_events(4) as first,
+        store.claim_events(2) as first,
         store.claim_events(10) as second,
     ):
         first_ids = [e.event_id for e in first.events]
         second_ids = [e.event_id for e in second.events]
-    assert first_ids == ids[:4]
-    assert second_ids == ids[4:]
+    assert first_ids == ids[0] + ids[1]
+    assert second_ids == ids[2] + ids[3] + ids[4]
+
+
+async def test_a_command_is_claimed_whole_by_one_batch_at_a_time(store: IdentityStore) -> None:
+    await drain(store)
+    wide = await commit_events(store, 10)
+    after = await commit_events(store, 1)
+    async with (
+        asyncio.timeout(10),
+        store.claim_events(1, per_command=4) as first,
+        store.claim_events(10) as second,
+    ):
+        # The second batch skips the whole command, not only the rows the first one took.
+        assert [e.event_id for e in first.events] == wide[:4]
+        assert [e.event_id for e in second.events] == after
+        first.mark_published([e.seq for e in first.events])
+        second.mark_published([e.seq for e in second.events])
+    async with store.claim_events(10) as batch:  # the rest, once the first batch has ended
+        assert [e.event_id for e in batch.events] == wide[4:]
+
+
+async def test_a_command_is_claimed_again_from_its_first_unpublished_row(
+    store: IdentityStore,
+) -> None:
+    await drain(store)
+    ids = await commit_events(store, 4)
+    async with store.claim_events(10) as batch:
+        assert len({e.command_seq for e in batch.events}) == 1
+        batch.mark_published([e.seq for e in batch.events[:2]])
+    async with store.claim_events(10, per_command=1) as batch:
+        assert [e.event_id for e in batch.events] == ids[2:3]
+
+
+async def test_each_outcome_is_a_command_of_its_own(store: IdentityStore) -> None:
+    await drain(store)
+    first, second = [event(), event()], [event()]
+    async with store.unit_of_work() as uow:
+        await uow.record_outcome(first, None)
+        await uow.record_outcome(second, None)
+    async with store.claim_events(1) as batch:
+        assert [e.event_id for e in batch.events] == [e.event_id for e in first]
+        async with store.claim_events(1) as other:
+            assert [e.event_id for e in other.events] == [e.event_id for e in second]
+            assert other.events[0].command_seq != batch.events[0].command_seq
+
+
+async def test_racing_relays_take_each_command_in_order_and_once(store: IdentityStore) -> None:
+    await drain(store)
+    sizes = [1, 7, 2, 12, 1, 1, 5, 3, 9, 1, 4, 1]
+    committed = [await commit_events(store, size) for size in sizes]
+    held: set[int] = set()
+    taken: list[list[str]] = []
+
+    async def relay() -> None:
+        while True:
+            async with store.claim_events(2, per_command=3) as batch:
+                commands = {e.command_seq for e in batch.events}
+                assert not commands & held, "two batches hold one command"
+                held.update(commands)
+                await asyncio.sleep(0)  # let the other relays claim meanwhile
+                taken.append([e.event_id for e in batch.events])
+                batch.mark_published([e.seq for e in batch.events])
+                held.difference_update(commands)
+            if not batch.events:
+                return
+
+    await asyncio.wait_for(asyncio.gather(*(relay() for _ in range(4))), timeout=30)
+    claimed_order = [event_id for ids in taken for event_id in ids]
+    assert sorted(claimed_order) == sorted(i for ids in committed for i in ids)
+    for ids in committed:  # every command's events came out in order, whatever the batch
+        assert [i for i in claimed_order if i in ids] == ids
 
 
 async def test_events_of_an_open_unit_are_not_claimable(store: IdentityStore) -> None:
@@ -650,7 +780,7 @@ async def test_purge_deletes_only_what_is_old_enough(store: IdentityStore) -> No
         await uow.record_outcome([], young_key)
         for record in (expired, ended, live):
             await uow.insert_session(record)
-        await uow.end_session(ended.id, old, "sign_out")
+        await uow.end_session(ended.id, old, "sign_out", idle_cutoff=SEEN_BEFORE)
         await uow.record_outcome(
             [event(created_at=old), event(created_at=old), event(created_at=young)], None
         )

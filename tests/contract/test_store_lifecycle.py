@@ -27,7 +27,7 @@ from stores import (
 )
 from stores.postgres import migrate
 from stores.postgres.migrate import _CREATE_LEDGER, ensure_database, migration_files
-from tests.contract.builders import T0, account, event, idempotency, session, unique
+from tests.contract.builders import SEEN_BEFORE, T0, account, event, idempotency, session, unique
 from tests.contract.test_store_contract import Boom, commit_account, drain
 from tests.support.eventually import eventually
 from tests.support.postgres import lock_waiters
@@ -82,7 +82,7 @@ async def test_a_session_keeps_the_client_it_was_opened_from(store: IdentityStor
     assert await store.get_session_with_account(record.id) == (record, owner)
     async with store.unit_of_work() as uow:
         assert await uow.get_session(bare.id) == bare
-        ended = await uow.end_session(record.id, T0, "revoked")
+        ended = await uow.end_session(record.id, T0, "revoked", idle_cutoff=SEEN_BEFORE)
     assert ended == replace(record, ended_at=T0, end_reason="revoked")
 
 
@@ -105,7 +105,7 @@ async def test_only_live_sessions_of_the_account_are_listed_in_creation_order(
     async with store.unit_of_work() as uow:
         for record in (later, first, ended, expired, idle, others):
             await uow.insert_session(record)
-        await uow.end_session(ended.id, now, "sign_out")
+        await uow.end_session(ended.id, now, "sign_out", idle_cutoff=SEEN_BEFORE)
 
     listed = await store.list_live_sessions(
         account_id, now=now, idle_since=now - timedelta(minutes=30), after=None, limit=10
@@ -173,7 +173,7 @@ async def test_erasure_removes_the_account_and_its_sessions_and_frees_its_email(
         await uow.insert_account(neighbour)
         for record in (*records, kept):
             await uow.insert_session(record)
-        await uow.end_session(records[0].id, T0, "sign_out")
+        await uow.end_session(records[0].id, T0, "sign_out", idle_cutoff=SEEN_BEFORE)
 
     counts = await erase(store, owner.id, owner.email_canonical)
 
@@ -254,6 +254,76 @@ async def test_erasure_drops_pending_events_and_cuts_published_ones_to_id_and_ty
         assert [e.event_id for e in batch.events] == [e.event_id for e in neighbours]
         assert [e.body for e in batch.events] == [e.body for e in neighbours]
         batch.mark_published([e.seq for e in batch.events])
+
+
+async def pending_commands(store: IdentityStore) -> dict[int, int] | None:
+    """PostgreSQL's `outbox_pending` as {command: next_seq}; None on the in-memory store,
+    where what is left of a command is its unpublished rows themselves."""
+    if not isinstance(store, PostgresIdentityStore):
+        return None
+    rows = await store._pool.fetch("SELECT command_seq, next_seq FROM outbox_pending")
+    return {row["command_seq"]: row["next_seq"] for row in rows}
+
+
+async def test_erasure_leaves_what_is_left_of_each_command_to_publish_in_order(
+    store: IdentityStore,
+) -> None:
+    await drain(store)
+    account_id, other_id = await commit_account(store), await commit_account(store)
+    # A command whose first rows are the erased account's, then another account's; and one
+    # of the erased account's alone, half published.
+    mixed = [event(account_id=account_id) for _ in range(2)]
+    mixed += [event(account_id=other_id) for _ in range(2)]
+    alone = [event(account_id=account_id) for _ in range(2)]
+    for events in (mixed, alone):
+        async with store.unit_of_work() as uow:
+            await uow.record_outcome(events, None)
+    async with store.claim_events(10, per_command=1) as batch:
+        first = {e.event_id: e for e in batch.events}
+        batch.mark_published([first[alone[0].event_id].seq])  # a relay got this far
+    mixed_command = first[mixed[0].event_id].command_seq
+
+    counts = await erase(store, account_id, unique("nobody"))
+
+    assert (counts.events_dropped, counts.events_scrubbed) == (3, 1)
+    claimed = []
+    for _ in range(3):
+        async with store.claim_events(10, per_command=1) as batch:
+            claimed.append([e.event_id for e in batch.events])
+            if batch.events:
+                assert batch.events[0].command_seq == mixed_command
+            batch.mark_published([e.seq for e in batch.events])
+    # The other account's rows, one claim each, in order; nothing of the erased one.
+    assert claimed == [[mixed[2].event_id], [mixed[3].event_id], []]
+    assert await store.outbox_backlog(T0) == (0, 0.0)
+
+
+async def test_erasure_moves_a_command_on_to_its_first_row_left_or_finishes_it(
+    pg_store: PostgresIdentityStore,
+) -> None:
+    """What the claim reads of a command (PostgreSQL's `outbox_pending`) follows the erasure:
+    the command starts at its first row left, and one left with none is finished."""
+    store: IdentityStore = pg_store
+    await drain(store)
+    account_id, other_id = await commit_account(store), await commit_account(store)
+    mixed = [event(account_id=account_id), event(account_id=other_id)]
+    alone = [event(account_id=account_id)]
+    for events in (mixed, alone):
+        async with store.unit_of_work() as uow:
+            await uow.record_outcome(events, None)
+    before = await pending_commands(store)
+    assert before is not None
+    [mixed_command, alone_command] = sorted(before)
+
+    await erase(store, account_id, unique("nobody"))
+
+    async with store.claim_events(10) as batch:
+        left = list(batch.events)
+    assert [e.event_id for e in left] == [mixed[1].event_id]
+    assert await pending_commands(store) == {mixed_command: left[0].seq}
+    assert alone_command not in (await pending_commands(store) or {})
+    await drain(store)
+    assert await pending_commands(store) == {}
 
 
 async def test_erasure_forgets_the_throttle_rows_of_its_key_only(store: IdentityStore) -> None:
@@ -339,7 +409,7 @@ async def test_an_erasure_in_a_unit_that_raises_erases_nothing(store: IdentitySt
         assert await uow.get_account(owner.id) == owner
 
 
-# PostgreSQL only: a relay holding the account's rows while the erasure runs
+# PostgreSQL only: a relay holding the account's command while the erasure runs
 
 
 @pytest.mark.parametrize("published", [True, False], ids=["relay-publishes", "relay-fails"])
@@ -357,23 +427,32 @@ async def test_erasure_waits_for_a_relay_holding_the_rows_then_scrubs_or_drops_t
     try:
         async with store.claim_events(10) as batch:
             assert [e.event_id for e in batch.events] == [held.event_id]
+            # A relay holds a whole command by its row in outbox_pending.
             relay_pid = await observer.fetchval(
                 "SELECT pid FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
-                " WHERE c.relname = 'outbox' AND l.mode = 'RowShareLock' AND pid <> $1",
+                " WHERE c.relname = 'outbox_pending' AND l.mode = 'RowShareLock' AND pid <> $1",
                 await observer.fetchval("SELECT pg_backend_pid()"),
             )
+            assert relay_pid is not None
             erasing = asyncio.create_task(erase(store, owner.id, owner.email_canonical))
             await eventually(
                 lambda: lock_waiters(observer, relay_pid),
                 timeout=10,
-                what="the erasure waiting for the relay's row lock",
+                what="the erasure waiting for the relay's hold on the command",
             )
             if published:
                 batch.mark_published([e.seq for e in batch.events])
         counts = await erasing
+        # Nothing is left to publish of the command, and nothing says otherwise.
+        pending = await observer.fetchval(
+            "SELECT count(*) FROM outbox_pending WHERE command_seq = $1",
+            batch.events[0].command_seq,
+        )
     finally:
         await observer.close()
 
+    assert pending == 0
+    assert await store.outbox_backlog(T0) == (0, 0.0)
     body = await outbox_body(store, held.event_id)
     if published:
         assert (counts.events_dropped, counts.events_scrubbed) == (0, 1)

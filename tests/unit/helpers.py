@@ -6,9 +6,12 @@ import uuid
 from typing import Any
 
 import orjson
+import pytest
 
-from messages import CreateAccount, StartSession
+from messages import CreateAccount, StartSession, VerifySession
+from services.clock import FakeClock
 from services.codes import show_code
+from services.errors import SessionExpiredError
 from services.keys import HmacKey
 from services.operations import CommandContext
 from stores import IdentityStore, MemoryIdentityStore
@@ -67,3 +70,38 @@ async def take_mail(store: IdentityStore, service: Any) -> list[dict[str, Any]]:
         }
         for mail in mails
     ]
+
+
+async def sessions_live_idle_and_expired(
+    service: Any, clock: FakeClock
+) -> tuple[str, dict[str, str]]:
+    """An account with three sessions, as the clock now stands: one that expired (past its
+    lifetime), one that idled out, and one live; its id and the sessions' tokens by state."""
+
+    def verify(token: str) -> VerifySession:
+        return VerifySession.model_validate({"token": token})
+
+    account = (await service.create_account(create_cmd(), ctx())).account
+    tokens = {}
+    tokens["expired"] = (await service.start_session(start_cmd(), ctx())).token.get_secret_value()
+    for _ in range(49):  # used every 29 minutes: it never idles, and outlives its 24 h
+        clock.advance(minutes=29)
+        await service.verify_session(verify(tokens["expired"]))
+    tokens["idle"] = (await service.start_session(start_cmd(), ctx())).token.get_secret_value()
+    clock.advance(minutes=31)
+    tokens["live"] = (await service.start_session(start_cmd(), ctx())).token.get_secret_value()
+    for state, token in tokens.items():
+        if state != "live":
+            with pytest.raises(SessionExpiredError):
+                await service.verify_session(verify(token))
+    return account.id, tokens
+
+
+def session_id(token: str) -> str:
+    """The session id a session token names (`v1.<kid>.<session id>.<mac>`)."""
+    return token.split(".")[2]
+
+
+def ended_session_ids(events: list[dict[str, Any]]) -> list[str]:
+    """The session ids of the `session.ended` events among `events`, in order."""
+    return [e["data"]["session_id"] for e in events if e["type"] == "session.ended"]

@@ -1,7 +1,10 @@
 """Email canonicalisation: one canonical form per mailbox, invisible tricks refused."""
 
+import sys
+import unicodedata
+
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from services.emails import canonical_email
@@ -40,8 +43,27 @@ def test_decomposed_and_composed_accents_are_the_same_address() -> None:
     assert canonical_email("jo\u0308rg@example.com") == canonical_email("j\u00f6rg@example.com")
 
 
-def test_sharp_s_is_lowered_not_folded() -> None:
-    assert canonical_email("STRAßE@example.com") == "straße@example.com"
+def test_greek_final_sigma_is_one_letter_whatever_the_case() -> None:
+    # Lower-casing turns a capital sigma into a final sigma at the end of a word and into a
+    # medial one elsewhere, so the same mailbox typed in capitals and in small letters had two
+    # canonical forms; case folding gives one.
+    capitals = canonical_email("ΟΔΟΣ.ΝΙΚΟΣ@example.com")
+    assert capitals == canonical_email("οδος.νικος@example.com") == "οδοσ.νικοσ@example.com"
+    assert canonical_email("Οδος.Νικος@example.com") == capitals
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        ("STRAßE@example.com", "strasse@example.com"),
+        ("STRASSE@example.com", "straße@example.com"),
+        ("\u1e9eTRASSE@example.com", "sstrasse@example.com"),  # capital sharp s
+        ("\u13a0\u13a1@example.com", "\uab70\uab71@example.com"),  # Cherokee, both cases
+        ("\u1fb3\u03b2@example.com", "\u0391\u0399\u0392@example.com"),  # iota subscript
+    ],
+)
+def test_full_case_folding_makes_one_address(one: str, other: str) -> None:
+    assert canonical_email(one) == canonical_email(other)
 
 
 @pytest.mark.parametrize(
@@ -115,7 +137,7 @@ def test_canonical_form_is_a_fixed_point(local: str, domain: str) -> None:
     except InvalidInputError:
         return
     assert canonical_email(once) == once
-    assert once == once.lower()
+    assert once == unicodedata.normalize("NFKC", once.casefold())
 
 
 @given(raw=st.text(max_size=80) | st.from_regex(r"[^@]{1,20}@[^@]{1,20}", fullmatch=True))
@@ -125,3 +147,58 @@ def test_any_input_is_canonical_or_a_validation_error(raw: str) -> None:
     except InvalidInputError:
         return
     assert canonical_email(once) == once
+
+
+def _nfkc(text: str) -> str:
+    return unicodedata.normalize("NFKC", text)
+
+
+def _allowed(char: str) -> bool:
+    return unicodedata.category(char) not in {"Cc", "Cf", "Cs", "Co", "Cn"}
+
+
+# Every character that lower() and casefold() map differently (255 in Unicode 15: ß, final
+# sigma, Cherokee, Greek with iota subscript, Cyrillic rounded letters...), computed rather
+# than listed, so a newer Unicode in a newer Python is covered too.
+FOLDED_APART = sorted(
+    char
+    for char in map(chr, range(sys.maxunicode + 1))
+    if _allowed(char) and _nfkc(_nfkc(char).lower()) != _nfkc(_nfkc(char).casefold())
+)
+# Upper-casing loses one distinction that case folding keeps: the dotless i of Turkish and
+# Azerbaijani (and its mathematical variant) upper-cases to I, which folds to a dotted i.
+UPPER_CASE_LOSES = {"\u0131", "\U0001d6a4"}
+LOCAL_PARTS = st.text(
+    st.sampled_from(FOLDED_APART)
+    | st.characters(categories=("Lu", "Ll", "Lt", "Lm", "Lo", "Mn", "Nd"))
+    | st.sampled_from([*"abcXYZ019._+-", "\u03a3", "\u03c3", "\u03c2", "İ", "ß", "ẞ"]),
+    min_size=1,
+    max_size=12,
+)
+
+
+def _canonical_or_none(raw: str) -> str | None:
+    try:
+        return canonical_email(raw)
+    except InvalidInputError:
+        return None
+
+
+def test_lower_and_casefold_differ_where_the_property_looks() -> None:
+    assert len(FOLDED_APART) > 200
+    assert {"ß", "ς", "\u13a0", "\u1f80"} <= set(FOLDED_APART)
+
+
+@given(local=LOCAL_PARTS, domain=DOMAINS)
+@example(local="ΟΔΟΣ.ΝΙΚΟΣ", domain="example.com")
+@example(local="Straße", domain="example.com")
+def test_the_case_it_is_typed_in_never_makes_another_address(local: str, domain: str) -> None:
+    canonical = _canonical_or_none(f"{local}@{domain}")
+    if canonical is None:
+        return
+    assert canonical_email(canonical) == canonical
+    lower = _canonical_or_none(f"{local.lower()}@{domain}")
+    assert lower in (None, canonical)
+    if not UPPER_CASE_LOSES.intersection(_nfkc(local)):
+        upper = _canonical_or_none(f"{local.upper()}@{domain}")
+        assert upper in (None, canonical)

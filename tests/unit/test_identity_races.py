@@ -12,7 +12,7 @@ import pytest
 from messages import ChangePassword
 from services.clock import FakeClock
 from services.errors import InvalidCredentialsError
-from services.identity import IdentityService
+from services.identity import IdentityService, SessionPolicy
 from services.passwords import HashingPool
 from stores import TransientStoreError
 from stores.memory import MemoryIdentityStore
@@ -60,8 +60,12 @@ async def rehash(store: MemoryIdentityStore, passwords: HashingPool, account_id:
 async def open_sessions(store: MemoryIdentityStore, account_id: str, clock: FakeClock) -> int:
     """How many of the account's sessions are still open. The port lists sessions no other
     way than by ending them, so this ends them (a later sign-in is unaffected)."""
+    now = clock.now()
     async with store.unit_of_work() as uow:
-        return len(await uow.end_all_sessions(account_id, clock.now(), "sign_out_everywhere"))
+        ended = await uow.end_all_sessions(
+            account_id, now, "sign_out_everywhere", idle_cutoff=now - SessionPolicy().idle_timeout
+        )
+    return len(ended)
 
 
 async def test_a_sign_in_checked_against_a_password_changed_meanwhile_opens_no_session(

@@ -5,10 +5,11 @@ from __future__ import annotations
 import secrets
 from dataclasses import replace
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
-from messages import EndAllSessions, EndSession, VerifySession
+from messages import ChangePassword, EndAllSessions, EndSession, VerifySession
 from services.clock import FakeClock
 from services.errors import (
     InvalidCredentialsError,
@@ -21,7 +22,18 @@ from services.passwords import HashingPool
 from services.tokens import SigningKey, TokenSigner
 from stores.memory import MemoryIdentityStore
 from tests.support.factory import TEST_CONFIG, TEST_KEYS, running_service
-from tests.unit.helpers import create_cmd, ctx, pending_events, start_cmd
+from tests.unit.helpers import (
+    PASSWORD,
+    create_cmd,
+    ctx,
+    ended_session_ids,
+    pending_events,
+    sessions_live_idle_and_expired,
+    start_cmd,
+)
+from worker.settings import load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def verify_cmd(token: str) -> VerifySession:
@@ -94,6 +106,39 @@ async def test_repeated_failures_are_throttled_for_known_and_unknown_emails(
     with pytest.raises(RateLimitedError) as limited:
         await service.start_session(start_cmd(), ctx())
     assert limited.value.retry_after_s == 2
+
+
+def _one_line(path: Path) -> str:
+    return " ".join(path.read_text(encoding="utf-8").split())
+
+
+def _ordinal(n: int) -> str:
+    suffix = {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th") if n % 100 not in (11, 12, 13) else "th"
+    return f"{n}{suffix}"
+
+
+def test_the_docs_state_the_throttle_the_service_applies() -> None:
+    # The test above is the behaviour; this is what README.md and the contract say of it,
+    # with the numbers of the default settings. The sixth failure is checked, then locks.
+    defaults = load_settings({}, keys_needed=False)
+    free, base = defaults.throttle_free_failures, defaults.throttle_base_delay_s
+    email_free = defaults.throttle_email_free_failures
+    sixth = _ordinal(free + 1)
+    rule = f"first {free} failures on an email are free; from the {sixth} on, each failure locks"
+    readme = _one_line(ROOT / "README.md")
+    longest = defaults.throttle_max_delay_s / 60
+    first_lock = f"that source for the email, for {base:g} s after the {sixth}"
+    assert f"A source's {rule} {first_lock}" in readme
+    assert f"doubling with each further failure up to {longest:g} minutes" in readme
+    assert f"The {sixth} guess is still checked" in readme
+    assert f"{defaults.throttle_reset_after_s / 3600:g} hours without a failure" in readme
+    assert (
+        f"The email's first {email_free} failures from all sources are free; "
+        f"from the {_ordinal(email_free + 1)} on it locks" in readme
+    )
+    contract = _one_line(ROOT / "docs" / "contract.md")
+    assert f"a source's {rule}" in contract
+    assert f"the first {email_free} failures from all sources are free" in contract
 
 
 async def test_a_successful_sign_in_forgets_earlier_failures(
@@ -219,3 +264,47 @@ async def test_an_outdated_hash_is_upgraded_on_sign_in_without_a_new_version(
         assert not strong.needs_rehash(record.password_hash)
         assert record.version == 1
         await new.start_session(start_cmd(), ctx())
+
+
+async def test_ending_all_sessions_ends_only_the_live_ones(
+    service: IdentityService, store: MemoryIdentityStore, clock: FakeClock
+) -> None:
+    account_id, tokens = await sessions_live_idle_and_expired(service, clock)
+
+    result = await service.end_all_sessions(EndAllSessions(account_id=account_id), ctx())
+
+    # The expired and the idle one were over already: not counted, not announced again.
+    assert result.sessions_ended == 1
+    assert ended_session_ids(await pending_events(store)) == [tokens["live"].split(".")[2]]
+
+
+async def test_changing_the_password_ends_only_the_live_sessions(
+    service: IdentityService, store: MemoryIdentityStore, clock: FakeClock
+) -> None:
+    account_id, tokens = await sessions_live_idle_and_expired(service, clock)
+    change = ChangePassword.model_validate(
+        {
+            "account_id": account_id,
+            "current_password": PASSWORD,
+            "new_password": "a different long passphrase",
+        }
+    )
+
+    result = await service.change_password(change, ctx())
+
+    assert result.sessions_ended == 1
+    events = await pending_events(store)
+    assert ended_session_ids(events) == [tokens["live"].split(".")[2]]
+    assert events[-1]["data"]["sessions_ended"] == 1  # account.password_changed
+
+
+@pytest.mark.parametrize("state", ["idle", "expired"])
+async def test_signing_out_of_a_session_that_is_over_announces_nothing(
+    service: IdentityService, store: MemoryIdentityStore, clock: FakeClock, state: str
+) -> None:
+    _, tokens = await sessions_live_idle_and_expired(service, clock)
+    end = EndSession.model_validate({"token": tokens[state]})
+
+    assert (await service.end_session(end, ctx())).session_id == tokens[state].split(".")[2]
+
+    assert ended_session_ids(await pending_events(store)) == []

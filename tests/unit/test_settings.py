@@ -121,6 +121,20 @@ def test_worker_delivery_limit_must_stay_below_the_queue_limit(limit: str) -> No
         load_settings({"IDENTITY_DELIVERY_LIMIT": "5", "IDENTITY_WORKER_DELIVERY_LIMIT": limit})
 
 
+def test_throttle_counters_outlive_the_longest_lock() -> None:
+    # The purge deletes counters untouched for RESET_AFTER_S; one that held a longer lock
+    # would take the lock with it, and the next guess would be free.
+    lock = "IDENTITY_THROTTLE_MAX_DELAY_S must be at most IDENTITY_THROTTLE_RESET_AFTER_S"
+    with pytest.raises(SettingsError, match=lock):
+        load_settings({"IDENTITY_THROTTLE_RESET_AFTER_S": "600"})  # below the 900 s default
+    with pytest.raises(SettingsError, match=lock):
+        load_settings(
+            {"IDENTITY_THROTTLE_MAX_DELAY_S": "7200", "IDENTITY_THROTTLE_RESET_AFTER_S": "3600"}
+        )
+    equal = {"IDENTITY_THROTTLE_MAX_DELAY_S": "600", "IDENTITY_THROTTLE_RESET_AFTER_S": "600"}
+    assert dev(equal).throttle_reset_after_s == 600
+
+
 def test_idempotency_retention_below_a_day_is_rejected() -> None:
     with pytest.raises(SettingsError, match="IDENTITY_IDEMPOTENCY_RETENTION_S"):
         load_settings({"IDENTITY_IDEMPOTENCY_RETENTION_S": "3600"})
