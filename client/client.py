@@ -36,6 +36,7 @@ from aio_pika.abc import (
 from aio_pika.exceptions import PublishError
 from pydantic import SecretStr
 
+from brokers import connect_any
 from client._wire import (
     MetadataArg,
     ResultT,
@@ -138,8 +139,10 @@ class IdentityClient:
         retries: int = 2,
         worker_user: str | None = None,
     ) -> AsyncIterator[IdentityClient]:
-        """Open a robust connection, yield a ready client, close both on exit."""
-        connection = await aio_pika.connect_robust(amqp_url)
+        """Open a robust connection, yield a ready client, close both on exit. `amqp_url`
+        may name the nodes of one cluster, separated by commas: the connection moves to the
+        next node when it loses one (brokers.connect_any)."""
+        connection = await connect_any(amqp_url)
         try:
             async with cls(
                 connection, timeout=timeout, retries=retries, worker_user=worker_user

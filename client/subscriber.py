@@ -18,6 +18,7 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractQu
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
 
+from brokers import connect_any
 from messages import Event, parse_event
 from messages.topology import EVENTS_EXCHANGE
 
@@ -52,6 +53,8 @@ async def subscribe(
     """Yield the events whose type matches `event_types` (topic patterns such as
     `session.*`; all events when none is given) from the durable queue `queue`.
 
+    A URL may name the nodes of one cluster, separated by commas (brokers.connect_any).
+
     The queue is the subscriber's own: a durable quorum queue, declared and bound here, that
     keeps events while the subscriber is away. Give each consuming service its own name;
     instances of one service that share a name share the work. With the shipped broker
@@ -72,7 +75,7 @@ async def subscribe(
         raise ValueError("dedupe_window and prefetch must be >= 1")
     owned = isinstance(amqp_url_or_connection, str)
     connection = (
-        await aio_pika.connect_robust(amqp_url_or_connection)
+        await connect_any(amqp_url_or_connection)
         if isinstance(amqp_url_or_connection, str)
         else amqp_url_or_connection
     )

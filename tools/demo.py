@@ -26,10 +26,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aio_pika
 import orjson
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
+from brokers import connect_any
 from client import IdentityClient, IdentityClientError, NotDeployed
 from messages.topology import COURIER_QUEUE
 from tools.common import (
@@ -236,7 +236,7 @@ async def play(story: Story, timeout_s: float) -> bool:
 
 async def _demo(url: str, timeout_s: float) -> int:
     try:
-        connection = await aio_pika.connect_robust(url)
+        connection = await connect_any(url)
     except BROKER_ERRORS as exc:
         return broker_unreachable(url, exc)
     try:

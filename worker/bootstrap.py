@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-import aio_pika
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
+from brokers import connect_any
 from messages import GetJwks
 from services.access_tokens import JwtKey
 from services.clock import Clock, SystemClock
@@ -38,7 +38,7 @@ from stores import (
 from stores.postgres import PostgresIdentityStore
 from worker.acks import Acknowledger
 from worker.authorise import Authoriser
-from worker.broker import DeadLetters, ReplySender, StoppableRobustConnection
+from worker.broker import DeadLetters, ReplySender
 from worker.courier_relay import CourierRelay, CourierRelayMetrics, declare_courier
 from worker.forwarder import DeadLetterForwarder
 from worker.handlers import handler_table
@@ -308,12 +308,10 @@ async def connect_store(settings: Settings, metrics: Metrics) -> IdentityStore:
 
 
 async def connect_broker(settings: Settings) -> AbstractRobustConnection:
-    """The production broker connection: robust (it reconnects), and closed by a cancelled
-    connect (see StoppableRobustConnection)."""
-    connection: AbstractRobustConnection = await aio_pika.connect_robust(
-        settings.amqp_url.get_secret_value(), connection_class=StoppableRobustConnection
-    )
-    return connection
+    """The production broker connection: robust (it reconnects, to the next node of a cluster
+    when IDENTITY_AMQP_URL names several), and closed by a cancelled connect (see
+    brokers.NodeConnection)."""
+    return await connect_any(settings.amqp_url.get_secret_value())
 
 
 async def _assemble(

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DESIGN = ROOT / "docs" / "design.md"
 
 # The project's own rooms, in the map's order; tests may import any of them.
-ROOMS = ("messages", "services", "stores", "worker", "courier", "client", "tools")
+ROOMS = ("messages", "brokers", "services", "stores", "worker", "courier", "client", "tools")
 
 # What each room never imports: the map's "never imports" column, kept in step by a test.
 FORBIDDEN = {
@@ -24,11 +24,25 @@ FORBIDDEN = {
         "courier",
         "client",
         "tools",
+        "brokers",
         "aio_pika",
         "aiormq",
         "asyncpg",
     },
+    # Connecting to the nodes of a RabbitMQ cluster: aio-pika only, shared by every room
+    # that talks to the broker.
+    "brokers": {
+        "messages",
+        "services",
+        "stores",
+        "worker",
+        "courier",
+        "client",
+        "tools",
+        "asyncpg",
+    },
     "services": {
+        "brokers",
         "worker",
         "courier",
         "client",
@@ -38,7 +52,7 @@ FORBIDDEN = {
         "asyncpg",
         "prometheus_client",
     },
-    "stores": {"services", "worker", "courier", "client", "tools", "aio_pika", "aiormq"},
+    "stores": {"brokers", "services", "worker", "courier", "client", "tools", "aio_pika", "aiormq"},
     "worker": {"courier", "client", "tools", "aiosmtplib", "jinja2"},
     # The mail sender reads identity.courier and talks SMTP: no rules, no store, no database.
     "courier": {"services", "stores", "client", "tools", "asyncpg"},
