@@ -18,14 +18,19 @@ import yaml
 from kubernetes_validate.utils import all_versions
 from prometheus_client import generate_latest
 
+from brokers import split_urls
 from courier.metrics import CourierMetrics, create_courier_metrics
-from courier.settings import CourierSettings
+from courier.settings import CourierSettings, load_courier_settings
+from services.access_tokens import format_jwt_key, new_jwt_key
+from services.keys import new_hmac_key
 from services.passwords import HUGE_PAGES_TUNABLE
+from services.tokens import format_signing_key, new_signing_key
 from worker.app import STOP_STEPS_S
+from worker.callers import CallerPolicy
 from worker.courier_relay import CourierRelayMetrics
 from worker.health import LIVE_SILENCE_S, HealthState
 from worker.metrics import Metrics, create_metrics
-from worker.settings import Settings
+from worker.settings import Settings, load_settings
 from worker.sidecar import Sidecar
 from worker.topology import FAST_QUEUE, PASSWORD_QUEUE
 
@@ -404,6 +409,7 @@ def test_secrets_are_read_from_the_secrets_the_example_defines() -> None:
     (source,) = worker["envFrom"]
     assert example[source["secretRef"]["name"]] == {
         "IDENTITY_AMQP_URL", "IDENTITY_DATABASE_URL", "IDENTITY_SIGNING_KEYS",
+        "IDENTITY_HMAC_KEY", "IDENTITY_JWT_KEYS",
     }  # fmt: skip
     courier = env_of("identity-courier")
     for name in ("IDENTITY_AMQP_URL", "IDENTITY_SMTP_URL"):
@@ -482,3 +488,65 @@ def test_the_scaled_object_scales_the_worker_on_both_command_queues() -> None:
         assert [r["parameter"] for r in auth["spec"]["secretTargetRef"]] == ["host"]
         queues.add(metadata["queueName"])
     assert queues == {FAST_QUEUE, PASSWORD_QUEUE}
+
+
+# -- the manifests' environment starts the worker in production ---------------------------------
+
+PLACEHOLDER = "CHANGE-ME"
+
+
+def deployment_env(deployment: str) -> dict[str, str]:
+    """What the container's environment would hold with the example Secrets applied: the
+    plain `value`s, each `secretKeyRef`, and every key of an `envFrom` Secret."""
+    secrets = {
+        d["metadata"]["name"]: dict(d["stringData"]) for d in k8s_documents("secrets.example.yaml")
+    }
+    spec = container(deployment)
+    env: dict[str, str] = {}
+    for source in spec.get("envFrom", []):
+        env.update(secrets[source["secretRef"]["name"]])
+    for item in spec.get("env", []):
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        else:
+            ref = item["valueFrom"]["secretKeyRef"]
+            env[item["name"]] = secrets[ref["name"]][ref["key"]]
+    return env
+
+
+def with_fresh_keys(env: dict[str, str]) -> dict[str, str]:
+    """The example's key placeholders replaced by keys made here (each deployment makes its
+    own with `identity-worker keys ...`); everything else, URLs included, as the example
+    says."""
+    made = {
+        "IDENTITY_SIGNING_KEYS": format_signing_key(new_signing_key()),
+        "IDENTITY_HMAC_KEY": new_hmac_key(),
+        "IDENTITY_JWT_KEYS": format_jwt_key(new_jwt_key()),
+    }
+    return {
+        name: made[name] if value == PLACEHOLDER and name in made else value
+        for name, value in env.items()
+    }
+
+
+def test_the_worker_deployment_with_the_example_secrets_loads_in_production_mode() -> None:
+    env = deployment_env("identity-worker")
+    assert "IDENTITY_DEV_MODE" not in env, "the shipped Deployment runs in production mode"
+
+    settings = load_settings(with_fresh_keys(env))
+
+    assert settings.dev_mode is False
+    assert settings.http_port == 8080
+    # The cluster forms of contract v2, section 3, as the example writes them.
+    assert len(split_urls(settings.amqp_url.get_secret_value())) == 3
+    assert "target_session_attrs=read-write" in settings.database_url.get_secret_value()
+    assert settings.caller_policy() != CallerPolicy.open()
+
+
+def test_the_courier_deployment_with_the_example_secrets_loads_in_production_mode() -> None:
+    env = deployment_env("identity-courier")
+
+    settings = load_courier_settings(with_fresh_keys(env))
+
+    assert settings.dev_mode is False
+    assert len(split_urls(settings.amqp_url.get_secret_value())) == 3
