@@ -18,6 +18,7 @@ scenario).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
@@ -150,7 +151,9 @@ def stop_all(processes: list[workers.WorkerProcess]) -> None:
 
 @asynccontextmanager
 async def rabbit_cluster() -> AsyncIterator[RabbitCluster]:
-    cluster = RabbitCluster.fresh()
+    # A broker user of the test's own: the script's default, `identity`, would put the test's
+    # reply queues in the worker's own `identity.` namespace, where it never answers.
+    cluster = dataclasses.replace(RabbitCluster.fresh(), user="cluster-caller")
     try:
         await asyncio.to_thread(cluster.start)
         yield cluster
