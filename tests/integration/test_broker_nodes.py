@@ -18,7 +18,12 @@ import aio_pika
 import pytest
 
 from brokers import NodeConnection, connect_any
+from client import IdentityClient, subscribe
+from messages import Event
+from tests.integration.scenarios import Person
 from tests.support.eventually import eventually
+from tests.support.vhosts import rabbitmqctl
+from tests.support.workers import WorkerProcess
 
 pytestmark = pytest.mark.integration
 
@@ -142,3 +147,39 @@ async def test_a_lost_node_is_replaced_by_the_next_and_consumers_come_back(
         assert await asyncio.wait_for(received.get(), 10) == b"after"
     finally:
         await connection.close()
+
+
+async def test_the_client_and_subscribe_take_a_list_of_nodes(
+    amqp_vhost: str, worker: WorkerProcess
+) -> None:
+    dead = f"amqp://guest:guest@127.0.0.1:{closed_port()}/{amqp_vhost}"
+    nodes = f"{dead},amqp://guest:guest@127.0.0.1:5672/{amqp_vhost}"
+    queue = f"test.nodes.{uuid.uuid4().hex[:8]}"
+    seen: list[Event] = []
+
+    async def consume() -> None:
+        async for event in subscribe(nodes, "account.created", queue=queue):
+            seen.append(event)
+
+    task = asyncio.create_task(consume())
+    try:
+        async with IdentityClient.connect(nodes, timeout=15) as client:
+            # The subscriber's queue exists before the account is made, so it gets the event.
+            await eventually(lambda: _queue_declared(amqp_vhost, queue), timeout=30)
+            ada = Person.new("nodes")
+            account = (await client.create_account(ada.email, ada.password, "Ada")).account
+        await eventually(
+            lambda: (
+                ("account.created", account.id)
+                in [(e.type, e.data.account.id) for e in seen if e.type == "account.created"]
+            ),
+            timeout=30,
+        )
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _queue_declared(vhost: str, queue: str) -> bool:
+    return queue in rabbitmqctl("list_queues", "-q", "-p", vhost, "name").split()
