@@ -101,7 +101,8 @@ class NodeConnection(aio_pika.RobustConnection):
 
     @property
     def node(self) -> int:
-        """The index, in the list given, of the node used now (or tried next)."""
+        """The node used now (or tried next): its index in the order this connection tries
+        them, the node it first connected to being 0."""
         return self._current
 
     async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
@@ -138,6 +139,11 @@ async def connect_any(urls: str | Sequence[str], **kwargs: Any) -> AbstractRobus
     docstring); `kwargs` go to aio_pika.connect_robust as they are (ssl_context, timeout...).
     Raises the last node's error when none answers."""
     nodes = split_urls(urls)
+    if len(nodes) == 1:  # the URL as given, as aio-pika takes it (a host may be left out)
+        one: AbstractRobustConnection = await aio_pika.connect_robust(
+            nodes[0], connection_class=NodeConnection, **kwargs
+        )
+        return one
     failure: BaseException | None = None
     for start in range(len(nodes)):
         order = nodes[start:] + nodes[:start]
