@@ -150,6 +150,7 @@ def service_config(settings: Settings) -> ServiceConfig:
             settings.session_lifetime_s,
             settings.session_idle_timeout_s,
             settings.session_touch_interval_s,
+            settings.max_sessions_per_account,
         ),
         throttle=throttle_rules(settings),
         budget=HashBudget(

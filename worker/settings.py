@@ -119,6 +119,8 @@ class Settings(BaseSettings):
     session_lifetime_s: int = Field(default=86400, ge=1)
     session_idle_timeout_s: int = Field(default=1800, ge=1)
     session_touch_interval_s: int = Field(default=60, ge=0)
+    # Live sessions an account may hold; a sign-in beyond it ends the oldest (session_limit).
+    max_sessions_per_account: int = Field(default=100, ge=1, le=100_000)
 
     throttle_free_failures: int = Field(default=5, ge=0)
     throttle_base_delay_s: float = Field(default=1.0, ge=0)

@@ -81,6 +81,20 @@ WITH ended AS (
 )
 SELECT {SESSION} FROM ended ORDER BY created_at, id
 """
+# The live sessions beyond the `$5` newest, ended; the account row is locked by the caller.
+END_OLDEST_SESSIONS = f"""
+WITH surplus AS (
+    SELECT id FROM sessions
+    WHERE account_id = $1 AND {_LIVE}
+    ORDER BY created_at DESC, id DESC
+    OFFSET $5
+), ended AS (
+    UPDATE sessions SET ended_at = $2, end_reason = $3
+    WHERE id IN (SELECT id FROM surplus) AND {_LIVE}
+    RETURNING {SESSION}
+)
+SELECT {SESSION} FROM ended ORDER BY created_at, id
+"""
 TOUCH_SESSION = "UPDATE sessions SET last_seen_at = $2 WHERE id = $1 AND last_seen_at < $2"
 LOCK_SESSION = GET_SESSION + " FOR UPDATE"
 # Under READ COMMITTED a second rotation waits for the first one's row lock, then re-checks the
