@@ -31,6 +31,7 @@ from services.access_tokens import DEFAULT_ISSUER, MAX_TTL_S, JwtKey, parse_jwt_
 from services.keys import is_published, parse_hmac_key
 from services.tokens import SigningKey, parse_signing_keys
 from worker.callers import CallerPolicy
+from worker.rates import CallerRates
 
 ENV_PREFIX = "IDENTITY_"
 _PG = ("postgresql", "postgres")
@@ -89,6 +90,8 @@ class Settings(BaseSettings):
     dev_mode: bool = False
     # `user=grant,grant;user=grant`: who may send what (None: the open policy, dev mode only).
     callers: str | None = None
+    # `user=N/s;*=N/s`: commands a second per caller, per worker (None: no limit).
+    caller_rates: str | None = None
     # Broker users trusted to report `metadata.client_ip` (comma-separated).
     gateways: str = ""
     # base64url, >= 32 bytes: keys the HMACs that must outlive signing-key rotation.
@@ -199,6 +202,13 @@ class Settings(BaseSettings):
             CallerPolicy.parse(value)  # a PolicyError is a ValueError: named IDENTITY_CALLERS
         return value
 
+    @field_validator("caller_rates")
+    @classmethod
+    def _caller_rates_format(cls, value: str | None) -> str | None:
+        if value is not None:
+            CallerRates.parse(value)  # a RatesError is a ValueError: named IDENTITY_CALLER_RATES
+        return value
+
     @field_validator("jwt_keys")
     @classmethod
     def _jwt_keys_format(cls, value: SecretStr | None) -> SecretStr | None:
@@ -291,6 +301,14 @@ class Settings(BaseSettings):
     def caller_policy(self) -> CallerPolicy:
         """Who may send what: IDENTITY_CALLERS, or the open policy when it is unset."""
         return CallerPolicy.open() if self.callers is None else CallerPolicy.parse(self.callers)
+
+    def parsed_caller_rates(self) -> CallerRates:
+        """Commands a second per caller: IDENTITY_CALLER_RATES, or no limit when it is unset."""
+        return (
+            CallerRates.none()
+            if self.caller_rates is None
+            else CallerRates.parse(self.caller_rates)
+        )
 
     @property
     def broker_user(self) -> str:
