@@ -275,12 +275,14 @@ async def machine_vhost() -> AsyncIterator[str]:
         await asyncio.to_thread(rabbitmqctl, "delete_vhost", vhost)
 
 
+@pytest.mark.parametrize("how", ["stop", "kill"])
 async def test_the_worker_follows_a_promoted_standby_under_load(
-    tmp_path: Path, figures: dict[str, dict[str, Any]]
+    how: str, tmp_path: Path, figures: dict[str, dict[str, Any]]
 ) -> None:
-    """The primary stops mid-stream and the standby is promoted: the worker's failed units
-    are retried (transient), the pool reconnects through the multi-host URL to the new
-    primary, and with synchronous replication nothing acknowledged is lost."""
+    """The primary stops (fast shutdown) or dies (kill -9) mid-stream and the standby is
+    promoted: the worker's failed units are retried (transient), the pool reconnects through
+    the multi-host URL to the new primary, and with synchronous replication nothing
+    acknowledged is lost, even when the primary had no chance to ship its last WAL."""
     async with pg_failover() as pg, machine_vhost() as vhost:
         admin = await asyncpg.connect(pg.node_url("a"))
         try:
@@ -301,11 +303,12 @@ async def test_the_worker_follows_a_promoted_standby_under_load(
 
                 async def fault(load: LoadGenerator) -> dict[str, Any]:
                     await load.reached(0.4)
-                    stop_s = await timed(pg.stop_primary)
+                    stop_s = await timed(pg.stop_primary if how == "stop" else pg.kill_primary)
                     promote_s = await timed(pg.promote)
                     return {
                         "faults_injected": 1,
-                        "fault": "primary stopped, synchronous standby promoted",
+                        "fault": f"primary {'stopped' if how == 'stop' else 'killed (-9)'},"
+                        " synchronous standby promoted",
                         "stop_primary_s": stop_s,
                         "promote_s": promote_s,
                     }
@@ -329,7 +332,7 @@ async def test_the_worker_follows_a_promoted_standby_under_load(
                     assert not await promoted.fetchval("SELECT pg_is_in_recovery()")
                 finally:
                     await promoted.close()
-                figures["cluster_postgres_failover"] = report.figures
+                figures[f"cluster_postgres_failover_{how}"] = report.figures
             finally:
                 await bus.close()
         finally:
