@@ -57,13 +57,15 @@ class ServiceGaps:
         self.longest_s = 0.0
         self._task: asyncio.Task[None] | None = None
 
-    def __enter__(self) -> ServiceGaps:
+    async def __aenter__(self) -> ServiceGaps:
         self._task = asyncio.create_task(self._watch())
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         assert self._task is not None
         self._task.cancel()
+        with suppress(asyncio.CancelledError):
+            await self._task
 
     async def _watch(self) -> None:
         seen, since = 0, time.monotonic()
@@ -93,7 +95,7 @@ async def run_load(
     """The load with `fault` in its middle, then the checker's verdict, with the figures."""
     started = time.monotonic()
     load = LoadGenerator(bus, seed=seed, total=TOTAL, duration_s=DURATION_S, duplicate_rate=0.1)
-    with ServiceGaps(bus) as gaps:
+    async with ServiceGaps(bus) as gaps:
         running = asyncio.create_task(load.run())
         try:
             injected = await fault(load)
