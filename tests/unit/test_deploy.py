@@ -20,12 +20,15 @@ from prometheus_client import generate_latest
 
 from courier.metrics import CourierMetrics, create_courier_metrics
 from courier.settings import CourierSettings
+from services.access_tokens import format_jwt_key, new_jwt_key
+from services.keys import new_hmac_key
 from services.passwords import HUGE_PAGES_TUNABLE
+from services.tokens import format_signing_key, new_signing_key
 from worker.app import STOP_STEPS_S
 from worker.courier_relay import CourierRelayMetrics
 from worker.health import LIVE_SILENCE_S, HealthState
 from worker.metrics import Metrics, create_metrics
-from worker.settings import Settings
+from worker.settings import FILE_SUFFIX, Settings, env_name, load_settings, secret_fields
 from worker.sidecar import Sidecar
 from worker.topology import FAST_QUEUE, PASSWORD_QUEUE
 
@@ -254,6 +257,35 @@ def test_compose_runs_the_worker_as_its_own_role_and_migrates_as_the_owner() -> 
     assert "deploy/postgres/init-roles.sh:/docker-entrypoint-initdb.d/" in init
 
 
+def test_compose_gives_the_broker_url_as_a_file_the_broker_writes_for_that_user(
+    tmp_path: Path,
+) -> None:
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    script = (ROOT / "deploy" / "rabbitmq" / "compose" / "dev-passwords.sh").read_text()
+    users = script.partition('users="')[2].partition('"')[0].split()
+    # The script's own lines that write a user's URL file, run on a password of our own.
+    writes = script.partition("    printf ")[2].partition("\ndone")[0]
+    for service, user in (("worker", "identity-worker"), ("courier", "mail-sender")):
+        assert user in users
+        environment = services[service]["environment"]
+        assert "IDENTITY_AMQP_URL" not in environment
+        path = environment["IDENTITY_AMQP_URL_FILE"]
+        assert path == f"/run/identity-broker/{user}.amqp-url"
+        assert "broker-passwords:/run/identity-broker:ro" in services[service]["volumes"]
+        assert "entrypoint" not in services[service]  # the image's own: identity-worker
+        (tmp_path / user).write_text("0123abcd")
+        env = {"dir": str(tmp_path), "user": user, "PATH": os.environ["PATH"]}
+        subprocess.run(["/bin/sh", "-euc", "printf " + writes], env=env, check=True)
+        written = tmp_path / Path(path).name
+        settings = load_settings(
+            {"IDENTITY_DEV_MODE": "true", "IDENTITY_AMQP_URL_FILE": str(written)}
+        )
+        assert settings.broker_user == user
+        assert settings.amqp_url.get_secret_value() == (
+            f"amqp://{user}:0123abcd@rabbitmq:5672/identity"
+        )
+
+
 # -- Kubernetes (deploy/k8s) -------------------------------------------------------------------
 
 K8S = ROOT / "deploy" / "k8s"
@@ -396,32 +428,102 @@ def test_worker_resources_come_from_the_benchmark() -> None:
     assert BENCH_RESULT.name in text, "say where the resource figures come from"
 
 
-def test_secrets_are_read_from_the_secrets_the_example_defines() -> None:
+def secret_mounts(deployment: str) -> dict[str, str]:
+    """Where each Secret volume of `deployment` is mounted: mount path -> Secret name."""
+    volumes = {
+        v["name"]: v["secret"]["secretName"]
+        for v in pod_spec(deployment)["volumes"]
+        if "secret" in v
+    }
+    return {
+        m["mountPath"]: volumes[m["name"]]
+        for m in container(deployment)["volumeMounts"]
+        if m["name"] in volumes
+    }
+
+
+def secret_files(deployment: str) -> dict[str, tuple[str, str]]:
+    """Every `IDENTITY_X_FILE` of `deployment`: variable -> (Secret name, key in it)."""
+    mounts = secret_mounts(deployment)
+    found = {}
+    for name, value in env_of(deployment).items():
+        if name.endswith(FILE_SUFFIX) and name.startswith("IDENTITY_"):
+            directory, _, key = str(value).rpartition("/")
+            assert directory in mounts, f"{deployment}: {name} is not in a mounted Secret"
+            found[name] = (mounts[directory], key)
+    return found
+
+
+@pytest.mark.parametrize(
+    ("deployment", "settings_cls"),
+    [("identity-worker", Settings), ("identity-courier", CourierSettings)],
+)
+def test_every_secret_comes_from_a_file_of_the_secret_the_example_defines(
+    deployment: str, settings_cls: type[Settings] | type[CourierSettings]
+) -> None:
     example = {
         d["metadata"]["name"]: set(d["stringData"]) for d in k8s_documents("secrets.example.yaml")
     }
-    worker = container("identity-worker")
-    (source,) = worker["envFrom"]
-    assert example[source["secretRef"]["name"]] == {
-        "IDENTITY_AMQP_URL", "IDENTITY_DATABASE_URL", "IDENTITY_SIGNING_KEYS",
-    }  # fmt: skip
-    courier = env_of("identity-courier")
-    for name in ("IDENTITY_AMQP_URL", "IDENTITY_SMTP_URL"):
-        ref = courier[name]["secretKeyRef"]
-        assert ref["key"] in example[ref["name"]]
+    files = secret_files(deployment)
+    for secret, key in files.values():
+        assert key in example[secret], f"{deployment}: {secret} has no key {key}"
+    # Every secret setting is given as a file (the migration URL excepted: the worker does not
+    # hold the owner's password), none in the environment, and the Secret has nothing unused.
+    wanted = {env_name(f) + FILE_SUFFIX for f in secret_fields(settings_cls)}
+    wanted -= {"IDENTITY_MIGRATION_DATABASE_URL_FILE", "IDENTITY_COURIER_TAG_KEY_FILE"}
+    assert set(files) == wanted
+    assert not set(env_of(deployment)) & {env_name(f) for f in secret_fields(settings_cls)}
+    assert "envFrom" not in container(deployment)
+    (secret,) = set(secret_mounts(deployment).values())
+    assert {key for _, key in files.values()} == example[secret]
+    for volume in pod_spec(deployment)["volumes"]:
+        if "secret" in volume:
+            assert volume["secret"]["defaultMode"] == 0o440
+    assert pod_spec(deployment)["securityContext"]["fsGroup"] == 10001
+    for mount in container(deployment)["volumeMounts"]:
+        if mount["mountPath"] in secret_mounts(deployment):
+            assert mount["readOnly"] is True
+    # Nothing secret in plain env.
+    for name, value in env_of(deployment).items():
+        assert not re.search(r"://[^/@]+:[^/@]+@", str(value)), f"{deployment}: {name}"
+
+
+def test_the_keda_trigger_reads_the_secret_the_example_defines() -> None:
+    example = {
+        d["metadata"]["name"]: set(d["stringData"]) for d in k8s_documents("secrets.example.yaml")
+    }
     auth = k8s_object("TriggerAuthentication", "identity-keda-rabbitmq")
     for ref in auth["spec"]["secretTargetRef"]:
         assert ref["key"] in example[ref["name"]]
-    # Nothing secret in plain env.
-    for deployment in ("identity-worker", "identity-courier"):
-        for name, value in env_of(deployment).items():
-            assert not re.search(r"://[^/@]+:[^/@]+@", str(value)), f"{deployment}: {name}"
+
+
+def test_the_workers_manifest_starts_in_production_with_its_secret_files(tmp_path: Path) -> None:
+    """The manifest's environment, its Secret's files filled with real keys, loads in
+    production mode: nothing it needs is missing."""
+    values = {
+        "amqp-url": "amqp://identity-worker:pw@rabbitmq-0.rabbitmq:5672/identity",
+        "database-url": "postgresql://identity:pw@postgres-a:5432/identity",
+        "signing-keys": format_signing_key(new_signing_key()),
+        "hmac-key": new_hmac_key(),
+        "jwt-keys": format_jwt_key(new_jwt_key()),
+    }
+    env = {name: str(value) for name, value in env_of("identity-worker").items()}
+    for name, (_, key) in secret_files("identity-worker").items():
+        (tmp_path / key).write_text(values[key] + "\n")
+        env[name] = str(tmp_path / key)
+    settings = load_settings(env)
+    assert settings.dev_mode is False
+    assert settings.broker_user == "identity-worker"
+    # The caller policy names the broker users the shipped definitions create.
+    definitions = json.loads((ROOT / "deploy" / "rabbitmq" / "definitions.json").read_text())
+    assert settings.caller_policy().users <= {user["name"] for user in definitions["users"]}
+    assert not settings.caller_policy().is_open
 
 
 def test_the_courier_runs_the_mail_sender_with_its_settings() -> None:
     assert container("identity-courier")["args"] == ["courier"]
     assert container("identity-worker")["args"] == ["run"]
-    assert {"IDENTITY_SMTP_URL", "IDENTITY_MAIL_FROM"} <= set(env_of("identity-courier"))
+    assert {"IDENTITY_SMTP_URL_FILE", "IDENTITY_MAIL_FROM"} <= set(env_of("identity-courier"))
 
 
 @pytest.mark.parametrize("deployment", ["identity-worker", "identity-courier"])
