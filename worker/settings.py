@@ -38,6 +38,7 @@ from services.access_tokens import DEFAULT_ISSUER, MAX_TTL_S, JwtKey, parse_jwt_
 from services.keys import is_published, parse_hmac_key
 from services.tokens import SigningKey, parse_signing_keys
 from worker.callers import CallerPolicy
+from worker.rates import CallerRates
 
 ENV_PREFIX = "IDENTITY_"
 # IDENTITY_X_FILE: the path of a file holding secret setting X's value.
@@ -100,6 +101,8 @@ class Settings(BaseSettings):
     dev_mode: bool = False
     # `user=grant,grant;user=grant`: who may send what (None: the open policy, dev mode only).
     callers: str | None = None
+    # `user=N/s;*=N/s`: commands a second per caller, per worker (None: no limit).
+    caller_rates: str | None = None
     # Broker users trusted to report `metadata.client_ip` (comma-separated).
     gateways: str = ""
     # base64url, >= 32 bytes: keys the HMACs that must outlive signing-key rotation.
@@ -130,6 +133,8 @@ class Settings(BaseSettings):
     session_lifetime_s: int = Field(default=86400, ge=1)
     session_idle_timeout_s: int = Field(default=1800, ge=1)
     session_touch_interval_s: int = Field(default=60, ge=0)
+    # Live sessions an account may hold; a sign-in beyond it ends the oldest (session_limit).
+    max_sessions_per_account: int = Field(default=100, ge=1, le=100_000)
 
     throttle_free_failures: int = Field(default=5, ge=0)
     throttle_base_delay_s: float = Field(default=1.0, ge=0)
@@ -206,6 +211,13 @@ class Settings(BaseSettings):
     def _callers_policy(cls, value: str | None) -> str | None:
         if value is not None:
             CallerPolicy.parse(value)  # a PolicyError is a ValueError: named IDENTITY_CALLERS
+        return value
+
+    @field_validator("caller_rates")
+    @classmethod
+    def _caller_rates_format(cls, value: str | None) -> str | None:
+        if value is not None:
+            CallerRates.parse(value)  # a RatesError is a ValueError: named IDENTITY_CALLER_RATES
         return value
 
     @field_validator("jwt_keys")
@@ -300,6 +312,14 @@ class Settings(BaseSettings):
     def caller_policy(self) -> CallerPolicy:
         """Who may send what: IDENTITY_CALLERS, or the open policy when it is unset."""
         return CallerPolicy.open() if self.callers is None else CallerPolicy.parse(self.callers)
+
+    def parsed_caller_rates(self) -> CallerRates:
+        """Commands a second per caller: IDENTITY_CALLER_RATES, or no limit when it is unset."""
+        return (
+            CallerRates.none()
+            if self.caller_rates is None
+            else CallerRates.parse(self.caller_rates)
+        )
 
     @property
     def broker_user(self) -> str:
