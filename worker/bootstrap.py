@@ -308,10 +308,12 @@ async def connect_store(settings: Settings, metrics: Metrics) -> IdentityStore:
 
 
 async def connect_broker(settings: Settings) -> AbstractRobustConnection:
-    """The production broker connection: robust (it reconnects), and closed by a cancelled
-    connect (see StoppableRobustConnection)."""
+    """The production broker connection: robust (it reconnects), closed by a cancelled
+    connect (see StoppableRobustConnection), over verified TLS for an amqps:// URL."""
     connection: AbstractRobustConnection = await aio_pika.connect_robust(
-        settings.amqp_url.get_secret_value(), connection_class=StoppableRobustConnection
+        settings.amqp_url.get_secret_value(),
+        connection_class=StoppableRobustConnection,
+        **settings.amqp_connect_kwargs(),  # amqps://: the broker's certificate verified
     )
     return connection
 
