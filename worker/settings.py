@@ -402,10 +402,14 @@ def amqp_transit_problem(url: str, files: TlsFiles, *, production: bool) -> str 
     sender's rule): unusable TLS files, or, when `production` (not dev mode, plain text not
     allowed), plain text to a host that is not loopback. None when nothing is."""
     variable = env_name("amqp_url")
-    if problem := tls_files_problem(variable, url, files, AMQP_TLS_VARIABLES):
-        return problem
-    if production:
-        return plaintext_amqp_problem(variable, url, env_name("allow_plaintext"))
+    # Each URL of a comma-separated list of cluster nodes obeys the rule on its own.
+    for one in url.split(","):
+        if problem := tls_files_problem(variable, one.strip(), files, AMQP_TLS_VARIABLES):
+            return problem
+        if production and (
+            problem := plaintext_amqp_problem(variable, one.strip(), env_name("allow_plaintext"))
+        ):
+            return problem
     return None
 
 

@@ -19,13 +19,14 @@ from kubernetes_validate.utils import all_versions
 from prometheus_client import generate_latest
 
 from courier.metrics import CourierMetrics, create_courier_metrics
-from courier.settings import CourierSettings
+from courier.settings import CourierSettings, load_courier_settings
 from services.passwords import HUGE_PAGES_TUNABLE
+from tests.support.certs import make_ca
 from worker.app import STOP_STEPS_S
 from worker.courier_relay import CourierRelayMetrics
 from worker.health import LIVE_SILENCE_S, HealthState
 from worker.metrics import Metrics, create_metrics
-from worker.settings import Settings
+from worker.settings import Settings, SettingsError, load_settings
 from worker.sidecar import Sidecar
 from worker.topology import FAST_QUEUE, PASSWORD_QUEUE
 
@@ -416,6 +417,50 @@ def test_secrets_are_read_from_the_secrets_the_example_defines() -> None:
     for deployment in ("identity-worker", "identity-courier"):
         for name, value in env_of(deployment).items():
             assert not re.search(r"://[^/@]+:[^/@]+@", str(value)), f"{deployment}: {name}"
+
+
+def _deployed_env(deployment: str, secret: str, ca_file: Path) -> dict[str, str]:
+    """What the deployment's process sees: its plain env, the example Secret's values, and
+    a real CA file where the mounted one would be."""
+    example = {
+        d["metadata"]["name"]: d["stringData"] for d in k8s_documents("secrets.example.yaml")
+    }
+    env = {name: value for name, value in env_of(deployment).items() if isinstance(value, str)}
+    env.update(example[secret])
+    mounted = env["IDENTITY_AMQP_CA_FILE"]
+    assert mounted == "/etc/identity/tls/ca.crt"
+    assert f"sslrootcert={mounted}" in env.get("IDENTITY_DATABASE_URL", f"sslrootcert={mounted}")
+    env["IDENTITY_AMQP_CA_FILE"] = str(ca_file)
+    return env
+
+
+@pytest.fixture
+def ca_file(tmp_path: Path) -> Path:
+    path = tmp_path / "ca.crt"
+    path.write_bytes(make_ca("deploy-ca").pem())
+    return path
+
+
+def test_the_manifests_reach_the_broker_and_the_database_over_verified_tls(
+    ca_file: Path,
+) -> None:
+    worker_env = _deployed_env("identity-worker", "identity-worker", ca_file)
+    # Production mode (no IDENTITY_DEV_MODE): the transit rules apply. Keys are not the point
+    # (the example's are placeholders).
+    del worker_env["IDENTITY_SIGNING_KEYS"]
+    settings = load_settings(worker_env, keys_needed=False)
+    assert settings.dev_mode is False
+    assert all(url.startswith("amqps://") for url in worker_env["IDENTITY_AMQP_URL"].split(","))
+    assert "sslmode=verify-full" in worker_env["IDENTITY_DATABASE_URL"]
+    courier_env = _deployed_env("identity-courier", "identity-courier", ca_file)
+    assert load_courier_settings(courier_env).dev_mode is False
+
+    plain = worker_env["IDENTITY_AMQP_URL"].replace("amqps://", "amqp://")
+    with pytest.raises(SettingsError, match=r"^IDENTITY_AMQP_URL: plain-text"):
+        load_settings(
+            {**worker_env, "IDENTITY_AMQP_URL": plain, "IDENTITY_AMQP_CA_FILE": ""},
+            keys_needed=False,
+        )
 
 
 def test_the_courier_runs_the_mail_sender_with_its_settings() -> None:
