@@ -255,6 +255,27 @@ def test_compose_runs_the_worker_as_its_own_role_and_migrates_as_the_owner() -> 
     assert "deploy/postgres/init-roles.sh:/docker-entrypoint-initdb.d/" in init
 
 
+def test_the_compose_tls_variant_verifies_the_broker_and_the_database_everywhere() -> None:
+    base = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    tls = yaml.safe_load((ROOT / "compose.tls.yaml").read_text())["services"]
+    assert set(tls) - set(base) == {"certs"}
+    for name in ("worker", "courier"):
+        (command,) = [part for part in tls[name]["entrypoint"] if "IDENTITY_AMQP_URL" in part]
+        assert "amqps://" in command and "@rabbitmq:5671/" in command, name
+        assert tls[name]["environment"]["IDENTITY_AMQP_CA_FILE"] == "/certs/ca.crt"
+    urls = [
+        tls["worker"]["environment"]["IDENTITY_DATABASE_URL"],
+        *tls["migrate"]["environment"].values(),
+    ]
+    assert all("sslmode=verify-full&sslrootcert=/certs/ca.crt" in url for url in urls)
+    assert "ssl=on" in tls["postgres"]["command"]
+    conf = (ROOT / "deploy" / "rabbitmq" / "compose" / "tls.conf").read_text()
+    assert "listeners.ssl.default = 5671" in conf
+    assert "ssl_options.cacertfile = /certs/ca.crt" in conf
+    for name in ("rabbitmq", "postgres"):
+        assert tls[name]["depends_on"]["certs"]["condition"] == "service_completed_successfully"
+
+
 # -- Kubernetes (deploy/k8s) -------------------------------------------------------------------
 
 K8S = ROOT / "deploy" / "k8s"
