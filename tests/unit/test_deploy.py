@@ -261,7 +261,8 @@ def test_the_compose_tls_variant_verifies_the_broker_and_the_database_everywhere
     assert set(tls) - set(base) == {"certs"}
     for name in ("worker", "courier"):
         (command,) = [part for part in tls[name]["entrypoint"] if "IDENTITY_AMQP_URL" in part]
-        assert "amqps://" in command and "@rabbitmq:5671/" in command, name
+        assert "amqps://" in command, name
+        assert "@rabbitmq:5671/" in command, name
         assert tls[name]["environment"]["IDENTITY_AMQP_CA_FILE"] == "/certs/ca.crt"
     urls = [
         tls["worker"]["environment"]["IDENTITY_DATABASE_URL"],
