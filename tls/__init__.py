@@ -10,6 +10,7 @@ from tls.amqp import (
     client_context,
     is_amqps,
     is_loopback,
+    refused_certificate,
     url_tls_parameters,
 )
 
@@ -20,5 +21,6 @@ __all__ = [
     "client_context",
     "is_amqps",
     "is_loopback",
+    "refused_certificate",
     "url_tls_parameters",
 ]

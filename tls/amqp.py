@@ -98,3 +98,17 @@ def is_loopback(host: str | None) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def refused_certificate(exc: BaseException) -> str | None:
+    """Why a connection failed verifying the server's certificate (OpenSSL's words: "Hostname
+    mismatch, ...", "self-signed certificate in certificate chain"), when that is what `exc`
+    or an exception it was raised from is; else None. aiormq and the store wrap the error."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a chain, not a cycle
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return str(seen.verify_message or seen.reason or "certificate verify failed")
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -14,7 +14,7 @@ from services.access_tokens import format_jwt_key, new_jwt_key
 from services.keys import new_hmac_key
 from services.tokens import format_signing_key, new_signing_key
 from tests.support.certs import issue, make_ca
-from tls import TlsFiles, amqp_connect_kwargs, client_context, is_loopback
+from tls import TlsFiles, amqp_connect_kwargs, client_context, is_loopback, refused_certificate
 from worker.settings import Settings, SettingsError, load_settings
 from worker.transit import postgres_hosts, postgres_sslmode
 
@@ -269,3 +269,16 @@ def test_a_client_key_without_its_certificate_is_refused() -> None:
 )
 def test_loopback_is_decided_without_resolving_names(host: str | None, loopback: bool) -> None:
     assert is_loopback(host) is loopback
+
+
+def test_a_refused_certificate_is_found_under_the_wrappers() -> None:
+    verify = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    verify.verify_message = "Hostname mismatch, certificate is not valid for 'db'."
+    try:
+        try:
+            raise verify
+        except ssl.SSLError as inner:
+            raise ConnectionError("database unavailable") from inner
+    except ConnectionError as wrapped:
+        assert refused_certificate(wrapped) == verify.verify_message
+    assert refused_certificate(ConnectionRefusedError(111, "refused")) is None
