@@ -274,11 +274,8 @@ def test_loopback_is_decided_without_resolving_names(host: str | None, loopback:
 def test_a_refused_certificate_is_found_under_the_wrappers() -> None:
     verify = ssl.SSLCertVerificationError(1, "certificate verify failed")
     verify.verify_message = "Hostname mismatch, certificate is not valid for 'db'."
-    try:
-        try:
-            raise verify
-        except ssl.SSLError as inner:
-            raise ConnectionError("database unavailable") from inner
-    except ConnectionError as wrapped:
-        assert refused_certificate(wrapped) == verify.verify_message
+    wrapped = ConnectionError("database unavailable")
+    wrapped.__cause__ = verify
+
+    assert refused_certificate(wrapped) == verify.verify_message
     assert refused_certificate(ConnectionRefusedError(111, "refused")) is None
