@@ -5,6 +5,7 @@ always gets a verifying context, never aiormq's URL options."""
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -279,3 +280,16 @@ def test_a_refused_certificate_is_found_under_the_wrappers() -> None:
 
     assert refused_certificate(wrapped) == verify.verify_message
     assert refused_certificate(ConnectionRefusedError(111, "refused")) is None
+
+
+def test_a_tools_broker_flag_wins_over_the_url_file(tmp_path: Path) -> None:
+    url_file = tmp_path / "amqp-url"
+    url_file.write_text("amqps://from-the-file@rabbit.internal/identity\n")
+    env = {"IDENTITY_DEV_MODE": "true", "IDENTITY_AMQP_URL_FILE": str(url_file)}
+
+    flagged = load_settings(
+        env, keys_needed=False, overrides={"IDENTITY_AMQP_URL": "amqp://flag@127.0.0.1/"}
+    )
+
+    assert flagged.amqp_url.get_secret_value() == "amqp://flag@127.0.0.1/"
+    assert load_settings(env).amqp_url.get_secret_value().startswith("amqps://from-the-file@")
