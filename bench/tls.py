@@ -32,7 +32,7 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.integration.test_tls import _write_pki
+from tests.integration.test_tls import write_pki
 from tests.support.clusters import TMP, PgFailover, RabbitCluster
 from tls import TlsFiles, amqp_connect_kwargs
 
@@ -75,7 +75,7 @@ def main() -> int:
     args = parser.parse_args()
     pki = TMP / f"identity-tls-bench-{uuid.uuid4().hex[:8]}"
     pki.mkdir()
-    _write_pki(pki)
+    write_pki(pki)
     rabbit = RabbitCluster.fresh(nodes=1, tls_dir=pki)
     pg = PgFailover.fresh(standby=False, ssl_dir=pki)
     try:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +35,7 @@ from tests.support import workers
 from tests.support.certs import Issued, issue, make_ca
 from tests.support.clusters import TMP, PgFailover, RabbitCluster
 from tests.support.eventually import eventually
-from tls import TlsFiles, client_context
+from tls import TlsFiles, amqp_connect_kwargs, client_context
 from worker.bootstrap import CertificateRefused, connect_broker, connect_store
 from worker.metrics import create_metrics
 from worker.settings import load_settings
@@ -59,7 +58,6 @@ class Stack:
     rogue_ca: Path  # another CA: what a server or client must not be trusted by
     client: Issued  # issued by `ca`
     rogue_client: Issued  # issued by the other CA
-    started_s: float
 
     @property
     def amqps(self) -> str:
@@ -108,7 +106,10 @@ class Stack:
         return (self.pg.directory / "a.log").read_text(errors="replace")
 
 
-def _write_pki(directory: Path) -> tuple[Path, Path, Issued, Issued]:
+def write_pki(directory: Path) -> tuple[Path, Path, Issued, Issued]:
+    """The CA (ca.pem) and the servers' certificate (server.pem, server.key) the scripts
+    expect in their TLS directory, a client certificate from the same CA, and another CA
+    with a client certificate of its own."""
     ca, rogue = make_ca("identity-test-ca"), make_ca("rogue-ca")
     (directory / "ca.pem").write_bytes(ca.pem())
     # For 127.0.0.1 only: "localhost" reaches the same listener under a name it does not hold.
@@ -125,19 +126,16 @@ def stack() -> Iterator[Stack]:
     directory = TMP / f"identity-tls-{uuid.uuid4().hex[:8]}"
     directory.mkdir()
     try:
-        ca, rogue_ca, client, rogue_client = _write_pki(directory)
+        ca, rogue_ca, client, rogue_client = write_pki(directory)
         rabbit = RabbitCluster.fresh(nodes=1, tls_dir=directory)
         pg = PgFailover.fresh(standby=False, ssl_dir=directory)
-        started = time.monotonic()
         with ThreadPoolExecutor(2) as pool:
             # Both at once: each mostly waits on its own server's start.
             starts = [pool.submit(rabbit.start), pool.submit(pg.start)]
         try:
             for start in starts:
                 start.result()
-            built = Stack(
-                rabbit, pg, ca, rogue_ca, client, rogue_client, time.monotonic() - started
-            )
+            built = Stack(rabbit, pg, ca, rogue_ca, client, rogue_client)
             subprocess.run(
                 ["psql", "-X", "-q", "-h", "127.0.0.1", "-p", str(pg.port_a), "-U", "postgres",
                  "-d", "postgres", "-v", "ON_ERROR_STOP=1",
@@ -181,7 +179,8 @@ def tls_worker(
 
 
 async def _queue_exists(stack: Stack, name: str) -> bool:
-    connection = await aio_pika.connect(stack.amqp_plain)
+    tls = amqp_connect_kwargs(stack.amqps, stack.files())
+    connection = await aio_pika.connect(stack.amqps, **tls)
     try:
         channel = await connection.channel()
         await channel.declare_queue(name, passive=True)
