@@ -83,6 +83,8 @@ async def subscribe(
         url = amqp_url_or_connection
         tls = amqp_connect_kwargs(url, TlsFiles(ca_file=ca_file), context=ssl_context)
         connection = await aio_pika.connect_robust(url, **tls)
+    elif ssl_context is not None or ca_file is not None:
+        raise ValueError("ssl_context and ca_file apply to a URL; this connection is open already")
     else:
         connection = amqp_url_or_connection
     try:

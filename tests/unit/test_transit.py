@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from client import subscribe
 from courier.settings import load_courier_settings
 from services.access_tokens import format_jwt_key, new_jwt_key
 from services.keys import new_hmac_key
@@ -293,3 +294,10 @@ def test_a_tools_broker_flag_wins_over_the_url_file(tmp_path: Path) -> None:
 
     assert flagged.amqp_url.get_secret_value() == "amqp://flag@127.0.0.1/"
     assert load_settings(env).amqp_url.get_secret_value().startswith("amqps://from-the-file@")
+
+
+async def test_tls_options_for_a_connection_already_open_are_refused() -> None:
+    # They could not apply: the caller opened the connection (plain or not) itself.
+    events = subscribe(object(), queue="identity.x", ca_file="ca.pem")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="apply to a URL"):
+        await anext(events)
