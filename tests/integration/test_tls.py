@@ -400,6 +400,10 @@ def test_the_tools_use_the_tls_settings_and_production_refuses_remote_plain_text
     env = tls_worker_env(stack)
     over_tls = _run("dead", "list", env=env)
     assert over_tls.returncode == 0, over_tls.stderr
+    # A command and its reply through the client library, over the same verified TLS.
+    sent = _run("send", "keys.jwks", env=env)
+    assert sent.returncode == 0, sent.stderr
+    assert '"keys"' in sent.stdout
 
     # Plain text on this machine is still allowed, in production.
     loopback = _run("dead", "list", "--amqp-url", stack.amqp_plain, env={
