@@ -44,11 +44,13 @@ def test_the_worker_takes_the_nodes_of_a_cluster_and_its_user_is_the_first_urls(
 
 def test_the_mail_sender_takes_the_nodes_of_a_cluster_too() -> None:
     mail = {"IDENTITY_SMTP_URL": "smtp://smtp.example.com", "IDENTITY_MAIL_FROM": "x@example.com"}
-    settings = load_courier_settings({**mail, "IDENTITY_AMQP_URL": NODES})
+    # Production: TLS to hosts that are not loopback.
+    nodes = NODES.replace("amqp://", "amqps://")
+    settings = load_courier_settings({**mail, "IDENTITY_AMQP_URL": nodes})
 
-    assert settings.amqp_url.get_secret_value() == NODES
+    assert settings.amqp_url.get_secret_value() == nodes
     with pytest.raises(SettingsError, match=r"IDENTITY_AMQP_URL: .*username"):
-        load_courier_settings({**mail, "IDENTITY_AMQP_URL": "amqp://a@r1/,amqp://b@r2/"})
+        load_courier_settings({**mail, "IDENTITY_AMQP_URL": "amqps://a@r1/,amqps://b@r2/"})
 
 
 @pytest.mark.parametrize(

@@ -13,26 +13,42 @@ ROOT = Path(__file__).resolve().parents[2]
 DESIGN = ROOT / "docs" / "design.md"
 
 # The project's own rooms, in the map's order; tests may import any of them.
-ROOMS = ("messages", "brokers", "services", "stores", "worker", "courier", "client", "tools")
+ROOMS = ("messages", "tls", "brokers", "services", "stores", "worker", "courier", "client", "tools")
 
 # What each room never imports: the map's "never imports" column, kept in step by a test.
 FORBIDDEN = {
     "messages": {
+        "tls",
+        "brokers",
         "services",
         "stores",
         "worker",
         "courier",
         "client",
         "tools",
-        "brokers",
         "aio_pika",
         "aiormq",
         "asyncpg",
     },
-    # Connecting to the nodes of a RabbitMQ cluster: aio-pika only, shared by every room
-    # that talks to the broker.
+    # Encryption in transit, shared by everyone who connects: the standard library only.
+    "tls": {
+        "messages",
+        "brokers",
+        "services",
+        "stores",
+        "worker",
+        "courier",
+        "client",
+        "tools",
+        "aio_pika",
+        "aiormq",
+        "asyncpg",
+    },
+    # Connecting to the nodes of a RabbitMQ cluster (aio-pika), shared by every room that talks
+    # to the broker: it takes the TLS arguments as they come, and imports nothing of the project.
     "brokers": {
         "messages",
+        "tls",
         "services",
         "stores",
         "worker",
@@ -42,6 +58,7 @@ FORBIDDEN = {
         "asyncpg",
     },
     "services": {
+        "tls",
         "brokers",
         "worker",
         "courier",
@@ -52,7 +69,17 @@ FORBIDDEN = {
         "asyncpg",
         "prometheus_client",
     },
-    "stores": {"brokers", "services", "worker", "courier", "client", "tools", "aio_pika", "aiormq"},
+    "stores": {
+        "tls",
+        "brokers",
+        "services",
+        "worker",
+        "courier",
+        "client",
+        "tools",
+        "aio_pika",
+        "aiormq",
+    },
     "worker": {"courier", "client", "tools", "aiosmtplib", "jinja2"},
     # The mail sender reads identity.courier and talks SMTP: no rules, no store, no database.
     "courier": {"services", "stores", "client", "tools", "asyncpg"},
