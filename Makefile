@@ -21,7 +21,7 @@ lock: venv
 	$(BIN)/uv pip compile pyproject.toml --universal --generate-hashes --python-version 3.11 \
 		-q -o requirements.lock
 	$(BIN)/uv pip compile pyproject.toml --universal --generate-hashes --python-version 3.11 \
-		--extra test --extra bench --extra lock -q -o requirements-dev.lock
+		--extra test --extra tracing --extra bench --extra lock -q -o requirements-dev.lock
 
 services:
 	./scripts/ensure-services.sh
