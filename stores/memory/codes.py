@@ -87,6 +87,8 @@ def _mail_values(mail: NewMail) -> tuple[Any, ...]:
         mail.sealed_code,
         mail.expires_at,
         mail.created_at,
+        mail.traceparent,
+        mail.tracestate,
     )
 
 
@@ -305,4 +307,6 @@ def _mail_of(issue: CodeIssue, account: AccountRecord) -> NewMail:
         sealed_code=issue.sealed_code,
         expires_at=issue.expires_at,
         created_at=issue.created_at,
+        traceparent=issue.traceparent,
+        tracestate=issue.tracestate,
     )

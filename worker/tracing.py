@@ -1,0 +1,125 @@
+"""W3C trace context across the worker's hops, and its spans (OpenTelemetry).
+
+A command's `traceparent` / `tracestate` AMQP headers travel with everything it causes: its
+reply, its events and its courier messages carry headers of the same names and the same trace
+id. The events' and mails' context is written with their outbox rows (stores), so a relay that
+publishes them later, in another worker or after a restart, still sends it.
+
+Two modes, chosen by the process's tracer provider (`recording()`):
+
+- **No SDK configured** (the API's no-op provider, the default): no span is made at all. The
+  caller's headers are validated and passed through unchanged (same span id): a few
+  microseconds per command, nothing else.
+- **SDK configured** (`IDENTITY_OTLP_TRACES_URL`, or a provider installed before the worker is
+  built, as tests do): a span per command, child of the caller's, with the database spans
+  (stores.postgres) and the reply's publish span beneath it; each hop's headers name the span
+  that sent it, so the trace id stays and the span id moves on.
+
+A malformed `traceparent` (wrong shape, version `ff`, all-zero ids) is ignored, and its
+`tracestate` with it: never an error, never a crash. Span attributes name commands, queues
+and outcomes, never a payload field, so no secret or personal data reaches a trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from pamqp.common import FieldTable
+
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+# W3C: a vendor may cut tracestate at 512 characters; a longer one is not carried at all.
+MAX_TRACESTATE = 512
+# Version 00 is 55 characters; a later version may append fields, within reason.
+MAX_TRACEPARENT = 256
+
+# W3C trace context only, whatever global propagator the process may have set.
+_W3C = TraceContextTextMapPropagator()
+tracer = trace.get_tracer("identity.worker")
+
+Trace = tuple[str | None, str | None]  # (traceparent, tracestate), as stored with a row
+NO_TRACE: Trace = (None, None)
+
+
+def recording() -> bool:
+    """Whether an SDK tracer provider is installed: spans are made only then."""
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
+
+def _text(value: Any, limit: int) -> str | None:
+    if isinstance(value, bytes):  # an AMQP byte string: only ASCII is a W3C header
+        try:
+            value = value.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    if not isinstance(value, str) or len(value) > limit:
+        return None
+    return value
+
+
+def extract(headers: Mapping[str, Any] | None) -> Context | None:
+    """The context of a message's valid `traceparent` (and `tracestate`), else None."""
+    if not headers:
+        return None
+    parent = _text(headers.get(TRACEPARENT), MAX_TRACEPARENT)
+    if parent is None:
+        return None
+    carrier = {TRACEPARENT: parent}
+    state = _text(headers.get(TRACESTATE), MAX_TRACESTATE)
+    if state is not None:
+        carrier[TRACESTATE] = state
+    context = _W3C.extract(carrier)
+    if not trace.get_current_span(context).get_span_context().is_valid:
+        return None
+    return context
+
+
+def validated(headers: Mapping[str, Any] | None) -> Trace:
+    """A message's trace headers as this worker would send them on (canonical form), or
+    NO_TRACE when it has none or they are malformed."""
+    context = extract(headers)
+    return NO_TRACE if context is None else current(context)
+
+
+def current(context: Context | None = None) -> Trace:
+    """The trace headers naming the current span (or the span of `context`)."""
+    carrier: dict[str, str] = {}
+    _W3C.inject(carrier, context=context)
+    return carrier.get(TRACEPARENT), carrier.get(TRACESTATE)
+
+
+def headers(value: Trace) -> FieldTable | None:
+    """AMQP headers carrying `value`, or None when there is no trace to carry."""
+    parent, state = value
+    if parent is None:
+        return None
+    if state:
+        return {TRACEPARENT: parent, TRACESTATE: state}
+    return {TRACEPARENT: parent}
+
+
+@contextmanager
+def publishing(name: str, stored: Trace, destination: str) -> Iterator[FieldTable | None]:
+    """The headers for a message published on behalf of the command whose trace `stored` is
+    (an outbox or courier row's): within a publish span, child of it, when spans are
+    recorded; else `stored` as it is."""
+    if not recording():
+        yield headers(stored)
+        return
+    with tracer.start_as_current_span(
+        name,
+        context=extract(headers(stored)),
+        kind=SpanKind.PRODUCER,
+        attributes={
+            "messaging.system": "rabbitmq",
+            "messaging.operation.type": "publish",
+            "messaging.destination.name": destination,
+        },
+    ):
+        yield headers(current())
