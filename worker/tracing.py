@@ -123,3 +123,23 @@ def publishing(name: str, stored: Trace, destination: str) -> Iterator[FieldTabl
         },
     ):
         yield headers(current())
+
+
+@contextmanager
+def consuming(name: str, message_headers: Mapping[str, Any] | None, queue: str) -> Iterator[None]:
+    """A span for processing a delivery, child of the span that published it (its valid
+    `traceparent`), when spans are recorded; nothing otherwise."""
+    if not recording():
+        yield
+        return
+    with tracer.start_as_current_span(
+        name,
+        context=extract(message_headers),
+        kind=SpanKind.CONSUMER,
+        attributes={
+            "messaging.system": "rabbitmq",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": queue,
+        },
+    ):
+        yield
