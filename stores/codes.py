@@ -100,7 +100,7 @@ class CodeIssue:
     kind: str
     sealed_code: bytes
     event: NewEvent | None
-    # The courier row's trace context (the event, if any, carries its own).
+    # The trace context of the courier row and of the event (the command's, for both).
     traceparent: str | None = None
     tracestate: str | None = None
 

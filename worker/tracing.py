@@ -22,6 +22,7 @@ and outcomes, never a payload field, so no secret or personal data reaches a tra
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -38,6 +39,14 @@ TRACESTATE = "tracestate"
 MAX_TRACESTATE = 512
 # Version 00 is 55 characters; a later version may append fields, within reason.
 MAX_TRACEPARENT = 256
+
+# A tracestate list member (W3C trace context, section 3.3.1), checked here before the
+# propagator sees it: the propagator logs a warning quoting any member it refuses, and a log
+# line per command that the caller writes is not something to hand out.
+_KEY = r"[a-z0-9][_0-9a-z\-*/]{0,255}|[a-z0-9][_0-9a-z\-*/]{0,240}@[a-z][_0-9a-z\-*/]{0,13}"
+_VALUE = r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]"
+_MEMBER = re.compile(rf"[ \t]*({_KEY})=(?:{_VALUE})[ \t]*")
+MAX_MEMBERS = 32
 
 # W3C trace context only, whatever global propagator the process may have set.
 _W3C = TraceContextTextMapPropagator()
@@ -72,12 +81,26 @@ def extract(headers: Mapping[str, Any] | None) -> Context | None:
         return None
     carrier = {TRACEPARENT: parent}
     state = _text(headers.get(TRACESTATE), MAX_TRACESTATE)
-    if state is not None:
+    if state is not None and _valid_tracestate(state):
         carrier[TRACESTATE] = state
     context = _W3C.extract(carrier)
     if not trace.get_current_span(context).get_span_context().is_valid:
         return None
     return context
+
+
+def _valid_tracestate(state: str) -> bool:
+    """Whether `state` is a W3C tracestate the propagator takes as it is: well-formed
+    members (empty ones allowed), at most 32, no key twice."""
+    keys: set[str] = set()
+    for member in state.split(","):
+        if not member.strip(" \t"):
+            continue
+        match = _MEMBER.fullmatch(member)
+        if match is None or match.group(1) in keys:
+            return False
+        keys.add(match.group(1))
+    return 0 < len(keys) <= MAX_MEMBERS
 
 
 def validated(headers: Mapping[str, Any] | None) -> Trace:

@@ -206,7 +206,7 @@ class MemoryCodeStore:
                 account = None
             events = []
             if account is not None and issue.event is not None:
-                events.append(_with_account(issue.event, account.id))
+                events.append(_with_account(issue.event, account.id, issue))
             try:
                 await uow.record_outcome(events, idempotency)
             except StoreError:
@@ -291,10 +291,16 @@ class MemoryCodeStore:
         return CodePurgeCounts(codes=len(codes), mail=len(mail), throttle=len(throttle))
 
 
-def _with_account(event: NewEvent, account_id: str) -> NewEvent:
+def _with_account(event: NewEvent, account_id: str, issue: CodeIssue) -> NewEvent:
     body = orjson.loads(event.body)
     body["data"]["account_id"] = account_id
-    return replace(event, body=orjson.dumps(body), account_id=account_id)
+    return replace(
+        event,
+        body=orjson.dumps(body),
+        account_id=account_id,
+        traceparent=issue.traceparent,
+        tracestate=issue.tracestate,
+    )
 
 
 def _mail_of(issue: CodeIssue, account: AccountRecord) -> NewMail:
