@@ -115,5 +115,3 @@ async def test_headers_of_another_kind_leave_the_reply_without_trace(bus: Bus) -
     reply = await bus.reply(correlation_id)
     assert reply["ok"] is False
     assert bus.reply_headers[correlation_id] == {}
-
-

@@ -45,4 +45,4 @@ def traceparent(span: ReadableSpan) -> str:
     """The W3C traceparent naming `span`."""
     context = span.get_span_context()
     assert context is not None
-    return f"00-{context.trace_id:032x}-{context.span_id:016x}-01"
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
