@@ -166,3 +166,26 @@ def consuming(name: str, message_headers: Mapping[str, Any] | None, queue: str) 
         },
     ):
         yield
+
+
+class TracingUnavailable(RuntimeError):
+    """Spans were asked for, but the SDK and exporter (the `tracing` extra) are missing."""
+
+
+def configure(endpoint: str, service_name: str) -> None:
+    """Record spans and export them in batches over OTLP/HTTP to `endpoint` (for example
+    `http://otel-collector:4318/v1/traces`): installs the SDK's tracer provider for the
+    process, once, before anything is built. The SDK flushes what is left at exit."""
+    try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ImportError as exc:
+        raise TracingUnavailable(
+            "IDENTITY_OTLP_TRACES_URL needs the OpenTelemetry SDK and OTLP exporter:"
+            " install identity-worker[tracing]"
+        ) from exc
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+    trace.set_tracer_provider(provider)
