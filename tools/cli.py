@@ -35,10 +35,16 @@ def _settings_or_exit(*, keys_needed: bool = True) -> Settings:
 
 def _run(args: argparse.Namespace) -> int:
     settings = _settings_or_exit()
+    from worker.audit import configure_audit
     from worker.logs import configure_logging
     from worker.main import run_worker
 
     configure_logging(settings.log_level)
+    try:
+        configure_audit(settings.audit_log)
+    except OSError as exc:
+        print(f"identity-worker: bad settings: IDENTITY_AUDIT_LOG: {exc}", file=sys.stderr)
+        return 2
     if not _tracing_configured(settings.otlp_traces_url, "identity-worker"):
         return 2
     if settings.use_uvloop:

@@ -27,7 +27,7 @@ from messages.topology import CONTENT_TYPE
 from services.errors import IdentityError
 from services.operations import CommandContext
 from stores import TransientStoreError
-from worker import tracing
+from worker import audit, tracing
 from worker.acks import Acknowledger
 from worker.authorise import Authoriser
 from worker.broker import DeadLetters, ReplySender
@@ -222,6 +222,12 @@ class CommandProcessor:
         return None
 
     async def _run(self, message: AbstractIncomingMessage, command: Command) -> Reply:
+        reply = await self._execute(message, command)
+        if COMMANDS[command.name].changes_state:
+            audit.record(command, reply)  # failures too: a failed sign-in above all
+        return reply
+
+    async def _execute(self, message: AbstractIncomingMessage, command: Command) -> Reply:
         key = command.context.idempotency_key
         handler = self._handlers[type(command.payload)]
         try:
