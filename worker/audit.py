@@ -3,7 +3,9 @@
 Every command that changes state (or tries to: a failed sign-in, a refused `forbidden`
 command, a wrong code) is written to the logger `identity.audit`, apart from the operational
 log: to stderr by default, or appended to the file `IDENTITY_AUDIT_LOG` (reopened when log
-rotation moves it). A line holds:
+rotation moves it). The services' own audit lines go the same way (`authn_login_fail` and
+`authn_login_lock` with the reason and a keyed `email_tag`, `account_erased`). A command's
+line (`"event": "command"`) holds:
 
     ts              when the worker answered (ISO 8601, UTC)
     command         the command name
@@ -58,8 +60,9 @@ def record(command: Command, reply: Reply) -> None:
     context = command.context
     metadata = context.metadata
     log.info(
-        "audit",
+        "command",
         extra={
+            "event": "command",
             "command": command.name,
             "caller": context.caller,
             "client_ip": metadata.client_ip if metadata is not None else None,
