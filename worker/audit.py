@@ -5,7 +5,7 @@ command, a wrong code) is written to the logger `identity.audit`, apart from the
 log: to stderr by default, or appended to the file `IDENTITY_AUDIT_LOG` (reopened when log
 rotation moves it). The services' own audit lines go the same way (`authn_login_fail` and
 `authn_login_lock` with the reason and a keyed `email_tag`, `account_erased`). A command's
-line (`"event": "command"`) holds:
+line (`"event": "command_audit"`) holds:
 
     ts              when the worker answered (ISO 8601, UTC)
     command         the command name
@@ -60,9 +60,9 @@ def record(command: Command, reply: Reply) -> None:
     context = command.context
     metadata = context.metadata
     log.info(
-        "command",
+        "command_audit",
         extra={
-            "event": "command",
+            "event": "command_audit",
             "command": command.name,
             "caller": context.caller,
             "client_ip": metadata.client_ip if metadata is not None else None,
