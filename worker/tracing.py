@@ -45,8 +45,15 @@ MAX_TRACEPARENT = 256
 # line per command that the caller writes is not something to hand out.
 _KEY = r"[a-z0-9][_0-9a-z\-*/]{0,255}|[a-z0-9][_0-9a-z\-*/]{0,240}@[a-z][_0-9a-z\-*/]{0,13}"
 _VALUE = r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]"
-_MEMBER = re.compile(rf"[ \t]*({_KEY})=(?:{_VALUE})[ \t]*")
+_MEMBER = re.compile(rf"({_KEY})=(?:{_VALUE})")
 MAX_MEMBERS = 32
+# W3C trace context, section 3.2: version-trace_id-parent_id-flags, lowercase hex; a later
+# version may append fields after a dash.
+_TRACEPARENT = re.compile(
+    r"[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?[ \t]*", re.S
+)
+_ZERO_TRACE_ID = "0" * 32
+_ZERO_SPAN_ID = "0" * 16
 
 # W3C trace context only, whatever global propagator the process may have set.
 _W3C = TraceContextTextMapPropagator()
@@ -72,42 +79,49 @@ def _text(value: Any, limit: int) -> str | None:
     return value
 
 
-def extract(headers: Mapping[str, Any] | None) -> Context | None:
-    """The context of a message's valid `traceparent` (and `tracestate`), else None."""
+def validated(headers: Mapping[str, Any] | None) -> Trace:
+    """A message's trace headers in canonical form (as the propagator would write them), or
+    NO_TRACE when it has none or its `traceparent` is malformed. Plain string work, no
+    OpenTelemetry object: this is all a command pays when no SDK is installed."""
     if not headers:
-        return None
+        return NO_TRACE
     parent = _text(headers.get(TRACEPARENT), MAX_TRACEPARENT)
-    if parent is None:
-        return None
-    carrier = {TRACEPARENT: parent}
+    match = _TRACEPARENT.fullmatch(parent) if parent is not None else None
+    if match is None:
+        return NO_TRACE
+    version, trace_id, span_id, flags, rest = match.groups()
+    if version == "ff" or (version == "00" and rest) or trace_id == _ZERO_TRACE_ID:
+        return NO_TRACE
+    if span_id == _ZERO_SPAN_ID:
+        return NO_TRACE
     state = _text(headers.get(TRACESTATE), MAX_TRACESTATE)
-    if state is not None and _valid_tracestate(state):
-        carrier[TRACESTATE] = state
-    context = _W3C.extract(carrier)
-    if not trace.get_current_span(context).get_span_context().is_valid:
-        return None
-    return context
+    return f"00-{trace_id}-{span_id}-{flags}", _canonical_tracestate(state) if state else None
 
 
-def _valid_tracestate(state: str) -> bool:
-    """Whether `state` is a W3C tracestate the propagator takes as it is: well-formed
-    members (empty ones allowed), at most 32, no key twice."""
+def _canonical_tracestate(state: str) -> str | None:
+    """`state` without empty members and blanks around members, if it is a W3C tracestate
+    (well-formed members, at most 32, no key twice); else None."""
+    members: list[str] = []
     keys: set[str] = set()
     for member in state.split(","):
-        if not member.strip(" \t"):
+        member = member.strip(" \t")
+        if not member:
             continue
         match = _MEMBER.fullmatch(member)
         if match is None or match.group(1) in keys:
-            return False
+            return None
         keys.add(match.group(1))
-    return 0 < len(keys) <= MAX_MEMBERS
+        members.append(member)
+    return ",".join(members) if 0 < len(members) <= MAX_MEMBERS else None
 
 
-def validated(headers: Mapping[str, Any] | None) -> Trace:
-    """A message's trace headers as this worker would send them on (canonical form), or
-    NO_TRACE when it has none or they are malformed."""
-    context = extract(headers)
-    return NO_TRACE if context is None else current(context)
+def extract(headers: Mapping[str, Any] | None) -> Context | None:
+    """The OpenTelemetry context of a message's valid trace headers, else None."""
+    parent, state = validated(headers)
+    if parent is None:
+        return None
+    carrier = {TRACEPARENT: parent} if state is None else {TRACEPARENT: parent, TRACESTATE: state}
+    return _W3C.extract(carrier)
 
 
 def current(context: Context | None = None) -> Trace:
