@@ -111,8 +111,11 @@ class _Timed:
 
     def __enter__(self) -> None:
         # Without an SDK nothing is recorded: one isinstance, no span (see worker.tracing).
+        # A batched look-up's query ("batch.…") serves many commands at once: it is no one
+        # command's child, and each command's own wait for it has its span already.
         if (
             not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+            and not self._operation.startswith("batch.")
             and trace.get_current_span().is_recording()
         ):
             self._span = _tracer.start_span(
