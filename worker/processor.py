@@ -161,9 +161,9 @@ class CommandProcessor:
     async def _reply(
         self, message: AbstractIncomingMessage, reply: Reply, trace: tracing.Trace
     ) -> None:
-        """Send the reply with the command's trace (from a publish span of its own, when
-        spans are recorded)."""
-        if not tracing.recording():
+        """Send the reply with the command's trace (from a publish span of its own, when the
+        command's span is recorded: a command the sampler left out gets no child spans)."""
+        if not tracing.recording() or not trace_api.get_current_span().is_recording():
             await self._replies.send(message, reply, tracing.headers(trace))
             return
         with tracing.tracer.start_as_current_span(
