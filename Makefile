@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run mailbox courier test check bench venv services asyncapi lock clean
+.PHONY: run mailbox courier test check bench venv services tools asyncapi lock clean
 
 # Dependencies come from the lock file, each checked against its hashes; the project itself is
 # installed on top without resolving anything again.
@@ -25,6 +25,10 @@ lock: venv
 
 services:
 	./scripts/ensure-services.sh
+
+## Command-line tools the tests call: promtool (Debian package prometheus), installed if missing.
+tools:
+	./scripts/ensure-tools.sh
 
 ## Run the worker against the local RabbitMQ and PostgreSQL (creates the database), in dev mode:
 ## keys made on the spot and kept in the database, the open caller policy, loud warnings.
@@ -57,7 +61,7 @@ courier: venv services
 
 ## Every test: unit, store contract (memory + PostgreSQL), integration and faults.
 # pytest exits 5 when it collected nothing: that is a failure, not a pass.
-test: venv services
+test: venv services tools
 	$(BIN)/python -m pytest; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$status
 

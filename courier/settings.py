@@ -2,10 +2,12 @@
 
 Read the way the worker's are (`worker.settings.read_settings`): field `x` comes from
 `IDENTITY_X`, an empty value counts as unset, and a bad value raises `SettingsError` naming
-the variable, never its value (the SMTP and broker URLs hold passwords). Variables the two
-processes share (`IDENTITY_AMQP_URL`, `IDENTITY_DEV_MODE`, `IDENTITY_HTTP_PORT`, ...) mean
-the same thing in both; a deployment gives the mail sender its own broker user, one that may
-only read `identity.courier`.
+the variable, never its value (the SMTP and broker URLs hold passwords). Its secrets
+(`IDENTITY_SMTP_URL`, `IDENTITY_AMQP_URL`, `IDENTITY_COURIER_TAG_KEY`) may come from files
+as the worker's do, `IDENTITY_SMTP_URL_FILE=/run/secrets/smtp-url`: the same reader, the
+same rules. Variables the two processes share (`IDENTITY_AMQP_URL`, `IDENTITY_DEV_MODE`,
+`IDENTITY_HTTP_PORT`, ...) mean the same thing in both; a deployment gives the mail sender its
+own broker user, one that may only read `identity.courier`.
 
 `IDENTITY_SMTP_URL`:
 

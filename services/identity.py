@@ -69,7 +69,13 @@ from services.recovery import AccountFlows
 from services.refresh import SessionTokens, TokenIssue, TokenService
 from services.roles import RoleService
 from services.sessions_admin import SessionAdmin
-from services.shapes import idle_cutoff, session_is_live, to_account, to_session
+from services.shapes import (
+    announce_ended,
+    idle_cutoff,
+    session_is_live,
+    to_account,
+    to_session,
+)
 from services.signin import Authenticated, Authenticator
 from services.tokens import TokenSigner
 from stores import (
@@ -92,20 +98,31 @@ _VERIFY_AND_HASH = 2
 
 @dataclass(frozen=True, slots=True)
 class SessionPolicy:
-    """Absolute lifetime, idle timeout, and how often `last_seen` may be written."""
+    """Absolute lifetime, idle timeout, how often `last_seen` may be written, and how many
+    live sessions an account may hold (a sign-in beyond it ends the oldest)."""
 
     lifetime: timedelta = timedelta(hours=24)
     idle_timeout: timedelta = timedelta(minutes=30)
     touch_interval: timedelta = timedelta(minutes=1)
+    max_per_account: int = 100
+
+    def __post_init__(self) -> None:
+        if self.max_per_account < 1:
+            raise ValueError("an account must be allowed at least one live session")
 
     @classmethod
     def from_seconds(
-        cls, lifetime: float, idle_timeout: float, touch_interval: float
+        cls,
+        lifetime: float,
+        idle_timeout: float,
+        touch_interval: float,
+        max_per_account: int = 100,
     ) -> SessionPolicy:
         return cls(
             timedelta(seconds=lifetime),
             timedelta(seconds=idle_timeout),
             timedelta(seconds=touch_interval),
+            max_per_account,
         )
 
 
@@ -428,7 +445,8 @@ class IdentityService:
         """Insert the session and record the outcome; None, with nothing written, if the
         stored hash is no longer the one the password was checked against. The account's row
         stays locked until commit, so a password change either comes first (and is seen here)
-        or waits, and then ends this session with the others."""
+        or waits, and then ends this session with the others; and two sign-ins at the session
+        cap take turns, each counting the other's session once it committed."""
         account = checked.account
         client = op.context.metadata
         session = SessionRecord(
@@ -448,6 +466,15 @@ class IdentityService:
             # Only now, with the password found right: the status is no oracle for it.
             if locked.status != "active":
                 raise AccountDisabledError()
+            # Room for this one: the oldest beyond the cap end first, announced before it.
+            over = await uow.end_oldest_sessions(
+                account.id,
+                self._sessions.max_per_account - 1,
+                now,
+                "session_limit",
+                idle_cutoff=self._idle_cutoff(now),
+            )
+            announce_ended(op, over, "session_limit", now)
             await uow.insert_session(session)
             if checked.new_hash is not None:
                 await uow.replace_password_hash(account.id, account.password_hash, checked.new_hash)

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-from datetime import datetime, timedelta
+import re
+from datetime import UTC, datetime, timedelta
 
 import orjson
 
@@ -90,6 +91,10 @@ class SessionAdmin:
         return None if found is None else found[0].account_id
 
 
+# What `new_session_id` makes (messages.models.SessionId).
+_SESSION_ID = re.compile(r"ses_[0-9a-z]{32}")
+
+
 def encode_cursor(session: SessionRecord) -> str:
     """The position after `session`, as an opaque URL-safe text."""
     position = orjson.dumps([session.created_at.isoformat(), session.id])
@@ -101,10 +106,15 @@ def decode_cursor(cursor: str) -> SessionPosition:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, session_id = orjson.loads(raw)
-        created_at = datetime.fromisoformat(created)
-    except (binascii.Error, TypeError, ValueError):  # orjson's decode error is a ValueError
+        stamped = datetime.fromisoformat(created)
+        # In UTC, as a store compares it: a hand-made offset at either end of time overflows.
+        created_at = None if stamped.utcoffset() is None else stamped.astimezone(UTC)
+    except (binascii.Error, TypeError, ValueError, OverflowError):  # orjson's is a ValueError
         raise _not_a_cursor() from None
-    if not isinstance(session_id, str) or created_at.utcoffset() is None:
+    # Only what a session id can be reaches a store (no NUL, nothing PostgreSQL refuses).
+    if created_at is None or not isinstance(session_id, str):
+        raise _not_a_cursor()
+    if not _SESSION_ID.fullmatch(session_id):
         raise _not_a_cursor()
     return created_at, session_id
 

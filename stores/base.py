@@ -95,6 +95,21 @@ class UnitOfWork(CodeUnit, Protocol):
         decides); the records ended now, oldest first."""
         ...
 
+    async def end_oldest_sessions(
+        self,
+        account_id: str,
+        keep: int,
+        ended_at: datetime,
+        reason: str,
+        *,
+        idle_cutoff: datetime,
+    ) -> list[SessionRecord]:
+        """End the account's sessions that are live at `ended_at` (as `end_session` decides)
+        beyond its `keep` newest live ones, in (created_at, id) order; the records ended now,
+        oldest first. The caller holds the account's row locked, so two sign-ins cannot both
+        count the same sessions and leave more than `keep` + their own."""
+        ...
+
     async def lock_session(self, session_id: str) -> SessionRecord | None:
         """The session, locked against concurrent writers until the unit ends."""
         ...

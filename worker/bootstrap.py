@@ -46,6 +46,7 @@ from worker.metrics import Metrics, create_metrics, observer
 from worker.outbox import OutboxRelay
 from worker.policy import RetryPolicy
 from worker.processor import CommandProcessor
+from worker.rates import RateGate
 from worker.settings import Settings, SettingsError
 from worker.topology import Topology, declare_topology
 
@@ -150,6 +151,7 @@ def service_config(settings: Settings) -> ServiceConfig:
             settings.session_lifetime_s,
             settings.session_idle_timeout_s,
             settings.session_touch_interval_s,
+            settings.max_sessions_per_account,
         ),
         throttle=throttle_rules(settings),
         budget=HashBudget(
@@ -382,6 +384,11 @@ async def _assemble(
         on_committed=committed,
         log_queries=settings.log_queries,
         gateways=settings.gateway_users,
+        rates=RateGate(
+            settings.parsed_caller_rates(),
+            metrics.caller_commands_total,
+            known=settings.caller_policy().users,
+        ),
     )
     forwarder = DeadLetterForwarder(
         dead_letters,

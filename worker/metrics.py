@@ -76,6 +76,7 @@ class Metrics:
     retries_total: Counter
     malformed_messages_total: Counter
     forbidden_total: Counter
+    caller_commands_total: Counter
     replies_lost_total: Counter
     outbox_backlog: Gauge
     outbox_oldest_age_seconds: Gauge
@@ -138,6 +139,13 @@ def create_metrics() -> Metrics:
             "other) and command.",
             "caller",
             "command",
+        ),
+        caller_commands_total=counter(
+            "caller_commands_total",
+            "Decoded commands by caller (a user the caller policy or IDENTITY_CALLER_RATES "
+            "names, or other) and decision (admitted, or rate_limited by the caller's rate).",
+            "caller",
+            "decision",
         ),
         replies_lost_total=counter(
             "replies_lost_total",

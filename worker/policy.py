@@ -12,6 +12,8 @@
 | no usable idempotency key          | no                  | malformed_message | -                | yes |
 | unknown routing key                | no                  | unknown_command   | -                | yes |
 | envelope or payload invalid        | no                  | validation_failed | -                | yes |
+| beyond the caller's rate           | no, nothing ran     | rate_limited with | -                | yes |
+|   (IDENTITY_CALLER_RATES)          |   and nothing stored|   retry_after_s   |                  |     |
 | business rule said no              | no (stored reply)   | the stored error  | -                | yes |
 | database fault                     | yes, back-off with  | internal_error    | retries_exhausted| yes |
 |   (TransientStoreError)            |   jitter, bounded   |   once exhausted  |                  |     |

@@ -24,7 +24,7 @@ from tenacity import RetryCallState
 from messages import COMMANDS, ErrorBody, ErrorCode, Reply, Result
 from messages.models import Model
 from messages.topology import CONTENT_TYPE
-from services.errors import IdentityError
+from services.errors import IdentityError, RateLimitedError
 from services.operations import CommandContext
 from stores import TransientStoreError
 from worker import audit, tracing
@@ -34,6 +34,8 @@ from worker.broker import DeadLetters, ReplySender
 from worker.decode import Command, Rejected, decode_command
 from worker.metrics import OK, OUTCOMES, UNKNOWN, Metrics, command_label, outcome_label
 from worker.policy import RetryPolicy
+from worker.rates import MESSAGE as RATE_MESSAGE
+from worker.rates import RateGate
 from worker.topology import delivery_count
 
 log = logging.getLogger("identity.worker")
@@ -70,6 +72,7 @@ class CommandProcessor:
         on_committed: Callable[[], None],
         log_queries: bool = False,
         gateways: frozenset[str] = frozenset(),
+        rates: RateGate | None = None,
     ) -> None:
         if missing := unhandled(handlers):
             raise ValueError(f"no handler for {', '.join(missing)}")
@@ -88,6 +91,7 @@ class CommandProcessor:
         self._delivery_limit = worker_delivery_limit
         self._on_committed = on_committed
         self._gateways = gateways
+        self._rates = rates
         # Successful queries are most of the traffic and change nothing: the metrics count and
         # time them, and a log line each would add about a sixth to their CPU cost.
         self._quiet_when_ok = (
@@ -205,7 +209,19 @@ class CommandProcessor:
                 idempotency_key=rejected.idempotency_key,
                 error=rejected.error,
             )
+        if (limited := self._over_rate(command)) is not None:
+            return limited
         return await self._run(message, command)
+
+    def _over_rate(self, command: Command) -> Reply | None:
+        """The answer to a command beyond its caller's rate (worker.rates), given before
+        anything is authorised, looked up, stored or hashed; None when it may run."""
+        retry_after_s = None if self._rates is None else self._rates.admit(command.context.caller)
+        if retry_after_s is None:
+            return None
+        error = RateLimitedError(retry_after_s, RATE_MESSAGE).to_error_body()
+        key = command.context.idempotency_key
+        return Reply(ok=False, command=command.name, idempotency_key=key, error=error)
 
     def _guard(self, message: AbstractIncomingMessage) -> tuple[str, ErrorBody] | None:
         """Checks made before a byte of the body is parsed."""

@@ -6,6 +6,12 @@ Every field `name` is read from `IDENTITY_<NAME>`; an empty value counts as unse
 deployment template can leave a variable blank to keep the default. A bad value raises
 `SettingsError`, whose message names the variable and what is wrong with it, never the value
 itself (URLs and signing keys are secrets).
+
+Every secret field (a `SecretStr`: URLs with passwords, keys) may instead be given as
+`IDENTITY_<NAME>_FILE`, the path of a file holding the value (a Kubernetes or compose secret,
+a file a Vault agent renders); one trailing newline is dropped. Both at once, an unreadable or
+an empty file are settings errors naming the variables, never the file's content. Files are
+read once, at start-up: a rotated secret takes a restart, as a changed variable does.
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from contextvars import ContextVar
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, TypeVar, get_args
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from pydantic import (
@@ -31,8 +38,13 @@ from services.access_tokens import DEFAULT_ISSUER, MAX_TTL_S, JwtKey, parse_jwt_
 from services.keys import is_published, parse_hmac_key
 from services.tokens import SigningKey, parse_signing_keys
 from worker.callers import CallerPolicy
+from worker.rates import CallerRates
 
 ENV_PREFIX = "IDENTITY_"
+# IDENTITY_X_FILE: the path of a file holding secret setting X's value.
+FILE_SUFFIX = "_FILE"
+# A secret is a URL or a few keys; a file much larger is the wrong file.
+MAX_SECRET_FILE_BYTES = 64 * 1024
 _PG = ("postgresql", "postgres")
 _URL_SCHEMES = {"amqp_url": ("amqp", "amqps"), "database_url": _PG, "migration_database_url": _PG}
 # What production cannot run without (contract v2, sections 1 and 4): keys and a caller policy.
@@ -89,6 +101,8 @@ class Settings(BaseSettings):
     dev_mode: bool = False
     # `user=grant,grant;user=grant`: who may send what (None: the open policy, dev mode only).
     callers: str | None = None
+    # `user=N/s;*=N/s`: commands a second per caller, per worker (None: no limit).
+    caller_rates: str | None = None
     # Broker users trusted to report `metadata.client_ip` (comma-separated).
     gateways: str = ""
     # base64url, >= 32 bytes: keys the HMACs that must outlive signing-key rotation.
@@ -119,6 +133,8 @@ class Settings(BaseSettings):
     session_lifetime_s: int = Field(default=86400, ge=1)
     session_idle_timeout_s: int = Field(default=1800, ge=1)
     session_touch_interval_s: int = Field(default=60, ge=0)
+    # Live sessions an account may hold; a sign-in beyond it ends the oldest (session_limit).
+    max_sessions_per_account: int = Field(default=100, ge=1, le=100_000)
 
     throttle_free_failures: int = Field(default=5, ge=0)
     throttle_base_delay_s: float = Field(default=1.0, ge=0)
@@ -199,6 +215,13 @@ class Settings(BaseSettings):
     def _callers_policy(cls, value: str | None) -> str | None:
         if value is not None:
             CallerPolicy.parse(value)  # a PolicyError is a ValueError: named IDENTITY_CALLERS
+        return value
+
+    @field_validator("caller_rates")
+    @classmethod
+    def _caller_rates_format(cls, value: str | None) -> str | None:
+        if value is not None:
+            CallerRates.parse(value)  # a RatesError is a ValueError: named IDENTITY_CALLER_RATES
         return value
 
     @field_validator("jwt_keys")
@@ -294,6 +317,14 @@ class Settings(BaseSettings):
         """Who may send what: IDENTITY_CALLERS, or the open policy when it is unset."""
         return CallerPolicy.open() if self.callers is None else CallerPolicy.parse(self.callers)
 
+    def parsed_caller_rates(self) -> CallerRates:
+        """Commands a second per caller: IDENTITY_CALLER_RATES, or no limit when it is unset."""
+        return (
+            CallerRates.none()
+            if self.caller_rates is None
+            else CallerRates.parse(self.caller_rates)
+        )
+
     @property
     def broker_user(self) -> str:
         """The worker's own broker user (the user of IDENTITY_AMQP_URL; RabbitMQ's default,
@@ -371,30 +402,107 @@ def load_settings(env: Mapping[str, str] | None = None, *, keys_needed: bool = T
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)
 
 
+def secret_fields(cls: type[BaseSettings]) -> tuple[str, ...]:
+    """The fields of `cls` that hold secrets (`SecretStr`, optional or not): the ones that may
+    also come from a file, `IDENTITY_<NAME>_FILE`."""
+    return tuple(
+        name
+        for name, info in cls.model_fields.items()
+        if info.annotation is SecretStr or SecretStr in get_args(info.annotation)
+    )
+
+
+def read_secret_file(variable: str, path: str) -> str:
+    """The value in the file at `path`, named by `variable` (`IDENTITY_X_FILE`), one trailing
+    newline dropped; `SettingsError` naming the variable and the path (never the content)
+    when the file cannot be read, is not UTF-8 text, is empty or is too large for a secret."""
+    try:
+        with Path(path).open("rb") as file:
+            data = file.read(MAX_SECRET_FILE_BYTES + 1)
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise SettingsError(f"{variable}: cannot read {path!r} ({why})") from None
+    if len(data) > MAX_SECRET_FILE_BYTES:
+        raise SettingsError(
+            f"{variable}: {path!r} is larger than {MAX_SECRET_FILE_BYTES // 1024} KiB; "
+            "it holds one secret value"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SettingsError(f"{variable}: {path!r} is not UTF-8 text") from None
+    text = text.removesuffix("\n").removesuffix("\r")
+    if text.strip() == "":
+        # Most likely a secret not rendered yet (a Vault agent still starting): never a reason
+        # to run on the default.
+        raise SettingsError(f"{variable}: {path!r} is empty")
+    return text
+
+
+def _given(raw: str | None) -> str | None:
+    """A variable's value, None when unset or blank (a blank variable keeps the default)."""
+    return raw if raw is not None and raw.strip() != "" else None
+
+
+def read_environment(
+    cls: type[BaseSettings], source: Mapping[str, str]
+) -> tuple[dict[str, str], frozenset[str]]:
+    """The raw value of every field of `cls` that `source` sets, from `IDENTITY_X` or, for a
+    secret field, from the file `IDENTITY_X_FILE` names; `SettingsError` naming every
+    variable at fault (both forms given, a file that cannot be read, `_FILE` for a setting
+    that is not secret), and the fields that came from files."""
+    secrets = set(secret_fields(cls))
+    values: dict[str, str] = {}
+    from_files: set[str] = set()
+    problems: list[str] = []
+    for field in cls.model_fields:
+        name = env_name(field)
+        file_name = name + FILE_SUFFIX
+        raw, path = _given(source.get(name)), _given(source.get(file_name))
+        if path is not None:
+            if field not in secrets:
+                problems.append(f"{file_name}: {name} is not a secret; set it directly")
+                continue
+            if raw is not None:
+                problems.append(f"{name} and {file_name} are both set; give one or the other")
+                continue
+            try:
+                raw = read_secret_file(file_name, path.strip())
+            except SettingsError as exc:
+                problems.append(str(exc))
+                continue
+            from_files.add(field)
+        if raw is not None:
+            values[field] = raw.strip()
+    if problems:
+        raise SettingsError("; ".join(problems))
+    return values, frozenset(from_files)
+
+
 def read_settings(cls: type[SettingsT], env: Mapping[str, str] | None = None) -> SettingsT:
     """Read `cls`, a settings class whose field `x` comes from `IDENTITY_X` (the worker's, the
-    mail sender's), from `env` (default: the process environment); `SettingsError` naming
-    every variable at fault, never a value."""
+    mail sender's), or from the file `IDENTITY_X_FILE` names when `x` is secret, from `env`
+    (default: the process environment); `SettingsError` naming every variable at fault, never
+    a value."""
     source: Mapping[str, str] = os.environ if env is None else env
-    values: dict[str, Any] = {}
-    for field in cls.model_fields:
-        raw = source.get(env_name(field))
-        if raw is not None and raw.strip() != "":
-            values[field] = raw.strip()
+    raw, from_files = read_environment(cls, source)
+    values: dict[str, Any] = dict(raw)
     try:
         return cls(**values)
     except ValidationError as exc:
-        problems = _describe(exc)
+        problems = _describe(exc, from_files)
     # Raised outside the handler so the ValidationError, whose text quotes the input values,
     # is not even chained as context.
     raise SettingsError(problems)
 
 
-def _describe(exc: ValidationError) -> str:
+def _describe(exc: ValidationError, from_files: frozenset[str] = frozenset()) -> str:
     # Built from locations and messages only: `input` would echo a secret back into a log.
     problems = []
     for error in exc.errors(include_input=False, include_url=False):
         where = env_name(str(error["loc"][0])) if error["loc"] else "settings"
+        if error["loc"] and error["loc"][0] in from_files:
+            where = f"{where} (read from {where}{FILE_SUFFIX})"
         message = error["msg"].removeprefix("Value error, ")
         problems.append(f"{where}: {message}" if error["loc"] else message)
     return "; ".join(problems)

@@ -201,6 +201,30 @@ class MemoryUnitOfWork(MemoryCodeUnit):
                     ended.append(record)
         return ended
 
+    async def end_oldest_sessions(
+        self,
+        account_id: str,
+        keep: int,
+        ended_at: datetime,
+        reason: str,
+        *,
+        idle_cutoff: datetime,
+    ) -> list[SessionRecord]:
+        candidates = {**self._tables.sessions, **self._new_sessions}.values()
+        live: list[SessionRecord] = []
+        for session in sorted(candidates, key=lambda s: (s.created_at, s.id)):
+            current = (
+                await self.get_session(session.id) if session.account_id == account_id else None
+            )
+            if current is not None and _live(current, ended_at, idle_cutoff):
+                live.append(current)
+        ended: list[SessionRecord] = []
+        for session in live[: max(0, len(live) - keep)]:
+            record = await self.end_session(session.id, ended_at, reason, idle_cutoff=idle_cutoff)
+            if record is not None:
+                ended.append(record)
+        return ended
+
     async def lock_session(self, session_id: str) -> SessionRecord | None:
         # Units run one at a time: holding the unit is holding every row.
         return await self.get_session(session_id)

@@ -81,6 +81,22 @@ WITH ended AS (
 )
 SELECT {SESSION} FROM ended ORDER BY created_at, id
 """
+# The live sessions beyond the `$5` newest, ended; the account row is locked by the caller.
+# ARRAY(...) is computed once, then the primary key finds each row: the usual case (below the
+# cap: an empty array) touches no row of the table at all, whatever plan its size suggests.
+END_OLDEST_SESSIONS = f"""
+WITH ended AS (
+    UPDATE sessions SET ended_at = $2, end_reason = $3
+    WHERE id = ANY(ARRAY(
+        SELECT id FROM sessions
+        WHERE account_id = $1 AND {_LIVE}
+        ORDER BY created_at DESC, id DESC
+        OFFSET $5
+    )) AND {_LIVE}
+    RETURNING {SESSION}
+)
+SELECT {SESSION} FROM ended ORDER BY created_at, id
+"""
 TOUCH_SESSION = "UPDATE sessions SET last_seen_at = $2 WHERE id = $1 AND last_seen_at < $2"
 LOCK_SESSION = GET_SESSION + " FOR UPDATE"
 # Under READ COMMITTED a second rotation waits for the first one's row lock, then re-checks the

@@ -133,6 +133,21 @@ class PostgresUnitOfWork(PostgresCodeUnit):
             )
         return [SessionRecord(*row) for row in rows]
 
+    async def end_oldest_sessions(
+        self,
+        account_id: str,
+        keep: int,
+        ended_at: datetime,
+        reason: str,
+        *,
+        idle_cutoff: datetime,
+    ) -> list[SessionRecord]:
+        with self._timed("uow.end_oldest_sessions"):
+            rows = await self._conn.fetch(
+                sql.END_OLDEST_SESSIONS, account_id, ended_at, reason, idle_cutoff, keep
+            )
+        return [SessionRecord(*row) for row in rows]
+
     async def lock_session(self, session_id: str) -> SessionRecord | None:
         with self._timed("uow.lock_session"):
             return session_from(await self._conn.fetchrow(sql.LOCK_SESSION, session_id))

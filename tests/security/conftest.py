@@ -105,3 +105,53 @@ async def connect(
     yield as_user
     for connection in opened:
         await connection.close()
+
+
+# The web gateway's rate in the rated worker; every other caller gets RATED_DEFAULT.
+WEB_RATE = 5
+RATED_DEFAULT = 500
+
+
+@pytest.fixture
+def rated_worker(
+    worker_control: WorkerControl,
+    deployment: Deployment,
+    policy: str,
+    pg_dsn: str,
+    pg_worker_dsn: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[workers.WorkerProcess]:
+    """The worker with IDENTITY_CALLER_RATES in place of the suite's: the suite's is stopped
+    first (the rates are per worker, so one worker must see every command), and the next test
+    that asks for it starts it again."""
+    worker_control.stop()
+    rates = f"{deployment.user('web-gateway')}={WEB_RATE}/s;*={RATED_DEFAULT}/s"
+    env = workers.worker_env(
+        deployment.url("identity-worker"),
+        pg_worker_dsn,
+        pg_dsn,
+        IDENTITY_CALLERS=policy,
+        IDENTITY_CALLER_RATES=rates,
+    )
+    control = WorkerControl(env, tmp_path_factory.mktemp("rated-worker"))
+    try:
+        yield control.running()
+    finally:
+        control.stop()
+
+
+@pytest.fixture
+async def rated_connect(
+    deployment: Deployment, rated_worker: workers.WorkerProcess
+) -> AsyncIterator[Connector]:
+    """`connect`, for the rated worker."""
+    opened: list[AbstractRobustConnection] = []
+
+    async def as_user(shipped: str) -> AbstractRobustConnection:
+        connection = await aio_pika.connect_robust(deployment.url(shipped))
+        opened.append(connection)
+        return connection
+
+    yield as_user
+    for connection in opened:
+        await connection.close()

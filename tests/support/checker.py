@@ -11,6 +11,8 @@ queue, the dead letters, the broker's queue depths and the database, and checks:
 - each committed change has exactly the events its reply implies in the outbox, all of them
   published and captured (a republication shares its `event_id`), and every captured event is
   in the outbox (no event for a change that did not commit);
+- every courier row (codes and notices for the mail sender) is relayed and sits in
+  `identity.courier` exactly once in effect (the checker drains it, as the mail sender would);
 - no message is left in, or unacknowledged on, a worker queue or a capture queue;
 - no password or token the test sent, and no password hash, appears in a worker log, an
   event, a dead letter, a stored reply, a fingerprint or the metrics text.
@@ -32,7 +34,7 @@ import asyncpg
 import orjson
 
 from messages import COMMANDS
-from messages.topology import DEAD_QUEUE
+from messages.topology import COURIER_QUEUE, DEAD_QUEUE
 from tests.support.bus import Bus, Sent
 from tests.support.load import STATE_CHANGING
 
@@ -142,12 +144,14 @@ class Checker:
         conn = await asyncpg.connect(self.dsn, timeout=10)
         try:
             await self._wait_outbox_captured(conn, settle_timeout)
+            await self._wait_courier_relayed(conn, settle_timeout)
             rows = await self._fetch(conn)
         finally:
             await conn.close()
         finals = self._check_replies()
         self._check_database(rows, finals)
         self._check_events(rows["outbox"], finals)
+        await self._check_courier(rows["courier"])
         await self._check_queues(settle_timeout)
         self._check_secrets(rows)
         return self.report
@@ -167,8 +171,19 @@ class Checker:
                 return
             await asyncio.sleep(0.3)
 
+    async def _wait_courier_relayed(self, conn: Any, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pending = await conn.fetchval(
+                "SELECT count(*) FROM courier_outbox WHERE relayed_at IS NULL"
+            )
+            if pending == 0:
+                return
+            await asyncio.sleep(0.3)
+
     async def _fetch(self, conn: Any) -> dict[str, list[Any]]:
         return {
+            "courier": await conn.fetch("SELECT message_id, relayed_at FROM courier_outbox"),
             "accounts": await conn.fetch("SELECT id, email FROM accounts"),
             "sessions": await conn.fetch("SELECT id, account_id FROM sessions"),
             "idempotency": await conn.fetch(
@@ -341,6 +356,36 @@ class Checker:
             events_lost=len(lost) + len(unpublished) + missing,
             events_phantom=len(phantom),
             events_duplicated=duplicated,
+        )
+
+    # -- courier ----------------------------------------------------------------------------
+
+    async def _check_courier(self, rows: list[Any]) -> None:
+        """Drain `identity.courier` as the mail sender would: every row relayed, each relayed
+        row's message there (a redelivery shares its message_id), nothing without a row."""
+        received: Counter[str] = Counter()
+        channel = await self.bus.connection.channel()
+        try:
+            queue = await channel.get_queue(COURIER_QUEUE, ensure=False)
+            while (message := await queue.get(no_ack=True, fail=False)) is not None:
+                received[message.message_id or ""] += 1
+        finally:
+            await channel.close()
+        written = {row["message_id"] for row in rows}
+        unrelayed = [row["message_id"] for row in rows if row["relayed_at"] is None]
+        lost = written - set(received) - set(unrelayed)
+        phantom = set(received) - written
+        for message_id in unrelayed:
+            self.report.problem(f"courier row never relayed: {message_id}")
+        for message_id in sorted(lost):
+            self.report.problem(f"courier message relayed but not in the queue: {message_id}")
+        for message_id in sorted(phantom):
+            self.report.problem(f"courier message with no courier row: {message_id}")
+        self.report.figures.update(
+            courier_written=len(written),
+            courier_received=sum(received.values()),
+            courier_lost=len(unrelayed) + len(lost),
+            courier_phantom=len(phantom),
         )
 
     # -- broker -----------------------------------------------------------------------------

@@ -138,7 +138,9 @@ def test_compose_loads_the_definitions_and_runs_the_worker_as_its_user_in_dev_mo
     environment = worker["environment"]
     assert environment["IDENTITY_DEV_MODE"] == "true"
     assert "IDENTITY_AMQP_URL" not in environment  # built from the generated password
-    assert "amqp://identity-worker:" in " ".join(worker["entrypoint"])
+    # ... by the broker's start-up script, into the worker's user's URL file.
+    assert environment["IDENTITY_AMQP_URL_FILE"] == "/run/identity-broker/identity-worker.amqp-url"
+    assert "amqp://%s:%s@rabbitmq:5672/identity" in PASSWORDS_SCRIPT.read_text()
     policy = CallerPolicy.parse(environment["IDENTITY_CALLERS"])
     assert policy.users == set(CALLERS)
 

@@ -20,17 +20,21 @@ from prometheus_client import generate_latest
 
 from courier.metrics import CourierMetrics, create_courier_metrics
 from courier.settings import CourierSettings
+from services.access_tokens import format_jwt_key, new_jwt_key
+from services.keys import new_hmac_key
 from services.passwords import HUGE_PAGES_TUNABLE
+from services.tokens import format_signing_key, new_signing_key
 from worker.app import STOP_STEPS_S
 from worker.courier_relay import CourierRelayMetrics
 from worker.health import LIVE_SILENCE_S, HealthState
 from worker.metrics import Metrics, create_metrics
-from worker.settings import Settings
+from worker.settings import FILE_SUFFIX, Settings, env_name, load_settings, secret_fields
 from worker.sidecar import Sidecar
 from worker.topology import FAST_QUEUE, PASSWORD_QUEUE
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+SLO = ROOT / "deploy" / "prometheus" / "slo.yml"
 PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboard.json"
 RUNBOOK = ROOT / "docs" / "runbook.md"
@@ -70,17 +74,20 @@ def exposed_by_courier() -> set[str]:
     return _exposition_names(create_courier_metrics())
 
 
-def load_rules() -> list[dict[str, Any]]:
-    document = yaml.safe_load(ALERTS.read_text())
-    assert isinstance(document, dict), "alerts.yml must be a mapping with `groups`"
-    groups = document["groups"]
-    assert isinstance(groups, list)
-    assert groups
+def load_rules(*paths: Path) -> list[dict[str, Any]]:
+    """The alerting rules of `paths` (default: alerts.yml and slo.yml, which prometheus.yml
+    loads); recording rules are left out."""
     rules = []
-    for group in groups:
-        assert group["name"], group
-        assert group["rules"], f"group {group['name']} has no rules"
-        rules.extend(group["rules"])
+    for path in paths or (ALERTS, SLO):
+        document = yaml.safe_load(path.read_text())
+        assert isinstance(document, dict), f"{path.name} must be a mapping with `groups`"
+        groups = document["groups"]
+        assert isinstance(groups, list)
+        assert groups
+        for group in groups:
+            assert group["name"], group
+            assert group["rules"], f"group {group['name']} has no rules"
+            rules.extend(rule for rule in group["rules"] if "alert" in rule)
     return rules
 
 
@@ -139,7 +146,10 @@ def test_the_alerts_cover_the_states_an_operator_must_hear_about() -> None:
         "identity_ready == 0",
         "increase(identity_dead_letters_total[10m])",
         "identity_outbox_oldest_age_seconds",
-        'outcome="internal_error"',
+        # Commands answered internal_error and session.verify's latency, by their error
+        # budgets' burn rates (slo.yml's recording rules; tests/unit/test_slo.py).
+        "identity:commands_failed:ratio_rate",
+        "identity:session_verify_slow:ratio_rate",
         "histogram_quantile(0.99",
         "identity_broker_connected == 0",
         "identity_database_up == 0",
@@ -157,6 +167,7 @@ def test_the_alerts_cover_the_states_an_operator_must_hear_about() -> None:
 def test_the_scrape_config_loads_the_rules_under_the_job_they_expect() -> None:
     config = yaml.safe_load(PROMETHEUS.read_text())
     assert "alerts.yml" in config["rule_files"]
+    assert "slo.yml" in config["rule_files"]
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert jobs[JOB]["metrics_path"] == "/metrics"
     assert jobs[COURIER_JOB]["metrics_path"] == "/metrics"
@@ -252,6 +263,35 @@ def test_compose_runs_the_worker_as_its_own_role_and_migrates_as_the_owner() -> 
     assert worker["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     init = " ".join(services["postgres"]["volumes"])
     assert "deploy/postgres/init-roles.sh:/docker-entrypoint-initdb.d/" in init
+
+
+def test_compose_gives_the_broker_url_as_a_file_the_broker_writes_for_that_user(
+    tmp_path: Path,
+) -> None:
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    script = (ROOT / "deploy" / "rabbitmq" / "compose" / "dev-passwords.sh").read_text()
+    users = script.partition('users="')[2].partition('"')[0].split()
+    # The script's own lines that write a user's URL file, run on a password of our own.
+    writes = script.partition("    printf ")[2].partition("\ndone")[0]
+    for service, user in (("worker", "identity-worker"), ("courier", "mail-sender")):
+        assert user in users
+        environment = services[service]["environment"]
+        assert "IDENTITY_AMQP_URL" not in environment
+        path = environment["IDENTITY_AMQP_URL_FILE"]
+        assert path == f"/run/identity-broker/{user}.amqp-url"
+        assert "broker-passwords:/run/identity-broker:ro" in services[service]["volumes"]
+        assert "entrypoint" not in services[service]  # the image's own: identity-worker
+        (tmp_path / user).write_text("0123abcd")
+        env = {"dir": str(tmp_path), "user": user, "PATH": os.environ["PATH"]}
+        subprocess.run(["/bin/sh", "-euc", "printf " + writes], env=env, check=True)
+        written = tmp_path / Path(path).name
+        settings = load_settings(
+            {"IDENTITY_DEV_MODE": "true", "IDENTITY_AMQP_URL_FILE": str(written)}
+        )
+        assert settings.broker_user == user
+        assert settings.amqp_url.get_secret_value() == (
+            f"amqp://{user}:0123abcd@rabbitmq:5672/identity"
+        )
 
 
 # -- Kubernetes (deploy/k8s) -------------------------------------------------------------------
@@ -396,32 +436,102 @@ def test_worker_resources_come_from_the_benchmark() -> None:
     assert BENCH_RESULT.name in text, "say where the resource figures come from"
 
 
-def test_secrets_are_read_from_the_secrets_the_example_defines() -> None:
+def secret_mounts(deployment: str) -> dict[str, str]:
+    """Where each Secret volume of `deployment` is mounted: mount path -> Secret name."""
+    volumes = {
+        v["name"]: v["secret"]["secretName"]
+        for v in pod_spec(deployment)["volumes"]
+        if "secret" in v
+    }
+    return {
+        m["mountPath"]: volumes[m["name"]]
+        for m in container(deployment)["volumeMounts"]
+        if m["name"] in volumes
+    }
+
+
+def secret_files(deployment: str) -> dict[str, tuple[str, str]]:
+    """Every `IDENTITY_X_FILE` of `deployment`: variable -> (Secret name, key in it)."""
+    mounts = secret_mounts(deployment)
+    found = {}
+    for name, value in env_of(deployment).items():
+        if name.endswith(FILE_SUFFIX) and name.startswith("IDENTITY_"):
+            directory, _, key = str(value).rpartition("/")
+            assert directory in mounts, f"{deployment}: {name} is not in a mounted Secret"
+            found[name] = (mounts[directory], key)
+    return found
+
+
+@pytest.mark.parametrize(
+    ("deployment", "settings_cls"),
+    [("identity-worker", Settings), ("identity-courier", CourierSettings)],
+)
+def test_every_secret_comes_from_a_file_of_the_secret_the_example_defines(
+    deployment: str, settings_cls: type[Settings] | type[CourierSettings]
+) -> None:
     example = {
         d["metadata"]["name"]: set(d["stringData"]) for d in k8s_documents("secrets.example.yaml")
     }
-    worker = container("identity-worker")
-    (source,) = worker["envFrom"]
-    assert example[source["secretRef"]["name"]] == {
-        "IDENTITY_AMQP_URL", "IDENTITY_DATABASE_URL", "IDENTITY_SIGNING_KEYS",
-    }  # fmt: skip
-    courier = env_of("identity-courier")
-    for name in ("IDENTITY_AMQP_URL", "IDENTITY_SMTP_URL"):
-        ref = courier[name]["secretKeyRef"]
-        assert ref["key"] in example[ref["name"]]
+    files = secret_files(deployment)
+    for secret, key in files.values():
+        assert key in example[secret], f"{deployment}: {secret} has no key {key}"
+    # Every secret setting is given as a file (the migration URL excepted: the worker does not
+    # hold the owner's password), none in the environment, and the Secret has nothing unused.
+    wanted = {env_name(f) + FILE_SUFFIX for f in secret_fields(settings_cls)}
+    wanted -= {"IDENTITY_MIGRATION_DATABASE_URL_FILE", "IDENTITY_COURIER_TAG_KEY_FILE"}
+    assert set(files) == wanted
+    assert not set(env_of(deployment)) & {env_name(f) for f in secret_fields(settings_cls)}
+    assert "envFrom" not in container(deployment)
+    (secret,) = set(secret_mounts(deployment).values())
+    assert {key for _, key in files.values()} == example[secret]
+    for volume in pod_spec(deployment)["volumes"]:
+        if "secret" in volume:
+            assert volume["secret"]["defaultMode"] == 0o440
+    assert pod_spec(deployment)["securityContext"]["fsGroup"] == 10001
+    for mount in container(deployment)["volumeMounts"]:
+        if mount["mountPath"] in secret_mounts(deployment):
+            assert mount["readOnly"] is True
+    # Nothing secret in plain env.
+    for name, value in env_of(deployment).items():
+        assert not re.search(r"://[^/@]+:[^/@]+@", str(value)), f"{deployment}: {name}"
+
+
+def test_the_keda_trigger_reads_the_secret_the_example_defines() -> None:
+    example = {
+        d["metadata"]["name"]: set(d["stringData"]) for d in k8s_documents("secrets.example.yaml")
+    }
     auth = k8s_object("TriggerAuthentication", "identity-keda-rabbitmq")
     for ref in auth["spec"]["secretTargetRef"]:
         assert ref["key"] in example[ref["name"]]
-    # Nothing secret in plain env.
-    for deployment in ("identity-worker", "identity-courier"):
-        for name, value in env_of(deployment).items():
-            assert not re.search(r"://[^/@]+:[^/@]+@", str(value)), f"{deployment}: {name}"
+
+
+def test_the_workers_manifest_starts_in_production_with_its_secret_files(tmp_path: Path) -> None:
+    """The manifest's environment, its Secret's files filled with real keys, loads in
+    production mode: nothing it needs is missing."""
+    values = {
+        "amqp-url": "amqp://identity-worker:pw@rabbitmq-0.rabbitmq:5672/identity",
+        "database-url": "postgresql://identity:pw@postgres-a:5432/identity",
+        "signing-keys": format_signing_key(new_signing_key()),
+        "hmac-key": new_hmac_key(),
+        "jwt-keys": format_jwt_key(new_jwt_key()),
+    }
+    env = {name: str(value) for name, value in env_of("identity-worker").items()}
+    for name, (_, key) in secret_files("identity-worker").items():
+        (tmp_path / key).write_text(values[key] + "\n")
+        env[name] = str(tmp_path / key)
+    settings = load_settings(env)
+    assert settings.dev_mode is False
+    assert settings.broker_user == "identity-worker"
+    # The caller policy names the broker users the shipped definitions create.
+    definitions = json.loads((ROOT / "deploy" / "rabbitmq" / "definitions.json").read_text())
+    assert settings.caller_policy().users <= {user["name"] for user in definitions["users"]}
+    assert not settings.caller_policy().is_open
 
 
 def test_the_courier_runs_the_mail_sender_with_its_settings() -> None:
     assert container("identity-courier")["args"] == ["courier"]
     assert container("identity-worker")["args"] == ["run"]
-    assert {"IDENTITY_SMTP_URL", "IDENTITY_MAIL_FROM"} <= set(env_of("identity-courier"))
+    assert {"IDENTITY_SMTP_URL_FILE", "IDENTITY_MAIL_FROM"} <= set(env_of("identity-courier"))
 
 
 @pytest.mark.parametrize("deployment", ["identity-worker", "identity-courier"])

@@ -2,8 +2,10 @@
 # compose only (development): the users of definitions.json ship without passwords, so that
 # no published password ever works. At its first start this broker gives each one a random
 # password, kept in the shared volume /run/identity-broker (one file per user) for the
-# containers of this compose project; later starts set the same ones again. Production sets
-# its own passwords with `rabbitmqctl change_password` (docs/runbook.md).
+# containers of this compose project, with the user's broker URL beside it (`<user>.amqp-url`,
+# what the worker and the mail sender read through IDENTITY_AMQP_URL_FILE); later starts set
+# the same ones again. Production sets its own passwords with `rabbitmqctl change_password`
+# (docs/runbook.md).
 set -eu
 dir=/run/identity-broker
 users="identity-worker web-gateway admin-tool account-events mail-sender"
@@ -19,6 +21,8 @@ for user in $users; do
         od -An -N24 -tx1 /dev/urandom | tr -d ' \n' > "$dir/$user"
     fi
     rabbitmqctl -q change_password "$user" "$(cat "$dir/$user")"
+    printf 'amqp://%s:%s@rabbitmq:5672/identity\n' "$user" "$(cat "$dir/$user")" \
+        > "$dir/$user.amqp-url"
 done
 touch "$dir/ready"
 wait "$server"
