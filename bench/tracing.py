@@ -18,6 +18,13 @@ run to run so that no mode always runs first or last:
 
 Every traced call has a trace id of its own (a caller's requests are separate traces).
 
+    .venv/bin/python bench/tracing.py --micro
+
+measures the pieces in this process instead, CPU per call: checking a command's trace headers
+without an SDK (`worker.tracing.validated`), and a command span started and ended with the SDK
+installed, recorded (and encoded as OTLP protobuf, as the exporter does) or left out by a
+one-in-ten sampler.
+
 In each mode, after a warm-up, 64 concurrent tasks call `session.verify` for a fixed span; the
 worker's CPU per verify (its process only: the cost tracing adds is the worker's) and the
 throughput are compared with the ceiling of the same run. Medians over the runs are reported;
@@ -223,6 +230,49 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return median
 
 
+def micro(calls: int = 20_000) -> dict[str, float]:
+    """CPU per call of the pieces, in this process (see the module docstring)."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.trace import TracerProvider, sampling
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+
+    from worker import tracing
+
+    class Encoding(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            encode_spans(spans).SerializeToString()
+            return SpanExportResult.SUCCESS
+
+    headers = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+    result: dict[str, float] = {}
+    started = time.process_time()
+    for _ in range(calls):
+        tracing.validated(headers)
+    result["validate_headers_us"] = round((time.process_time() - started) / calls * 1e6, 2)
+    for name, sampler in (
+        ("recorded_span_us", sampling.ALWAYS_ON),
+        ("sampled_out_span_us", sampling.TraceIdRatioBased(0.1)),
+    ):
+        provider = TracerProvider(sampler=sampler)
+        provider.add_span_processor(BatchSpanProcessor(Encoding()))
+        tracer = provider.get_tracer("bench")
+        started = time.process_time()
+        for _ in range(calls):
+            parent = tracing.extract(
+                {"traceparent": f"00-{random.getrandbits(128) | 1:032x}-00f067aa0ba902b7-01"}
+            )
+            with tracer.start_as_current_span("session.verify process", context=parent):
+                tracing.current()
+        provider.force_flush()
+        result[name] = round((time.process_time() - started) / calls * 1e6, 2)
+        provider.shutdown()
+    return result
+
+
 async def main_async(args: argparse.Namespace) -> int:
     runs = []
     with otlp_sink() as sink:
@@ -255,7 +305,12 @@ def main() -> int:
     )
     parser.add_argument("--runs", type=int, default=3, help="runs; medians are reported")
     parser.add_argument("--out", help="write the JSON report here")
-    return uvloop.run(main_async(parser.parse_args()))
+    parser.add_argument("--micro", action="store_true", help="the pieces, in this process")
+    args = parser.parse_args()
+    if args.micro:
+        print(json.dumps(micro(), indent=2))
+        return 0
+    return uvloop.run(main_async(args))
 
 
 if __name__ == "__main__":
