@@ -101,3 +101,17 @@ def test_without_the_sdk_a_publish_sends_the_stored_trace_as_it_is() -> None:
     with tracing.publishing("account.created publish", (PARENT, None), "identity.events") as sent:
         pass
     assert sent == {"traceparent": PARENT}
+
+
+def test_the_client_sends_the_callers_current_span_and_nothing_without_one() -> None:
+    from opentelemetry import trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    from client.client import _trace_headers
+
+    assert _trace_headers() is None
+    context = SpanContext(
+        int(TRACE_ID, 16), 0xB7AD6B7169203331, is_remote=False, trace_flags=TraceFlags(1)
+    )
+    with trace.use_span(NonRecordingSpan(context)):
+        assert _trace_headers() == {"traceparent": PARENT}
