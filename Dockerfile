@@ -7,6 +7,7 @@ COPY requirements.lock ./
 RUN pip install --no-cache-dir --require-hashes --prefix=/install -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY messages ./messages
+COPY tls ./tls
 COPY services ./services
 COPY stores ./stores
 COPY worker ./worker

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -89,6 +90,7 @@ from messages import (
 )
 from messages.models import Model
 from messages.topology import COMMANDS_EXCHANGE, CONTENT_TYPE, DIRECT_REPLY_TO
+from tls import TlsFiles, amqp_connect_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -166,9 +168,17 @@ class IdentityClient:
         timeout: float = 10.0,  # noqa: ASYNC109
         retries: int = 2,
         worker_user: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        ca_file: str | None = None,
     ) -> AsyncIterator[IdentityClient]:
-        """Open a robust connection, yield a ready client, close both on exit."""
-        connection = await aio_pika.connect_robust(amqp_url)
+        """Open a robust connection, yield a ready client, close both on exit.
+
+        An `amqps://` URL verifies the broker's certificate and host name: against `ca_file`
+        (PEM) when given, else the system's trust store; or with `ssl_context`, as built (a
+        client certificate loaded, say). Either with an `amqp://` URL is a ValueError: TLS
+        would silently not happen."""
+        tls = amqp_connect_kwargs(amqp_url, TlsFiles(ca_file=ca_file), context=ssl_context)
+        connection = await aio_pika.connect_robust(amqp_url, **tls)
         try:
             async with cls(
                 connection, timeout=timeout, retries=retries, worker_user=worker_user

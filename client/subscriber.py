@@ -10,6 +10,7 @@ handling idempotent, keyed by `event_id`.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 
@@ -20,6 +21,7 @@ from pydantic import ValidationError
 
 from messages import Event, parse_event
 from messages.topology import EVENTS_EXCHANGE
+from tls import TlsFiles, amqp_connect_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,8 @@ async def subscribe(
     dedupe_window: int = 10000,
     prefetch: int = 100,
     worker_user: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    ca_file: str | None = None,
 ) -> AsyncIterator[Event]:
     """Yield the events whose type matches `event_types` (topic patterns such as
     `session.*`; all events when none is given) from the durable queue `queue`.
@@ -63,6 +67,10 @@ async def subscribe(
     neighbour's forgery, acked, logged and dropped. Without it, every event that parses is
     yielded.
 
+    Given a URL, `amqps://` verifies the broker's certificate and host name against
+    `ca_file` (PEM) or the system's trust store, or with `ssl_context` as built (see
+    `IdentityClient.connect`).
+
     Each event is acked only when the loop asks for the next one, i.e. after the loop body
     has finished with it. If the body raises (or the loop is left with `break`), that event
     stays unacked and is delivered again later: at least once, never silently lost. An event
@@ -71,11 +79,14 @@ async def subscribe(
     if dedupe_window < 1 or prefetch < 1:
         raise ValueError("dedupe_window and prefetch must be >= 1")
     owned = isinstance(amqp_url_or_connection, str)
-    connection = (
-        await aio_pika.connect_robust(amqp_url_or_connection)
-        if isinstance(amqp_url_or_connection, str)
-        else amqp_url_or_connection
-    )
+    if isinstance(amqp_url_or_connection, str):
+        url = amqp_url_or_connection
+        tls = amqp_connect_kwargs(url, TlsFiles(ca_file=ca_file), context=ssl_context)
+        connection = await aio_pika.connect_robust(url, **tls)
+    elif ssl_context is not None or ca_file is not None:
+        raise ValueError("ssl_context and ca_file apply to a URL; this connection is open already")
+    else:
+        connection = amqp_url_or_connection
     try:
         channel = await connection.channel()
         try:

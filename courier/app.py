@@ -209,7 +209,9 @@ class Courier:
         self._heartbeat = asyncio.create_task(run_heartbeat(self.health), name="heartbeat")
         url = self.settings.amqp_url.get_secret_value()
         self.connection = await aio_pika.connect_robust(
-            url, client_properties={"connection_name": "identity-courier"}
+            url,
+            client_properties={"connection_name": "identity-courier"},
+            **self.settings.amqp_connect_kwargs(),
         )
         self.connection.close_callbacks.add(self._broker_lost)
         self._tasks.append(asyncio.create_task(self._probe_smtp(), name="smtp-probe"))

@@ -30,14 +30,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from email.headerregistry import Address, HeaderRegistry
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from messages.models import _no_control_chars
-from worker.settings import ENV_PREFIX, env_name, read_settings
+from tls import TlsFiles, amqp_connect_kwargs
+from worker.settings import ENV_PREFIX, amqp_transit_problem, env_name, read_settings
 
 SmtpSecurity = Literal["starttls", "tls", "none"]
 _SCHEMES: dict[str, tuple[SmtpSecurity, int]] = {
@@ -101,6 +102,12 @@ class CourierSettings(BaseSettings):
     model_config = SettingsConfigDict(frozen=True, env_prefix=ENV_PREFIX, extra="forbid")
 
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    # As the worker's (worker.transit): the broker's CA and an optional client certificate.
+    amqp_ca_file: str | None = None
+    amqp_cert_file: str | None = None
+    amqp_key_file: str | None = None
+    # Production refuses a plain-text broker URL to a host that is not loopback unless true.
+    allow_plaintext: bool = False
     # Shared with the worker: development conveniences (plain-text SMTP) need it said aloud.
     dev_mode: bool = False
     # Required: no default could be right, and a wrong one would send codes somewhere.
@@ -206,6 +213,15 @@ class CourierSettings(BaseSettings):
         return value.upper()
 
     @model_validator(mode="after")
+    def _encrypted_in_transit(self) -> CourierSettings:
+        # The messages it reads carry one-time codes.
+        production = not self.dev_mode and not self.allow_plaintext
+        url = self.amqp_url.get_secret_value()
+        if problem := amqp_transit_problem(url, self.amqp_tls(), production=production):
+            raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
     def _consistent(self) -> CourierSettings:
         if self.smtp_target().security == "none" and not self.dev_mode:
             raise ValueError(
@@ -218,6 +234,13 @@ class CourierSettings(BaseSettings):
                 f"{env_name('smtp_retry_max_delay_s')}"
             )
         return self
+
+    def amqp_tls(self) -> TlsFiles:
+        return TlsFiles(self.amqp_ca_file, self.amqp_cert_file, self.amqp_key_file)
+
+    def amqp_connect_kwargs(self) -> dict[str, Any]:
+        """A verifying TLS context for an amqps:// broker URL, nothing for amqp://."""
+        return amqp_connect_kwargs(self.amqp_url.get_secret_value(), self.amqp_tls())
 
     def smtp_target(self) -> SmtpTarget:
         return parse_smtp_url(self.smtp_url.get_secret_value())

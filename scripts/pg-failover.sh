@@ -22,6 +22,10 @@
 #   PG_FAILOVER_SYNC          1: synchronous replication (synchronous_standby_names = '*'),
 #                             a commit returns once the standby has flushed it   (0)
 #   PG_BIN                    PostgreSQL's programs      (/usr/lib/postgresql/15/bin)
+#   PG_FAILOVER_STANDBY       0: node a alone, no standby (commands that need one refuse)  (1)
+#   PG_FAILOVER_SSL_DIR       a directory holding ca.pem, server.pem and server.key: the nodes
+#                             take TLS (ssl = on; plain text still accepted) and verify a
+#                             client certificate against ca.pem when one is presented (unset)
 #
 # Synchronous replication and promotion: a primary with synchronous_standby_names set and no
 # standby connected waits forever at every commit. `promote` therefore clears the setting on
@@ -46,6 +50,8 @@ load_settings() {
   PORT_B="${PG_FAILOVER_PORT_B:-5442}"
   SYNC="${PG_FAILOVER_SYNC:-0}"
   PG_BIN="${PG_BIN:-/usr/lib/postgresql/15/bin}"
+  STANDBY="${PG_FAILOVER_STANDBY:-1}"
+  SSL_DIR="${PG_FAILOVER_SSL_DIR:-}"
 }
 
 port_of() { if [ "$1" = a ]; then echo "$PORT_A"; else echo "$PORT_B"; fi; }
@@ -134,7 +140,12 @@ cmd_start() {
     rm -rf -- "$DIR"
   fi
   port_free "$PORT_A" || die "port $PORT_A is taken"
-  port_free "$PORT_B" || die "port $PORT_B is taken"
+  [ "$STANDBY" = 0 ] || port_free "$PORT_B" || die "port $PORT_B is taken"
+  if [ -n "$SSL_DIR" ]; then
+    for f in ca.pem server.pem server.key; do
+      [ -r "$SSL_DIR/$f" ] || die "PG_FAILOVER_SSL_DIR has no readable $f"
+    done
+  fi
   mkdir -p "$DIR"
   touch "$MARKER"
   [ "$(id -u)" = 0 ] && chown postgres: "$DIR"
@@ -143,6 +154,8 @@ cmd_start() {
     printf 'PG_FAILOVER_PORT_B=%q\n' "$PORT_B"
     printf 'PG_FAILOVER_SYNC=%q\n' "$SYNC"
     printf 'PG_BIN=%q\n' "$PG_BIN"
+    printf 'PG_FAILOVER_STANDBY=%q\n' "$STANDBY"
+    printf 'PG_FAILOVER_SSL_DIR=%q\n' "$SSL_DIR"
   } >"$SETTINGS"
   echo a >"$DIR/primary"
 
@@ -169,7 +182,27 @@ host all all 127.0.0.1/32 trust
 local replication all trust
 host replication all 127.0.0.1/32 trust
 EOF
+  if [ -n "$SSL_DIR" ]; then
+    # In the data directory, owned by postgres, the key private to it (the server insists);
+    # a base backup copies them to the standby.
+    install -m 600 "$SSL_DIR/server.key" "$(data a)/server.key"
+    install -m 644 "$SSL_DIR/server.pem" "$(data a)/server.crt"
+    install -m 644 "$SSL_DIR/ca.pem" "$(data a)/root.crt"
+    [ "$(id -u)" = 0 ] && chown postgres: "$(data a)/server.key" "$(data a)/server.crt" \
+      "$(data a)/root.crt"
+    as_pg sh -c "cat >> '$(data a)/postgresql.conf'" <<EOF
+ssl = on
+ssl_cert_file = 'server.crt'
+ssl_key_file = 'server.key'
+ssl_ca_file = 'root.crt'
+EOF
+  fi
   node_start a
+  if [ "$STANDBY" = 0 ]; then
+    say "primary on $PORT_A (no standby)$([ -n "$SSL_DIR" ] && echo ', TLS on'), in $((SECONDS - started)) s"
+    echo "postgresql://postgres@127.0.0.1:$PORT_A/postgres"
+    return 0
+  fi
   # The standby: a base backup streaming its WAL, through a slot made for it (-C -S), so the
   # primary keeps every WAL segment the standby has not received yet.
   as_pg "$PG_BIN/pg_basebackup" -D "$(data b)" -h 127.0.0.1 -p "$PORT_A" -U postgres \

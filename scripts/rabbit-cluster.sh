@@ -6,7 +6,8 @@
 # directory. The machine's own RabbitMQ (rabbit@localhost on 5672, its cookie in
 # /var/lib/rabbitmq) is never started, stopped, configured or asked anything.
 #
-#   scripts/rabbit-cluster.sh start          three nodes, clustered, with a user and a vhost
+#   scripts/rabbit-cluster.sh start          three nodes (RABBIT_CLUSTER_NODES), clustered, with
+#                                            a user and a vhost
 #   scripts/rabbit-cluster.sh status         which nodes run, and the cluster as one sees it
 #   scripts/rabbit-cluster.sh stop N         stop node N gracefully (N = 1, 2 or 3)
 #   scripts/rabbit-cluster.sh kill N         kill -9 node N's Erlang VM
@@ -23,6 +24,11 @@
 #   RABBIT_CLUSTER_PORT       AMQP port of node N is this + N              (5680: 5681-5683)
 #   RABBIT_CLUSTER_DIST_PORT  Erlang distribution port of node N is this + N (25680)
 #   RABBIT_CLUSTER_USER / _PASSWORD / _VHOST   created on first boot (identity/identity/identity)
+#   RABBIT_CLUSTER_NODES      how many nodes, 1 to 3                    (3)
+#   RABBIT_CLUSTER_TLS_DIR    a directory holding ca.pem, server.pem and server.key: each node
+#                             also listens for AMQP over TLS on RABBIT_CLUSTER_TLS_PORT + N
+#                             (default: the AMQP port + 10), verifying client certificates
+#                             against ca.pem when a client presents one        (unset: no TLS)
 #
 # Quorum queues: RabbitMQ 3.10 places a new quorum queue's replicas on every node that is a
 # cluster member when the queue is declared (no x-quorum-initial-group-size needed). `start`
@@ -33,7 +39,6 @@ set -euo pipefail
 
 SELF="$(basename "$0")"
 RABBIT_BIN="${RABBIT_BIN:-/usr/lib/rabbitmq/bin}"
-NODES=(1 2 3)
 
 die() { echo "$SELF: $*" >&2; exit 1; }
 say() { echo "$SELF: $*" >&2; }
@@ -54,16 +59,25 @@ load_settings() {
   USER_NAME="${RABBIT_CLUSTER_USER:-identity}"
   USER_PASSWORD="${RABBIT_CLUSTER_PASSWORD:-identity}"
   VHOST="${RABBIT_CLUSTER_VHOST:-identity}"
+  NODE_COUNT="${RABBIT_CLUSTER_NODES:-3}"
+  TLS_DIR="${RABBIT_CLUSTER_TLS_DIR:-}"
+  TLS_BASE="${RABBIT_CLUSTER_TLS_PORT:-$((PORT_BASE + 10))}"
+  case "$NODE_COUNT" in
+    1 | 2 | 3) ;;
+    *) die "RABBIT_CLUSTER_NODES must be 1, 2 or 3, got '$NODE_COUNT'" ;;
+  esac
+  mapfile -t NODES < <(seq 1 "$NODE_COUNT")
 }
 
 node_name() { echo "${NAME}$1@localhost"; }
 node_dir() { echo "$DIR/n$1"; }
 amqp_port() { echo $((PORT_BASE + $1)); }
 dist_port() { echo $((DIST_BASE + $1)); }
+tls_port() { echo $((TLS_BASE + $1)); }
 
 check_n() {
   case "${1:-}" in
-    1 | 2 | 3) ;;
+    1 | 2 | 3) [ "$1" -le "$NODE_COUNT" ] || die "the cluster has $NODE_COUNT nodes, not node $1" ;;
     *) die "expected a node number 1, 2 or 3, got '${1:-}'" ;;
   esac
 }
@@ -117,7 +131,7 @@ running() { node_pid "$1" >/dev/null; }
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 write_files() {
-  local n d
+  local n d m
   mkdir -p "$DIR"
   touch "$MARKER"
   {
@@ -127,6 +141,9 @@ write_files() {
     printf 'RABBIT_CLUSTER_USER=%q\n' "$USER_NAME"
     printf 'RABBIT_CLUSTER_PASSWORD=%q\n' "$USER_PASSWORD"
     printf 'RABBIT_CLUSTER_VHOST=%q\n' "$VHOST"
+    printf 'RABBIT_CLUSTER_NODES=%q\n' "$NODE_COUNT"
+    printf 'RABBIT_CLUSTER_TLS_DIR=%q\n' "$TLS_DIR"
+    printf 'RABBIT_CLUSTER_TLS_PORT=%q\n' "$TLS_BASE"
   } >"$SETTINGS"
   : >"$DIR/rabbitmq-env.conf"
   if [ ! -s "$DIR/.erlang.cookie" ]; then
@@ -138,12 +155,25 @@ write_files() {
     mkdir -p "$d/mnesia" "$d/log"
     echo '[].' >"$d/enabled_plugins"
     echo '[].' >"$d/advanced.config"
-    cat >"$d/rabbitmq.conf" <<EOF
-listeners.tcp.1 = 127.0.0.1:$(amqp_port "$n")
-cluster_formation.peer_discovery_backend = classic_config
-cluster_formation.classic_config.nodes.1 = $(node_name 1)
-cluster_formation.classic_config.nodes.2 = $(node_name 2)
-cluster_formation.classic_config.nodes.3 = $(node_name 3)
+    {
+      echo "listeners.tcp.1 = 127.0.0.1:$(amqp_port "$n")"
+      echo "cluster_formation.peer_discovery_backend = classic_config"
+      for m in "${NODES[@]}"; do
+        echo "cluster_formation.classic_config.nodes.$m = $(node_name "$m")"
+      done
+      if [ -n "$TLS_DIR" ]; then
+        # verify_peer: a client certificate, when presented, must chain to ca.pem.
+        cat <<EOF
+listeners.ssl.1 = 127.0.0.1:$(tls_port "$n")
+ssl_options.cacertfile = $TLS_DIR/ca.pem
+ssl_options.certfile = $TLS_DIR/server.pem
+ssl_options.keyfile = $TLS_DIR/server.key
+ssl_options.verify = verify_peer
+ssl_options.fail_if_no_peer_cert = false
+EOF
+      fi
+    } >"$d/rabbitmq.conf"
+    cat >>"$d/rabbitmq.conf" <<EOF
 cluster_partition_handling = pause_minority
 default_vhost = $VHOST
 default_user = $USER_NAME
@@ -202,23 +232,28 @@ cmd_start() {
   if [ -e "$DIR" ] && [ ! -e "$MARKER" ]; then
     die "$DIR exists and is not a cluster directory made by this script"
   fi
+  if [ -n "$TLS_DIR" ]; then
+    for f in ca.pem server.pem server.key; do
+      [ -r "$TLS_DIR/$f" ] || die "RABBIT_CLUSTER_TLS_DIR has no readable $f"
+    done
+  fi
   for n in "${NODES[@]}"; do
     port_free "$(amqp_port "$n")" || die "port $(amqp_port "$n") is taken"
     port_free "$(dist_port "$n")" || die "port $(dist_port "$n") is taken"
+    [ -z "$TLS_DIR" ] || port_free "$(tls_port "$n")" || die "port $(tls_port "$n") is taken"
   done
   write_files
   # The first node forms the cluster; the other two find it through classic_config and join.
   # Started together, each of them could find no peer yet and form a cluster of its own.
   launch 1
   await_node 1 || die "the first node did not start"
-  launch 2
-  launch 3
-  await_node 2 || die "node 2 did not start"
-  await_node 3 || die "node 3 did not start"
+  for n in "${NODES[@]:1}"; do launch "$n"; done
+  for n in "${NODES[@]:1}"; do await_node "$n" || die "node $n did not start"; done
   local members
   members="$(running_members 1)"
-  [ "$members" = 3 ] || die "the cluster has ${members:-no} running nodes, not 3"
-  say "three nodes clustered in $((SECONDS - started)) s; vhost '$VHOST', user '$USER_NAME'"
+  [ "$members" = "$NODE_COUNT" ] \
+    || die "the cluster has ${members:-no} running nodes, not $NODE_COUNT"
+  say "$NODE_COUNT node(s) clustered in $((SECONDS - started)) s; vhost '$VHOST', user '$USER_NAME'"
   cmd_urls
 }
 
@@ -227,8 +262,9 @@ cmd_status() {
   [ -e "$MARKER" ] || die "no cluster in $DIR"
   for n in "${NODES[@]}"; do
     if pid="$(node_pid "$n")"; then up="running (pid $pid)"; else up="stopped"; fi
-    printf '%s\tamqp 127.0.0.1:%s\tdist %s\t%s\n' \
-      "$(node_name "$n")" "$(amqp_port "$n")" "$(dist_port "$n")" "$up"
+    printf '%s\tamqp 127.0.0.1:%s\tdist %s\t%s%s\n' \
+      "$(node_name "$n")" "$(amqp_port "$n")" "$(dist_port "$n")" "$up" \
+      "$([ -n "$TLS_DIR" ] && printf '\tamqps 127.0.0.1:%s' "$(tls_port "$n")")"
   done
   if n="$(any_running)"; then
     ctl "$n" cluster_status --formatter erlang -q 2>/dev/null \

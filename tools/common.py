@@ -4,16 +4,20 @@ and one way to say that the broker could not be reached."""
 from __future__ import annotations
 
 import logging
+import ssl
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import aio_pika.exceptions
 import aiormq.exceptions
 
+from tls import TlsFiles, amqp_connect_kwargs
 from worker.logs import redact_text
-from worker.settings import SettingsError, load_settings, redacted_url
+from worker.settings import SettingsError, env_name, load_settings, redacted_url
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -39,17 +43,34 @@ def quiet_broker_library() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def resolve_amqp_url(flag: str | None) -> str:
-    """`--amqp-url` if given, else the worker's own setting (IDENTITY_AMQP_URL)."""
+@dataclass(frozen=True)
+class Broker:
+    """Where the tools connect, and how: amqps:// verifies the broker with the worker's TLS
+    settings (IDENTITY_AMQP_CA_FILE, _CERT_FILE, _KEY_FILE)."""
+
+    url: str
+    tls: TlsFiles
+
+    def connect_kwargs(self) -> dict[str, Any]:
+        return amqp_connect_kwargs(self.url, self.tls)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        context: ssl.SSLContext | None = self.connect_kwargs().get("ssl_context")
+        return context
+
+
+def resolve_broker(flag: str | None) -> Broker:
+    """`--amqp-url` if given, else the worker's own setting (IDENTITY_AMQP_URL), checked by
+    the worker's rules (production refuses plain text to a host that is not loopback)."""
     quiet_broker_library()
-    if flag:
-        return flag
+    overrides = {env_name("amqp_url"): flag} if flag else None
     try:
         # The tools are callers: they need the broker URL, not the worker's keys.
-        return load_settings(keys_needed=False).amqp_url.get_secret_value()
+        settings = load_settings(keys_needed=False, overrides=overrides)
     except SettingsError as exc:
         print(f"identity-worker: bad settings: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
+    return Broker(settings.amqp_url.get_secret_value(), settings.amqp_tls())
 
 
 def broker_unreachable(url: str, exc: BaseException) -> int:

@@ -34,8 +34,9 @@ from tools.common import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
+    Broker,
     broker_unreachable,
-    resolve_amqp_url,
+    resolve_broker,
     stopwatch,
 )
 from tools.deadletters import DeadLetter, put_back, take
@@ -47,14 +48,15 @@ def run_dead(args: argparse.Namespace) -> int:
     if args.limit < 1:
         print("identity-worker dead: --limit must be at least 1", file=sys.stderr)
         return EXIT_USAGE
-    url = resolve_amqp_url(args.amqp_url)
+    broker = resolve_broker(args.amqp_url)
     action: Action = list_dead if args.dead_command == "list" else republish_dead
-    return asyncio.run(_on_dead_queue(url, args, action))
+    return asyncio.run(_on_dead_queue(broker, args, action))
 
 
-async def _on_dead_queue(url: str, args: argparse.Namespace, action: Action) -> int:
+async def _on_dead_queue(broker: Broker, args: argparse.Namespace, action: Action) -> int:
+    url = broker.url
     try:
-        connection = await aio_pika.connect_robust(url)
+        connection = await aio_pika.connect_robust(url, **broker.connect_kwargs())
     except BROKER_ERRORS as exc:
         return broker_unreachable(url, exc)
     try:

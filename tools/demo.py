@@ -36,9 +36,10 @@ from tools.common import (
     BROKER_ERRORS,
     EXIT_FAILED,
     EXIT_OK,
+    Broker,
     broker_unreachable,
     mask_token,
-    resolve_amqp_url,
+    resolve_broker,
     stopwatch,
 )
 from tools.events import EventTap
@@ -234,9 +235,10 @@ async def play(story: Story, timeout_s: float) -> bool:
     return True
 
 
-async def _demo(url: str, timeout_s: float) -> int:
+async def _demo(broker: Broker, timeout_s: float) -> int:
+    url = broker.url
     try:
-        connection = await aio_pika.connect_robust(url)
+        connection = await aio_pika.connect_robust(url, **broker.connect_kwargs())
     except BROKER_ERRORS as exc:
         return broker_unreachable(url, exc)
     try:
@@ -255,8 +257,8 @@ async def _demo(url: str, timeout_s: float) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    url = resolve_amqp_url(args.amqp_url)
+    broker = resolve_broker(args.amqp_url)
     if args.timeout <= 0:
         print("identity-worker demo: --timeout must be > 0", file=sys.stderr)
         return 2
-    return asyncio.run(_demo(url, args.timeout))
+    return asyncio.run(_demo(broker, args.timeout))

@@ -36,8 +36,9 @@ from tools.common import (
     EXIT_NO_REPLY,
     EXIT_OK,
     EXIT_USAGE,
+    Broker,
     broker_unreachable,
-    resolve_amqp_url,
+    resolve_broker,
 )
 
 FROM_STDIN = "-"
@@ -71,8 +72,8 @@ def run_send(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     # A key of our own (rather than the client's) so that a timeout can name it for a retry.
     key = options.idempotency_key or (str(uuid.uuid4()) if spec.changes_state else None)
-    url = resolve_amqp_url(options.amqp_url)
-    return asyncio.run(_send(url, spec.name, payload, key, options.timeout))
+    broker = resolve_broker(options.amqp_url)
+    return asyncio.run(_send(broker, spec.name, payload, key, options.timeout))
 
 
 def command_parser(spec: CommandSpec) -> argparse.ArgumentParser:
@@ -137,12 +138,15 @@ def payload_from(spec: CommandSpec, options: argparse.Namespace) -> dict[str, An
 
 
 async def _send(
-    url: str, command: str, payload: dict[str, Any], key: str | None, reply_timeout_s: float
+    broker: Broker, command: str, payload: dict[str, Any], key: str | None, reply_timeout_s: float
 ) -> int:
+    url = broker.url
     connected = False
     reply = None
     try:
-        async with IdentityClient.connect(url, timeout=reply_timeout_s) as client:
+        async with IdentityClient.connect(
+            url, timeout=reply_timeout_s, ssl_context=broker.ssl_context()
+        ) as client:
             connected = True
             reply = await client.send(command, payload, idempotency_key=key)
     except ReplyTimeout as exc:

@@ -36,6 +36,7 @@ from stores import (
     ThrottleSchedule,
 )
 from stores.postgres import PostgresIdentityStore
+from tls import refused_certificate
 from worker.acks import Acknowledger
 from worker.authorise import Authoriser
 from worker.broker import DeadLetters, ReplySender, StoppableRobustConnection
@@ -299,22 +300,45 @@ async def check_database_role(settings: Settings, store: PostgresIdentityStore) 
         )
 
 
+class CertificateRefused(SettingsError):
+    """A server's TLS certificate failed verification at start: the settings (CA file, host
+    name in the URL) and the server's certificate disagree. Never retried in plain text."""
+
+
 async def connect_store(settings: Settings, metrics: Metrics) -> IdentityStore:
     """The production store: a PostgreSQL pool whose queries are timed in `metrics`."""
-    return await PostgresIdentityStore.connect(
-        settings.database_url.get_secret_value(),
-        min_size=settings.db_pool_min,
-        max_size=settings.db_pool_max,
-        observe=observer(metrics.db_query_seconds),
-    )
+    try:
+        return await PostgresIdentityStore.connect(
+            settings.database_url.get_secret_value(),
+            min_size=settings.db_pool_min,
+            max_size=settings.db_pool_max,
+            observe=observer(metrics.db_query_seconds),
+        )
+    except Exception as exc:
+        if (why := refused_certificate(exc)) is None:
+            raise
+        raise CertificateRefused(
+            f"IDENTITY_DATABASE_URL: the database's certificate was refused ({why});"
+            " check sslrootcert and the host name in the URL (docs/runbook.md, TLS)"
+        ) from None
 
 
 async def connect_broker(settings: Settings) -> AbstractRobustConnection:
-    """The production broker connection: robust (it reconnects), and closed by a cancelled
-    connect (see StoppableRobustConnection)."""
-    connection: AbstractRobustConnection = await aio_pika.connect_robust(
-        settings.amqp_url.get_secret_value(), connection_class=StoppableRobustConnection
-    )
+    """The production broker connection: robust (it reconnects), closed by a cancelled
+    connect (see StoppableRobustConnection), over verified TLS for an amqps:// URL."""
+    try:
+        connection: AbstractRobustConnection = await aio_pika.connect_robust(
+            settings.amqp_url.get_secret_value(),
+            connection_class=StoppableRobustConnection,
+            **settings.amqp_connect_kwargs(),  # amqps://: the broker's certificate verified
+        )
+    except Exception as exc:
+        if (why := refused_certificate(exc)) is None:
+            raise
+        raise CertificateRefused(
+            f"IDENTITY_AMQP_URL: the broker's certificate was refused ({why});"
+            " check IDENTITY_AMQP_CA_FILE and the host name in the URL (docs/runbook.md, TLS)"
+        ) from None
     return connection
 
 

@@ -37,8 +37,14 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from services.access_tokens import DEFAULT_ISSUER, MAX_TTL_S, JwtKey, parse_jwt_keys
 from services.keys import is_published, parse_hmac_key
 from services.tokens import SigningKey, parse_signing_keys
+from tls import TlsFiles, amqp_connect_kwargs
 from worker.callers import CallerPolicy
 from worker.rates import CallerRates
+from worker.transit import (
+    plaintext_amqp_problem,
+    plaintext_database_problem,
+    tls_files_problem,
+)
 
 ENV_PREFIX = "IDENTITY_"
 # IDENTITY_X_FILE: the path of a file holding secret setting X's value.
@@ -94,6 +100,14 @@ class Settings(BaseSettings):
     # The schema owner, for migrations (None: IDENTITY_DATABASE_URL's role migrates too). The
     # migration grants the worker's role (IDENTITY_DATABASE_URL's user) what it needs.
     migration_database_url: SecretStr | None = None
+    # Encryption in transit (contract v2, section 5; worker.transit): for amqps:// URLs, the
+    # broker's CA (None: the system store) and an optional client certificate and key. The
+    # database's TLS is libpq's, in its URL: sslmode, sslrootcert, sslcert, sslkey.
+    amqp_ca_file: str | None = None
+    amqp_cert_file: str | None = None
+    amqp_key_file: str | None = None
+    # Production refuses plain text to a host that is not loopback unless this is true.
+    allow_plaintext: bool = False
     http_host: str = "0.0.0.0"  # noqa: S104 - the sidecar must be reachable by the orchestrator
     http_port: int = Field(default=8080, ge=0, le=65535)
     signing_keys: SecretStr | None = None
@@ -270,6 +284,21 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _encrypted_in_transit(self) -> Settings:
+        production = not self.dev_mode and not self.allow_plaintext
+        url = self.amqp_url.get_secret_value()
+        if problem := amqp_transit_problem(url, self.amqp_tls(), production=production):
+            raise ValueError(problem)
+        for field in ("database_url", "migration_database_url"):
+            value: SecretStr | None = getattr(self, field)
+            if production and value is not None:
+                allow = env_name("allow_plaintext")
+                dsn = value.get_secret_value()
+                if problem := plaintext_database_problem(env_name(field), dsn, allow):
+                    raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
     def _production_has_its_keys(self) -> Settings:
         """Production (the default) runs only with keys and a caller policy of its own; dev
         mode generates what is missing (worker.bootstrap) and says so loudly. Migrating needs
@@ -301,6 +330,15 @@ class Settings(BaseSettings):
                 " is refused in production; make your own with identity-worker keys new"
             )
         return self
+
+    def amqp_tls(self) -> TlsFiles:
+        """The broker's CA, client certificate and key files (IDENTITY_AMQP_*_FILE)."""
+        return TlsFiles(self.amqp_ca_file, self.amqp_cert_file, self.amqp_key_file)
+
+    def amqp_connect_kwargs(self) -> dict[str, Any]:
+        """What `aio_pika.connect_robust(url, **them)` needs beside the URL: a verifying TLS
+        context for amqps://, nothing for amqp://."""
+        return amqp_connect_kwargs(self.amqp_url.get_secret_value(), self.amqp_tls())
 
     @property
     def effective_hash_workers(self) -> int:
@@ -389,12 +427,44 @@ _ORDERED_PAIRS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def load_settings(env: Mapping[str, str] | None = None, *, keys_needed: bool = True) -> Settings:
+AMQP_TLS_VARIABLES = TlsFiles(
+    env_name("amqp_ca_file"), env_name("amqp_cert_file"), env_name("amqp_key_file")
+)
+
+
+def amqp_transit_problem(url: str, files: TlsFiles, *, production: bool) -> str | None:
+    """What is wrong with how IDENTITY_AMQP_URL is reached (the worker's and the mail
+    sender's rule): unusable TLS files, or, when `production` (not dev mode, plain text not
+    allowed), plain text to a host that is not loopback. None when nothing is."""
+    variable = env_name("amqp_url")
+    # Each URL of a comma-separated list of cluster nodes obeys the rule on its own.
+    for one in url.split(","):
+        if problem := tls_files_problem(variable, one.strip(), files, AMQP_TLS_VARIABLES):
+            return problem
+        if production and (
+            problem := plaintext_amqp_problem(variable, one.strip(), env_name("allow_plaintext"))
+        ):
+            return problem
+    return None
+
+
+def load_settings(
+    env: Mapping[str, str] | None = None,
+    *,
+    keys_needed: bool = True,
+    overrides: Mapping[str, str] | None = None,
+) -> Settings:
     """Read the settings from `env` (default: the process environment), once, at start-up.
-    `keys_needed=False` (migrations, the operator tools) skips production's key checks."""
+    `keys_needed=False` (migrations, the operator tools) skips production's key checks;
+    `overrides` (variable -> value) wins over `env` and its `_FILE` form (a tool's
+    --amqp-url flag)."""
     token = _KEYS_NEEDED.set(keys_needed)
     try:
-        return read_settings(Settings, env)
+        source: Mapping[str, str] = os.environ if env is None else env
+        if overrides:
+            kept = {k: v for k, v in source.items() if k.removesuffix(FILE_SUFFIX) not in overrides}
+            source = {**kept, **overrides}
+        return read_settings(Settings, source)
     finally:
         _KEYS_NEEDED.reset(token)
 

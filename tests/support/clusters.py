@@ -63,14 +63,20 @@ def port_free(port: int) -> bool:
         return True
 
 
-def free_port_base(count: int, *, low: int, high: int, also_offset: int | None = None) -> int:
-    """A base such that base+1 .. base+count are free (and, with `also_offset`, the same
-    ports shifted by it), below the kernel's ephemeral range."""
+def free_port_base(
+    count: int,
+    *,
+    low: int,
+    high: int,
+    also_offset: int | None = None,
+    offsets: tuple[int, ...] = (),
+) -> int:
+    """A base such that base+1 .. base+count are free (and, with `also_offset` and each of
+    `offsets`, the same ports shifted by it), below the kernel's ephemeral range."""
+    shifts = (0, *(() if also_offset is None else (also_offset,)), *offsets)
     for _ in range(200):
         base = random.randrange(low, high)
-        ports = [base + n for n in range(1, count + 1)]
-        if also_offset is not None:
-            ports += [p + also_offset for p in ports]
+        ports = [base + n + shift for n in range(1, count + 1) for shift in shifts]
         if all(port_free(p) for p in ports):
             return base
     raise ScriptFailed(f"no {count} free ports in {low}-{high}")
@@ -128,12 +134,26 @@ class RabbitCluster:
     user: str = "identity"
     password: str = "identity"
     started_s: float | None = None
+    nodes: int = 3
+    # ca.pem, server.pem, server.key: the nodes also listen for AMQP over TLS (tls_url).
+    tls_dir: Path | None = None
+
+    # The TLS port of node N is the AMQP port + this (the script's default).
+    TLS_OFFSET = 10
 
     @classmethod
-    def fresh(cls) -> RabbitCluster:
-        port = free_port_base(3, low=15000, high=19000, also_offset=5000)
+    def fresh(cls, *, nodes: int = 3, tls_dir: Path | None = None) -> RabbitCluster:
+        offsets = (cls.TLS_OFFSET,) if tls_dir is not None else ()
+        port = free_port_base(nodes, low=15000, high=19000, also_offset=5000, offsets=offsets)
         tag = secrets.token_hex(3)
-        return cls(TMP / f"identity-rabbit-{tag}", f"identity-t{tag}-", port, port + 5000)
+        return cls(
+            TMP / f"identity-rabbit-{tag}",
+            f"identity-t{tag}-",
+            port,
+            port + 5000,
+            nodes=nodes,
+            tls_dir=tls_dir,
+        )
 
     @property
     def env(self) -> dict[str, str]:
@@ -145,6 +165,8 @@ class RabbitCluster:
             "RABBIT_CLUSTER_USER": self.user,
             "RABBIT_CLUSTER_PASSWORD": self.password,
             "RABBIT_CLUSTER_VHOST": self.vhost,
+            "RABBIT_CLUSTER_NODES": str(self.nodes),
+            "RABBIT_CLUSTER_TLS_DIR": str(self.tls_dir or ""),
         }
 
     def run(self, *args: str, timeout: float = 180) -> str:
@@ -163,9 +185,14 @@ class RabbitCluster:
     def url(self, n: int) -> str:
         return f"amqp://{self.user}:{self.password}@127.0.0.1:{self.port + n}/{self.vhost}"
 
+    def tls_url(self, n: int, host: str = "127.0.0.1") -> str:
+        """Node `n`'s AMQP-over-TLS listener (a cluster started with `tls_dir`)."""
+        port = self.port + self.TLS_OFFSET + n
+        return f"amqps://{self.user}:{self.password}@{host}:{port}/{self.vhost}"
+
     @property
     def urls(self) -> list[str]:
-        return [self.url(n) for n in (1, 2, 3)]
+        return [self.url(n) for n in range(1, self.nodes + 1)]
 
     def start(self) -> None:
         started = time.monotonic()
@@ -231,12 +258,24 @@ class PgFailover:
     port_b: int
     sync: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    standby: bool = True
+    # ca.pem, server.pem, server.key: the nodes take TLS (ssl = on) with these.
+    ssl_dir: Path | None = None
 
     @classmethod
-    def fresh(cls, *, sync: bool = False) -> PgFailover:
+    def fresh(
+        cls, *, sync: bool = False, standby: bool = True, ssl_dir: Path | None = None
+    ) -> PgFailover:
         base = free_port_base(2, low=25000, high=29000)
         tag = secrets.token_hex(3)
-        return cls(TMP / f"identity-pg-{tag}", base + 1, base + 2, sync)
+        return cls(
+            TMP / f"identity-pg-{tag}",
+            base + 1,
+            base + 2,
+            sync,
+            standby=standby,
+            ssl_dir=ssl_dir,
+        )
 
     @property
     def env(self) -> dict[str, str]:
@@ -245,6 +284,8 @@ class PgFailover:
             "PG_FAILOVER_PORT_A": str(self.port_a),
             "PG_FAILOVER_PORT_B": str(self.port_b),
             "PG_FAILOVER_SYNC": "1" if self.sync else "0",
+            "PG_FAILOVER_STANDBY": "1" if self.standby else "0",
+            "PG_FAILOVER_SSL_DIR": str(self.ssl_dir or ""),
         }
 
     def run(self, *args: str, timeout: float = 180) -> str:

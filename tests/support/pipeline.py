@@ -61,6 +61,8 @@ def worker_settings(amqp_url: str, **overrides: Any) -> Settings:
     port, short polls."""
     values: dict[str, Any] = {
         "amqp_url": amqp_url,
+        # The in-memory broker's URL names a host that is not loopback, and no wire.
+        "allow_plaintext": True,
         "http_host": "127.0.0.1",
         "http_port": 0,
         "signing_keys": TEST_SIGNING_KEYS,

@@ -19,16 +19,24 @@ from kubernetes_validate.utils import all_versions
 from prometheus_client import generate_latest
 
 from courier.metrics import CourierMetrics, create_courier_metrics
-from courier.settings import CourierSettings
+from courier.settings import CourierSettings, load_courier_settings
 from services.access_tokens import format_jwt_key, new_jwt_key
 from services.keys import new_hmac_key
 from services.passwords import HUGE_PAGES_TUNABLE
 from services.tokens import format_signing_key, new_signing_key
+from tests.support.certs import make_ca
 from worker.app import STOP_STEPS_S
 from worker.courier_relay import CourierRelayMetrics
 from worker.health import LIVE_SILENCE_S, HealthState
 from worker.metrics import Metrics, create_metrics
-from worker.settings import FILE_SUFFIX, Settings, env_name, load_settings, secret_fields
+from worker.settings import (
+    FILE_SUFFIX,
+    Settings,
+    SettingsError,
+    env_name,
+    load_settings,
+    secret_fields,
+)
 from worker.sidecar import Sidecar
 from worker.topology import FAST_QUEUE, PASSWORD_QUEUE
 
@@ -294,6 +302,30 @@ def test_compose_gives_the_broker_url_as_a_file_the_broker_writes_for_that_user(
         )
 
 
+def test_the_compose_tls_variant_verifies_the_broker_and_the_database_everywhere() -> None:
+    base = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+    tls = yaml.safe_load((ROOT / "compose.tls.yaml").read_text())["services"]
+    assert set(tls) - set(base) == {"certs"}
+    script = (ROOT / "deploy" / "rabbitmq" / "compose" / "dev-passwords.sh").read_text()
+    assert """printf 'amqps://%s:%s@rabbitmq:5671/identity\\n'""" in script
+    assert '> "$dir/$user.amqps-url"' in script
+    for name, user in (("worker", "identity-worker"), ("courier", "mail-sender")):
+        environment = tls[name]["environment"]
+        assert environment["IDENTITY_AMQP_URL_FILE"] == f"/run/identity-broker/{user}.amqps-url"
+        assert environment["IDENTITY_AMQP_CA_FILE"] == "/certs/ca.crt"
+    urls = [
+        tls["worker"]["environment"]["IDENTITY_DATABASE_URL"],
+        *tls["migrate"]["environment"].values(),
+    ]
+    assert all("sslmode=verify-full&sslrootcert=/certs/ca.crt" in url for url in urls)
+    assert "ssl=on" in tls["postgres"]["command"]
+    conf = (ROOT / "deploy" / "rabbitmq" / "compose" / "tls.conf").read_text()
+    assert "listeners.ssl.default = 5671" in conf
+    assert "ssl_options.cacertfile = /certs/ca.crt" in conf
+    for name in ("rabbitmq", "postgres"):
+        assert tls[name]["depends_on"]["certs"]["condition"] == "service_completed_successfully"
+
+
 # -- Kubernetes (deploy/k8s) -------------------------------------------------------------------
 
 K8S = ROOT / "deploy" / "k8s"
@@ -450,11 +482,19 @@ def secret_mounts(deployment: str) -> dict[str, str]:
     }
 
 
+# Settings of their own whose names end in _FILE (paths of PEM files), not secrets from files.
+PATH_SETTINGS = {
+    env_name(field) for cls in (Settings, CourierSettings) for field in cls.model_fields
+}
+
+
 def secret_files(deployment: str) -> dict[str, tuple[str, str]]:
     """Every `IDENTITY_X_FILE` of `deployment`: variable -> (Secret name, key in it)."""
     mounts = secret_mounts(deployment)
     found = {}
     for name, value in env_of(deployment).items():
+        if name in PATH_SETTINGS:
+            continue
         if name.endswith(FILE_SUFFIX) and name.startswith("IDENTITY_"):
             directory, _, key = str(value).rpartition("/")
             assert directory in mounts, f"{deployment}: {name} is not in a mounted Secret"
@@ -482,7 +522,7 @@ def test_every_secret_comes_from_a_file_of_the_secret_the_example_defines(
     assert set(files) == wanted
     assert not set(env_of(deployment)) & {env_name(f) for f in secret_fields(settings_cls)}
     assert "envFrom" not in container(deployment)
-    (secret,) = set(secret_mounts(deployment).values())
+    (secret,) = {name for name, _ in files.values()}
     assert {key for _, key in files.values()} == example[secret]
     for volume in pod_spec(deployment)["volumes"]:
         if "secret" in volume:
@@ -509,8 +549,9 @@ def test_the_workers_manifest_starts_in_production_with_its_secret_files(tmp_pat
     """The manifest's environment, its Secret's files filled with real keys, loads in
     production mode: nothing it needs is missing."""
     values = {
-        "amqp-url": "amqp://identity-worker:pw@rabbitmq-0.rabbitmq:5672/identity",
-        "database-url": "postgresql://identity:pw@postgres-a:5432/identity",
+        # Production refuses plain text to these hosts: TLS, as secrets.example.yaml has it.
+        "amqp-url": "amqps://identity-worker:pw@rabbitmq-0.rabbitmq:5671/identity",
+        "database-url": "postgresql://identity:pw@postgres-a:5432/identity?sslmode=verify-full",
         "signing-keys": format_signing_key(new_signing_key()),
         "hmac-key": new_hmac_key(),
         "jwt-keys": format_jwt_key(new_jwt_key()),
@@ -519,6 +560,9 @@ def test_the_workers_manifest_starts_in_production_with_its_secret_files(tmp_pat
     for name, (_, key) in secret_files("identity-worker").items():
         (tmp_path / key).write_text(values[key] + "\n")
         env[name] = str(tmp_path / key)
+    # The CA the identity-tls Secret would mount.
+    (tmp_path / "ca.crt").write_bytes(make_ca("deploy-ca").pem())
+    env["IDENTITY_AMQP_CA_FILE"] = str(tmp_path / "ca.crt")
     settings = load_settings(env)
     assert settings.dev_mode is False
     assert settings.broker_user == "identity-worker"
@@ -526,6 +570,56 @@ def test_the_workers_manifest_starts_in_production_with_its_secret_files(tmp_pat
     definitions = json.loads((ROOT / "deploy" / "rabbitmq" / "definitions.json").read_text())
     assert settings.caller_policy().users <= {user["name"] for user in definitions["users"]}
     assert not settings.caller_policy().is_open
+
+
+def _deployed_env(deployment: str, directory: Path) -> dict[str, str]:
+    """What the deployment's process sees: its plain env, the example Secret's values as the
+    files it reads them from, and a real CA file where the mounted one would be."""
+    example = {
+        d["metadata"]["name"]: d["stringData"] for d in k8s_documents("secrets.example.yaml")
+    }
+    env = {name: str(value) for name, value in env_of(deployment).items()}
+    for name, (secret, key) in secret_files(deployment).items():
+        (directory / key).write_text(example[secret][key])
+        env[name] = str(directory / key)
+    ca = env["IDENTITY_AMQP_CA_FILE"]
+    directory_, _, key = ca.rpartition("/")
+    assert secret_mounts(deployment)[directory_] == "identity-tls"
+    assert key in example["identity-tls"]
+    (directory / "ca.crt").write_bytes(make_ca("deploy-ca").pem())
+    env["IDENTITY_AMQP_CA_FILE"] = str(directory / "ca.crt")
+    return env
+
+
+def test_the_manifests_reach_the_broker_and_the_database_over_verified_tls(
+    tmp_path: Path,
+) -> None:
+    worker_env = _deployed_env("identity-worker", tmp_path)
+    # Production mode (no IDENTITY_DEV_MODE): the transit rules apply. Keys are not the point
+    # (the example's are placeholders).
+    for key in ("SIGNING_KEYS", "HMAC_KEY", "JWT_KEYS"):
+        del worker_env[f"IDENTITY_{key}_FILE"]
+    settings = load_settings(worker_env, keys_needed=False)
+    assert settings.dev_mode is False
+    amqp_urls = settings.amqp_url.get_secret_value().split(",")
+    assert all(url.startswith("amqps://") for url in amqp_urls)
+    database_url = settings.database_url.get_secret_value()
+    assert f"sslmode=verify-full&sslrootcert={ENV_CA}" in database_url
+    courier_env = _deployed_env("identity-courier", tmp_path)
+    courier = load_courier_settings(courier_env)
+    assert courier.dev_mode is False
+    assert courier.amqp_url.get_secret_value().startswith("amqps://")
+
+    plain = ",".join(url.replace("amqps://", "amqp://") for url in amqp_urls)
+    with pytest.raises(SettingsError, match=r"^IDENTITY_AMQP_URL: plain-text"):
+        load_settings(
+            {"IDENTITY_AMQP_URL": plain, "IDENTITY_DATABASE_URL": database_url},
+            keys_needed=False,
+        )
+
+
+# Where both deployments mount the identity-tls Secret's CA.
+ENV_CA = "/etc/identity/tls/ca.crt"
 
 
 def test_the_courier_runs_the_mail_sender_with_its_settings() -> None:

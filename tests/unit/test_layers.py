@@ -13,11 +13,25 @@ ROOT = Path(__file__).resolve().parents[2]
 DESIGN = ROOT / "docs" / "design.md"
 
 # The project's own rooms, in the map's order; tests may import any of them.
-ROOMS = ("messages", "services", "stores", "worker", "courier", "client", "tools")
+ROOMS = ("messages", "tls", "services", "stores", "worker", "courier", "client", "tools")
 
 # What each room never imports: the map's "never imports" column, kept in step by a test.
 FORBIDDEN = {
     "messages": {
+        "tls",
+        "services",
+        "stores",
+        "worker",
+        "courier",
+        "client",
+        "tools",
+        "aio_pika",
+        "aiormq",
+        "asyncpg",
+    },
+    # Encryption in transit, shared by everyone who connects: the standard library only.
+    "tls": {
+        "messages",
         "services",
         "stores",
         "worker",
@@ -29,6 +43,7 @@ FORBIDDEN = {
         "asyncpg",
     },
     "services": {
+        "tls",
         "worker",
         "courier",
         "client",
@@ -38,7 +53,7 @@ FORBIDDEN = {
         "asyncpg",
         "prometheus_client",
     },
-    "stores": {"services", "worker", "courier", "client", "tools", "aio_pika", "aiormq"},
+    "stores": {"tls", "services", "worker", "courier", "client", "tools", "aio_pika", "aiormq"},
     "worker": {"courier", "client", "tools", "aiosmtplib", "jinja2"},
     # The mail sender reads identity.courier and talks SMTP: no rules, no store, no database.
     "courier": {"services", "stores", "client", "tools", "asyncpg"},

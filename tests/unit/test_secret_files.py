@@ -24,18 +24,21 @@ from worker.settings import (
 SIGNING_KEYS = format_signing_key(new_signing_key())
 HMAC_KEY = new_hmac_key()
 JWT_KEYS = format_jwt_key(new_jwt_key())
-# A valid value of every secret setting, and how the loaded settings show it.
+# A valid value of every secret setting, and how the loaded settings show it. The URLs are
+# encrypted: production refuses plain text to hosts that are not loopback.
 WORKER_SECRETS = {
-    "amqp_url": "amqp://identity-worker:s3cret-amqp@rabbit:5672/identity",
-    "database_url": "postgresql://identity_worker:s3cret-db@db:5432/identity",
-    "migration_database_url": "postgresql://identity_owner:s3cret-owner@db:5432/identity",
+    "amqp_url": "amqps://identity-worker:s3cret-amqp@rabbit:5671/identity",
+    "database_url": "postgresql://identity_worker:s3cret-db@db:5432/identity?sslmode=verify-full",
+    "migration_database_url": (
+        "postgresql://identity_owner:s3cret-owner@db:5432/identity?sslmode=verify-full"
+    ),
     "signing_keys": SIGNING_KEYS,
     "hmac_key": HMAC_KEY,
     "jwt_keys": JWT_KEYS,
 }
 TAG_KEY = base64.urlsafe_b64encode(b"t" * 32).decode().rstrip("=")
 COURIER_SECRETS = {
-    "amqp_url": "amqp://mail-sender:s3cret-amqp@rabbit:5672/identity",
+    "amqp_url": "amqps://mail-sender:s3cret-amqp@rabbit:5671/identity",
     "smtp_url": "smtp://mailer:s3cret-smtp@smtp.example.com:587",
     "courier_tag_key": TAG_KEY,
 }

@@ -285,8 +285,10 @@ def test_hmac_keys_are_random() -> None:
 
 def test_migrations_need_no_keys_and_grant_the_workers_role() -> None:
     env = {
-        "IDENTITY_DATABASE_URL": "postgresql://identity_worker@db/identity",
-        "IDENTITY_MIGRATION_DATABASE_URL": "postgresql://identity_owner:pw@db/identity",
+        "IDENTITY_DATABASE_URL": "postgresql://identity_worker@db/identity?sslmode=verify-full",
+        "IDENTITY_MIGRATION_DATABASE_URL": (
+            "postgresql://identity_owner:pw@db/identity?sslmode=verify-full"
+        ),
     }
     settings = load_settings(env, keys_needed=False)
 

@@ -58,7 +58,9 @@ class _DroppedClient:
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, url: str, *, timeout: float) -> AsyncIterator[_DroppedClient]:
+    async def connect(
+        cls, url: str, *, timeout: float, ssl_context: object
+    ) -> AsyncIterator[_DroppedClient]:
         yield cls()
 
     async def send(self, *args: Any, **kwargs: Any) -> Any:

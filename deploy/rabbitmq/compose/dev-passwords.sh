@@ -3,7 +3,8 @@
 # no published password ever works. At its first start this broker gives each one a random
 # password, kept in the shared volume /run/identity-broker (one file per user) for the
 # containers of this compose project, with the user's broker URL beside it (`<user>.amqp-url`,
-# what the worker and the mail sender read through IDENTITY_AMQP_URL_FILE); later starts set
+# what the worker and the mail sender read through IDENTITY_AMQP_URL_FILE, and
+# `<user>.amqps-url`, the same over TLS, for compose.tls.yaml); later starts set
 # the same ones again. Production sets its own passwords with `rabbitmqctl change_password`
 # (docs/runbook.md).
 set -eu
@@ -23,6 +24,8 @@ for user in $users; do
     rabbitmqctl -q change_password "$user" "$(cat "$dir/$user")"
     printf 'amqp://%s:%s@rabbitmq:5672/identity\n' "$user" "$(cat "$dir/$user")" \
         > "$dir/$user.amqp-url"
+    printf 'amqps://%s:%s@rabbitmq:5671/identity\n' "$user" "$(cat "$dir/$user")" \
+        > "$dir/$user.amqps-url"
 done
 touch "$dir/ready"
 wait "$server"
