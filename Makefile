@@ -16,12 +16,13 @@ $(BIN)/identity-worker: pyproject.toml requirements-dev.lock
 venv: $(BIN)/identity-worker
 
 ## Pin every dependency, with hashes, after changing pyproject.toml: requirements.lock is what
-## the image installs, requirements-dev.lock adds the test, benchmark and lock tools.
+## the image installs (with the `tracing` extra, so that IDENTITY_OTLP_TRACES_URL works in the
+## image), requirements-dev.lock adds the test, benchmark and lock tools.
 lock: venv
 	$(BIN)/uv pip compile pyproject.toml --universal --generate-hashes --python-version 3.11 \
-		-q -o requirements.lock
+		--extra tracing -q -o requirements.lock
 	$(BIN)/uv pip compile pyproject.toml --universal --generate-hashes --python-version 3.11 \
-		--extra test --extra bench --extra lock -q -o requirements-dev.lock
+		--extra test --extra tracing --extra bench --extra lock -q -o requirements-dev.lock
 
 services:
 	./scripts/ensure-services.sh

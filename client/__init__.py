@@ -5,7 +5,7 @@ can use it without the worker's own code.
 """
 
 from client.access_tokens import AccessClaims, AccessTokenVerifier
-from client.client import IdentityClient
+from client.client import IdentityClient, TracedReply
 from client.errors import (
     AccessTokenExpired,
     AccountDisabled,
@@ -60,6 +60,7 @@ __all__ = [
     "RateLimited",
     "ReplyTimeout",
     "SessionExpired",
+    "TracedReply",
     "TransportError",
     "UnknownCommand",
     "Unroutable",

@@ -25,6 +25,7 @@ import ssl
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
@@ -35,6 +36,7 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
 )
 from aio_pika.exceptions import PublishError
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from pydantic import SecretStr
 
 from brokers import connect_any
@@ -93,6 +95,33 @@ from tls import TlsFiles, amqp_connect_kwargs
 
 log = logging.getLogger(__name__)
 
+# W3C trace context only: the worker reads `traceparent` / `tracestate` and nothing else.
+_W3C = TraceContextTextMapPropagator()
+
+
+@dataclass(frozen=True, slots=True)
+class TracedReply:
+    """A reply and the W3C trace context it came with (None when the command carried none):
+    the worker answers in the trace of the command (see `IdentityClient.send_traced`)."""
+
+    reply: Reply
+    traceparent: str | None
+    tracestate: str | None
+
+
+def _trace_headers() -> dict[str, Any] | None:
+    """The `traceparent` (and `tracestate`) of the caller's current OpenTelemetry span, if
+    it has one; None otherwise (no SDK, or no span)."""
+    carrier: dict[str, Any] = {}
+    _W3C.inject(carrier)
+    return carrier or None
+
+
+def _header(headers: Mapping[str, Any] | None, name: str) -> str | None:
+    value = (headers or {}).get(name)
+    return value if isinstance(value, str) else None
+
+
 # Secrets may be given as plain strings; the payload models validate them into SecretStr.
 SecretArg = str | SecretStr
 
@@ -126,7 +155,7 @@ class IdentityClient:
         self._user_id = connection_user(connection)
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
-        self._pending: dict[str, asyncio.Future[bytes]] = {}
+        self._pending: dict[str, asyncio.Future[AbstractIncomingMessage]] = {}
         # Replies dropped because someone other than the worker's user published them.
         self.dropped_replies = 0
 
@@ -204,7 +233,7 @@ class IdentityClient:
         future = self._pending.get(message.correlation_id or "")
         # A second reply (to an earlier attempt) or one for a closed client is dropped.
         if future is not None and not future.done():
-            future.set_result(message.body)
+            future.set_result(message)
 
     async def send(
         self,
@@ -222,14 +251,32 @@ class IdentityClient:
         """
         return await self._send(payload_of(command, payload), idempotency_key, metadata)
 
+    async def send_traced(
+        self,
+        command: str,
+        payload: Mapping[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        metadata: MetadataArg = None,
+    ) -> TracedReply:
+        """`send`, and the trace context of the reply. Every command carries the caller's
+        current OpenTelemetry span as `traceparent` when there is one; the reply comes back
+        in the same trace (the worker's own span, when it records spans)."""
+        body, key = build_request(payload_of(command, payload), idempotency_key, metadata)
+        message = await self._request(command, body, key)
+        reply = read_reply(message.body)
+        return TracedReply(
+            reply, _header(message.headers, "traceparent"), _header(message.headers, "tracestate")
+        )
+
     async def _send(
         self, payload: Model, idempotency_key: str | None, metadata: MetadataArg
     ) -> Reply:
         body, key = build_request(payload, idempotency_key, metadata)
-        return read_reply(await self._request(spec_of(type(payload)).name, body, key))
+        return read_reply((await self._request(spec_of(type(payload)).name, body, key)).body)
 
-    async def _request(self, command: str, body: bytes, key: str | None) -> bytes:
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+    async def _request(self, command: str, body: bytes, key: str | None) -> AbstractIncomingMessage:
+        future: asyncio.Future[AbstractIncomingMessage] = asyncio.get_running_loop().create_future()
         correlation_ids: list[str] = []
         try:
             for _ in range(self._retries + 1):
@@ -259,6 +306,7 @@ class IdentityClient:
             message_id=uuid.uuid4().hex,
             reply_to=DIRECT_REPLY_TO,
             user_id=self._user_id,
+            headers=_trace_headers(),
         )
         try:
             await self._exchange.publish(message, routing_key=command, mandatory=True)

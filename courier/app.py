@@ -71,6 +71,7 @@ from courier.settings import CourierSettings
 from courier.smtp import SmtpFailure, SmtpPool
 from messages.courier import CourierMessage, parse_courier_message
 from messages.topology import COURIER_QUEUE
+from worker import tracing
 from worker.health import BROKER, HealthState, run_heartbeat
 from worker.settings import redacted_url
 from worker.sidecar import Sidecar
@@ -320,7 +321,10 @@ class Courier:
                 # Delivered but not started when the stop began: straight back to the queue.
                 await self._settle(delivery, "nack")
                 return
-            await self._handle(delivery)
+            # The trace of the command that caused the mail goes on here (worker.tracing).
+            kind = kind_label(delivery.routing_key)
+            with tracing.consuming(f"{kind} send", delivery.headers, COURIER_QUEUE):
+                await self._handle(delivery)
         except asyncio.CancelledError:
             raise  # unacked: the broker redelivers it
         except Exception as exc:

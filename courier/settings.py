@@ -144,6 +144,8 @@ class CourierSettings(BaseSettings):
     shutdown_grace_s: float = Field(default=20.0, ge=0)
     log_level: str = "INFO"
     use_uvloop: bool = True
+    # Spans (worker.tracing): exported over OTLP/HTTP here; unset, none are recorded.
+    otlp_traces_url: str | None = None
 
     @classmethod
     def settings_customise_sources(

@@ -213,12 +213,32 @@ def _channel(address: str | None, message_ids: list[str], **extra: Any) -> dict[
     return {"address": address, "messages": messages, **extra}
 
 
+# Every message may carry the W3C trace context of the command it belongs to (contract v2,
+# section 5): a command's is the caller's, and what the command causes carries the same trace.
+_TRACE_HEADERS: dict[str, Any] = {
+    "type": "object",
+    "description": (
+        "W3C trace context. On a command: optional, the caller's (a malformed one is ignored). "
+        "On a reply, event or courier message: the command's, with the same trace id."
+    ),
+    "properties": {
+        "traceparent": {
+            "type": "string",
+            "pattern": "^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$",
+            "examples": ["00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"],
+        },
+        "tracestate": {"type": "string", "maxLength": 512},
+    },
+}
+
+
 def _message(name: str, title: str, summary: str, payload: Any, where: str) -> dict[str, Any]:
     return {
         "name": name,
         "title": title,
         "summary": summary,
         "contentType": CONTENT_TYPE,
+        "headers": _TRACE_HEADERS,
         "payload": payload,
         "correlationId": {"$ref": f"#/components/correlationIds/{where}"},
     }
@@ -379,6 +399,7 @@ class _Builder:
                 "dead-letters a copy without the code."
             ),
             "contentType": CONTENT_TYPE,
+            "headers": _TRACE_HEADERS,
             "payload": _ref(CourierMessage.__name__),
         }
         queue = {"name": COURIER_QUEUE, "durable": True, "exclusive": False, "autoDelete": False}

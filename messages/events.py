@@ -89,11 +89,22 @@ class AccountEmailVerifiedData(Model):
     account_id: AccountId
 
 
+class Actor(Model):
+    """Who caused an event: the broker user that sent the command (`caller`) and, when the
+    command proved an `@self` grant with a session, that session. Names of services and
+    opaque ids, never the end user's personal data."""
+
+    caller: str | None = None
+    session_id: SessionId | None = None
+
+
 class _EventBase(Model):
     event_id: EventId
     occurred_at: UtcDatetime
     correlation_id: str | None = None
     causation_id: str | None = None
+    # Contract v2, section 5. Defaulted (both null) so an event published before it parses.
+    actor: Actor = Field(default_factory=Actor)
 
 
 class AccountCreated(_EventBase):

@@ -30,6 +30,7 @@ from datetime import datetime, timedelta
 
 from services.errors import RateLimitedError
 from services.ids import new_message_id
+from services.operations import NO_CONTEXT, CommandContext
 from stores import (
     RECOVERY,
     AccountRecord,
@@ -136,10 +137,15 @@ class Codes:
         self.policy = policy
 
     async def send_code(
-        self, uow: UnitOfWork, account: AccountRecord, purpose: str, now: datetime
+        self,
+        uow: UnitOfWork,
+        account: AccountRecord,
+        purpose: str,
+        now: datetime,
+        context: CommandContext = NO_CONTEXT,
     ) -> None:
         """Store a new code of `purpose` for `account` (replacing the live one) and mail it to
-        the account's address, in `uow`."""
+        the account's address, in `uow`; the mail carries `context`'s trace."""
         code = new_code()
         expires_at = now + self.policy.lifetime
         mac = self.keys.mac(purpose, account.email_canonical, code)
@@ -154,11 +160,19 @@ class Codes:
             sealed_code=self.keys.seal(message_id, code),
             expires_at=expires_at,
             created_at=now,
+            traceparent=context.traceparent,
+            tracestate=context.tracestate,
         )
         await uow.add_mail([mail])
 
     @staticmethod
-    def notice(kind: str, recipient: str, account: AccountRecord, now: datetime) -> NewMail:
+    def notice(
+        kind: str,
+        recipient: str,
+        account: AccountRecord,
+        now: datetime,
+        context: CommandContext = NO_CONTEXT,
+    ) -> NewMail:
         """A courier row that carries no code (`email_changed_notice`,
         `password_changed_notice`)."""
         return NewMail(
@@ -170,6 +184,8 @@ class Codes:
             sealed_code=None,
             expires_at=None,
             created_at=now,
+            traceparent=context.traceparent,
+            tracestate=context.tracestate,
         )
 
     def issue(
@@ -181,6 +197,7 @@ class Codes:
         *,
         event: NewEvent | None,
         unverified_only: bool,
+        context: CommandContext = NO_CONTEXT,
     ) -> CodeIssue:
         """A request for a code, made in full whoever the email belongs to (the same work
         for an unknown email, a disabled account and a cool-down): the store decides."""
@@ -204,6 +221,8 @@ class Codes:
             kind=CODE_KIND[purpose],
             sealed_code=self.keys.seal(message_id, code),
             event=event,
+            traceparent=context.traceparent,
+            tracestate=context.tracestate,
         )
 
     async def limit_attempts(

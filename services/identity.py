@@ -246,7 +246,7 @@ class IdentityService:
             except DuplicateEmailError as exc:
                 raise EmailTakenError() from exc
             if self._codes.policy.send_verification_on_create:
-                await self._codes.send_code(uow, record, VERIFICATION, now)
+                await self._codes.send_code(uow, record, VERIFICATION, now, op.context)
             result = AccountResult(account=to_account(record))
             op.emit(AccountCreated, AccountCreatedData(account=result.account), now)
             await self._ops.finish(uow, op, result)
@@ -300,7 +300,7 @@ class IdentityService:
         async with self._store.unit_of_work() as uow:
             updated = await self._apply(uow, record.id, cmd.expected_version, changes)
             if "email" in changed:
-                await self._email_changed(uow, record, updated, now)
+                await self._email_changed(uow, record, updated, now, op.context)
             result = AccountResult(account=to_account(updated))
             op.emit(
                 AccountUpdated, AccountUpdatedData(account=result.account, changed=changed), now
@@ -309,13 +309,19 @@ class IdentityService:
         return result
 
     async def _email_changed(
-        self, uow: UnitOfWork, before: AccountRecord, after: AccountRecord, now: datetime
+        self,
+        uow: UnitOfWork,
+        before: AccountRecord,
+        after: AccountRecord,
+        now: datetime,
+        context: CommandContext,
     ) -> None:
         """Codes sent to the old address are void; the new one gets a verification code, the
         old one a notice (someone who took over the account is seen by its owner)."""
         await uow.drop_codes(after.id)
-        await self._codes.send_code(uow, after, VERIFICATION, now)
-        await uow.add_mail([self._codes.notice("email_changed_notice", before.email, after, now)])
+        await self._codes.send_code(uow, after, VERIFICATION, now, context)
+        notice = self._codes.notice("email_changed_notice", before.email, after, now, context)
+        await uow.add_mail([notice])
 
     async def _reauthenticate(
         self, op: Operation, record: AccountRecord, cmd: UpdateAccount, now: datetime
@@ -388,7 +394,9 @@ class IdentityService:
             ended = await uow.end_all_sessions(
                 checked.id, now, "password_changed", idle_cutoff=self._idle_cutoff(now)
             )
-            notice = self._codes.notice("password_changed_notice", updated.email, updated, now)
+            notice = self._codes.notice(
+                "password_changed_notice", updated.email, updated, now, op.context
+            )
             await uow.add_mail([notice])
             self._emit_ended(op, ended, "password_changed", now)
             data = AccountPasswordChangedData(account_id=checked.id, sessions_ended=len(ended))

@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from messages import Metadata, Result, StoredReply, fingerprint_material, spec_of
-from messages.events import AnyEvent
+from messages.events import Actor, AnyEvent
 from messages.models import Model, about_account
 from services.clock import Clock
 from services.errors import IdempotencyKeyReusedError, IdentityError, error_from_body
@@ -59,6 +59,10 @@ class CommandContext:
     source: str = "caller:-"
     # The session that proved an `@self` grant, when one did.
     actor_session_id: str | None = None
+    # The W3C trace context to carry to what the command causes (validated at the edge, and
+    # opaque here): written with its outbox and courier rows, published as their headers.
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 NO_CONTEXT = CommandContext()
@@ -91,11 +95,23 @@ class Operation:
             occurred_at=now,
             correlation_id=self.context.correlation_id,
             causation_id=self.key,
+            actor=Actor(caller=self.context.caller, session_id=self.context.actor_session_id),
             data=data,
         )
         body = event.model_dump_json().encode()
         about = about_account(data)
-        self.events.append(NewEvent(event.event_id, event.type, body, now, account_id=about))
+        context = self.context
+        self.events.append(
+            NewEvent(
+                event.event_id,
+                event.type,
+                body,
+                now,
+                account_id=about,
+                traceparent=context.traceparent,
+                tracestate=context.tracestate,
+            )
+        )
 
 
 class OperationRunner:

@@ -110,7 +110,13 @@ class AccountFlows:
         data = AccountRecoveryRequestedData(account_id=PLACEHOLDER_ACCOUNT_ID)
         op.emit(AccountRecoveryRequested, data, now)
         issue = self._codes.issue(
-            RECOVERY, canonical, op.context.source, now, event=op.events[0], unverified_only=False
+            RECOVERY,
+            canonical,
+            op.context.source,
+            now,
+            event=op.events[0],
+            unverified_only=False,
+            context=op.context,
         )
         result = AcceptedResult()
         await self._store.issue_code(issue, self._ops.record_of(op, result))
@@ -139,6 +145,7 @@ class AccountFlows:
             now,
             event=None,
             unverified_only=True,
+            context=op.context,
         )
         result = AcceptedResult()
         await self._store.issue_code(issue, self._ops.record_of(op, result))
@@ -209,7 +216,9 @@ class AccountFlows:
             ended = await uow.end_all_sessions(
                 locked.id, now, "password_reset", idle_cutoff=idle_cutoff(now, self._idle_timeout)
             )
-            notice = self._codes.notice("password_changed_notice", updated.email, updated, now)
+            notice = self._codes.notice(
+                "password_changed_notice", updated.email, updated, now, op.context
+            )
             await uow.add_mail([notice])
             announce_ended(op, ended, "password_reset", now)
             data = AccountPasswordResetData(account_id=locked.id, sessions_ended=len(ended))

@@ -48,6 +48,10 @@ class NewMail:
     sealed_code: bytes | None
     expires_at: datetime | None
     created_at: datetime
+    # W3C trace context of the command that wrote the row (validated at the edge), published
+    # as the message's `traceparent` / `tracestate` headers whenever the row is relayed.
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +67,8 @@ class PendingMail:
     sealed_code: bytes | None
     expires_at: datetime | None
     created_at: datetime
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +100,9 @@ class CodeIssue:
     kind: str
     sealed_code: bytes
     event: NewEvent | None
+    # The trace context of the courier row and of the event (the command's, for both).
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -88,6 +88,10 @@ class NewEvent:
     created_at: datetime
     # The account the event is about, if any: how erasure finds the rows to drop or scrub.
     account_id: str | None = None
+    # W3C trace context of the command that wrote the row (validated at the edge), published
+    # as the message's `traceparent` / `tracestate` headers whenever the row is relayed.
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +104,8 @@ class PendingEvent:
     body: bytes
     created_at: datetime
     command_seq: int  # shared by the rows one command wrote (one `record_outcome`)
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from stores import PostgresIdentityStore, migrate
+from tests.support.tracing import recorded_spans
 
 PG_HOST = "127.0.0.1"
 PG_PORT = 5432
@@ -137,3 +139,11 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             red=True,
         )
         terminalreporter._session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """The OpenTelemetry SDK installed for the test, spans kept in memory (see
+    tests.support.tracing); without it the test runs as production does without an SDK."""
+    with recorded_spans() as exporter:
+        yield exporter

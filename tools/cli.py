@@ -35,10 +35,18 @@ def _settings_or_exit(*, keys_needed: bool = True) -> Settings:
 
 def _run(args: argparse.Namespace) -> int:
     settings = _settings_or_exit()
+    from worker.audit import configure_audit
     from worker.logs import configure_logging
     from worker.main import run_worker
 
     configure_logging(settings.log_level)
+    try:
+        configure_audit(settings.audit_log)
+    except OSError as exc:
+        print(f"identity-worker: bad settings: IDENTITY_AUDIT_LOG: {exc}", file=sys.stderr)
+        return 2
+    if not _tracing_configured(settings.otlp_traces_url, "identity-worker"):
+        return 2
     if settings.use_uvloop:
         import uvloop
 
@@ -64,11 +72,27 @@ def _courier(args: argparse.Namespace) -> int:
     from worker.logs import configure_logging
 
     configure_logging(settings.log_level)
+    if not _tracing_configured(settings.otlp_traces_url, "identity-courier"):
+        return 2
     if settings.use_uvloop:
         import uvloop
 
         uvloop.install()
     return asyncio.run(run_courier(settings))
+
+
+def _tracing_configured(url: str | None, service_name: str) -> bool:
+    """Install the span exporter when `url` is set; False (said on stderr) when it cannot."""
+    if not url:
+        return True
+    from worker.tracing import TracingUnavailable, configure
+
+    try:
+        configure(url, service_name)
+    except TracingUnavailable as exc:
+        print(f"{service_name}: bad settings: {exc}", file=sys.stderr)
+        return False
+    return True
 
 
 def _migrate(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
+from pamqp.common import FieldTable
 from pydantic import ValidationError
 from tenacity import (
     AsyncRetrying,
@@ -132,7 +133,13 @@ class ReplySender:
         self._deadline_s = deadline_s
         self._user_id = user_id
 
-    async def send(self, request: AbstractIncomingMessage, reply: Reply) -> None:
+    async def send(
+        self,
+        request: AbstractIncomingMessage,
+        reply: Reply,
+        headers: FieldTable | None = None,
+    ) -> None:
+        """Send `reply` to the request's `reply_to`, with `headers` (its trace context)."""
         assert request.reply_to is not None
         direct = request.reply_to.startswith(DIRECT_REPLY_TO)
         # Direct reply-to is transient by nature; a named reply queue gets a persistent reply.
@@ -146,6 +153,7 @@ class ReplySender:
             correlation_id=request.correlation_id or request.message_id,
             delivery_mode=mode,
             user_id=self._user_id,
+            headers=headers,
         )
         body = orjson.dumps(reply.to_wire())
         try:

@@ -41,6 +41,7 @@ from messages.models import wire_form
 from messages.topology import CONTENT_TYPE, COURIER_EXCHANGE, COURIER_QUEUE
 from services.codes import CodeKeys, show_code
 from stores import CourierStore, PendingMail, StoreError
+from worker import tracing
 from worker.broker import BROKER_FAULTS, publish_confirmed
 from worker.metrics import PREFIX
 from worker.topology import BROKER_DEAD_EXCHANGE
@@ -208,22 +209,25 @@ class CourierRelay:
             expires_at=mail.expires_at if code is not None else None,
             occurred_at=mail.created_at,
         )
-        properties = Basic.Properties(
-            content_type=CONTENT_TYPE,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT.value,
-            message_id=mail.message_id,
-            message_type=mail.kind,
-            timestamp=mail.created_at,
-            user_id=self._user_id,
-            expiration=expiration,
-        )
-        await publish_confirmed(
-            self._channel,
-            exchange=COURIER_EXCHANGE,
-            routing_key=mail.kind,
-            body=orjson.dumps(wire_form(message, exclude_none=True)),
-            properties=properties,
-        )
+        stored = (mail.traceparent, mail.tracestate)
+        with tracing.publishing(f"{mail.kind} publish", stored, COURIER_EXCHANGE) as headers:
+            properties = Basic.Properties(
+                content_type=CONTENT_TYPE,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT.value,
+                message_id=mail.message_id,
+                message_type=mail.kind,
+                timestamp=mail.created_at,
+                user_id=self._user_id,
+                expiration=expiration,
+                headers=headers,
+            )
+            await publish_confirmed(
+                self._channel,
+                exchange=COURIER_EXCHANGE,
+                routing_key=mail.kind,
+                body=orjson.dumps(wire_form(message, exclude_none=True)),
+                properties=properties,
+            )
         self._metrics.relayed_total.labels(mail.kind).inc()
 
     async def report_backlog(self) -> None:

@@ -51,9 +51,12 @@ def decode_command(
     correlation_id: str | None,
     caller: str | None = None,
     gateways: frozenset[str] = frozenset(),
+    *,
+    trace: tuple[str | None, str | None] = (None, None),
 ) -> Command:
     """Validate routing key, JSON, envelope and payload, in that order. The context's
-    throttling source comes from the caller, and from the metadata only for `gateways`."""
+    throttling source comes from the caller, and from the metadata only for `gateways`;
+    `trace` (traceparent, tracestate, validated by the caller) goes with what it causes."""
     spec = COMMANDS.get(name)
     if spec is None:
         raise Rejected(_error(ErrorCode.UNKNOWN_COMMAND, "Unknown command."))
@@ -79,6 +82,8 @@ def decode_command(
         envelope.metadata,
         caller=caller,
         source=throttle_source(caller, envelope.metadata, gateways),
+        traceparent=trace[0],
+        tracestate=trace[1],
     )
     return Command(name, payload, context)
 

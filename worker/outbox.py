@@ -26,6 +26,7 @@ from pamqp.commands import Basic
 
 from messages.topology import CONTENT_TYPE
 from stores import OutboxStore, PendingEvent, StoreError
+from worker import tracing
 from worker.broker import BROKER_FAULTS, publish_confirmed
 from worker.metrics import Metrics
 
@@ -127,21 +128,24 @@ class OutboxRelay:
         return confirmed, None
 
     async def _publish(self, event: PendingEvent) -> None:
-        properties = Basic.Properties(
-            content_type=CONTENT_TYPE,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT.value,
-            message_id=event.event_id,
-            message_type=event.type,
-            timestamp=event.created_at,
-            user_id=self._user_id,
-        )
-        await publish_confirmed(
-            self._channel,
-            exchange=self._exchange,
-            routing_key=event.type,
-            body=bytes(event.body),
-            properties=properties,
-        )
+        stored = (event.traceparent, event.tracestate)
+        with tracing.publishing(f"{event.type} publish", stored, self._exchange) as headers:
+            properties = Basic.Properties(
+                content_type=CONTENT_TYPE,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT.value,
+                message_id=event.event_id,
+                message_type=event.type,
+                timestamp=event.created_at,
+                user_id=self._user_id,
+                headers=headers,
+            )
+            await publish_confirmed(
+                self._channel,
+                exchange=self._exchange,
+                routing_key=event.type,
+                body=bytes(event.body),
+                properties=properties,
+            )
 
     async def report_backlog(self) -> None:
         count, age = await self._store.outbox_backlog(self._now())

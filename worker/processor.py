@@ -17,6 +17,8 @@ from typing import Any
 
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
+from opentelemetry import trace as trace_api
+from opentelemetry.trace import SpanKind
 from tenacity import RetryCallState
 
 from messages import COMMANDS, ErrorBody, ErrorCode, Reply, Result
@@ -25,6 +27,7 @@ from messages.topology import CONTENT_TYPE
 from services.errors import IdentityError, RateLimitedError
 from services.operations import CommandContext
 from stores import TransientStoreError
+from worker import audit, tracing
 from worker.acks import Acknowledger
 from worker.authorise import Authoriser
 from worker.broker import DeadLetters, ReplySender
@@ -109,13 +112,35 @@ class CommandProcessor:
         """Process one delivery; raises only when the broker itself failed us (no ack then)."""
         started = time.perf_counter()
         name = message.routing_key or ""
+        if not tracing.recording():  # no SDK: the caller's trace is passed on as it came
+            await self._handle(message, name, started, tracing.validated(message.headers))
+            return
         label = command_label(name)
-        reply = await self._outcome(message, name)
+        with tracing.tracer.start_as_current_span(
+            f"{label} process",
+            context=tracing.extract(message.headers),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.operation.type": "process",
+                "messaging.destination.name": name[:64],
+                "identity.command": label,
+            },
+        ):
+            await self._handle(message, name, started, tracing.current())
+
+    async def _handle(
+        self, message: AbstractIncomingMessage, name: str, started: float, trace: tracing.Trace
+    ) -> None:
+        label = command_label(name)
+        reply = await self._outcome(message, name, trace)
         if reply is None:  # nowhere it may go: refused and dead-lettered, nothing ran
             await self._acks.ack(message)
             return
+        if reply.error is not None:
+            trace_api.get_current_span().set_attribute("identity.outcome", reply.error.code.value)
         if message.reply_to:
-            await self._replies.send(message, reply)
+            await self._reply(message, reply, trace)
         # Timed up to the confirmed reply: what the caller waits for, not the ack batching.
         elapsed = time.perf_counter() - started
         await self._acks.ack(message)
@@ -137,7 +162,24 @@ class CommandProcessor:
             },
         )
 
-    async def _outcome(self, message: AbstractIncomingMessage, name: str) -> Reply | None:
+    async def _reply(
+        self, message: AbstractIncomingMessage, reply: Reply, trace: tracing.Trace
+    ) -> None:
+        """Send the reply with the command's trace (from a publish span of its own, when the
+        command's span is recorded: a command the sampler left out gets no child spans)."""
+        if not tracing.recording() or not trace_api.get_current_span().is_recording():
+            await self._replies.send(message, reply, tracing.headers(trace))
+            return
+        with tracing.tracer.start_as_current_span(
+            "reply publish",
+            kind=SpanKind.PRODUCER,
+            attributes={"messaging.system": "rabbitmq", "messaging.operation.type": "publish"},
+        ):
+            await self._replies.send(message, reply, tracing.headers(tracing.current()))
+
+    async def _outcome(
+        self, message: AbstractIncomingMessage, name: str, trace: tracing.Trace
+    ) -> Reply | None:
         """The reply to `message`, or None when it must get none (its `reply_to` is refused)."""
         refusal = self._guard(message)
         if refusal is not None:
@@ -150,7 +192,12 @@ class CommandProcessor:
             return None
         try:
             command = decode_command(
-                name, message.body, _correlation_id(message), message.user_id, self._gateways
+                name,
+                message.body,
+                _correlation_id(message),
+                message.user_id,
+                self._gateways,
+                trace=trace,
             )
         except Rejected as rejected:
             self._metrics.malformed_messages_total.labels(rejected.error.code.value).inc()
@@ -191,6 +238,12 @@ class CommandProcessor:
         return None
 
     async def _run(self, message: AbstractIncomingMessage, command: Command) -> Reply:
+        reply = await self._execute(message, command)
+        if COMMANDS[command.name].changes_state:
+            audit.record(command, reply)  # failures too: a failed sign-in above all
+        return reply
+
+    async def _execute(self, message: AbstractIncomingMessage, command: Command) -> Reply:
         key = command.context.idempotency_key
         handler = self._handlers[type(command.payload)]
         try:

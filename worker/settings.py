@@ -224,6 +224,10 @@ class Settings(BaseSettings):
     # One log line per successful session.verify / account.get too (state changes and
     # failures always get one).
     log_queries: bool = False
+    # Spans (worker.tracing): exported over OTLP/HTTP here; unset, none are recorded.
+    otlp_traces_url: str | None = None
+    # The audit trail (worker.audit): JSON lines appended to this file; unset, to stderr.
+    audit_log: str | None = None
     db_pool_min: int = Field(default=1, ge=0)
     db_pool_max: int = Field(default=10, ge=1)
     outbox_batch: int = Field(default=100, ge=1)

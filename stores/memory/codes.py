@@ -87,6 +87,8 @@ def _mail_values(mail: NewMail) -> tuple[Any, ...]:
         mail.sealed_code,
         mail.expires_at,
         mail.created_at,
+        mail.traceparent,
+        mail.tracestate,
     )
 
 
@@ -204,7 +206,7 @@ class MemoryCodeStore:
                 account = None
             events = []
             if account is not None and issue.event is not None:
-                events.append(_with_account(issue.event, account.id))
+                events.append(_with_account(issue.event, account.id, issue))
             try:
                 await uow.record_outcome(events, idempotency)
             except StoreError:
@@ -289,10 +291,16 @@ class MemoryCodeStore:
         return CodePurgeCounts(codes=len(codes), mail=len(mail), throttle=len(throttle))
 
 
-def _with_account(event: NewEvent, account_id: str) -> NewEvent:
+def _with_account(event: NewEvent, account_id: str, issue: CodeIssue) -> NewEvent:
     body = orjson.loads(event.body)
     body["data"]["account_id"] = account_id
-    return replace(event, body=orjson.dumps(body), account_id=account_id)
+    return replace(
+        event,
+        body=orjson.dumps(body),
+        account_id=account_id,
+        traceparent=issue.traceparent,
+        tracestate=issue.tracestate,
+    )
 
 
 def _mail_of(issue: CodeIssue, account: AccountRecord) -> NewMail:
@@ -305,4 +313,6 @@ def _mail_of(issue: CodeIssue, account: AccountRecord) -> NewMail:
         sealed_code=issue.sealed_code,
         expires_at=issue.expires_at,
         created_at=issue.created_at,
+        traceparent=issue.traceparent,
+        tracestate=issue.tracestate,
     )

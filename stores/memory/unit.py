@@ -356,6 +356,8 @@ class MemoryUnitOfWork(MemoryCodeUnit):
                     event.body,
                     event.created_at,
                     tables.last_command_seq,
+                    event.traceparent,
+                    event.tracestate,
                 )
                 tables.outbox[tables.last_seq] = OutboxRow(pending, account_id=event.account_id)
                 tables.event_ids.add(event.event_id)

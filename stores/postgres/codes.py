@@ -62,6 +62,8 @@ class PostgresCodeUnit:
                 [m.sealed_code for m in mails],
                 [m.expires_at for m in mails],
                 [m.created_at for m in mails],
+                [m.traceparent for m in mails],
+                [m.tracestate for m in mails],
             )
 
 
@@ -130,6 +132,8 @@ class PostgresCodeStore:
                 issue.sealed_code,
                 *event_values,
                 *record,
+                issue.traceparent,
+                issue.tracestate,
             )
         return bool(issued)
 

@@ -14,7 +14,8 @@ from stores.postgres.sql import _columns
 from stores.records import AccountRecord
 
 MAIL_COLUMNS = (
-    "message_id, kind, recipient, account_id, display_name, sealed_code, expires_at, created_at"
+    "message_id, kind, recipient, account_id, display_name, sealed_code, expires_at, created_at,"
+    " traceparent, tracestate"
 )
 
 # Fixed windows per tag: a window that started at or before $reset_before starts again at now.
@@ -37,7 +38,7 @@ HIT_LIMITS = _HITS.format(now="$2::timestamptz", tags="$1", reset="$3::timestamp
 #   $1 email_canonical  $2 purpose  $3 mac  $4 now  $5 expires_at  $6 tags  $7 limits
 #   $8 window reset before  $9 unverified_only  $10 message_id  $11 kind  $12 sealed code
 #   $13-$15 event (id, type, body; id NULL: none; its account_id is the account's)
-#   $16-$21 idempotency record (key NULL: none)
+#   $16-$21 idempotency record (key NULL: none)  $22-$23 trace context (traceparent, tracestate)
 ISSUE_CODE = f"""
 WITH hits AS ({_HITS.format(now="$4::timestamptz", tags="$6", reset="$8::timestamptz")}),
 within AS (
@@ -60,14 +61,15 @@ code AS (
 ),
 mail AS (
     INSERT INTO courier_outbox ({MAIL_COLUMNS})
-    SELECT $10::text, $11::text, email, id, display_name, $12::bytea, $5, $4 FROM target
+    SELECT $10::text, $11::text, email, id, display_name, $12::bytea, $5, $4, $22::text, $23::text
+    FROM target
 ),
 events AS (
-    INSERT INTO outbox (event_id, type, body, created_at, account_id)
+    INSERT INTO outbox (event_id, type, body, created_at, account_id, traceparent, tracestate)
     SELECT $13::text, $14::text,
         convert_to(jsonb_set(convert_from($15::bytea, 'UTF8')::jsonb,
                              '{{data,account_id}}', to_jsonb(id))::text, 'UTF8'),
-        $4, id
+        $4, id, $22::text, $23::text
     FROM target WHERE $13::text IS NOT NULL
 ),
 record AS (
@@ -108,9 +110,9 @@ ADD_MAIL = f"""
 INSERT INTO courier_outbox ({MAIL_COLUMNS})
 SELECT {MAIL_COLUMNS}
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bytea[],
-            $7::timestamptz[], $8::timestamptz[]) WITH ORDINALITY AS m
+            $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[]) WITH ORDINALITY AS m
     (message_id, kind, recipient, account_id, display_name, sealed_code, expires_at,
-     created_at, n)
+     created_at, traceparent, tracestate, n)
 ORDER BY n
 """
 

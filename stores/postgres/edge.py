@@ -1,5 +1,7 @@
 """The edge of the PostgreSQL store: asyncpg's exceptions become store errors here, and each
-operation is timed here, so nothing above the store sees a driver type.
+operation is timed here, so nothing above the store sees a driver type. Inside a recorded
+span (an SDK tracer provider is installed, see worker.tracing) each operation is a database
+span too, named after the operation: never a statement's parameters.
 
     asyncpg.UniqueViolationError on accounts_email_canonical_key  -> DuplicateEmailError
     asyncpg.UniqueViolationError on idempotency_pkey              -> DuplicateKeyError
@@ -22,6 +24,8 @@ from time import perf_counter
 from types import TracebackType
 
 import asyncpg
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind
 
 from stores.errors import DuplicateEmailError, DuplicateKeyError, StoreError, TransientStoreError
 
@@ -95,15 +99,33 @@ class Instrument:
         return _Timed(self._observe, operation)
 
 
+_tracer = trace.get_tracer("identity.store")
+_DB_ATTRIBUTES = {"db.system.name": "postgresql"}
+
+
 class _Timed:
-    __slots__ = ("_observe", "_operation", "_started")
+    __slots__ = ("_observe", "_operation", "_span", "_started")
 
     def __init__(self, observe: Observe | None, operation: str) -> None:
         self._observe = observe
         self._operation = operation
         self._started = 0.0
+        self._span: Span | None = None
 
     def __enter__(self) -> None:
+        # Without an SDK nothing is recorded: one isinstance, no span (see worker.tracing).
+        # A batched look-up's query ("batch.…") serves many commands at once: it is no one
+        # command's child, and each command's own wait for it has its span already.
+        if (
+            not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+            and not self._operation.startswith("batch.")
+            and trace.get_current_span().is_recording()
+        ):
+            self._span = _tracer.start_span(
+                f"db {self._operation}",
+                kind=SpanKind.CLIENT,
+                attributes={**_DB_ATTRIBUTES, "db.operation.name": self._operation},
+            )
         self._started = perf_counter()
 
     def __exit__(
@@ -114,6 +136,10 @@ class _Timed:
     ) -> None:
         if self._observe is not None:
             self._observe(self._operation, perf_counter() - self._started)
+        if self._span is not None:
+            if exc is not None:
+                self._span.set_attribute("error.type", type(exc).__name__)
+            self._span.end()
         if exc is not None:
             error = store_error(exc)
             if error is not None:

@@ -123,7 +123,7 @@ GET_IDEMPOTENCY_RECORDS = (
     f"SELECT {IDEMPOTENCY} FROM idempotency WHERE key = ANY($1::text[])"  # batched, as above
 )
 
-# A command's outcome in one statement: its events ($1-$4 and $11, one array per column) and
+# A command's outcome in one statement: its events ($1-$4, $11-$13, one array per column) and
 # its idempotency record ($5-$10; skipped when the key is NULL). A data-modifying CTE always runs to
 # completion, whether or not the main statement reads it. Rows are inserted in ORDER BY order,
 # so the outbox seqs follow the events' order; they share one `command_seq`, drawn once
@@ -135,10 +135,14 @@ WITH command AS MATERIALIZED (
     SELECT nextval('outbox_command_seq') AS command_seq
 ),
 events AS (
-    INSERT INTO outbox (event_id, type, body, created_at, account_id, command_seq)
-    SELECT e.event_id, e.type, e.body, e.created_at, e.account_id, command.command_seq
-    FROM unnest($1::text[], $2::text[], $3::bytea[], $4::timestamptz[], $11::text[])
-        WITH ORDINALITY AS e (event_id, type, body, created_at, account_id, n)
+    INSERT INTO outbox
+        (event_id, type, body, created_at, account_id, command_seq, traceparent, tracestate)
+    SELECT e.event_id, e.type, e.body, e.created_at, e.account_id, command.command_seq,
+        e.traceparent, e.tracestate
+    FROM unnest($1::text[], $2::text[], $3::bytea[], $4::timestamptz[], $11::text[],
+                $12::text[], $13::text[])
+        WITH ORDINALITY AS e (event_id, type, body, created_at, account_id, traceparent,
+                              tracestate, n)
     CROSS JOIN command
     ORDER BY e.n
     RETURNING seq, command_seq
@@ -168,9 +172,10 @@ WITH held AS MATERIALIZED (
     LIMIT $1
     FOR UPDATE SKIP LOCKED
 )
-SELECT held.command_seq, e.seq, e.event_id, e.type, e.body, e.created_at
+SELECT held.command_seq, e.seq, e.event_id, e.type, e.body, e.created_at, e.traceparent,
+    e.tracestate
 FROM held LEFT JOIN LATERAL (
-    SELECT seq, event_id, type, body, created_at FROM outbox
+    SELECT seq, event_id, type, body, created_at, traceparent, tracestate FROM outbox
     WHERE seq BETWEEN held.next_seq AND held.last_seq
       AND command_seq = held.command_seq AND published_at IS NULL
     ORDER BY seq

@@ -348,10 +348,12 @@ class PostgresIdentityStore(PostgresCodeStore):
             with self._timed("claim_events"):
                 rows = await conn.fetch(sql.CLAIM_EVENTS, limit, fetch)
             commands: dict[int, list[PendingEvent]] = {}
-            for command, seq, event_id, type_, body, created_at in rows:
+            for command, seq, event_id, type_, body, created_at, parent, state in rows:
                 claimed = commands.setdefault(command, [])
                 if seq is not None:  # None: a held command with nothing left to publish
-                    claimed.append(PendingEvent(seq, event_id, type_, body, created_at, command))
+                    claimed.append(
+                        PendingEvent(seq, event_id, type_, body, created_at, command, parent, state)
+                    )
             unfinished = [c for c, events in commands.items() if fetch and len(events) == fetch]
             batch = ClaimedBatch(
                 {c: events[:per_command] for c, events in commands.items()}, unfinished

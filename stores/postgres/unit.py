@@ -207,4 +207,6 @@ class PostgresUnitOfWork(PostgresCodeUnit):
                 [e.created_at for e in events],
                 *record,
                 [e.account_id for e in events],
+                [e.traceparent for e in events],
+                [e.tracestate for e in events],
             )

@@ -25,7 +25,15 @@ ACCOUNT_ID = re.compile(r"^acct_[0-9a-z]{26}$")
 SESSION_ID = re.compile(r"^ses_[0-9a-z]{32}$")
 EVENT_ID = re.compile(r"^evt_[0-9a-z]{26}$")
 ARGON2_PREFIX = "$argon2"
-EVENT_FIELDS = {"event_id", "type", "occurred_at", "correlation_id", "causation_id", "data"}
+EVENT_FIELDS = {
+    "event_id",
+    "type",
+    "occurred_at",
+    "correlation_id",
+    "causation_id",
+    "actor",
+    "data",
+}
 
 
 def key(tag: str) -> str:
@@ -140,6 +148,8 @@ def assert_event(
     assert is_utc_offset_time(event["occurred_at"])
     assert event["causation_id"] == causation_id
     assert event["correlation_id"] == correlation_id
+    # Who caused it: the bus's broker user; no `@self` session in these scenarios.
+    assert event["actor"] == {"caller": "guest", "session_id": None}
     assert isinstance(event["data"], dict)
 
 

@@ -45,6 +45,9 @@ class Bus:
     events: list[dict[str, Any]] = field(default_factory=list)
     dead: list[dict[str, Any]] = field(default_factory=list)
     sent: list[Sent] = field(default_factory=list)
+    # The AMQP headers of every reply (by correlation id) and event (by event id).
+    reply_headers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    event_headers: dict[str, dict[str, Any]] = field(default_factory=dict)
     # The AMQP user_id set on every publish: the worker authorises commands by it, and
     # RabbitMQ refuses a publish whose user_id is not the connection's user (the tests
     # connect as guest).
@@ -179,11 +182,14 @@ class Bus:
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         body = orjson.loads(message.body)
+        self.reply_headers[message.correlation_id or ""] = dict(message.headers or {})
         self.replies.setdefault(message.correlation_id or "", []).append(body)
         await self._notify()
 
     async def _on_event(self, message: AbstractIncomingMessage) -> None:
-        self.events.append(orjson.loads(message.body))
+        event = orjson.loads(message.body)
+        self.event_headers[str(event.get("event_id"))] = dict(message.headers or {})
+        self.events.append(event)
         await self._notify()
 
     async def _on_dead(self, message: AbstractIncomingMessage) -> None:
@@ -198,6 +204,7 @@ class Bus:
         correlation_id: str | None = None,
         content_type: str | None = "application/json",
         reply: bool = True,
+        headers: dict[str, Any] | None = None,
     ) -> str:
         """Publish to identity.commands exactly as a caller would; returns the correlation id."""
         correlation_id = correlation_id or uuid.uuid4().hex
@@ -214,6 +221,7 @@ class Bus:
             reply_to=self.reply_queue if reply else None,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             user_id=self.user_id,
+            headers=headers,
         )
         await exchange.publish(message, routing_key=command)
         return correlation_id

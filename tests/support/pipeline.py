@@ -16,7 +16,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 
-from stores import MemoryIdentityStore
+from stores import IdentityStore, MemoryIdentityStore
 from tests.support.memory_broker import MemoryBroker
 from tests.support.workers import (
     TEST_CALLERS,
@@ -82,12 +82,15 @@ def worker_settings(amqp_url: str, **overrides: Any) -> Settings:
 
 
 @asynccontextmanager
-async def running_worker(broker: Broker, **settings: Any) -> AsyncIterator[Worker]:
-    """A worker built by `build()` on the in-memory store and a connection to `broker`,
-    consuming until the block ends; then stopped as SIGTERM stops it."""
+async def running_worker(
+    broker: Broker, *, store: IdentityStore | None = None, **settings: Any
+) -> AsyncIterator[Worker]:
+    """A worker built by `build()` on `store` (the in-memory one unless given) and a
+    connection to `broker`, consuming until the block ends; then stopped as SIGTERM stops
+    it."""
     parts = await build(
         worker_settings(broker.url, **settings),
-        store=MemoryIdentityStore(),
+        store=store if store is not None else MemoryIdentityStore(),
         connection=await broker.connect(),
     )
     worker = Worker(parts)

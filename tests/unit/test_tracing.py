@@ -1,0 +1,117 @@
+"""W3C trace context at the worker's edge (worker.tracing): what a command's headers become on
+what it causes, and what is ignored. No SDK here, except where a test asks for `spans`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from worker import tracing
+
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+PARENT = f"00-{TRACE_ID}-b7ad6b7169203331-01"
+STATE = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
+
+
+def test_a_valid_traceparent_and_tracestate_pass_through_unchanged() -> None:
+    assert tracing.validated({"traceparent": PARENT, "tracestate": STATE}) == (PARENT, STATE)
+    assert tracing.headers((PARENT, STATE)) == {"traceparent": PARENT, "tracestate": STATE}
+
+
+def test_without_an_sdk_no_span_is_recorded() -> None:
+    assert not tracing.recording()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        PARENT.upper(),  # hex is lowercase
+        "ff" + PARENT[2:],  # version ff is invalid
+        f"00-{'0' * 32}-b7ad6b7169203331-01",  # all-zero trace id
+        f"00-{TRACE_ID}-{'0' * 16}-01",  # all-zero span id
+        PARENT + "-extra",  # version 00 has exactly four fields
+        PARENT[:-1],
+        "",
+        "not a traceparent",
+        "00-" + "a" * 5000,
+        12,
+        None,
+        ["00", TRACE_ID],
+        b"\xff\xfe",
+    ],
+)
+def test_a_malformed_traceparent_is_ignored_with_its_tracestate(value: Any) -> None:
+    assert tracing.validated({"traceparent": value, "tracestate": STATE}) == tracing.NO_TRACE
+    assert tracing.headers(tracing.NO_TRACE) is None
+
+
+def test_no_headers_means_no_trace() -> None:
+    assert tracing.validated(None) == tracing.NO_TRACE
+    assert tracing.validated({}) == tracing.NO_TRACE
+    assert tracing.validated({"tracestate": STATE}) == tracing.NO_TRACE
+
+
+def test_a_byte_string_traceparent_is_read_as_ascii() -> None:
+    assert tracing.validated({"traceparent": PARENT.encode()}) == (PARENT, None)
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        "not a valid==state",
+        "a=1,a=2",  # a key twice
+        ",".join(f"k{i}=v" for i in range(33)),  # more than 32 members
+        "k=" + "v" * 600,  # longer than 512 characters
+        "UPPER=1",
+        "k=va=lue",
+    ],
+)
+def test_a_malformed_tracestate_is_dropped_and_the_traceparent_kept(
+    state: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert tracing.validated({"traceparent": PARENT, "tracestate": state}) == (PARENT, None)
+    # Nothing the caller wrote ends up in a log line.
+    assert not caplog.records
+
+
+def test_a_later_version_is_carried_on_as_version_00() -> None:
+    future = "01" + PARENT[2:] + "-more-fields"
+    assert tracing.validated({"traceparent": future}) == (PARENT, None)
+
+
+def test_with_the_sdk_a_publish_gets_a_span_of_its_own_in_the_same_trace(
+    spans: InMemorySpanExporter,
+) -> None:
+    with tracing.publishing("account.created publish", (PARENT, STATE), "identity.events") as sent:
+        pass
+    assert sent is not None
+    (span,) = spans.get_finished_spans()
+    context = span.get_span_context()
+    assert context is not None
+    assert sent["traceparent"].startswith(f"00-{TRACE_ID}-{context.span_id:016x}-")
+    assert sent["traceparent"] != PARENT
+    assert sent["tracestate"] == STATE
+    assert span.parent is not None
+    assert f"{span.parent.span_id:016x}" == PARENT.split("-")[2]
+
+
+def test_without_the_sdk_a_publish_sends_the_stored_trace_as_it_is() -> None:
+    with tracing.publishing("account.created publish", (PARENT, None), "identity.events") as sent:
+        pass
+    assert sent == {"traceparent": PARENT}
+
+
+def test_the_client_sends_the_callers_current_span_and_nothing_without_one() -> None:
+    from opentelemetry import trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    from client.client import _trace_headers
+
+    assert _trace_headers() is None
+    context = SpanContext(
+        int(TRACE_ID, 16), 0xB7AD6B7169203331, is_remote=False, trace_flags=TraceFlags(1)
+    )
+    with trace.use_span(NonRecordingSpan(context)):
+        assert _trace_headers() == {"traceparent": PARENT}
