@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 
 import aio_pika
 import pytest
+from aio_pika.exceptions import ChannelInvalidStateError
 
 from brokers import NodeConnection, connect_any
 from client import IdentityClient, subscribe
@@ -142,8 +143,17 @@ async def test_a_lost_node_is_replaced_by_the_next_and_consumers_come_back(
 
         await eventually(lambda: connection.node == 1 and connection.connected.is_set(), timeout=30)
         assert connection.url.port == 5672
-        # The robust channel and its consumer were restored on the other node.
-        await channel.default_exchange.publish(aio_pika.Message(b"after"), routing_key=name)
+
+        # The robust channel and its consumer are restored on the other node (just after the
+        # connection reports itself connected: until then the channel refuses to publish).
+        async def published() -> bool:
+            try:
+                await channel.default_exchange.publish(aio_pika.Message(b"after"), routing_key=name)
+            except ChannelInvalidStateError:
+                return False
+            return True
+
+        await eventually(published, timeout=30)
         assert await asyncio.wait_for(received.get(), 10) == b"after"
     finally:
         await connection.close()
