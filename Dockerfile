@@ -8,6 +8,7 @@ RUN pip install --no-cache-dir --require-hashes --prefix=/install -r requirement
 COPY pyproject.toml README.md ./
 COPY messages ./messages
 COPY tls ./tls
+COPY brokers ./brokers
 COPY services ./services
 COPY stores ./stores
 COPY worker ./worker

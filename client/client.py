@@ -39,6 +39,7 @@ from aio_pika.exceptions import PublishError
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from pydantic import SecretStr
 
+from brokers import connect_any
 from client._wire import (
     MetadataArg,
     ResultT,
@@ -176,9 +177,10 @@ class IdentityClient:
         An `amqps://` URL verifies the broker's certificate and host name: against `ca_file`
         (PEM) when given, else the system's trust store; or with `ssl_context`, as built (a
         client certificate loaded, say). Either with an `amqp://` URL is a ValueError: TLS
-        would silently not happen."""
+        would silently not happen. `amqp_url` may name the nodes of one cluster, separated by
+        commas: the connection moves to the next node when it loses one (brokers.connect_any)."""
         tls = amqp_connect_kwargs(amqp_url, TlsFiles(ca_file=ca_file), context=ssl_context)
-        connection = await aio_pika.connect_robust(amqp_url, **tls)
+        connection = await connect_any(amqp_url, **tls)
         try:
             async with cls(
                 connection, timeout=timeout, retries=retries, worker_user=worker_user

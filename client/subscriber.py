@@ -19,6 +19,7 @@ from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractQu
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
 
+from brokers import connect_any
 from messages import Event, parse_event
 from messages.topology import EVENTS_EXCHANGE
 from tls import TlsFiles, amqp_connect_kwargs
@@ -56,6 +57,8 @@ async def subscribe(
     """Yield the events whose type matches `event_types` (topic patterns such as
     `session.*`; all events when none is given) from the durable queue `queue`.
 
+    A URL may name the nodes of one cluster, separated by commas (brokers.connect_any).
+
     The queue is the subscriber's own: a durable quorum queue, declared and bound here, that
     keeps events while the subscriber is away. Give each consuming service its own name;
     instances of one service that share a name share the work. With the shipped broker
@@ -79,10 +82,11 @@ async def subscribe(
     if dedupe_window < 1 or prefetch < 1:
         raise ValueError("dedupe_window and prefetch must be >= 1")
     owned = isinstance(amqp_url_or_connection, str)
+    connection: AbstractConnection
     if isinstance(amqp_url_or_connection, str):
         url = amqp_url_or_connection
         tls = amqp_connect_kwargs(url, TlsFiles(ca_file=ca_file), context=ssl_context)
-        connection = await aio_pika.connect_robust(url, **tls)
+        connection = await connect_any(url, **tls)
     elif ssl_context is not None or ca_file is not None:
         raise ValueError("ssl_context and ca_file apply to a URL; this connection is open already")
     else:

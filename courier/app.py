@@ -45,7 +45,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import aio_pika
 import aiormq.exceptions
 from aio_pika.abc import (
     AbstractChannel,
@@ -64,6 +63,7 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
+from brokers import connect_any
 from courier.mail import AddressTagger, InvalidRecipient, build_mail
 from courier.metrics import CourierMetrics, create_courier_metrics, kind_label
 from courier.render import MailRenderer, TemplateProblem
@@ -208,7 +208,7 @@ class Courier:
         self.http_port = self.sidecar.start()
         self._heartbeat = asyncio.create_task(run_heartbeat(self.health), name="heartbeat")
         url = self.settings.amqp_url.get_secret_value()
-        self.connection = await aio_pika.connect_robust(
+        self.connection = await connect_any(
             url,
             client_properties={"connection_name": "identity-courier"},
             **self.settings.amqp_connect_kwargs(),

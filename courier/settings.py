@@ -36,6 +36,7 @@ from urllib.parse import unquote, urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from brokers import check_urls
 from messages.models import _no_control_chars
 from tls import TlsFiles, amqp_connect_kwargs
 from worker.settings import ENV_PREFIX, amqp_transit_problem, env_name, read_settings
@@ -161,12 +162,7 @@ class CourierSettings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _amqp_scheme(cls, value: SecretStr) -> SecretStr:
-        try:
-            scheme = urlsplit(value.get_secret_value()).scheme
-        except ValueError:
-            scheme = ""
-        if scheme not in ("amqp", "amqps"):
-            raise ValueError("must be a URL with scheme amqp or amqps")
+        check_urls(value.get_secret_value())  # one node, or the nodes of one cluster
         return value
 
     @field_validator("smtp_url")

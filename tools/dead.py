@@ -23,10 +23,10 @@ import asyncio
 import sys
 from collections.abc import Awaitable, Callable
 
-import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractQueue
 from aio_pika.exceptions import ChannelNotFoundEntity
 
+from brokers import connect_any
 from client import ErrorReply, IdentityClient, ReplyTimeout, Unroutable
 from messages.topology import DEAD_QUEUE
 from tools.common import (
@@ -56,7 +56,7 @@ def run_dead(args: argparse.Namespace) -> int:
 async def _on_dead_queue(broker: Broker, args: argparse.Namespace, action: Action) -> int:
     url = broker.url
     try:
-        connection = await aio_pika.connect_robust(url, **broker.connect_kwargs())
+        connection = await connect_any(url, **broker.connect_kwargs())
     except BROKER_ERRORS as exc:
         return broker_unreachable(url, exc)
     try:

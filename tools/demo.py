@@ -26,10 +26,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aio_pika
 import orjson
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage
 
+from brokers import connect_any
 from client import IdentityClient, IdentityClientError, NotDeployed
 from messages.topology import COURIER_QUEUE
 from tools.common import (
@@ -238,7 +238,7 @@ async def play(story: Story, timeout_s: float) -> bool:
 async def _demo(broker: Broker, timeout_s: float) -> int:
     url = broker.url
     try:
-        connection = await aio_pika.connect_robust(url, **broker.connect_kwargs())
+        connection = await connect_any(url, **broker.connect_kwargs())
     except BROKER_ERRORS as exc:
         return broker_unreachable(url, exc)
     try:

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-import aio_pika
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 
+from brokers import connect_any
 from messages import GetJwks
 from services.access_tokens import JwtKey
 from services.clock import Clock, SystemClock
@@ -39,7 +39,7 @@ from stores.postgres import PostgresIdentityStore
 from tls import refused_certificate
 from worker.acks import Acknowledger
 from worker.authorise import Authoriser
-from worker.broker import DeadLetters, ReplySender, StoppableRobustConnection
+from worker.broker import DeadLetters, ReplySender
 from worker.courier_relay import CourierRelay, CourierRelayMetrics, declare_courier
 from worker.forwarder import DeadLetterForwarder
 from worker.handlers import handler_table
@@ -324,12 +324,12 @@ async def connect_store(settings: Settings, metrics: Metrics) -> IdentityStore:
 
 
 async def connect_broker(settings: Settings) -> AbstractRobustConnection:
-    """The production broker connection: robust (it reconnects), closed by a cancelled
-    connect (see StoppableRobustConnection), over verified TLS for an amqps:// URL."""
+    """The production broker connection: robust (it reconnects, to the next node of a cluster
+    when IDENTITY_AMQP_URL names several), closed by a cancelled connect (see
+    brokers.NodeConnection), over verified TLS for an amqps:// URL."""
     try:
-        connection: AbstractRobustConnection = await aio_pika.connect_robust(
+        connection = await connect_any(
             settings.amqp_url.get_secret_value(),
-            connection_class=StoppableRobustConnection,
             **settings.amqp_connect_kwargs(),  # amqps://: the broker's certificate verified
         )
     except Exception as exc:

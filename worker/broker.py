@@ -104,20 +104,6 @@ async def publish_confirmed(
         raise aiormq.exceptions.PublishError(confirmation, confirmation.delivery)
 
 
-class StoppableRobustConnection(aio_pika.RobustConnection):
-    """A robust connection that a cancelled connect closes. aio-pika's reconnect task treats
-    a cancelled attempt as a failed one and keeps reconnecting, refusing cancellation itself
-    until the connection is closed: a stop during start-up (broker slow or unreachable) would
-    leave a task that asyncio.run waits for, and the process would never exit."""
-
-    async def connect(self, timeout: aiormq.abc.TimeoutType = None) -> None:  # noqa: ASYNC109
-        try:
-            await super().connect(timeout)
-        except asyncio.CancelledError:
-            await self.close()
-            raise
-
-
 class ReplySender:
     """Sends at most one reply per delivery to its `reply_to`, via the default exchange.
 

@@ -17,6 +17,7 @@ read once, at start-up: a rotated secret takes a restart, as a changed variable 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
@@ -32,6 +33,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from brokers import check_urls, split_urls
 
 # One parser per key, the one the service uses, so a key that loads also works.
 from services.access_tokens import DEFAULT_ISSUER, MAX_TTL_S, JwtKey, parse_jwt_keys
@@ -52,10 +55,15 @@ FILE_SUFFIX = "_FILE"
 # A secret is a URL or a few keys; a file much larger is the wrong file.
 MAX_SECRET_FILE_BYTES = 64 * 1024
 _PG = ("postgresql", "postgres")
-_URL_SCHEMES = {"amqp_url": ("amqp", "amqps"), "database_url": _PG, "migration_database_url": _PG}
+_URL_SCHEMES = {"database_url": _PG, "migration_database_url": _PG}
 # What production cannot run without (contract v2, sections 1 and 4): keys and a caller policy.
 _PRODUCTION_NEEDS = ("signing_keys", "callers", "hmac_key", "jwt_keys")
 _LOG_LEVELS = frozenset({"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"})
+# What a PostgreSQL URL naming several hosts must ask for: the one that takes writes (libpq's
+# and asyncpg's `target_session_attrs`; "primary" means the same to asyncpg).
+_WRITABLE = ("read-write", "primary")
+# Where a list of URLs (IDENTITY_AMQP_URL's nodes) splits: a comma before the next scheme.
+_NEXT_URL = re.compile(r",\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
 # Whether this load checks production's keys (load_settings(keys_needed=False) does not).
 _KEYS_NEEDED: ContextVar[bool] = ContextVar("keys_needed", default=True)
 
@@ -72,7 +80,11 @@ def env_name(field: str) -> str:
 
 def redacted_url(url: str) -> str:
     """`url` with its password (in the authority or a `password=` query parameter) masked,
-    fit for the start-up log line."""
+    fit for the start-up log line; each URL of a comma-separated list so."""
+    return ",".join(_redacted_one(part) for part in _NEXT_URL.split(url))
+
+
+def _redacted_one(url: str) -> str:
     try:
         parts = urlsplit(url)
         netloc = parts.netloc
@@ -88,6 +100,25 @@ def redacted_url(url: str) -> str:
     except ValueError:
         # Unparseable (e.g. a bad port): show nothing of it rather than risk the password.
         return "<unparseable url>"
+
+
+def _check_hosts(url: str) -> None:
+    """A PostgreSQL URL naming several hosts (libpq's `h1:5432,h2:5433` form) must ask for
+    the one that takes writes: asyncpg's default, `any`, keeps the first that answers, which
+    after a failover may be the old primary come back or a standby that refuses writes."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return
+    hostinfo = parts.netloc.rpartition("@")[2]
+    if "," not in hostinfo:
+        return
+    attrs = dict(parse_qsl(parts.query)).get("target_session_attrs")
+    if attrs not in _WRITABLE:
+        raise ValueError(
+            "a URL with several hosts must ask for the writable one:"
+            " add ?target_session_attrs=read-write"
+        )
 
 
 class Settings(BaseSettings):
@@ -257,6 +288,9 @@ class Settings(BaseSettings):
     def _url_scheme(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
         if value is None:
             return None
+        if info.field_name == "amqp_url":
+            check_urls(value.get_secret_value())  # the nodes of one cluster (contract v2, 3)
+            return value
         allowed = _URL_SCHEMES[info.field_name or ""]
         try:
             scheme = urlsplit(value.get_secret_value()).scheme
@@ -264,6 +298,7 @@ class Settings(BaseSettings):
             scheme = ""
         if scheme not in allowed:
             raise ValueError(f"must be a URL with scheme {' or '.join(allowed)}")
+        _check_hosts(value.get_secret_value())
         return value
 
     @field_validator("log_level")
@@ -368,7 +403,7 @@ class Settings(BaseSettings):
         """The worker's own broker user (the user of IDENTITY_AMQP_URL; RabbitMQ's default,
         guest, when the URL names none): the `user_id` of everything the worker publishes."""
         try:
-            user = urlsplit(self.amqp_url.get_secret_value()).username
+            user = urlsplit(split_urls(self.amqp_url.get_secret_value())[0]).username
         except ValueError:
             user = None
         return unquote(user) if user else "guest"

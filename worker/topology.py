@@ -108,7 +108,9 @@ def delivery_count(headers: Mapping[str, Any] | None, *, redelivered: bool) -> i
 
 
 def worker_queue_arguments(delivery_limit: int) -> FieldTable:
-    """The arguments of both worker queues (see the module docstring for why each)."""
+    """The arguments of both worker queues (see the module docstring for why each). No
+    `x-quorum-initial-group-size`: RabbitMQ then gives the queue a replica on every member
+    of the cluster, three of three in tests/faults/test_clusters.py (docs/clusters.md)."""
     return {
         "x-queue-type": "quorum",
         "x-delivery-limit": delivery_limit,

@@ -8,10 +8,12 @@ span too, named after the operation: never a statement's parameters.
     connection lost or refused or left in a broken state, server
     shutting down, database not accepting connections, out of
     resources (disk, memory, connections), statement cancelled or
-    timed out, serialization failure, deadlock, timeout           -> TransientStoreError
-    any other driver error (other constraints, bad input, a write
-    to a read-only server: the pool keeps the connection, so a
-    retry would reach the same server)                            -> StoreError
+    timed out, serialization failure, deadlock, timeout,
+    a write refused by a server that is read-only (a standby, a
+    primary demoted under a connection: the store then expires
+    the pool's connections, so the retry connects again and the
+    URL's target_session_attrs finds the writable host)           -> TransientStoreError
+    any other driver error (other constraints, bad input)         -> StoreError
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.ObjectNotInPrerequisiteStateError,
     asyncpg.SerializationError,
     asyncpg.DeadlockDetectedError,
+    asyncpg.ReadOnlySQLTransactionError,
     asyncpg.InterfaceError,
     # Raised when the server hangs up mid-statement (MagicStack/asyncpg#1069); the pool
     # replaces the connection, so a retry runs on a fresh one.

@@ -152,13 +152,25 @@ class PostgresIdentityStore(PostgresCodeStore):
                 await transaction.start()
             try:
                 yield conn
-            except BaseException:
+            except BaseException as exc:
                 await self._roll_back(conn, transaction)
+                await self._after_failover(exc)
                 raise
             with self._timed("commit"):
                 await transaction.commit()
         finally:
             await self._release(conn)
+
+    async def _after_failover(self, exc: BaseException) -> None:
+        """A write refused as read-only means the pool's connections reach a server that is
+        no longer the primary (after a failover with the old primary still up, or a primary
+        demoted in place): every connection is replaced on its next acquire, so the retry
+        connects afresh and the URL (`target_session_attrs=read-write` with several hosts,
+        or a name that now points at the new primary) finds the writable server. A
+        connection lost to a primary that died is replaced by the pool already."""
+        if isinstance(exc.__cause__, asyncpg.ReadOnlySQLTransactionError):
+            _log.warning("the database refused a write as read-only: reconnecting the pool")
+            await self._pool.expire_connections()
 
     async def _roll_back(self, conn: Any, transaction: Any) -> None:
         try:

@@ -248,3 +248,30 @@ async def test_the_plain_email_counters_of_schema_0001_move_to_keyed_tags(
     refused = await pg_store.reserve_password_attempt(tag(locked), b"new", T0, ThrottleRules())
     assert (refused.allowed, refused.locked) == (False, "email")
     assert await pg_store.adopt_legacy_throttle(tag) == 0
+
+
+async def test_a_write_refused_as_read_only_is_transient_and_the_pool_reconnects(
+    pg_dsn: str,
+) -> None:
+    # A connection left on a server that no longer takes writes (a primary demoted under
+    # it), stood in for by a session whose transactions are read-only.
+    store = await PostgresIdentityStore.connect(pg_dsn, min_size=1, max_size=1)
+    try:
+        pool = store._pool
+        async with pool.acquire() as conn:
+            await conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+            stale_pid = conn.get_server_pid()
+        record = account()
+
+        with pytest.raises(TransientStoreError) as caught:
+            async with store.unit_of_work() as uow:
+                await uow.insert_account(record)
+        assert isinstance(caught.value.__cause__, asyncpg.ReadOnlySQLTransactionError)
+
+        async with store.unit_of_work() as uow:  # the retry, on a fresh connection
+            await uow.insert_account(record)
+        assert await store.get_account(record.id) is not None
+        async with pool.acquire() as conn:
+            assert conn.get_server_pid() != stale_pid
+    finally:
+        await store.close()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -25,7 +26,9 @@ import aio_pika
 import asyncpg
 import pytest
 from aio_pika.exceptions import ChannelNotFoundEntity
+from yarl import URL
 
+from brokers import connect_any
 from client import IdentityClient, subscribe
 from courier.app import Courier
 from courier.settings import CourierSettings, load_courier_settings
@@ -323,6 +326,31 @@ async def test_a_broker_certificate_from_another_ca_is_refused_by_everyone(
 
     # No plain-text fallback: not one connection more than before, TLS or not.
     assert len(stack.broker_connections()) == len(before)
+
+
+async def test_each_node_of_a_list_is_verified_under_its_own_host_name(stack: Stack) -> None:
+    # The certificate is for 127.0.0.1. A first node named "localhost" that does not answer
+    # is passed over, and the next is verified as 127.0.0.1, not as the first node's name.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    first = str(URL(stack.amqps).with_host("localhost").with_port(closed))
+    connection = await connect_any(
+        f"{first},{stack.amqps}", **amqp_connect_kwargs(stack.amqps, stack.files())
+    )
+    try:
+        assert connection.url.host == "127.0.0.1"
+        channel = await connection.channel()
+        await channel.close()
+    finally:
+        await connection.close()
+
+    # A node whose name the certificate does not carry is refused, never used in plain text.
+    wrong_name = stack.rabbit.tls_url(1, "localhost")
+    with pytest.raises(Exception) as refused:  # noqa: PT011
+        async with IdentityClient.connect(f"{first},{wrong_name}", ca_file=str(stack.ca)):
+            pass
+    _refused(refused, "Hostname mismatch")
 
 
 async def test_the_system_store_does_not_trust_a_private_ca(stack: Stack) -> None:

@@ -15,6 +15,7 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from yarl import URL
 
+from brokers import connect_any, split_urls
 from messages.topology import COMMANDS_EXCHANGE, DEAD_EXCHANGE, DEAD_QUEUE, EVENTS_EXCHANGE
 
 
@@ -55,15 +56,22 @@ class Bus:
 
     @classmethod
     async def open(
-        cls, amqp_url: str, *, capture_dead: bool = True, durable: str | None = None
+        cls,
+        amqp_url: str,
+        *,
+        capture_dead: bool = True,
+        durable: str | None = None,
+        quorum: bool = False,
     ) -> Bus:
         """With `durable` (a name prefix), the reply, event and dead-letter captures are
         durable named queues consumed with acks, so that they survive the broker closing the
-        connection: nothing published while the bus reconnects is lost."""
-        user = URL(amqp_url).user or "guest"
+        connection: nothing published while the bus reconnects is lost. With `quorum` too,
+        they are quorum queues, which also outlive the loss of a node of a cluster.
+        `amqp_url` may name several nodes of one cluster (brokers.connect_any)."""
+        user = URL(split_urls(amqp_url)[0]).user or "guest"
         if durable is not None:
-            return await cls._open_durable(amqp_url, durable, capture_dead, user)
-        connection = await aio_pika.connect_robust(amqp_url)
+            return await cls._open_durable(amqp_url, durable, capture_dead, user, quorum)
+        connection = await connect_any(amqp_url)
         return await cls.attach(connection, capture_dead=capture_dead, user=user)
 
     @classmethod
@@ -89,22 +97,27 @@ class Bus:
         return bus
 
     @classmethod
-    async def _open_durable(cls, amqp_url: str, prefix: str, capture_dead: bool, user: str) -> Bus:
-        connection = await aio_pika.connect_robust(
-            amqp_url, client_properties={"connection_name": prefix}
-        )
+    async def _open_durable(
+        cls, amqp_url: str, prefix: str, capture_dead: bool, user: str, quorum: bool
+    ) -> Bus:
+        connection = await connect_any(amqp_url, client_properties={"connection_name": prefix})
+        arguments = {"x-queue-type": "quorum"} if quorum else None
         channel = await connection.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=1000)
-        replies = await channel.declare_queue(f"{user}.{prefix}.replies", durable=True)
+        replies = await channel.declare_queue(
+            f"{user}.{prefix}.replies", durable=True, arguments=arguments
+        )
         bus = cls(connection, channel, replies.name, user=user, user_id=user)
         await replies.consume(_acking(bus._on_reply))
         events_x = await channel.declare_exchange(EVENTS_EXCHANGE, "topic", durable=True)
-        captured = await channel.declare_queue(f"{prefix}.events", durable=True)
+        captured = await channel.declare_queue(
+            f"{prefix}.events", durable=True, arguments=arguments
+        )
         await captured.bind(events_x, "#")
         await captured.consume(_acking(bus._on_event))
         if capture_dead:
             dead_x = await channel.declare_exchange(DEAD_EXCHANGE, "fanout", durable=True)
-            copy = await channel.declare_queue(f"{prefix}.dead", durable=True)
+            copy = await channel.declare_queue(f"{prefix}.dead", durable=True, arguments=arguments)
             await copy.bind(dead_x)
             await copy.consume(_acking(bus._on_dead))
         return bus

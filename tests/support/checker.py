@@ -26,7 +26,7 @@ import asyncio
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,11 +65,14 @@ def rabbitmqctl(*args: str, timeout: float = 60.0) -> str:
     return done.stdout
 
 
-def queue_depths(vhost: str) -> dict[str, tuple[int, int]]:
-    """{queue: (ready, unacknowledged)} for every queue of `vhost`."""
-    out = rabbitmqctl(
-        "list_queues", "-q", "-p", vhost, "name", "messages_ready", "messages_unacknowledged"
-    )
+# Runs `rabbitmqctl ARGS` against some broker and returns its output: the machine's node
+# (`rabbitmqctl`), or a node of a test's own cluster (tests.support.clusters.RabbitCluster.ctl).
+Ctl = Callable[..., str]
+
+
+def queue_depths(vhost: str, ctl: Ctl = rabbitmqctl) -> dict[str, tuple[int, int]]:
+    """{queue: (ready, unacknowledged)} for every queue of `vhost`, as `ctl`'s broker says."""
+    out = ctl("list_queues", "-q", "-p", vhost, "name", "messages_ready", "messages_unacknowledged")
     depths = {}
     for line in out.splitlines():
         parts = line.split("\t")
@@ -78,12 +81,14 @@ def queue_depths(vhost: str) -> dict[str, tuple[int, int]]:
     return depths
 
 
-async def wait_queues_empty(vhost: str, timeout: float = 30.0) -> dict[str, tuple[int, int]]:
+async def wait_queues_empty(
+    vhost: str, timeout: float = 30.0, ctl: Ctl = rabbitmqctl
+) -> dict[str, tuple[int, int]]:
     """Poll until every queue but the dead-letter one is empty and fully acked; the last
     depths seen either way."""
     deadline = time.monotonic() + timeout
     while True:
-        depths = await asyncio.to_thread(queue_depths, vhost)
+        depths = await asyncio.to_thread(queue_depths, vhost, ctl)
         stuck = {q: d for q, d in depths.items() if q != DEAD_QUEUE and d != (0, 0)}
         if not stuck or time.monotonic() > deadline:
             return depths
@@ -130,6 +135,7 @@ class Checker:
         logs: Iterable[str] = (),
         metrics: Iterable[str] = (),
         expect_dead_letters: bool = False,
+        ctl: Ctl = rabbitmqctl,
     ) -> None:
         self.bus = bus
         self.dsn = dsn
@@ -138,6 +144,7 @@ class Checker:
         self.logs = list(logs)
         self.metrics = list(metrics)
         self.expect_dead_letters = expect_dead_letters
+        self.ctl = ctl  # where the queue depths are asked (the broker of `vhost`)
         self.report = Report()
 
     async def run(self, settle_timeout: float = 45.0) -> Report:
@@ -391,7 +398,7 @@ class Checker:
     # -- broker -----------------------------------------------------------------------------
 
     async def _check_queues(self, timeout: float) -> None:
-        depths = await wait_queues_empty(self.vhost, timeout)
+        depths = await wait_queues_empty(self.vhost, timeout, self.ctl)
         stuck = {q: d for q, d in depths.items() if q != DEAD_QUEUE and d != (0, 0)}
         for queue, (ready, unacked) in stuck.items():
             self.report.problem(f"queue {queue}: {ready} ready, {unacked} unacknowledged")

@@ -18,6 +18,7 @@ import yaml
 from kubernetes_validate.utils import all_versions
 from prometheus_client import generate_latest
 
+from brokers import split_urls
 from courier.metrics import CourierMetrics, create_courier_metrics
 from courier.settings import CourierSettings, load_courier_settings
 from services.access_tokens import format_jwt_key, new_jwt_key
@@ -686,3 +687,34 @@ def test_the_scaled_object_scales_the_worker_on_both_command_queues() -> None:
         assert [r["parameter"] for r in auth["spec"]["secretTargetRef"]] == ["host"]
         queues.add(metadata["queueName"])
     assert queues == {FAST_QUEUE, PASSWORD_QUEUE}
+
+
+# -- the example Secrets, as written, start both in production --------------------------------
+
+# What replaces the example's key placeholders: each deployment makes its own keys.
+FRESH_KEYS = {
+    "signing-keys": lambda: format_signing_key(new_signing_key()),
+    "hmac-key": new_hmac_key,
+    "jwt-keys": lambda: format_jwt_key(new_jwt_key()),
+}
+
+
+def test_the_manifests_with_the_example_secrets_as_written_load_in_production(
+    tmp_path: Path,
+) -> None:
+    """Everything as secrets.example.yaml writes it (URLs, schemes, hosts), but for the key
+    placeholders, replaced by keys made here: the worker loads with its keys checked, in
+    production mode, and both see the cluster forms of contract v2, section 3."""
+    worker_env = _deployed_env("identity-worker", tmp_path)
+    for name, (_, key) in secret_files("identity-worker").items():
+        if key in FRESH_KEYS:
+            (tmp_path / key).write_text(FRESH_KEYS[key]())
+            worker_env[name] = str(tmp_path / key)
+
+    settings = load_settings(worker_env)
+
+    assert settings.dev_mode is False
+    assert len(split_urls(settings.amqp_url.get_secret_value())) == 3
+    assert "target_session_attrs=read-write" in settings.database_url.get_secret_value()
+    courier = load_courier_settings(_deployed_env("identity-courier", tmp_path))
+    assert len(split_urls(courier.amqp_url.get_secret_value())) == 3

@@ -13,12 +13,13 @@ ROOT = Path(__file__).resolve().parents[2]
 DESIGN = ROOT / "docs" / "design.md"
 
 # The project's own rooms, in the map's order; tests may import any of them.
-ROOMS = ("messages", "tls", "services", "stores", "worker", "courier", "client", "tools")
+ROOMS = ("messages", "tls", "brokers", "services", "stores", "worker", "courier", "client", "tools")
 
 # What each room never imports: the map's "never imports" column, kept in step by a test.
 FORBIDDEN = {
     "messages": {
         "tls",
+        "brokers",
         "services",
         "stores",
         "worker",
@@ -32,6 +33,7 @@ FORBIDDEN = {
     # Encryption in transit, shared by everyone who connects: the standard library only.
     "tls": {
         "messages",
+        "brokers",
         "services",
         "stores",
         "worker",
@@ -42,8 +44,22 @@ FORBIDDEN = {
         "aiormq",
         "asyncpg",
     },
+    # Connecting to the nodes of a RabbitMQ cluster (aio-pika), shared by every room that talks
+    # to the broker: it takes the TLS arguments as they come, and imports nothing of the project.
+    "brokers": {
+        "messages",
+        "tls",
+        "services",
+        "stores",
+        "worker",
+        "courier",
+        "client",
+        "tools",
+        "asyncpg",
+    },
     "services": {
         "tls",
+        "brokers",
         "worker",
         "courier",
         "client",
@@ -53,7 +69,17 @@ FORBIDDEN = {
         "asyncpg",
         "prometheus_client",
     },
-    "stores": {"tls", "services", "worker", "courier", "client", "tools", "aio_pika", "aiormq"},
+    "stores": {
+        "tls",
+        "brokers",
+        "services",
+        "worker",
+        "courier",
+        "client",
+        "tools",
+        "aio_pika",
+        "aiormq",
+    },
     "worker": {"courier", "client", "tools", "aiosmtplib", "jinja2"},
     # The mail sender reads identity.courier and talks SMTP: no rules, no store, no database.
     "courier": {"services", "stores", "client", "tools", "asyncpg"},

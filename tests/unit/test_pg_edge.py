@@ -32,7 +32,7 @@ def _unique(constraint: str) -> asyncpg.UniqueViolationError:
         (asyncpg.DiskFullError("no space left on device"), TransientStoreError),
         (asyncpg.OutOfMemoryError("out of memory"), TransientStoreError),
         (asyncpg.QueryCanceledError("statement timeout"), TransientStoreError),
-        (asyncpg.ReadOnlySQLTransactionError("read-only transaction"), StoreError),
+        (asyncpg.ReadOnlySQLTransactionError("read-only transaction"), TransientStoreError),
         (asyncpg.InterfaceError("connection is closed"), TransientStoreError),
         (asyncpg.DataError("cannot encode"), StoreError),  # client-side: retrying cannot help
         (TimeoutError(), TransientStoreError),

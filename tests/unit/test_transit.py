@@ -177,7 +177,7 @@ def test_allow_plaintext_lets_production_use_a_plain_text_database() -> None:
         "postgresql://postgres@[::1]:5432/identity",
         "postgresql:///identity",
         "postgresql:///identity?host=/var/run/postgresql",
-        "postgresql://postgres@127.0.0.1:5441,127.0.0.1:5442/identity",
+        "postgresql://postgres@127.0.0.1:5441,127.0.0.1:5442/identity?target_session_attrs=read-write",
     ],
 )
 def test_plain_text_to_loopback_or_a_socket_is_allowed(url: str) -> None:
