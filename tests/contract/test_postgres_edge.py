@@ -275,3 +275,24 @@ async def test_a_write_refused_as_read_only_is_transient_and_the_pool_reconnects
             assert conn.get_server_pid() != stale_pid
     finally:
         await store.close()
+
+
+async def test_the_purged_tables_are_vacuumed_at_two_percent_not_a_fifth(pg_dsn: str) -> None:
+    """The purge deletes all day: each purged table carries its own autovacuum thresholds
+    (0010), or its dead rows would pile up for hours between PostgreSQL's default runs."""
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT relname, reloptions FROM pg_class WHERE relkind = 'r' AND relname = ANY($1)",
+            ["idempotency", "outbox", "sessions", "courier_outbox"],
+        )
+    finally:
+        await conn.close()
+    options = {row["relname"]: set(row["reloptions"] or ()) for row in rows}
+    assert set(options) == {"idempotency", "outbox", "sessions", "courier_outbox"}
+    for table, set_on in options.items():
+        assert {
+            "autovacuum_vacuum_scale_factor=0.02",
+            "autovacuum_vacuum_insert_scale_factor=0.02",
+            "autovacuum_analyze_scale_factor=0.02",
+        } <= set_on, table
