@@ -3,7 +3,7 @@ RabbitMQ node and a PostgreSQL server started for the run with certificates from
 CA (the same nodes as tests/integration/test_tls.py: scripts/rabbit-cluster.sh with one node
 and a TLS listener, scripts/pg-failover.sh without a standby, `ssl = on`).
 
-    .venv/bin/python bench/tls.py --connects 50
+    .venv/bin/python bench/tls_handshake.py --connects 50
 
 For each of AMQP plain, AMQP over TLS with the context built once (what the worker's robust
 connection does on every reconnect), AMQP over TLS with a new context each time (what a
