@@ -20,6 +20,7 @@ broker's queueing, the worker and the reply's way back.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -91,7 +92,10 @@ class LoadGenerator:
         self.connection = await aiormq.connect(self._url)
         self._publish = await self.connection.channel(publisher_confirms=True)
         self._replies = await self.connection.channel()
-        declared = await self._replies.queue_declare("", exclusive=True, auto_delete=True)
+        # A caller is answered only in its own namespace (`<user_id>.`): a broker-named
+        # `amq.gen-...` queue is refused as reply_to under a caller policy.
+        name = f"{self.user}.bench.{secrets.token_hex(6)}"
+        declared = await self._replies.queue_declare(name, exclusive=True, auto_delete=True)
         assert declared.queue is not None
         self.reply_queue = declared.queue
         await self._replies.basic_consume(self.reply_queue, self._on_reply, no_ack=True)
