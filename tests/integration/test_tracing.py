@@ -149,3 +149,45 @@ async def test_without_the_sdk_no_span_is_made_and_the_trace_passes_through(
         finally:
             await bus.close()
     assert bus.reply_headers[correlation_id] == {"traceparent": parent}
+
+
+async def test_a_query_is_its_command_span_alone_and_its_reply_names_it(
+    spans: InMemorySpanExporter, private_amqp_url: str
+) -> None:
+    sampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    async with running_worker(Broker.rabbitmq(private_amqp_url)):
+        bus = await Bus.open(private_amqp_url)
+        try:
+            correlation_id = await bus.publish(
+                "account.get",
+                {"payload": {"account_id": "acct_" + "0" * 26}},
+                headers={"traceparent": sampled},
+            )
+            await bus.reply(correlation_id)
+        finally:
+            await bus.close()
+    (command,) = spans.get_finished_spans()
+    assert command.name == "account.get process"
+    assert f"{_parent_of(command):016x}" == sampled.split("-")[2]
+    assert command.attributes is not None
+    assert command.attributes["identity.outcome"] == "not_found"
+    assert bus.reply_headers[correlation_id] == {"traceparent": traceparent(command)}
+
+
+async def test_a_trace_the_caller_left_out_makes_no_span_and_passes_through(
+    spans: InMemorySpanExporter, private_amqp_url: str
+) -> None:
+    unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+    async with running_worker(Broker.rabbitmq(private_amqp_url)):
+        bus = await Bus.open(private_amqp_url)
+        try:
+            correlation_id = await bus.publish(
+                "account.get",
+                {"payload": {"account_id": "acct_" + "0" * 26}},
+                headers={"traceparent": unsampled},
+            )
+            await bus.reply(correlation_id)
+        finally:
+            await bus.close()
+    assert spans.get_finished_spans() == ()
+    assert bus.reply_headers[correlation_id] == {"traceparent": unsampled}
