@@ -21,9 +21,9 @@ Every traced call has a trace id of its own (a caller's requests are separate tr
     .venv/bin/python bench/tracing.py --micro
 
 measures the pieces in this process instead, CPU per call: checking a command's trace headers
-without an SDK (`worker.tracing.validated`), and a command span started and ended with the SDK
-installed, recorded (and encoded as OTLP protobuf, as the exporter does) or left out by a
-one-in-ten sampler.
+without an SDK (`worker.tracing.validated`), and with the SDK installed the worker's path for a
+command whose caller sampled it (its span started, ended and encoded as OTLP protobuf, as the
+exporter does) or left it out (no span).
 
 In each mode, after a warm-up, 64 concurrent tasks call `session.verify` for a fixed span; the
 worker's CPU per verify (its process only: the cost tracing adds is the worker's) and the
@@ -234,43 +234,51 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def micro(calls: int = 20_000) -> dict[str, float]:
     """CPU per call of the pieces, in this process (see the module docstring)."""
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-    from opentelemetry.sdk.trace import TracerProvider, sampling
+    from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import (
         BatchSpanProcessor,
         SpanExporter,
         SpanExportResult,
     )
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
     from worker import tracing
+    from worker.processor import _span_attributes
 
     class Encoding(SpanExporter):
         def export(self, spans: Any) -> SpanExportResult:
             encode_spans(spans).SerializeToString()
             return SpanExportResult.SUCCESS
 
-    headers = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+    def caller(sampled: bool) -> dict[str, str]:
+        flags = "01" if sampled else "00"
+        return {"traceparent": f"00-{random.getrandbits(128) | 1:032x}-00f067aa0ba902b7-{flags}"}
+
     result: dict[str, float] = {}
+    headers = caller(True)
     started = time.process_time()
     for _ in range(calls):
         tracing.validated(headers)
     result["validate_headers_us"] = round((time.process_time() - started) / calls * 1e6, 2)
-    for name, sampler in (
-        ("recorded_span_us", sampling.ALWAYS_ON),
-        ("sampled_out_span_us", sampling.TraceIdRatioBased(0.1)),
-    ):
-        provider = TracerProvider(sampler=sampler)
-        provider.add_span_processor(BatchSpanProcessor(Encoding()))
-        tracer = provider.get_tracer("bench")
+    attributes = _span_attributes("session.verify")
+    # The worker's path for a command (worker.processor): checked, then a span, or none.
+    for name, sampled in (("command_span_us", True), ("left_out_us", False)):
+        provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(1.0)))
+        # A queue for all of them: none dropped, every one encoded.
+        provider.add_span_processor(BatchSpanProcessor(Encoding(), max_queue_size=calls))
+        trace._TRACER_PROVIDER = provider  # the process's provider, for this measurement only
+        messages = [caller(sampled) for _ in range(calls)]
         started = time.process_time()
-        for _ in range(calls):
-            parent = tracing.extract(
-                {"traceparent": f"00-{random.getrandbits(128) | 1:032x}-00f067aa0ba902b7-01"}
-            )
-            with tracer.start_as_current_span("session.verify process", context=parent):
-                tracing.current()
+        for message in messages:
+            parent = tracing.validated(message)
+            if tracing.left_out(parent):
+                continue
+            with tracing.CommandSpan("session.verify process", parent, attributes, current=False):
+                pass
         provider.force_flush()
         result[name] = round((time.process_time() - started) / calls * 1e6, 2)
         provider.shutdown()
+        trace._TRACER_PROVIDER = None
     return result
 
 
