@@ -11,9 +11,17 @@ Two modes, chosen by the process's tracer provider (`recording()`):
   caller's headers are validated and passed through unchanged (same span id): a few
   microseconds per command, nothing else.
 - **SDK configured** (`IDENTITY_OTLP_TRACES_URL`, or a provider installed before the worker is
-  built, as tests do): a span per command, child of the caller's, with the database spans
-  (stores.postgres) and the reply's publish span beneath it; each hop's headers name the span
-  that sent it, so the trace id stays and the span id moves on.
+  built, as tests do): a span per command the caller sampled, child of the caller's. A state
+  change has its database spans (stores.postgres) and its publish spans (reply, events,
+  courier messages) beneath it; a query (`session.verify`, `account.get`, ...) is its command
+  span alone, and its reply names that span. Each hop's headers name the span that sent it,
+  so the trace id stays and the span id moves on. A trace the caller left out (sampled flag
+  off) is passed on as without an SDK: no span, not even one the sampler drops.
+
+Why so few spans: each recorded span costs the worker's process some 45 µs of CPU (the SDK's
+span object, its attributes, the batch processor and the OTLP encoding on the exporter's
+thread, which shares the GIL), against some 500 µs for a whole `session.verify`
+(BENCHMARKS.md, "Trace context and spans").
 
 A malformed `traceparent` (wrong shape, version `ff`, all-zero ids) is ignored, and its
 `tracestate` with it: never an error, never a crash. Span attributes name commands, queues
