@@ -10,9 +10,10 @@ run to run so that no mode always runs first or last:
 - **off**: commands without a `traceparent`, no SDK: the ceiling of the run.
 - **headers**: every command carries a `traceparent` (the caller has a current span), no SDK
   in the worker: validated and passed on to the reply.
-- **spans**: the same commands, and the worker records spans (`IDENTITY_OTLP_TRACES_URL`, the
-  `tracing` extra): a command span, database spans and the reply's publish span, exported in
-  batches over OTLP/HTTP to a sink in this process that answers 200 and keeps nothing.
+- **spans**: the same commands, every trace sampled by the caller, and the worker records
+  spans (`IDENTITY_OTLP_TRACES_URL`, the `tracing` extra): a verify is its command span alone,
+  exported in batches over OTLP/HTTP to a sink in this process that answers 200 and keeps
+  nothing.
 - **sampled**: the same worker (default sampler: follow the caller), and the caller samples
   one trace in ten: nine commands in ten carry a `traceparent` whose sampled flag is off.
 

@@ -95,10 +95,12 @@ def _sdk(provider: trace.TracerProvider) -> tuple[trace.Tracer, bool]:
     """The provider's own tracer (not the API's proxy, one indirection less per span), and
     whether its sampler follows the caller's sampled flag (the SDK's default, and
     `configure`'s)."""
-    from opentelemetry.sdk.trace.sampling import ParentBased
-
-    sampler = getattr(provider, "sampler", None)
-    return provider.get_tracer("identity.worker"), isinstance(sampler, ParentBased)
+    tracer = provider.get_tracer("identity.worker")
+    try:
+        from opentelemetry.sdk.trace.sampling import ParentBased
+    except ImportError:  # a provider of another make: its sampler is its own business
+        return tracer, False
+    return tracer, isinstance(getattr(provider, "sampler", None), ParentBased)
 
 
 def left_out(value: Trace) -> bool:

@@ -164,3 +164,17 @@ def test_a_command_span_records_the_failure_that_ends_it(spans: InMemorySpanExpo
     (span,) = spans.get_finished_spans()
     assert span.attributes == {"error.type": "ConnectionError"}
     assert not span.status.is_ok
+
+
+def test_a_sampler_that_does_not_follow_the_caller_still_decides() -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+
+    unsampled = f"00-{TRACE_ID}-b7ad6b7169203331-00"
+    previous = trace._TRACER_PROVIDER
+    trace._TRACER_PROVIDER = TracerProvider(sampler=ALWAYS_ON)
+    try:
+        assert not tracing.left_out((unsampled, None))
+    finally:
+        trace._TRACER_PROVIDER = previous
