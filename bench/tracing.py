@@ -10,20 +10,21 @@ run to run so that no mode always runs first or last:
 - **off**: commands without a `traceparent`, no SDK: the ceiling of the run.
 - **headers**: every command carries a `traceparent` (the caller has a current span), no SDK
   in the worker: validated and passed on to the reply.
-- **spans**: the same commands, and the worker records spans (`IDENTITY_OTLP_TRACES_URL`, the
-  `tracing` extra): a command span, database spans and the reply's publish span, exported in
-  batches over OTLP/HTTP to a sink in this process that answers 200 and keeps nothing.
-- **sampled**: the same, with the SDK's sampler keeping one trace in ten
-  (`OTEL_TRACES_SAMPLER=traceidratio`, `OTEL_TRACES_SAMPLER_ARG=0.1`).
+- **spans**: the same commands, every trace sampled by the caller, and the worker records
+  spans (`IDENTITY_OTLP_TRACES_URL`, the `tracing` extra): a verify is its command span alone,
+  exported in batches over OTLP/HTTP to a sink in this process that answers 200 and keeps
+  nothing.
+- **sampled**: the same worker (default sampler: follow the caller), and the caller samples
+  one trace in ten: nine commands in ten carry a `traceparent` whose sampled flag is off.
 
 Every traced call has a trace id of its own (a caller's requests are separate traces).
 
     .venv/bin/python bench/tracing.py --micro
 
 measures the pieces in this process instead, CPU per call: checking a command's trace headers
-without an SDK (`worker.tracing.validated`), and a command span started and ended with the SDK
-installed, recorded (and encoded as OTLP protobuf, as the exporter does) or left out by a
-one-in-ten sampler.
+without an SDK (`worker.tracing.validated`), and with the SDK installed the worker's path for a
+command whose caller sampled it (its span started, ended and encoded as OTLP protobuf, as the
+exporter does) or left it out (no span).
 
 In each mode, after a warm-up, 64 concurrent tasks call `session.verify` for a fixed span; the
 worker's CPU per verify (its process only: the cost tracing adds is the worker's) and the
@@ -53,6 +54,8 @@ from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The checkout first: its `tls` package, not the bench script of that name beside this one.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from env import CpuMeter, Sandbox, WorkerProcess, git_head, worker_env
 
@@ -60,9 +63,8 @@ from client import IdentityClient
 from services.tokens import format_signing_key, new_signing_key
 
 MODES = ("off", "headers", "spans", "sampled")
-# The `sampled` mode: the SDK's own sampler setting, consistent on the trace id (a caller
-# that samples by the same ratio keeps whole traces).
-SAMPLED = {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
+# The `sampled` mode: the share of its traces the caller samples (the worker follows it).
+SAMPLED_SHARE = 0.1
 WINDOW = 64
 SPAN_S = 8.0
 WARM_UP_S = 2.0
@@ -99,17 +101,18 @@ def otlp_sink() -> Iterator[ThreadingHTTPServer]:
 
 
 @contextlib.contextmanager
-def caller_span(traced: bool) -> Iterator[None]:
-    """A current span as a traced caller has one (sampled, a trace of its own), so the client
-    sends its `traceparent`; nothing when not `traced`."""
+def caller_span(traced: bool, share: float = 1.0) -> Iterator[None]:
+    """A current span as a traced caller has one (a trace of its own, sampled with probability
+    `share`), so the client sends its `traceparent`; nothing when not `traced`."""
     if not traced:
         yield
         return
+    sampled = share >= 1.0 or random.random() < share
     context = SpanContext(
         trace_id=random.getrandbits(128) | 1,
         span_id=random.getrandbits(64) | 1,
         is_remote=False,
-        trace_flags=TraceFlags(TraceFlags.SAMPLED),
+        trace_flags=TraceFlags(TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT),
     )
     with trace.use_span(NonRecordingSpan(context)):
         yield
@@ -121,7 +124,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def closed_loop(
-    client: IdentityClient, token: str, meter: CpuMeter, traced: bool
+    client: IdentityClient, token: str, meter: CpuMeter, traced: bool, share: float
 ) -> dict[str, Any]:
     done: list[float] = []
     measuring = False
@@ -130,7 +133,7 @@ async def closed_loop(
     async def slot() -> None:
         while not stop:
             started = time.perf_counter()
-            with caller_span(traced):
+            with caller_span(traced, share):
                 await client.verify_session(token)
             if measuring:
                 done.append(time.perf_counter() - started)
@@ -160,8 +163,6 @@ async def one_mode(
     sandbox: Sandbox, keys: str, mode: str, sink_url: str, log: Path
 ) -> dict[str, Any]:
     extra = {"IDENTITY_OTLP_TRACES_URL": sink_url} if mode in ("spans", "sampled") else {}
-    if mode == "sampled":
-        extra |= SAMPLED
     worker = WorkerProcess(worker_env(sandbox, keys, **extra), log)
     try:
         worker.start()
@@ -173,7 +174,8 @@ async def one_mode(
                 reply = await client.send_traced("session.verify", {"token": token})
             if (reply.traceparent is not None) != (mode != "off"):
                 raise RuntimeError(f"mode {mode}: the reply's traceparent is {reply.traceparent}")
-            return await closed_loop(client, token, meter, traced=mode != "off")
+            share = SAMPLED_SHARE if mode == "sampled" else 1.0
+            return await closed_loop(client, token, meter, traced=mode != "off", share=share)
     finally:
         worker.stop()
 
@@ -233,43 +235,51 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def micro(calls: int = 20_000) -> dict[str, float]:
     """CPU per call of the pieces, in this process (see the module docstring)."""
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-    from opentelemetry.sdk.trace import TracerProvider, sampling
+    from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import (
         BatchSpanProcessor,
         SpanExporter,
         SpanExportResult,
     )
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
     from worker import tracing
+    from worker.processor import _span_attributes
 
     class Encoding(SpanExporter):
         def export(self, spans: Any) -> SpanExportResult:
             encode_spans(spans).SerializeToString()
             return SpanExportResult.SUCCESS
 
-    headers = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
+    def caller(sampled: bool) -> dict[str, str]:
+        flags = "01" if sampled else "00"
+        return {"traceparent": f"00-{random.getrandbits(128) | 1:032x}-00f067aa0ba902b7-{flags}"}
+
     result: dict[str, float] = {}
+    headers = caller(True)
     started = time.process_time()
     for _ in range(calls):
         tracing.validated(headers)
     result["validate_headers_us"] = round((time.process_time() - started) / calls * 1e6, 2)
-    for name, sampler in (
-        ("recorded_span_us", sampling.ALWAYS_ON),
-        ("sampled_out_span_us", sampling.TraceIdRatioBased(0.1)),
-    ):
-        provider = TracerProvider(sampler=sampler)
-        provider.add_span_processor(BatchSpanProcessor(Encoding()))
-        tracer = provider.get_tracer("bench")
+    attributes = _span_attributes("session.verify")
+    # The worker's path for a command (worker.processor): checked, then a span, or none.
+    for name, sampled in (("command_span_us", True), ("left_out_us", False)):
+        provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(1.0)))
+        # A queue for all of them: none dropped, every one encoded.
+        provider.add_span_processor(BatchSpanProcessor(Encoding(), max_queue_size=calls))
+        trace._TRACER_PROVIDER = provider  # the process's provider, for this measurement only
+        messages = [caller(sampled) for _ in range(calls)]
         started = time.process_time()
-        for _ in range(calls):
-            parent = tracing.extract(
-                {"traceparent": f"00-{random.getrandbits(128) | 1:032x}-00f067aa0ba902b7-01"}
-            )
-            with tracer.start_as_current_span("session.verify process", context=parent):
-                tracing.current()
+        for message in messages:
+            parent = tracing.validated(message)
+            if tracing.left_out(parent):
+                continue
+            with tracing.CommandSpan("session.verify process", parent, attributes, current=False):
+                pass
         provider.force_flush()
         result[name] = round((time.process_time() - started) / calls * 1e6, 2)
         provider.shutdown()
+        trace._TRACER_PROVIDER = None
     return result
 
 

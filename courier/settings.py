@@ -146,6 +146,9 @@ class CourierSettings(BaseSettings):
     use_uvloop: bool = True
     # Spans (worker.tracing): exported over OTLP/HTTP here; unset, none are recorded.
     otlp_traces_url: str | None = None
+    # The share of traces started here (mails without a trace) that are kept; a mail's trace
+    # is recorded when the command that caused it was, whatever this says.
+    traces_sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
 
     @classmethod
     def settings_customise_sources(

@@ -20,9 +20,13 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from tools.arguments import positive_seconds
 from worker.settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from courier.settings import CourierSettings
 
 
 def _settings_or_exit(*, keys_needed: bool = True) -> Settings:
@@ -45,7 +49,7 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"identity-worker: bad settings: IDENTITY_AUDIT_LOG: {exc}", file=sys.stderr)
         return 2
-    if not _tracing_configured(settings.otlp_traces_url, "identity-worker"):
+    if not _tracing_configured(settings, "identity-worker"):
         return 2
     if settings.use_uvloop:
         import uvloop
@@ -72,7 +76,7 @@ def _courier(args: argparse.Namespace) -> int:
     from worker.logs import configure_logging
 
     configure_logging(settings.log_level)
-    if not _tracing_configured(settings.otlp_traces_url, "identity-courier"):
+    if not _tracing_configured(settings, "identity-courier"):
         return 2
     if settings.use_uvloop:
         import uvloop
@@ -81,14 +85,16 @@ def _courier(args: argparse.Namespace) -> int:
     return asyncio.run(run_courier(settings))
 
 
-def _tracing_configured(url: str | None, service_name: str) -> bool:
-    """Install the span exporter when `url` is set; False (said on stderr) when it cannot."""
+def _tracing_configured(settings: Settings | CourierSettings, service_name: str) -> bool:
+    """Install the span exporter when `IDENTITY_OTLP_TRACES_URL` is set; False (said on
+    stderr) when it cannot."""
+    url = settings.otlp_traces_url
     if not url:
         return True
     from worker.tracing import TracingUnavailable, configure
 
     try:
-        configure(url, service_name)
+        configure(url, service_name, settings.traces_sample_ratio)
     except TracingUnavailable as exc:
         print(f"{service_name}: bad settings: {exc}", file=sys.stderr)
         return False

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 from opentelemetry import trace as trace_api
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import Span, SpanKind
 from tenacity import RetryCallState
 
 from messages import COMMANDS, ErrorBody, ErrorCode, Reply, Result
@@ -99,6 +99,11 @@ class CommandProcessor:
             if log_queries
             else frozenset(name for name, spec in COMMANDS.items() if not spec.changes_state)
         )
+        # Spans: a query's trace is its command span alone (no database or reply span under
+        # it: each recorded span costs the worker tens of µs, BENCHMARKS.md); the attributes
+        # of each command's span are built once, here.
+        self._queries = frozenset(n for n, spec in COMMANDS.items() if not spec.changes_state)
+        self._span_attributes = {name: _span_attributes(name) for name in COMMANDS}
         # Metric children looked up once, not per delivery (labels() takes a lock each time).
         labels = (*COMMANDS, UNKNOWN)
         self._durations = {name: metrics.command_duration_seconds.labels(name) for name in labels}
@@ -112,33 +117,35 @@ class CommandProcessor:
         """Process one delivery; raises only when the broker itself failed us (no ack then)."""
         started = time.perf_counter()
         name = message.routing_key or ""
-        if not tracing.recording():  # no SDK: the caller's trace is passed on as it came
-            await self._handle(message, name, started, tracing.validated(message.headers))
+        caller = tracing.validated(message.headers)
+        # No SDK, or a trace the caller left out (and the sampler follows the caller): the
+        # caller's trace is passed on as it came, no span made.
+        if not tracing.recording() or tracing.left_out(caller):
+            await self._handle(message, name, started, caller)
             return
         label = command_label(name)
-        with tracing.tracer.start_as_current_span(
-            f"{label} process",
-            context=tracing.extract(message.headers),
-            kind=SpanKind.CONSUMER,
-            attributes={
-                "messaging.system": "rabbitmq",
-                "messaging.operation.type": "process",
-                "messaging.destination.name": name[:64],
-                "identity.command": label,
-            },
-        ):
-            await self._handle(message, name, started, tracing.current())
+        attributes = self._span_attributes.get(name) or _span_attributes(name)
+        span = tracing.CommandSpan(
+            f"{label} process", caller, attributes, current=name not in self._queries
+        )
+        with span as trace:
+            await self._handle(message, name, started, trace, span.span)
 
     async def _handle(
-        self, message: AbstractIncomingMessage, name: str, started: float, trace: tracing.Trace
+        self,
+        message: AbstractIncomingMessage,
+        name: str,
+        started: float,
+        trace: tracing.Trace,
+        span: Span | None = None,
     ) -> None:
         label = command_label(name)
         reply = await self._outcome(message, name, trace)
         if reply is None:  # nowhere it may go: refused and dead-lettered, nothing ran
             await self._acks.ack(message)
             return
-        if reply.error is not None:
-            trace_api.get_current_span().set_attribute("identity.outcome", reply.error.code.value)
+        if reply.error is not None and span is not None:
+            span.set_attribute("identity.outcome", reply.error.code.value)
         if message.reply_to:
             await self._reply(message, reply, trace)
         # Timed up to the confirmed reply: what the caller waits for, not the ack batching.
@@ -166,7 +173,8 @@ class CommandProcessor:
         self, message: AbstractIncomingMessage, reply: Reply, trace: tracing.Trace
     ) -> None:
         """Send the reply with the command's trace (from a publish span of its own, when the
-        command's span is recorded: a command the sampler left out gets no child spans)."""
+        command's span is recorded and current: a query's, or one the sampler left out, is
+        not, and the reply names the command span)."""
         if not tracing.recording() or not trace_api.get_current_span().is_recording():
             await self._replies.send(message, reply, tracing.headers(trace))
             return
@@ -306,3 +314,14 @@ def _body_or_none(message: AbstractIncomingMessage) -> Any:
         return orjson.loads(message.body)
     except orjson.JSONDecodeError:
         return None
+
+
+def _span_attributes(name: str) -> dict[str, str]:
+    """A command span's attributes: the command's name (the routing key), never a payload
+    field. The span's name says which command it is too ("unknown" for one the worker does
+    not know); each attribute costs every recorded span a few µs, so there is no fourth."""
+    return {
+        "messaging.system": "rabbitmq",
+        "messaging.operation.type": "process",
+        "messaging.destination.name": name[:64],
+    }

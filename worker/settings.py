@@ -226,6 +226,9 @@ class Settings(BaseSettings):
     log_queries: bool = False
     # Spans (worker.tracing): exported over OTLP/HTTP here; unset, none are recorded.
     otlp_traces_url: str | None = None
+    # The share of traces started here (commands without a caller's trace) that are kept;
+    # a caller's trace is recorded when the caller sampled it, whatever this says.
+    traces_sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
     # The audit trail (worker.audit): JSON lines appended to this file; unset, to stderr.
     audit_log: str | None = None
     db_pool_min: int = Field(default=1, ge=0)

@@ -11,9 +11,17 @@ Two modes, chosen by the process's tracer provider (`recording()`):
   caller's headers are validated and passed through unchanged (same span id): a few
   microseconds per command, nothing else.
 - **SDK configured** (`IDENTITY_OTLP_TRACES_URL`, or a provider installed before the worker is
-  built, as tests do): a span per command, child of the caller's, with the database spans
-  (stores.postgres) and the reply's publish span beneath it; each hop's headers name the span
-  that sent it, so the trace id stays and the span id moves on.
+  built, as tests do): a span per command the caller sampled, child of the caller's. A state
+  change has its database spans (stores.postgres) and its publish spans (reply, events,
+  courier messages) beneath it; a query (`session.verify`, `account.get`, ...) is its command
+  span alone, and its reply names that span. Each hop's headers name the span that sent it,
+  so the trace id stays and the span id moves on. A trace the caller left out (sampled flag
+  off) is passed on as without an SDK: no span, not even one the sampler drops.
+
+Why so few spans: each recorded span costs the worker's process some 45 µs of CPU (the SDK's
+span object, its attributes, the batch processor and the OTLP encoding on the exporter's
+thread, which shares the GIL), against some 500 µs for a whole `session.verify`
+(BENCHMARKS.md, "Trace context and spans").
 
 A malformed `traceparent` (wrong shape, version `ff`, all-zero ids) is ignored, and its
 `tracestate` with it: never an error, never a crash. Span attributes name commands, queues
@@ -25,12 +33,26 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import Token
+from functools import lru_cache
+from types import TracebackType
 from typing import Any
 
+from opentelemetry import context as context_api
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+)
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import Attributes
 from pamqp.common import FieldTable
 
 TRACEPARENT = "traceparent"
@@ -66,6 +88,104 @@ NO_TRACE: Trace = (None, None)
 def recording() -> bool:
     """Whether an SDK tracer provider is installed: spans are made only then."""
     return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
+
+@lru_cache(maxsize=4)
+def _sdk(provider: trace.TracerProvider) -> tuple[trace.Tracer, bool]:
+    """The provider's own tracer (not the API's proxy, one indirection less per span), and
+    whether its sampler follows the caller's sampled flag (the SDK's default, and
+    `configure`'s)."""
+    tracer = provider.get_tracer("identity.worker")
+    try:
+        from opentelemetry.sdk.trace.sampling import ParentBased
+    except ImportError:  # a provider of another make: its sampler is its own business
+        return tracer, False
+    return tracer, isinstance(getattr(provider, "sampler", None), ParentBased)
+
+
+def left_out(value: Trace) -> bool:
+    """Whether the caller chose not to sample the trace `value` continues, and the sampler
+    follows the caller: then no span would be recorded, and none is started at all (an SDK
+    span the sampler drops still costs a span id, a context and the headers written anew)."""
+    parent = value[0]
+    if parent is None or int(parent[53:55], 16) & TraceFlags.SAMPLED:
+        return False
+    return _sdk(trace.get_tracer_provider())[1]
+
+
+def _parent(value: Trace) -> Context | None:
+    """The context of the remote span that `validated` headers name (as the propagator would
+    extract it, without parsing them a second time)."""
+    parent, state = value
+    if parent is None:
+        return None
+    remote = SpanContext(
+        trace_id=int(parent[3:35], 16),
+        span_id=int(parent[36:52], 16),
+        is_remote=True,
+        trace_flags=TraceFlags(int(parent[53:55], 16)),
+        trace_state=TraceState.from_header([state]) if state else None,
+    )
+    return trace.set_span_in_context(NonRecordingSpan(remote))
+
+
+def of_span(span: Span) -> Trace:
+    """The trace headers naming `span` (what `current()` gives while it is current)."""
+    context = span.get_span_context()
+    if not context.is_valid:
+        return NO_TRACE
+    parent = f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+    state = context.trace_state
+    return parent, (state.to_header() or None) if state else None
+
+
+class CommandSpan:
+    """A span for one command, child of the caller's (`validated` headers), as a plain class
+    rather than `start_as_current_span`'s generator: it wraps every traced command.
+
+    `current=False` leaves the span out of the context: what runs inside makes no child span
+    (a query's trace is its command span alone, see BENCHMARKS.md).
+    """
+
+    __slots__ = ("_attributes", "_current", "_kind", "_name", "_parent", "_token", "span")
+
+    def __init__(
+        self, name: str, parent: Trace, attributes: Attributes, *, current: bool = True
+    ) -> None:
+        self._name = name
+        self._parent = parent
+        self._attributes = attributes
+        self._current = current
+        self._token: Token[Context] | None = None
+        self.span: Span | None = None
+
+    def __enter__(self) -> Trace:
+        tracer = _sdk(trace.get_tracer_provider())[0]
+        span = tracer.start_span(
+            self._name,
+            context=_parent(self._parent),
+            kind=SpanKind.CONSUMER,
+            attributes=self._attributes,
+        )
+        self.span = span
+        if self._current:
+            self._token = context_api.attach(trace.set_span_in_context(span))
+        return of_span(span)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        span = self.span
+        assert span is not None
+        if exc_type is not None and span.is_recording():
+            span.set_attribute("error.type", exc_type.__name__)
+            span.set_status(Status(StatusCode.ERROR))
+        span.end()
+        if self._token is not None:
+            context_api.detach(self._token)
 
 
 def _text(value: Any, limit: int) -> str | None:
@@ -146,7 +266,7 @@ def publishing(name: str, stored: Trace, destination: str) -> Iterator[FieldTabl
     """The headers for a message published on behalf of the command whose trace `stored` is
     (an outbox or courier row's): within a publish span, child of it, when spans are
     recorded; else `stored` as it is."""
-    if not recording():
+    if not recording() or left_out(stored):
         yield headers(stored)
         return
     with tracer.start_as_current_span(
@@ -166,7 +286,7 @@ def publishing(name: str, stored: Trace, destination: str) -> Iterator[FieldTabl
 def consuming(name: str, message_headers: Mapping[str, Any] | None, queue: str) -> Iterator[None]:
     """A span for processing a delivery, child of the span that published it (its valid
     `traceparent`), when spans are recorded; nothing otherwise."""
-    if not recording():
+    if not recording() or left_out(validated(message_headers)):
         yield
         return
     with tracer.start_as_current_span(
@@ -186,20 +306,31 @@ class TracingUnavailable(RuntimeError):
     """Spans were asked for, but the SDK and exporter (the `tracing` extra) are missing."""
 
 
-def configure(endpoint: str, service_name: str) -> None:
+def configure(endpoint: str, service_name: str, sample_ratio: float = 1.0) -> None:
     """Record spans and export them in batches over OTLP/HTTP to `endpoint` (for example
     `http://otel-collector:4318/v1/traces`): installs the SDK's tracer provider for the
-    process, once, before anything is built. The SDK flushes what is left at exit."""
+    process, once, before anything is built. The SDK flushes what is left at exit.
+
+    Sampling follows the caller: a command whose `traceparent` is sampled is recorded, one
+    whose caller left it out is not (and costs no span at all, `left_out`). A command without
+    a trace starts one, kept with probability `sample_ratio` (decided on the trace id, so
+    every process sampling by the same ratio keeps the same traces). The batch processor
+    encodes and sends on a thread of its own; it shares the process's CPU and GIL, which is
+    why the share recorded is what sets the cost (BENCHMARKS.md)."""
     try:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
     except ImportError as exc:
         raise TracingUnavailable(
             "IDENTITY_OTLP_TRACES_URL needs the OpenTelemetry SDK and OTLP exporter:"
             " install identity-worker[tracing]"
         ) from exc
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": service_name}),
+        sampler=ParentBased(TraceIdRatioBased(sample_ratio)),
+    )
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
     trace.set_tracer_provider(provider)

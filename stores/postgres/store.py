@@ -23,7 +23,7 @@ from stores.errors import StoreError
 from stores.postgres import sql
 from stores.postgres.batching import KeyedBatcher
 from stores.postgres.codes import PostgresCodeStore
-from stores.postgres.edge import Instrument, Observe
+from stores.postgres.edge import Instrument, Observe, TransactionSpan
 from stores.postgres.unit import PostgresUnitOfWork, account_from
 from stores.records import (
     AccountRecord,
@@ -143,23 +143,25 @@ class PostgresIdentityStore(PostgresCodeStore):
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Any]:
         """A connection in a transaction: committed when the block exits normally, rolled
-        back when it raises (the block's own exception is what propagates)."""
-        with self._timed("acquire"):
-            conn = await self._pool.acquire()
-        try:
-            transaction = conn.transaction()
-            with self._timed("begin"):
-                await transaction.start()
+        back when it raises (the block's own exception is what propagates). One database span
+        for the whole of it, when spans are recorded."""
+        with TransactionSpan():
+            with self._timed("acquire"):
+                conn = await self._pool.acquire()
             try:
-                yield conn
-            except BaseException as exc:
-                await self._roll_back(conn, transaction)
-                await self._after_failover(exc)
-                raise
-            with self._timed("commit"):
-                await transaction.commit()
-        finally:
-            await self._release(conn)
+                transaction = conn.transaction()
+                with self._timed("begin"):
+                    await transaction.start()
+                try:
+                    yield conn
+                except BaseException as exc:
+                    await self._roll_back(conn, transaction)
+                    await self._after_failover(exc)
+                    raise
+                with self._timed("commit"):
+                    await transaction.commit()
+            finally:
+                await self._release(conn)
 
     async def _after_failover(self, exc: BaseException) -> None:
         """A write refused as read-only means the pool's connections reach a server that is

@@ -1,8 +1,9 @@
 """Spans with the OpenTelemetry SDK installed (in memory): a caller's command is traced through
-the worker (command span, database spans, publish spans) to its events and to the mail
-sender, in one trace, with no secret or personal data in any span. Real RabbitMQ (a vhost of
-this module's own), real PostgreSQL (a database of the test's own, so that no other worker's
-relay publishes its outbox), the worker and the mail sender in this process."""
+the worker (command span, database spans: one per transaction, publish spans) to its events
+and to the mail sender, in one trace, with no secret or personal data in any span. Real
+RabbitMQ (a vhost of this module's own), real PostgreSQL (a database of the test's own, so
+that no other worker's relay publishes its outbox), the worker and the mail sender in this
+process."""
 
 from __future__ import annotations
 
@@ -110,7 +111,13 @@ async def test_a_command_is_one_trace_from_the_caller_to_the_mail(
     assert _parent_of(command) == caller_context.span_id
     assert database_spans
     assert {_parent_of(span) for span in database_spans} == {_id(command)}
-    assert "db uow.record_outcome" in {span.name for span in database_spans}
+    # The unit of work is one span, listing its statements.
+    transaction = _one(finished, "db transaction")
+    assert transaction.attributes is not None
+    operations = transaction.attributes["identity.db.operations"]
+    assert "uow.record_outcome" in operations  # type: ignore[operator]
+    assert "commit" in operations  # type: ignore[operator]
+    assert not [span for span in database_spans if span.name.startswith("db uow.")]
     assert _parent_of(reply) == _id(command)
     assert _parent_of(event) == _id(command)
     assert _parent_of(mail_publish) == _id(command)
@@ -149,3 +156,45 @@ async def test_without_the_sdk_no_span_is_made_and_the_trace_passes_through(
         finally:
             await bus.close()
     assert bus.reply_headers[correlation_id] == {"traceparent": parent}
+
+
+async def test_a_query_is_its_command_span_alone_and_its_reply_names_it(
+    spans: InMemorySpanExporter, private_amqp_url: str
+) -> None:
+    sampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    async with running_worker(Broker.rabbitmq(private_amqp_url)):
+        bus = await Bus.open(private_amqp_url)
+        try:
+            correlation_id = await bus.publish(
+                "account.get",
+                {"payload": {"account_id": "acct_" + "0" * 26}},
+                headers={"traceparent": sampled},
+            )
+            await bus.reply(correlation_id)
+        finally:
+            await bus.close()
+    (command,) = spans.get_finished_spans()
+    assert command.name == "account.get process"
+    assert f"{_parent_of(command):016x}" == sampled.split("-")[2]
+    assert command.attributes is not None
+    assert command.attributes["identity.outcome"] == "not_found"
+    assert bus.reply_headers[correlation_id] == {"traceparent": traceparent(command)}
+
+
+async def test_a_trace_the_caller_left_out_makes_no_span_and_passes_through(
+    spans: InMemorySpanExporter, private_amqp_url: str
+) -> None:
+    unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+    async with running_worker(Broker.rabbitmq(private_amqp_url)):
+        bus = await Bus.open(private_amqp_url)
+        try:
+            correlation_id = await bus.publish(
+                "account.get",
+                {"payload": {"account_id": "acct_" + "0" * 26}},
+                headers={"traceparent": unsampled},
+            )
+            await bus.reply(correlation_id)
+        finally:
+            await bus.close()
+    assert spans.get_finished_spans() == ()
+    assert bus.reply_headers[correlation_id] == {"traceparent": unsampled}

@@ -330,3 +330,10 @@ def test_the_access_token_lifetime_stays_within_an_hour(ttl: str) -> None:
     with pytest.raises(SettingsError, match=r"^IDENTITY_ACCESS_TOKEN_TTL_S: "):
         dev({"IDENTITY_ACCESS_TOKEN_TTL_S": ttl})
     assert dev({"IDENTITY_ACCESS_TOKEN_TTL_S": "3600"}).access_token_ttl_s == 3600
+
+
+def test_the_trace_sample_ratio_is_a_share_of_one() -> None:
+    assert dev().traces_sample_ratio == 1.0
+    assert dev({"IDENTITY_TRACES_SAMPLE_RATIO": "0.01"}).traces_sample_ratio == 0.01
+    with pytest.raises(SettingsError, match=r"^IDENTITY_TRACES_SAMPLE_RATIO: "):
+        dev({"IDENTITY_TRACES_SAMPLE_RATIO": "1.5"})

@@ -115,3 +115,66 @@ def test_the_client_sends_the_callers_current_span_and_nothing_without_one() -> 
     )
     with trace.use_span(NonRecordingSpan(context)):
         assert _trace_headers() == {"traceparent": PARENT}
+
+
+def test_a_command_span_is_the_callers_child_and_its_headers_name_it(
+    spans: InMemorySpanExporter,
+) -> None:
+    with tracing.CommandSpan("session.verify process", (PARENT, STATE), {}) as sent:
+        # What the propagator writes for the current span: the same headers.
+        assert tracing.current() == sent
+    (span,) = spans.get_finished_spans()
+    context = span.get_span_context()
+    assert context is not None
+    assert sent == (f"00-{TRACE_ID}-{context.span_id:016x}-01", STATE)
+    assert span.parent is not None
+    assert span.parent.is_remote
+    assert f"{span.parent.span_id:016x}" == PARENT.split("-")[2]
+
+
+def test_a_command_span_left_out_of_the_context_has_no_children(
+    spans: InMemorySpanExporter,
+) -> None:
+    with tracing.CommandSpan("account.get process", (PARENT, None), {}, current=False) as sent:
+        assert tracing.current() == tracing.NO_TRACE
+        with tracing.publishing("reply publish", tracing.NO_TRACE, "amq.direct"):
+            pass
+    names = sorted(span.name for span in spans.get_finished_spans())
+    assert names == ["account.get process", "reply publish"]
+    reply = next(span for span in spans.get_finished_spans() if span.name == "reply publish")
+    assert reply.parent is None  # a root of its own: nothing inside joined the command's trace
+    assert sent[0] is not None
+    assert sent[0].startswith(f"00-{TRACE_ID}-")
+
+
+def test_a_trace_the_caller_left_out_gets_no_span(spans: InMemorySpanExporter) -> None:
+    unsampled = f"00-{TRACE_ID}-b7ad6b7169203331-00"
+    assert tracing.left_out((unsampled, None))
+    assert not tracing.left_out((PARENT, None))
+    assert not tracing.left_out(tracing.NO_TRACE)
+    with tracing.publishing("account.created publish", (unsampled, STATE), "x") as sent:
+        pass
+    assert sent == {"traceparent": unsampled, "tracestate": STATE}
+    assert spans.get_finished_spans() == ()
+
+
+def test_a_command_span_records_the_failure_that_ends_it(spans: InMemorySpanExporter) -> None:
+    with pytest.raises(ConnectionError), tracing.CommandSpan("x process", (PARENT, None), {}):
+        raise ConnectionError("broker gone")
+    (span,) = spans.get_finished_spans()
+    assert span.attributes == {"error.type": "ConnectionError"}
+    assert not span.status.is_ok
+
+
+def test_a_sampler_that_does_not_follow_the_caller_still_decides() -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON
+
+    unsampled = f"00-{TRACE_ID}-b7ad6b7169203331-00"
+    previous = trace._TRACER_PROVIDER
+    trace._TRACER_PROVIDER = TracerProvider(sampler=ALWAYS_ON)
+    try:
+        assert not tracing.left_out((unsampled, None))
+    finally:
+        trace._TRACER_PROVIDER = previous
