@@ -182,6 +182,8 @@ class CommandProcessor:
             "reply publish",
             kind=SpanKind.PRODUCER,
             attributes={"messaging.system": "rabbitmq", "messaging.operation.type": "publish"},
+            record_exception=False,  # a publish error's text may quote the reply
+            set_status_on_exception=False,
         ):
             await self._replies.send(message, reply, tracing.headers(tracing.current()))
 
@@ -189,6 +191,12 @@ class CommandProcessor:
         self, message: AbstractIncomingMessage, name: str, trace: tracing.Trace
     ) -> Reply | None:
         """The reply to `message`, or None when it must get none (its `reply_to` is refused)."""
+        if (limited := self._over_rate(message, name)) is not None:
+            if message.reply_to and not self._policy.allows_reply_to(
+                message.user_id, message.reply_to
+            ):
+                return None  # a flood beyond its rate is not worth a dead letter apiece
+            return limited
         refusal = self._guard(message)
         if refusal is not None:
             reason, error = refusal
@@ -217,19 +225,22 @@ class CommandProcessor:
                 idempotency_key=rejected.idempotency_key,
                 error=rejected.error,
             )
-        if (limited := self._over_rate(command)) is not None:
-            return limited
         return await self._run(message, command)
 
-    def _over_rate(self, command: Command) -> Reply | None:
-        """The answer to a command beyond its caller's rate (worker.rates), given before
-        anything is authorised, looked up, stored or hashed; None when it may run."""
-        retry_after_s = None if self._rates is None else self._rates.admit(command.context.caller)
+    def _over_rate(self, message: AbstractIncomingMessage, name: str) -> Reply | None:
+        """The answer to a message beyond its caller's rate (worker.rates), given before any
+        other work: before its body is decoded or dead-lettered, anything is authorised,
+        looked up, stored or hashed (malformed messages count too). The caller is the broker's
+        `user_id`, known without parsing. A redelivery is not charged again: its first
+        delivery was. None when it may go on."""
+        if self._rates is None or message.redelivered:
+            return None
+        retry_after_s = self._rates.admit(message.user_id)
         if retry_after_s is None:
             return None
         error = RateLimitedError(retry_after_s, RATE_MESSAGE).to_error_body()
-        key = command.context.idempotency_key
-        return Reply(ok=False, command=command.name, idempotency_key=key, error=error)
+        key = _peek_idempotency_key(message.body, self._max_bytes)
+        return Reply(ok=False, command=name, idempotency_key=key, error=error)
 
     def _guard(self, message: AbstractIncomingMessage) -> tuple[str, ErrorBody] | None:
         """Checks made before a byte of the body is parsed."""
@@ -323,5 +334,19 @@ def _span_attributes(name: str) -> dict[str, str]:
     return {
         "messaging.system": "rabbitmq",
         "messaging.operation.type": "process",
-        "messaging.destination.name": name[:64],
+        "messaging.destination.name": command_label(name),  # "unknown" for a caller's text
     }
+
+
+def _peek_idempotency_key(body: bytes, max_bytes: int) -> str | None:
+    """The idempotency key of a body, echoed in a rate-limited reply so that the caller can
+    match it to the command it retries: read without validating the rest, None when the
+    body is too large, not a JSON object, or its key is not a valid one."""
+    if len(body) > max_bytes:
+        return None
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    key = parsed.get("idempotency_key") if isinstance(parsed, dict) else None
+    return key if isinstance(key, str) and 0 < len(key) <= 200 and "\x00" not in key else None

@@ -65,7 +65,8 @@ MAX_TRACEPARENT = 256
 # A tracestate list member (W3C trace context, section 3.3.1), checked here before the
 # propagator sees it: the propagator logs a warning quoting any member it refuses, and a log
 # line per command that the caller writes is not something to hand out.
-_KEY = r"[a-z0-9][_0-9a-z\-*/]{0,255}|[a-z0-9][_0-9a-z\-*/]{0,240}@[a-z][_0-9a-z\-*/]{0,13}"
+# A simple key starts with a letter; only a multi-tenant key's tenant may start with a digit.
+_KEY = r"[a-z][_0-9a-z\-*/]{0,255}|[a-z0-9][_0-9a-z\-*/]{0,240}@[a-z][_0-9a-z\-*/]{0,13}"
 _VALUE = r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]"
 _MEMBER = re.compile(rf"({_KEY})=(?:{_VALUE})")
 MAX_MEMBERS = 32
@@ -269,15 +270,21 @@ def publishing(name: str, stored: Trace, destination: str) -> Iterator[FieldTabl
     if not recording() or left_out(stored):
         yield headers(stored)
         return
-    with tracer.start_as_current_span(
-        name,
-        context=extract(headers(stored)),
-        kind=SpanKind.PRODUCER,
-        attributes={
-            "messaging.system": "rabbitmq",
-            "messaging.operation.type": "publish",
-            "messaging.destination.name": destination,
-        },
+    with (
+        tracer.start_as_current_span(
+            name,
+            context=extract(headers(stored)),
+            kind=SpanKind.PRODUCER,
+            # An exception's text may quote an address or a body: its type is all a span gets.
+            record_exception=False,
+            set_status_on_exception=False,
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.operation.type": "publish",
+                "messaging.destination.name": destination,
+            },
+        ) as span,
+        _failure_by_type(span),
     ):
         yield headers(current())
 
@@ -289,17 +296,34 @@ def consuming(name: str, message_headers: Mapping[str, Any] | None, queue: str) 
     if not recording() or left_out(validated(message_headers)):
         yield
         return
-    with tracer.start_as_current_span(
-        name,
-        context=extract(message_headers),
-        kind=SpanKind.CONSUMER,
-        attributes={
-            "messaging.system": "rabbitmq",
-            "messaging.operation.type": "process",
-            "messaging.destination.name": queue,
-        },
+    with (
+        tracer.start_as_current_span(
+            name,
+            context=extract(headers(validated(message_headers))),
+            kind=SpanKind.CONSUMER,
+            # An exception's text may quote an address or a body: its type is all a span gets.
+            record_exception=False,
+            set_status_on_exception=False,
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.operation.type": "process",
+                "messaging.destination.name": queue,
+            },
+        ) as span,
+        _failure_by_type(span),
     ):
         yield
+
+
+@contextmanager
+def _failure_by_type(span: Span) -> Iterator[None]:
+    """Mark `span` failed by the type of what escapes it, never its message."""
+    try:
+        yield
+    except BaseException as exc:
+        span.set_attribute("error.type", type(exc).__name__)
+        span.set_status(Status(StatusCode.ERROR))
+        raise
 
 
 class TracingUnavailable(RuntimeError):

@@ -238,6 +238,49 @@ async def test_a_command_beyond_the_rate_is_answered_before_any_work_and_its_key
     assert created["idempotency_key"] == key
 
 
+async def test_malformed_messages_beyond_the_rate_are_answered_without_a_dead_letter_each() -> None:
+    """A caller flooding with bodies that are not commands pays from the same bucket: beyond
+    its rate each is answered `rate_limited` before it is parsed, and no dead letter is
+    published for it (within the rate, it is refused and dead-lettered as always)."""
+    broker = Broker.in_memory()
+    async with running_worker(broker, caller_rates="guest=1/s") as worker:
+        ticks = Ticks()
+        rate_gate = worker.parts.processor._rates
+        assert rate_gate is not None
+        rate_gate._clock = ticks
+        registry = worker.parts.metrics.registry
+
+        def dead_letters() -> float:
+            sample = registry.get_sample_value(
+                "identity_dead_letters_total", {"reason": "malformed_json"}
+            )
+            return sample or 0.0
+
+        bus = await Bus.attach(await broker.connect())
+        try:
+            first = await bus.reply(await bus.publish("session.verify", b"not json"))
+            after_first = dead_letters()
+            flood = [await bus.publish("session.verify", b"not json") for _ in range(20)]
+            answers = [await bus.reply(cid) for cid in flood]
+            keyed = await bus.reply(
+                await bus.publish("session.verify", b'{"idempotency_key": "k-1", "payload": 1}')
+            )
+            ticks.now += 1
+            after_flood = dead_letters()
+            again = await bus.reply(await bus.publish("session.verify", b"not json"))
+            after_refill = dead_letters()
+        finally:
+            await bus.close()
+
+    assert first["error"]["code"] == "malformed_message"
+    assert {a["error"]["code"] for a in answers} == {"rate_limited"}
+    assert keyed["error"]["code"] == "rate_limited"
+    assert keyed["idempotency_key"] == "k-1"  # echoed, so a retry can be matched
+    assert again["error"]["code"] == "malformed_message"
+    # A dead letter for the first and for the one after the refill, none for the flood.
+    assert (after_first, after_flood, after_refill) == (1, 1, 2)
+
+
 def _account() -> dict[str, str]:
     email = f"rate-{uuid.uuid4().hex[:10]}@example.com"
     return {"email": email, "password": "a long enough passphrase", "display_name": "Ada"}

@@ -66,6 +66,7 @@ def test_a_byte_string_traceparent_is_read_as_ascii() -> None:
         "k=" + "v" * 600,  # longer than 512 characters
         "UPPER=1",
         "k=va=lue",
+        "1abc=x",  # a simple key starts with a letter (only a tenant may start with a digit)
     ],
 )
 def test_a_malformed_tracestate_is_dropped_and_the_traceparent_kept(
@@ -74,6 +75,35 @@ def test_a_malformed_tracestate_is_dropped_and_the_traceparent_kept(
     assert tracing.validated({"traceparent": PARENT, "tracestate": state}) == (PARENT, None)
     # Nothing the caller wrote ends up in a log line.
     assert not caplog.records
+
+
+def test_a_tenants_key_may_start_with_a_digit() -> None:
+    state = "1tenant@vendor=x,rojo=00f067aa0ba902b7"
+    assert tracing.validated({"traceparent": PARENT, "tracestate": state}) == (PARENT, state)
+
+
+def test_a_failed_publish_or_delivery_span_keeps_the_type_not_the_text(
+    spans: InMemorySpanExporter,
+) -> None:
+    secret = "alice@example.com code 123456"
+    with (
+        pytest.raises(ValueError, match="alice"),
+        tracing.publishing("mail publish", (PARENT, STATE), "identity.courier"),
+    ):
+        raise ValueError(secret)
+    with (
+        pytest.raises(RuntimeError, match="alice"),
+        tracing.consuming("mail send", {"traceparent": PARENT}, "identity.courier"),
+    ):
+        raise RuntimeError(secret)
+    finished = spans.get_finished_spans()
+    assert len(finished) == 2
+    for span in finished:
+        assert span.attributes is not None
+        assert span.attributes["error.type"] in {"ValueError", "RuntimeError"}
+        assert span.status.description is None
+        assert not span.events  # no exception event, with its message and stack trace
+        assert secret not in repr(span.to_json())
 
 
 def test_a_later_version_is_carried_on_as_version_00() -> None:
