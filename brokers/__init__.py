@@ -19,6 +19,7 @@ A comma inside a password must be written `%2C`.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Sequence
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -134,17 +135,26 @@ def _on_nodes(urls: list[str]) -> type[NodeConnection]:
     return OnNodes
 
 
+# How long one node may take to accept a connection (TCP, TLS and the AMQP handshake) before
+# the next is tried: without a deadline a node that accepts and stays silent (a paused VM, a
+# half-open balancer) would hold the connection on it for good.
+CONNECT_TIMEOUT_S = 10.0
+
+
 async def connect_any(urls: str | Sequence[str], **kwargs: Any) -> AbstractRobustConnection:
     """A robust connection to the first node of `urls` that answers (see the module's
-    docstring); `kwargs` go to aio_pika.connect_robust as they are (ssl_context, timeout...).
-    Raises the last node's error when none answers."""
-    nodes = split_urls(urls)
+    docstring); `kwargs` go to aio_pika.connect_robust as they are (ssl_context...), with a
+    `timeout` of CONNECT_TIMEOUT_S per node unless given. The URLs are checked as the
+    settings check them (ValueError). When no node answers: a refused certificate if any node
+    refused one (the error an operator can act on), else the last node's error."""
+    nodes = check_urls(",".join(split_urls(urls)))
+    kwargs.setdefault("timeout", CONNECT_TIMEOUT_S)
     if len(nodes) == 1:  # the URL as given, as aio-pika takes it (a host may be left out)
         one: AbstractRobustConnection = await aio_pika.connect_robust(
             nodes[0], connection_class=NodeConnection, **kwargs
         )
         return one
-    failure: BaseException | None = None
+    failures: list[BaseException] = []
     for start in range(len(nodes)):
         order = nodes[start:] + nodes[:start]
         host, port = _node(order[0])
@@ -155,8 +165,18 @@ async def connect_any(urls: str | Sequence[str], **kwargs: Any) -> AbstractRobus
                 first, connection_class=_on_nodes(order), **kwargs
             )
         except CONNECTION_EXCEPTIONS as exc:
-            failure = exc
+            failures.append(exc)
             continue
         return connection
-    assert failure is not None
-    raise failure
+    raise next((exc for exc in failures if _certificate_refused(exc)), failures[-1])
+
+
+def _certificate_refused(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    for _ in range(8):  # a chain, not a cycle
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

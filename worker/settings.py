@@ -46,6 +46,7 @@ from worker.rates import CallerRates
 from worker.transit import (
     plaintext_amqp_problem,
     plaintext_database_problem,
+    postgres_hosts,
     tls_files_problem,
 )
 
@@ -110,8 +111,7 @@ def _check_hosts(url: str) -> None:
         parts = urlsplit(url)
     except ValueError:
         return
-    hostinfo = parts.netloc.rpartition("@")[2]
-    if "," not in hostinfo:
+    if len(postgres_hosts(url)) < 2:  # in the authority or in `?host=`
         return
     attrs = dict(parse_qsl(parts.query)).get("target_session_attrs")
     if attrs not in _WRITABLE:

@@ -14,6 +14,7 @@ Each check returns the problem as a sentence naming the variable (never its valu
 
 from __future__ import annotations
 
+import os
 import ssl
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -42,19 +43,23 @@ def plaintext_amqp_problem(variable: str, url: str, allow: str) -> str | None:
 
 
 def postgres_hosts(url: str) -> list[str]:
-    """The hosts a libpq URL names (a multi-host list, or `?host=`); "" for the default
+    """Every host a libpq URL may reach: the authority's (a multi-host list), the query's
+    `host=` (libpq lets it override the authority, asyncpg uses it only without one: both
+    count), and, when the URL names none, `PGHOST` (which both read then); "" for the default
     Unix socket."""
     parts = urlsplit(url)
-    query = dict(parse_qsl(parts.query))
-    listed = query.get("host") or parts.netloc.rpartition("@")[2]
+    listed = [parts.netloc.rpartition("@")[2]]
+    listed += [value for name, value in parse_qsl(parts.query) if name == "host"]
+    if not any(listed):
+        listed.append(os.environ.get("PGHOST", ""))
     hosts = []
-    for item in unquote(listed).split(","):
+    for item in unquote(",".join(x for x in listed if x)).split(","):
         item = item.strip()
         if item.startswith("["):  # [::1]:5432
             hosts.append(item[1 : item.find("]")])
         elif item.startswith("/"):
             hosts.append(item)
-        else:
+        elif item:
             hosts.append(item.partition(":")[0])
     return hosts or [""]
 

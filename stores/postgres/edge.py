@@ -94,13 +94,18 @@ class Instrument:
     this form costs a fraction of the two nested `@contextmanager`s it replaces.
     """
 
-    __slots__ = ("_observe",)
+    __slots__ = ("_observe", "_on_read_only")
 
-    def __init__(self, observe: Observe | None) -> None:
+    def __init__(
+        self, observe: Observe | None, *, on_read_only: Callable[[], None] | None = None
+    ) -> None:
         self._observe = observe
+        # Told when the server refused a write as read-only: the pool reaches a server that
+        # is no longer the primary (see PostgresIdentityStore).
+        self._on_read_only = on_read_only
 
     def __call__(self, operation: str) -> _Timed:
-        return _Timed(self._observe, operation)
+        return _Timed(self._observe, operation, self._on_read_only)
 
 
 _tracer = trace.get_tracer("identity.store")
@@ -153,10 +158,16 @@ class TransactionSpan:
 
 
 class _Timed:
-    __slots__ = ("_observe", "_operation", "_span", "_started")
+    __slots__ = ("_observe", "_on_read_only", "_operation", "_span", "_started")
 
-    def __init__(self, observe: Observe | None, operation: str) -> None:
+    def __init__(
+        self,
+        observe: Observe | None,
+        operation: str,
+        on_read_only: Callable[[], None] | None = None,
+    ) -> None:
         self._observe = observe
+        self._on_read_only = on_read_only
         self._operation = operation
         self._started = 0.0
         self._span: Span | None = None
@@ -189,6 +200,10 @@ class _Timed:
                 self._span.set_attribute("error.type", type(exc).__name__)
             self._span.end()
         if exc is not None:
+            if self._on_read_only is not None and isinstance(
+                exc, asyncpg.ReadOnlySQLTransactionError
+            ):
+                self._on_read_only()
             error = store_error(exc)
             if error is not None:
                 raise error from exc

@@ -109,7 +109,8 @@ class PostgresIdentityStore(PostgresCodeStore):
 
     def __init__(self, pool: Any, *, observe: Observe | None = None) -> None:
         self._pool = pool
-        self._timed = Instrument(observe)
+        self._timed = Instrument(observe, on_read_only=self._expire_connections_soon)
+        self._expiring: set[asyncio.Task[None]] = set()
         # The read-only look-ups that cheap commands make by the hundred a second go in
         # batches; everything inside a unit of work stays one statement at a time. Each
         # look-up is timed as its caller waits for it ("get_account"), each batch's query
@@ -170,9 +171,19 @@ class PostgresIdentityStore(PostgresCodeStore):
         connects afresh and the URL (`target_session_attrs=read-write` with several hosts,
         or a name that now points at the new primary) finds the writable server. A
         connection lost to a primary that died is replaced by the pool already."""
-        if isinstance(exc.__cause__, asyncpg.ReadOnlySQLTransactionError):
+        read_only = asyncpg.ReadOnlySQLTransactionError
+        if isinstance(exc, read_only) or isinstance(exc.__cause__, read_only):
             _log.warning("the database refused a write as read-only: reconnecting the pool")
             await self._pool.expire_connections()
+
+    def _expire_connections_soon(self) -> None:
+        """The same for a statement outside a unit of work (a sign-in's attempt counter, a
+        session's touch, a purge): the pool is expired from a task of its own, since the
+        statement's error is raised where nothing can be awaited."""
+        _log.warning("the database refused a write as read-only: reconnecting the pool")
+        task = asyncio.get_running_loop().create_task(self._pool.expire_connections())
+        self._expiring.add(task)
+        task.add_done_callback(self._expiring.discard)
 
     async def _roll_back(self, conn: Any, transaction: Any) -> None:
         try:

@@ -10,7 +10,14 @@ from typing import Any
 import asyncpg
 import pytest
 
-from stores import PostgresIdentityStore, StoreError, ThrottleRules, TransientStoreError, migrate
+from stores import (
+    HashBudget,
+    PostgresIdentityStore,
+    StoreError,
+    ThrottleRules,
+    TransientStoreError,
+    migrate,
+)
 from stores.postgres.migrate import ensure_database, migration_files
 from tests.contract.builders import T0, account, event, idempotency, unique
 
@@ -271,6 +278,38 @@ async def test_a_write_refused_as_read_only_is_transient_and_the_pool_reconnects
         async with store.unit_of_work() as uow:  # the retry, on a fresh connection
             await uow.insert_account(record)
         assert await store.get_account(record.id) is not None
+        async with pool.acquire() as conn:
+            assert conn.get_server_pid() != stale_pid
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("operation", ["reserve_password_attempt", "spend_hash_budget"])
+async def test_a_write_refused_as_read_only_outside_a_unit_of_work_reconnects_too(
+    pg_dsn: str, operation: str
+) -> None:
+    """Every sign-in reserves an attempt before its unit of work, and the hash budget is one
+    statement of its own: a read-only refusal there must move the pool just the same."""
+    store = await PostgresIdentityStore.connect(pg_dsn, min_size=1, max_size=1)
+    try:
+        pool = store._pool
+        async with pool.acquire() as conn:
+            await conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+            stale_pid = conn.get_server_pid()
+
+        async def write() -> object:
+            if operation == "reserve_password_attempt":
+                return await store.reserve_password_attempt(
+                    b"email-tag", b"source-tag", T0, ThrottleRules()
+                )
+            return await store.spend_hash_budget(b"source-tag", 1, T0, HashBudget())
+
+        with pytest.raises(TransientStoreError) as caught:
+            await write()
+        assert isinstance(caught.value.__cause__, asyncpg.ReadOnlySQLTransactionError)
+        if store._expiring:  # the expiry runs as a task: the worker's retry waits its back-off
+            await asyncio.wait(set(store._expiring), timeout=10)
+        await write()  # the retry, on a fresh connection
         async with pool.acquire() as conn:
             assert conn.get_server_pid() != stale_pid
     finally:

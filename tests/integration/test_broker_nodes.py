@@ -18,6 +18,7 @@ import aio_pika
 import pytest
 from aio_pika.exceptions import ChannelInvalidStateError
 
+import brokers
 from brokers import NodeConnection, connect_any
 from client import IdentityClient, subscribe
 from messages import Event
@@ -104,6 +105,40 @@ async def test_a_node_that_does_not_answer_is_passed_over(amqp_vhost: str) -> No
     connection = await connect_any(f"{dead},{live}")
     try:
         assert isinstance(connection, NodeConnection)
+        assert connection.url.port == 5672
+        await round_trip(connection, f"nodes-{uuid.uuid4().hex}")
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+async def silent_port() -> AsyncIterator[int]:
+    """A port that accepts connections and never says a word (a paused node, a half-open
+    balancer)."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        for writer in held:
+            writer.transport.abort()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_node_that_accepts_and_stays_silent_is_passed_over_after_the_timeout(
+    amqp_vhost: str, silent_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(brokers, "CONNECT_TIMEOUT_S", 1.0)  # the default, shortened
+    silent = f"amqp://guest:guest@127.0.0.1:{silent_port}/{amqp_vhost}"
+    live = f"amqp://guest:guest@127.0.0.1:5672/{amqp_vhost}"
+
+    connection = await asyncio.wait_for(connect_any(f"{silent},{live}"), timeout=20)
+    try:
         assert connection.url.port == 5672
         await round_trip(connection, f"nodes-{uuid.uuid4().hex}")
     finally:

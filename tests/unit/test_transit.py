@@ -190,9 +190,27 @@ def test_one_remote_host_in_a_multi_host_url_is_enough_to_refuse() -> None:
         production(IDENTITY_DATABASE_URL=url)
 
 
+def test_a_socket_in_the_query_does_not_hide_a_remote_host_in_the_url() -> None:
+    url = "postgresql://identity:pw@db.prod.internal/identity?host=/var/run/postgresql"
+    with pytest.raises(SettingsError, match=r"^IDENTITY_DATABASE_URL: "):
+        production(IDENTITY_DATABASE_URL=url)
+
+
+def test_without_a_host_in_the_url_pghost_is_where_it_goes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PGHOST", "db.prod.internal")
+    assert postgres_hosts("postgresql://identity@/identity") == ["db.prod.internal"]
+    with pytest.raises(SettingsError, match=r"^IDENTITY_DATABASE_URL: "):
+        production(IDENTITY_DATABASE_URL="postgresql://identity@/identity")
+
+
 def test_hosts_are_read_the_way_libpq_reads_them() -> None:
     assert postgres_hosts("postgresql://u:p@a:1,[::1]:2,b/db") == ["a", "::1", "b"]
-    assert postgres_hosts("postgresql://u@x/db?host=/run/pg") == ["/run/pg"]
+    # libpq lets the query's host override the URL's, asyncpg the other way round: both count.
+    assert postgres_hosts("postgresql://u@x/db?host=/run/pg") == ["x", "/run/pg"]
+    assert postgres_hosts("postgresql:///db?host=/run/pg") == ["/run/pg"]
+    assert postgres_hosts("postgresql:///db?host=h1,h2") == ["h1", "h2"]
     assert postgres_hosts("postgresql:///db") == [""]
     assert postgres_sslmode("postgresql://h/db?sslmode=prefer&sslmode=verify-full") == (
         "verify-full"
@@ -301,3 +319,10 @@ async def test_tls_options_for_a_connection_already_open_are_refused() -> None:
     events = subscribe(object(), queue="identity.x", ca_file="ca.pem")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="apply to a URL"):
         await anext(events)
+
+
+def test_several_hosts_in_the_query_must_ask_for_the_writable_one_too() -> None:
+    url = "postgresql://identity@/identity?host=127.0.0.1,127.0.0.2"
+    with pytest.raises(SettingsError, match="target_session_attrs=read-write"):
+        production(IDENTITY_DATABASE_URL=url)
+    production(IDENTITY_DATABASE_URL=url + "&target_session_attrs=read-write")
