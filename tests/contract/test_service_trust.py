@@ -41,7 +41,6 @@ from tests.support.factory import TEST_CONFIG, TEST_KEYS, TEST_START, running_se
 
 PASSWORD = "correct horse battery staple"
 WRONG = "an entirely wrong passphrase"
-VICTIM_SOURCE = "ip:198.51.100.7"
 DAY = 86400.0
 
 
@@ -51,6 +50,14 @@ def ctx(source: str, key: str | None = None) -> CommandContext:
 
 def email() -> str:
     return f"user-{secrets.token_hex(6)}@example.com"
+
+
+def new_source() -> str:
+    """A source no other test names. The PostgreSQL runs share one database per session, every
+    test's clock starts at TEST_START, and the argon2 budget is kept per source: a bucket one
+    test spent (up to a later moment of its clock) would still be spent for any later test
+    that names the same source, refusing it before any check it meant to make."""
+    return f"ip:2001:db8::{secrets.token_hex(2)}:{secrets.token_hex(2)}:{secrets.token_hex(2)}"
 
 
 def create(address: str, password: str = PASSWORD) -> CreateAccount:
@@ -91,31 +98,31 @@ async def attempt(service: IdentityService, address: str, password: str, source:
 async def test_the_victim_signs_in_from_its_source_while_the_attacker_is_locked_out(
     service: IdentityService,
 ) -> None:
-    victim = email()
-    await service.create_account(create(victim), ctx(VICTIM_SOURCE))
-    assert await attempt(service, victim, PASSWORD, VICTIM_SOURCE) == "ok"
+    victim, victim_source, attacker = email(), new_source(), new_source()
+    await service.create_account(create(victim), ctx(victim_source))
+    assert await attempt(service, victim, PASSWORD, victim_source) == "ok"
     # One attacker source hammers until it is locked, then many more until the email is.
-    hammer = [await attempt(service, victim, WRONG, "ip:203.0.113.1") for _ in range(8)]
+    hammer = [await attempt(service, victim, WRONG, attacker) for _ in range(8)]
     assert hammer[:6] == ["invalid_credentials"] * 6
     assert hammer[6:] == ["rate_limited"] * 2
-    spread = [await attempt(service, victim, WRONG, f"ip:203.0.113.{n}") for n in range(2, 40)]
+    spread = [await attempt(service, victim, WRONG, new_source()) for _ in range(38)]
     assert "rate_limited" in spread
-    assert await attempt(service, victim, WRONG, "ip:192.0.2.99") == "rate_limited"
+    assert await attempt(service, victim, WRONG, new_source()) == "rate_limited"
 
-    assert await attempt(service, victim, PASSWORD, VICTIM_SOURCE) == "ok"
+    assert await attempt(service, victim, PASSWORD, victim_source) == "ok"
 
 
 async def test_the_victims_own_typos_do_not_lock_it_out_of_its_source(
     service: IdentityService,
 ) -> None:
-    victim = email()
-    await service.create_account(create(victim), ctx(VICTIM_SOURCE))
-    assert await attempt(service, victim, PASSWORD, VICTIM_SOURCE) == "ok"
-    for n in range(30):
-        await attempt(service, victim, WRONG, f"caller:attacker-{n}")
+    victim, victim_source = email(), new_source()
+    await service.create_account(create(victim), ctx(victim_source))
+    assert await attempt(service, victim, PASSWORD, victim_source) == "ok"
+    for _ in range(30):
+        await attempt(service, victim, WRONG, new_source())
     for _ in range(3):
-        assert await attempt(service, victim, WRONG, VICTIM_SOURCE) == "invalid_credentials"
-    assert await attempt(service, victim, PASSWORD, VICTIM_SOURCE) == "ok"
+        assert await attempt(service, victim, WRONG, victim_source) == "invalid_credentials"
+    assert await attempt(service, victim, PASSWORD, victim_source) == "ok"
 
 
 # Goal 2: guessing per email is bounded, however many sources
@@ -137,13 +144,13 @@ async def test_guessing_one_email_from_a_new_source_each_time_is_bounded_per_day
     service: IdentityService, clock: FakeClock
 ) -> None:
     victim = email()
-    await service.create_account(create(victim), ctx(VICTIM_SOURCE))
+    await service.create_account(create(victim), ctx(new_source()))
     end = clock.now() + timedelta(seconds=DAY)
     guesses = sources = 0
     while clock.now() < end:
         sources += 1
         try:
-            await service.start_session(start(victim, WRONG), ctx(f"ip:10.0.{sources}"))
+            await service.start_session(start(victim, WRONG), ctx(new_source()))
         except InvalidCredentialsError:
             guesses += 1
         except RateLimitedError as limited:
@@ -180,7 +187,7 @@ async def test_one_source_gets_its_burst_of_hashes_over_many_emails_then_waits(
     budgeted: tuple[IdentityService, list[str]], clock: FakeClock
 ) -> None:
     service, hashes = budgeted
-    sprayer = f"ip:203.0.113.{secrets.randbelow(250)}"
+    sprayer = new_source()
     outcomes = []
     for _ in range(20):  # account.create spends from the same budget
         try:
@@ -196,7 +203,7 @@ async def test_one_source_gets_its_burst_of_hashes_over_many_emails_then_waits(
     assert outcomes[30:] == ["rate_limited"] * 10
     assert len(hashes) == 30
     # Another source is not held back by this one.
-    assert await attempt(service, email(), WRONG, "ip:192.0.2.1") == "invalid_credentials"
+    assert await attempt(service, email(), WRONG, new_source()) == "invalid_credentials"
     # The budget refills at its rate: 10 s later, 5 more.
     clock.advance(10)
     later = [await attempt(service, email(), WRONG, sprayer) for _ in range(6)]
@@ -207,8 +214,8 @@ async def test_the_budget_refusal_says_when_to_come_back_and_counts_no_failure(
     budgeted: tuple[IdentityService, list[str]],
 ) -> None:
     service, _ = budgeted
-    sprayer, victim = "caller:spray", email()
-    await service.create_account(create(victim), ctx(VICTIM_SOURCE))
+    sprayer, victim = new_source(), email()
+    await service.create_account(create(victim), ctx(new_source()))
     for _ in range(30):
         await attempt(service, email(), WRONG, sprayer)
     with pytest.raises(RateLimitedError) as refused:
@@ -223,8 +230,8 @@ async def test_the_budget_refusal_says_when_to_come_back_and_counts_no_failure(
 async def test_copies_of_one_key_during_a_lock_refund_nothing(
     service: IdentityService, clock: FakeClock
 ) -> None:
-    victim, source = email(), "ip:203.0.113.50"
-    await service.create_account(create(victim), ctx(VICTIM_SOURCE))
+    victim, source = email(), new_source()
+    await service.create_account(create(victim), ctx(new_source()))
     for _ in range(6):  # the sixth failure locks this source for 1 s
         await attempt(service, victim, WRONG, source)
     copies = ctx(source, key=uuid.uuid4().hex)
@@ -244,8 +251,8 @@ async def test_copies_of_one_key_during_a_lock_refund_nothing(
 async def test_copies_of_one_key_count_as_one_attempt(
     service: IdentityService, clock: FakeClock
 ) -> None:
-    victim, source = email(), "ip:203.0.113.51"
-    await service.create_account(create(victim), ctx(VICTIM_SOURCE))
+    victim, source = email(), new_source()
+    await service.create_account(create(victim), ctx(new_source()))
     copies = ctx(source, key=uuid.uuid4().hex)
     results = await asyncio.gather(
         *(service.start_session(start(victim, WRONG), copies) for _ in range(4)),
@@ -263,7 +270,7 @@ async def test_copies_of_one_key_count_as_one_attempt(
 async def test_right_passwords_in_failed_password_changes_leave_sign_in_open(
     service: IdentityService,
 ) -> None:
-    victim, source = email(), "ip:203.0.113.60"
+    victim, source = email(), new_source()
     created = await service.create_account(create(victim), ctx(source))
     refused_new = ChangePassword.model_validate(
         {"account_id": created.account.id, "current_password": PASSWORD, "new_password": "short"}
@@ -278,7 +285,7 @@ async def test_right_passwords_in_failed_password_changes_leave_sign_in_open(
 async def test_right_passwords_in_email_changes_to_a_taken_address_leave_sign_in_open(
     service: IdentityService,
 ) -> None:
-    victim, taken, source = email(), email(), "ip:203.0.113.61"
+    victim, taken, source = email(), email(), new_source()
     created = await service.create_account(create(victim), ctx(source))
     await service.create_account(create(taken), ctx(source))
     change = UpdateAccount.model_validate(
@@ -302,7 +309,7 @@ async def test_right_passwords_in_email_changes_to_a_taken_address_leave_sign_in
 async def test_a_retry_after_its_signing_key_was_dropped_gets_the_same_reply(
     store: IdentityStore, clock: FakeClock
 ) -> None:
-    victim, source = email(), "ip:203.0.113.70"
+    victim, source = email(), new_source()
     create_ctx, start_ctx = ctx(source), ctx(source)
     async with running_service(store, clock=clock, keys=TEST_KEYS[:1]) as (first, _):
         created = await first.create_account(create(victim), create_ctx)
@@ -329,8 +336,8 @@ async def test_password_work_runs_in_the_hashing_pool_only_once_allowed(
         store, clock=clock, on_hash_timing=lambda op, _: hashes.append(op)
     ) as (service, passwords):
         assert isinstance(passwords, HashingPool)
-        victim, source = email(), "ip:203.0.113.80"
-        await service.create_account(create(victim), ctx(VICTIM_SOURCE))
+        victim, source = email(), new_source()
+        await service.create_account(create(victim), ctx(new_source()))
         for _ in range(6):
             await attempt(service, victim, WRONG, source)
         before = len(hashes)
