@@ -26,7 +26,10 @@ from services.passwords import HUGE_PAGES_TUNABLE, malloc_hugetlb
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+# The PostgreSQL server the benchmarks use, host:port: the machine's by default; another one
+# (its own settings, e.g. a cluster of scripts/pg-failover.sh) with BENCH_POSTGRES.
+PG_SERVER = os.environ.get("BENCH_POSTGRES", "127.0.0.1:5432")
+PG_ADMIN = f"postgresql://postgres@{PG_SERVER}/postgres"
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -75,7 +78,7 @@ class Sandbox:
     @property
     def database_url(self) -> str:
         """The owner's (a superuser): migrations and the benchmark's own writes."""
-        return f"postgresql://postgres@127.0.0.1:5432/{self.name}"
+        return f"postgresql://postgres@{PG_SERVER}/{self.name}"
 
     @property
     def worker_role(self) -> str:
@@ -84,7 +87,7 @@ class Sandbox:
     @property
     def worker_database_url(self) -> str:
         """The worker's own role, rows only: production refuses to run it as a superuser."""
-        return f"postgresql://{self.worker_role}@127.0.0.1:5432/{self.name}"
+        return f"postgresql://{self.worker_role}@{PG_SERVER}/{self.name}"
 
     async def open(self) -> None:
         rabbitmqctl("add_vhost", self.name)
