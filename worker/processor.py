@@ -22,6 +22,7 @@ from opentelemetry.trace import Span, SpanKind
 from tenacity import RetryCallState
 
 from messages import COMMANDS, ErrorBody, ErrorCode, Reply, Result
+from messages.commands import usable_idempotency_key
 from messages.models import Model
 from messages.topology import CONTENT_TYPE
 from services.errors import IdentityError, RateLimitedError
@@ -348,5 +349,6 @@ def _peek_idempotency_key(body: bytes, max_bytes: int) -> str | None:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-    key = parsed.get("idempotency_key") if isinstance(parsed, dict) else None
-    return key if isinstance(key, str) and 0 < len(key) <= 200 and "\x00" not in key else None
+    return (
+        usable_idempotency_key(parsed.get("idempotency_key")) if isinstance(parsed, dict) else None
+    )
