@@ -54,8 +54,6 @@ from opentelemetry import trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-# The checkout first: its `tls` package, not the bench script of that name beside this one.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from env import CpuMeter, Sandbox, WorkerProcess, git_head, worker_env
 
